@@ -1,0 +1,232 @@
+//! Types shared by the xdplb data plane (`lb-ebpf`) and the controller (`lb-userspace`).
+//!
+//! One definition of every map key and value lives here. All of them are `#[repr(C)]` with
+//! explicit padding and derive `bytemuck::Pod`, so a struct with hidden padding fails to
+//! compile. Fields in network byte order end in `_be`; addresses are raw network-order bytes.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Services (VIP, port, protocol) the director can hold at once. Sizes `SERVICES`,
+/// `SERVICE_STATS` and, with [`RINGS_PER_SERVICE`], `RINGS`.
+pub const MAX_SERVICES: u32 = 64;
+
+/// Backends across all services; a backend id indexes `BACKENDS` and `BACKEND_STATS`.
+pub const MAX_BACKENDS: u32 = 4096;
+
+/// Slots of one Maglev lookup table. Must be prime (Maglev's permutation needs it); 65537
+/// keeps the weight resolution under 0.01 % at up to a few hundred backends.
+pub const RING_SIZE: u32 = 65537;
+
+/// Each service owns two rings: userspace fills the inactive one and then flips
+/// `ServiceMeta::ring`, so a packet never sees a half-written table.
+pub const RINGS_PER_SERVICE: u32 = 2;
+
+/// Default capacity of the connection table (5-tuple -> backend). Overridable at load time
+/// (`flow_table_size` in the YAML). The map is an LRU hash with per-CPU LRU lists
+/// (`BPF_F_NO_COMMON_LRU`), so the kernel splits this capacity evenly between CPUs.
+pub const FLOW_TABLE_CAPACITY: u32 = 1 << 20;
+
+/// Interfaces the program may be attached to at once (entries of `IFACES`).
+pub const MAX_IFACES: u32 = 64;
+
+/// Ring slot value that means "no backend" (empty service, every weight zero).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists for the connection table (uapi/linux/bpf.h).
+pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+pub const AF_INET: u8 = 4;
+pub const AF_INET6: u8 = 6;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Forwarding mode of a service (`ServiceMeta::mode`).
+pub mod mode {
+    /// Direct routing: rewrite MACs, send back out (`XDP_TX`).
+    pub const DR: u8 = 1;
+}
+
+/// Key of `SERVICES`: a virtual service. IPv4 addresses occupy the first four bytes of
+/// `addr` and the rest is zero. `port_be == 0` is the wildcard entry for every port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    pub proto: u8,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+}
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceMeta {
+    /// Index into `SERVICE_STATS`, `< MAX_SERVICES`.
+    pub id: u32,
+    /// Which ring of `RINGS` is live: slots `ring * RING_SIZE ..`, `< MAX_SERVICES * RINGS_PER_SERVICE`.
+    pub ring: u32,
+    /// One of [`mode`].
+    pub mode: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Key of `FLOWS`: the connection's 5-tuple as seen on the wire (client -> VIP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowValue {
+    /// Backend id (index of `BACKENDS`).
+    pub backend: u32,
+    /// Service id the flow was scheduled by.
+    pub service: u32,
+}
+
+/// `Backend::flags` bit: the slot holds a configured backend.
+pub const BACKEND_F_VALID: u8 = 1;
+
+/// Value of `BACKENDS` (an array indexed by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Backend {
+    /// Backend address, network order; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+    /// Next-hop MAC for DR mode.
+    pub mac: [u8; 6],
+    pub family: u8,
+    /// [`BACKEND_F_VALID`].
+    pub flags: u8,
+}
+
+/// Value of `IFACES`, keyed by ifindex (u32): what the program needs about an interface it
+/// is attached to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct IfaceInfo {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Value of `SERVICE_STATS` and `BACKEND_STATS` (per-CPU arrays; userspace sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Slots of the per-CPU `REASONS` array: what the program did with each packet and why.
+/// Every packet increments exactly one slot.
+pub mod reason {
+    /// Forwarded to a backend in DR mode (`XDP_TX`).
+    pub const FWD_DR: u32 = 0;
+    /// Not IPv4/IPv6 (ARP, LLDP, ...), or more than one VLAN tag.
+    pub const PASS_NOT_IP: u32 = 1;
+    /// IP packet whose destination is not a configured service.
+    pub const PASS_NON_VIP: u32 = 2;
+    /// Truncated or inconsistent header (bad IHL/version/length).
+    pub const PASS_MALFORMED: u32 = 3;
+    /// IPv4 fragment (first or later): no reliable 5-tuple.
+    pub const PASS_FRAGMENT: u32 = 4;
+    /// IPv4 header with options (IHL > 5).
+    pub const PASS_IP_OPTIONS: u32 = 5;
+    /// IPv6 with an extension header before the transport header.
+    pub const PASS_IPV6_EXT: u32 = 6;
+    /// Transport protocol other than TCP/UDP (ICMP, GRE, ...).
+    pub const PASS_NOT_TCP_UDP: u32 = 7;
+    /// VIP matched, but the service has no usable backend.
+    pub const PASS_NO_BACKEND: u32 = 8;
+    /// Packet arrived on an interface the controller did not register.
+    pub const PASS_UNKNOWN_IFACE: u32 = 9;
+    /// Forwarded, but the flow could not be recorded in the connection table.
+    pub const FLOW_INSERT_FAILED: u32 = 10;
+
+    /// Number of slots (size of `REASONS`).
+    pub const COUNT: u32 = 11;
+
+    /// Names printed by `xdplb stats` and used as metric labels, indexed by slot.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "fwd_dr",
+        "pass_not_ip",
+        "pass_non_vip",
+        "pass_malformed",
+        "pass_fragment",
+        "pass_ip_options",
+        "pass_ipv6_ext",
+        "pass_not_tcp_udp",
+        "pass_no_backend",
+        "pass_unknown_iface",
+        "flow_insert_failed",
+    ];
+}
+
+/// Map names, shared so userspace never spells them twice.
+pub mod maps {
+    pub const SERVICES: &str = "SERVICES";
+    pub const RINGS: &str = "RINGS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const IFACES: &str = "IFACES";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const REASONS: &str = "REASONS";
+    /// Every map the director pins, in a stable order.
+    pub const ALL: [&str; 8] = [
+        SERVICES,
+        RINGS,
+        BACKENDS,
+        FLOWS,
+        IFACES,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        REASONS,
+    ];
+}
+
+/// Flow hash used to pick a ring slot on a miss. Deterministic across directors (same
+/// 5-tuple -> same slot), so identical rings on several directors pick the same backend.
+/// A word-wise multiply-xorshift mix; kept here so tests and tools can compute it too.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    // FlowKey is 2-aligned; copy it into words rather than casting the reference.
+    let words: [u32; 10] = bytemuck::pod_read_unaligned(bytemuck::bytes_of(key));
+    let mut h: u32 = 0x9e37_79b9;
+    let mut i = 0;
+    // Fixed bound so the verifier sees a finite loop (it is unrolled anyway).
+    while i < 10 {
+        h ^= words[i];
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        i += 1;
+    }
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is repr(C) with explicit padding and derives bytemuck::Pod, which
+    // proves there are no padding bytes and every bit pattern is valid.
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::ServiceMeta {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::IfaceInfo {}
+    unsafe impl aya::Pod for super::Counters {}
+}

@@ -1,0 +1,3 @@
+//! Forwarding, one module per mode.
+
+pub mod dr;

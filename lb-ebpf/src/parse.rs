@@ -1,0 +1,128 @@
+//! Packet parsing: Ethernet (+ one 802.1Q tag), IPv4/IPv6, TCP/UDP -> the flow key.
+//! Every way a packet can fail to be ours returns a `reason::PASS_*` slot.
+
+use core::mem;
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{reason, FlowKey, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+
+// EtherTypes as they sit in memory (network order read as a native u16).
+const ETH_P_IP: u16 = 0x0800_u16.to_be();
+const ETH_P_IPV6: u16 = 0x86DD_u16.to_be();
+const ETH_P_8021Q: u16 = 0x8100_u16.to_be();
+const VLAN_HDR_LEN: usize = 4;
+
+/// IPv6 next-header values that are extension headers, not transports (RFC 8200 §4, RFC 7045).
+const IPV6_EXT_HEADERS: [u8; 8] = [0, 43, 44, 50, 51, 60, 135, 139];
+
+/// What the rest of the pipeline needs to know about a packet.
+pub struct Parsed {
+    pub key: FlowKey,
+    /// Bytes of the whole frame (for byte counters).
+    pub len: u64,
+}
+
+/// Bounds-checked pointer into the packet. The explicit `data_end` comparison is what
+/// lets the verifier accept the later dereference.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reason::PASS_MALFORMED)?;
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut l3 = EthHdr::LEN;
+    if ether_type == ETH_P_8021Q {
+        // TCI (2 bytes) then the encapsulated EtherType (2 bytes).
+        let inner: *const [u8; VLAN_HDR_LEN] = ptr_at(ctx, l3).ok_or(reason::PASS_MALFORMED)?;
+        let inner = unsafe { *inner };
+        ether_type = u16::from_ne_bytes([inner[2], inner[3]]);
+        l3 += VLAN_HDR_LEN;
+    }
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let mut key = FlowKey::default();
+    let (proto, l4) = match ether_type {
+        ETH_P_IP => parse_ipv4(ctx, l3, &mut key)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, l3, &mut key)?,
+        // ARP, LLDP, a second VLAN tag (QinQ), ...
+        _ => return Err(reason::PASS_NOT_IP),
+    };
+    key.proto = proto;
+    match proto {
+        IPPROTO_TCP => {
+            let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(reason::PASS_MALFORMED)?;
+            // Data offset below 5 words cannot hold a TCP header.
+            if unsafe { (*tcp).doff() } < 5 {
+                return Err(reason::PASS_MALFORMED);
+            }
+            key.sport_be = u16::from_ne_bytes(unsafe { (*tcp).source });
+            key.dport_be = u16::from_ne_bytes(unsafe { (*tcp).dest });
+        }
+        IPPROTO_UDP => {
+            let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(reason::PASS_MALFORMED)?;
+            key.sport_be = u16::from_ne_bytes(unsafe { (*udp).src });
+            key.dport_be = u16::from_ne_bytes(unsafe { (*udp).dst });
+        }
+        _ => return Err(reason::PASS_NOT_TCP_UDP),
+    }
+    Ok(Parsed { key, len })
+}
+
+/// Returns (transport protocol, transport header offset).
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3: usize, key: &mut FlowKey) -> Result<(u8, usize), u32> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_MALFORMED)?;
+    let ip = unsafe { &*ip };
+    let ihl = (ip.vihl & 0x0f) as usize;
+    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    if ip.vihl >> 4 != 4 || ihl < 5 || tot_len < ihl * 4 || l3 + tot_len > ctx.data_end() - ctx.data() {
+        return Err(reason::PASS_MALFORMED);
+    }
+    if ihl != 5 {
+        return Err(reason::PASS_IP_OPTIONS);
+    }
+    // MF flag or a non-zero fragment offset: any fragment (the first one included, since its
+    // siblings carry no ports and would be balanced differently).
+    if ip.frags[0] & 0x3f != 0 || ip.frags[1] != 0 {
+        return Err(reason::PASS_FRAGMENT);
+    }
+    key.family = AF_INET;
+    key.src[..4].copy_from_slice(&ip.src_addr);
+    key.dst[..4].copy_from_slice(&ip.dst_addr);
+    Ok((ip.proto, l3 + Ipv4Hdr::LEN))
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, l3: usize, key: &mut FlowKey) -> Result<(u8, usize), u32> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_MALFORMED)?;
+    let ip = unsafe { &*ip };
+    let payload_len = u16::from_be_bytes(ip.payload_len) as usize;
+    if ip.vcf[0] >> 4 != 6 || l3 + Ipv6Hdr::LEN + payload_len > ctx.data_end() - ctx.data() {
+        return Err(reason::PASS_MALFORMED);
+    }
+    let next = ip.next_hdr;
+    let mut i = 0;
+    while i < IPV6_EXT_HEADERS.len() {
+        if next == IPV6_EXT_HEADERS[i] {
+            return Err(reason::PASS_IPV6_EXT);
+        }
+        i += 1;
+    }
+    key.family = AF_INET6;
+    key.src = ip.src_addr;
+    key.dst = ip.dst_addr;
+    Ok((next, l3 + Ipv6Hdr::LEN))
+}

@@ -1,0 +1,57 @@
+//! Service lookup and backend selection: the VIP table, the Maglev rings, the backends.
+
+use aya_ebpf::{macros::map, maps::{Array, HashMap}};
+use lb_common::{
+    flow_hash, reason, Backend, FlowKey, ServiceMeta, VipKey, BACKEND_F_VALID, MAX_BACKENDS,
+    MAX_SERVICES, NO_BACKEND, RINGS_PER_SERVICE, RING_SIZE,
+};
+
+#[map]
+static SERVICES: HashMap<VipKey, ServiceMeta> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// All rings back to back: ring `r` is slots `r * RING_SIZE .. (r + 1) * RING_SIZE`.
+#[map]
+static RINGS: Array<u32> = Array::with_max_entries(MAX_SERVICES * RINGS_PER_SERVICE * RING_SIZE, 0);
+
+#[map]
+static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// The service this flow's destination belongs to: exact port first, then the port-0
+/// wildcard entry of the VIP.
+#[inline(always)]
+pub fn service(key: &FlowKey) -> Result<ServiceMeta, u32> {
+    let mut vip = VipKey {
+        addr: key.dst,
+        port_be: key.dport_be,
+        proto: key.proto,
+        family: key.family,
+    };
+    if let Some(svc) = unsafe { SERVICES.get(&vip) } {
+        return Ok(*svc);
+    }
+    vip.port_be = 0;
+    match unsafe { SERVICES.get(&vip) } {
+        Some(svc) => Ok(*svc),
+        None => Err(reason::PASS_NON_VIP),
+    }
+}
+
+/// A configured backend by id, or `None` if the slot was removed.
+#[inline(always)]
+pub fn backend(id: u32) -> Option<&'static Backend> {
+    let b = BACKENDS.get(id)?;
+    if b.flags & BACKEND_F_VALID == 0 {
+        return None;
+    }
+    Some(b)
+}
+
+/// Maglev: the flow hash picks a slot of the service's live ring.
+#[inline(always)]
+pub fn schedule(svc: &ServiceMeta, key: &FlowKey) -> Result<u32, u32> {
+    let slot = svc.ring * RING_SIZE + flow_hash(key) % RING_SIZE;
+    match RINGS.get(slot) {
+        Some(&id) if id != NO_BACKEND => Ok(id),
+        _ => Err(reason::PASS_NO_BACKEND),
+    }
+}

@@ -1,0 +1,37 @@
+//! Per-CPU counters: per service, per backend, and one slot per action/reason.
+
+use aya_ebpf::{macros::map, maps::PerCpuArray};
+use lb_common::{reason, Counters, MAX_BACKENDS, MAX_SERVICES};
+
+#[map]
+static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map]
+static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+
+#[inline(always)]
+pub fn reason(slot: u32) {
+    if let Some(c) = REASONS.get_ptr_mut(slot) {
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn add(c: Option<*mut Counters>, bytes: u64, new: bool) {
+    if let Some(c) = c {
+        let c = unsafe { &mut *c };
+        c.packets += 1;
+        c.bytes += bytes;
+        c.new_flows += new as u64;
+    }
+}
+
+/// Count a forwarded packet against its service and backend.
+#[inline(always)]
+pub fn forwarded(service: u32, backend: u32, bytes: u64, new: bool) {
+    add(SERVICE_STATS.get_ptr_mut(service), bytes, new);
+    add(BACKEND_STATS.get_ptr_mut(backend), bytes, new);
+}
