@@ -110,6 +110,10 @@ pub struct Backend {
     pub family: u8,
     /// [`BACKEND_F_VALID`].
     pub flags: u8,
+    /// Service id the backend belongs to (for `xdplb status`; the data plane ignores it).
+    pub service: u32,
+    /// Configured weight (for `xdplb status`; the ring already encodes it).
+    pub weight: u32,
 }
 
 /// Value of `IFACES`, keyed by ifindex (u32): what the program needs about an interface it

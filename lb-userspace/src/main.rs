@@ -1,1 +1,133 @@
-fn main() {}
+//! `xdplb`: the director's command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use lb_userspace::{
+    config::{AnyHost, Config, ThisHost},
+    dataplane::{self, Maps},
+    run, status,
+};
+
+#[derive(Parser)]
+#[command(name = "xdplb", version, about = "L4 load balancer (LVS-style director) on XDP")]
+struct Cli {
+    /// Where the running director's maps, program and links are pinned.
+    #[arg(long, global = true, default_value = dataplane::PIN_DIR)]
+    pin_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load and attach the director, fill its maps from the config; stop with SIGINT/SIGTERM.
+    #[command(after_help = "Example: xdplb run --config /etc/xdplb/xdplb.yaml")]
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// On exit, leave the pinned director forwarding instead of detaching it.
+        #[arg(long)]
+        keep_attached: bool,
+    },
+    /// Validate a config; print every error with its field and line.
+    #[command(after_help = "Example: xdplb check --config my.yaml")]
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Do not check that the interfaces exist here (config for another host).
+        #[arg(long)]
+        no_host_checks: bool,
+    },
+    /// Services and backends of the running director, with counters (like `ipvsadm -Ln`).
+    Status,
+    /// Every counter, including why packets were passed to the kernel.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach a director left attached (`--keep-attached`, or a killed controller) and remove its pins.
+    Detach,
+    /// Test helper: attach a pass-through XDP program until SIGINT/SIGTERM, so that `XDP_TX`
+    /// frames from the peer of this veth are delivered.
+    #[command(hide = true)]
+    Pass {
+        #[arg(long)]
+        iface: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Check { config, no_host_checks } => {
+            let host: &dyn lb_userspace::config::Host = if no_host_checks { &AnyHost } else { &ThisHost };
+            match Config::load(&config, host) {
+                Ok(c) => {
+                    println!("{}: ok ({} service(s))", config.display(), c.services.len());
+                    Ok(())
+                }
+                Err(e) => {
+                    eprint!("{e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        Cmd::Run { config, keep_attached } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let res = rt.block_on(run::run(run::RunOptions {
+                config: &config,
+                pin_dir: &cli.pin_dir,
+                keep_attached,
+            }));
+            if let Err(e) = res {
+                // Config errors are already a full report.
+                match e.downcast_ref::<lb_userspace::config::ConfigErrors>() {
+                    Some(ce) => eprint!("{ce}"),
+                    None => eprintln!("error: {e:#}"),
+                }
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::Status => {
+            let maps = Maps::from_pins(&cli.pin_dir)?;
+            print!("{}", status::render_status(&status::collect(&maps)?));
+            println!();
+            Ok(())
+        }
+        Cmd::Stats { json } => {
+            let maps = Maps::from_pins(&cli.pin_dir)?;
+            print!("{}", status::render_stats(&maps, json)?);
+            Ok(())
+        }
+        Cmd::Detach => {
+            if !cli.pin_dir.exists() {
+                println!("nothing pinned under {}", cli.pin_dir.display());
+                return Ok(());
+            }
+            dataplane::remove_pins(&cli.pin_dir).context("removing the pinned director")?;
+            println!("detached; removed {}", cli.pin_dir.display());
+            Ok(())
+        }
+        Cmd::Pass { iface } => {
+            let mut d = dataplane::Director::load(lb_userspace::config::FLOW_TABLE_MIN, None)?;
+            pass(&mut d, &iface)
+        }
+    }
+}
+
+fn pass(d: &mut dataplane::Director, iface: &str) -> anyhow::Result<()> {
+    d.attach_program(dataplane::PASS_PROGRAM, iface)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        anyhow::Ok(())
+    })
+}

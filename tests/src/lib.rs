@@ -1,1 +1,169 @@
+//! Shared pieces of the xdplb tests: packet building (etherparse), a loaded director for
+//! `BPF_PROG_TEST_RUN` fixtures, and network-namespace guards for end-to-end tests.
+//! Everything here needs root; tests call [`require_root`] first.
 
+pub mod netns;
+
+use std::net::IpAddr;
+
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::{IpHeaders, Ipv4Header, Ipv6Header, PacketBuilder};
+use lb_common::{flow_hash, FlowKey, IfaceInfo, RING_SIZE};
+use lb_userspace::{
+    config::{AnyHost, Config},
+    dataplane::{self, addr_bytes, Desired, Director},
+};
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// MAC of the director's interface in fixtures (registered for ifindex 1: the loopback
+/// device, which `BPF_PROG_TEST_RUN` reports as the ingress interface).
+pub const DIRECTOR_MAC: [u8; 6] = [0x02, 0xd1, 0, 0, 0, 0x01];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root (BPF, namespaces): run `cargo xtask test`");
+}
+
+/// A director loaded (not attached) with maps filled from a YAML config, for fixtures.
+pub struct Harness {
+    pub director: Director,
+    pub desired: Desired,
+    pub config: Config,
+}
+
+impl Harness {
+    /// `yaml` must give every backend a `mac:`.
+    pub fn new(yaml: &str) -> Harness {
+        require_root();
+        let config = Config::parse(yaml, &AnyHost).unwrap_or_else(|e| panic!("fixture config invalid: {e:?}"));
+        let desired = dataplane::desired(&config, |b| b.mac.expect("fixture backends carry a mac").0);
+        let mut director = Director::load(config.flow_table_size(), None).expect("load XDP object");
+        director.apply(&desired).expect("fill maps");
+        director
+            .maps
+            .ifaces
+            .insert(1, IfaceInfo { mac: DIRECTOR_MAC, _pad: [0; 2] }, 0)
+            .expect("register ifindex 1");
+        Harness { director, desired, config }
+    }
+
+    /// Run the director program once on `input`; returns (verdict, output bytes).
+    pub fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
+        run_program(self.director.program(dataplane::PROGRAM), input)
+    }
+
+    /// The backend id userspace predicts for a flow on a miss (same hash, same table).
+    pub fn predicted_backend(&self, service: usize, key: &FlowKey) -> u32 {
+        self.desired.services[service].ring[(flow_hash(key) % RING_SIZE) as usize]
+    }
+
+    pub fn backend_mac(&self, id: u32) -> [u8; 6] {
+        self.desired.backends[&id].mac
+    }
+
+    pub fn reason(&self, slot: u32) -> u64 {
+        self.director.maps.reason_totals().expect("read REASONS")[slot as usize]
+    }
+}
+
+pub fn run_program(prog: &aya::programs::Xdp, input: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 256];
+    let res = prog
+        .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), repeat: 1, ..Default::default() })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}
+
+/// The 5-tuple the data plane will key this flow by.
+pub fn flow_key(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> FlowKey {
+    let (s, family) = addr_bytes(src);
+    let (d, _) = addr_bytes(dst);
+    FlowKey { src: s, dst: d, sport_be: sport.to_be(), dport_be: dport.to_be(), proto, family, _pad: [0; 2] }
+}
+
+/// What a test packet looks like; [`Pkt::build`] turns it into bytes with etherparse.
+#[derive(Clone, Debug)]
+pub struct Pkt {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub vlan: Option<u16>,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub payload: Vec<u8>,
+}
+
+impl Pkt {
+    pub fn tcp(src: &str, dst: &str, sport: u16, dport: u16) -> Pkt {
+        Pkt {
+            src_mac: CLIENT_MAC,
+            dst_mac: DIRECTOR_MAC,
+            vlan: None,
+            src: src.parse().expect("address"),
+            dst: dst.parse().expect("address"),
+            proto: lb_common::IPPROTO_TCP,
+            sport,
+            dport,
+            payload: b"hello".to_vec(),
+        }
+    }
+
+    pub fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> Pkt {
+        Pkt { proto: lb_common::IPPROTO_UDP, ..Pkt::tcp(src, dst, sport, dport) }
+    }
+
+    pub fn key(&self) -> FlowKey {
+        flow_key(self.src, self.dst, self.sport, self.dport, self.proto)
+    }
+
+    pub fn with_macs(&self, src: [u8; 6], dst: [u8; 6]) -> Pkt {
+        Pkt { src_mac: src, dst_mac: dst, ..self.clone() }
+    }
+
+    fn ip_headers(&self) -> IpHeaders {
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                IpHeaders::Ipv4(Ipv4Header { source: s.octets(), destination: d.octets(), time_to_live: 64, ..Default::default() }, Default::default())
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => IpHeaders::Ipv6(
+                Ipv6Header { source: s.octets(), destination: d.octets(), hop_limit: 64, ..Default::default() },
+                Default::default(),
+            ),
+            _ => panic!("mixed address families"),
+        }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        self.build_with(self.ip_headers())
+    }
+
+    /// Build with caller-adjusted IP headers (options, fragments, extension headers).
+    pub fn build_with(&self, ip: IpHeaders) -> Vec<u8> {
+        let eth = PacketBuilder::ethernet2(self.src_mac, self.dst_mac);
+        let mut out = Vec::new();
+        let step = match self.vlan {
+            Some(id) => eth.single_vlan(id.try_into().expect("vlan id")).ip(ip),
+            None => eth.ip(ip),
+        };
+        let res = match self.proto {
+            lb_common::IPPROTO_TCP => step.tcp(self.sport, self.dport, 1000, 64240).write(&mut out, &self.payload),
+            lb_common::IPPROTO_UDP => step.udp(self.sport, self.dport).write(&mut out, &self.payload),
+            p => panic!("Pkt::build supports tcp/udp, not {p}"),
+        };
+        res.expect("build packet");
+        out
+    }
+
+    /// Current IP headers, for tweaking before [`Pkt::build_with`].
+    pub fn headers(&self) -> IpHeaders {
+        self.ip_headers()
+    }
+}

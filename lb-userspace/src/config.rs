@@ -1,0 +1,609 @@
+//! The YAML declaration: parsing (unknown keys are errors) and validation. Every error names
+//! the field path and the line it is on; a config with any error is never applied.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::IpAddr,
+    path::Path,
+    str::FromStr,
+    time::Duration,
+};
+
+use lb_common::{FLOW_TABLE_CAPACITY, MAX_BACKENDS, MAX_SERVICES};
+use serde::{Deserialize, Deserializer};
+
+/// Largest backend weight (as IPVS).
+pub const MAX_WEIGHT: u32 = 65_535;
+/// Bounds of `flow_table_size`: below the lower one a busy director thrashes the LRU; the
+/// upper one keeps the preallocated table under a few GiB.
+pub const FLOW_TABLE_MIN: u32 = 1024;
+pub const FLOW_TABLE_MAX: u32 = 1 << 26;
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub interfaces: Vec<Interface>,
+    pub services: Vec<Service>,
+    /// Capacity of the connection table (default [`FLOW_TABLE_CAPACITY`]).
+    #[serde(default)]
+    pub flow_table_size: Option<u32>,
+    /// Reserved for the Prometheus endpoint; rejected until it exists.
+    #[serde(default)]
+    pub metrics: Option<serde_yaml::Value>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    pub name: String,
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode, falling back to generic (skb) mode with a warning.
+    #[default]
+    Auto,
+    Native,
+    Skb,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::IPPROTO_TCP,
+            Protocol::Udp => lb_common::IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Dr,
+    Tun,
+    Nat,
+    Fullnat,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Dr => "dr",
+            Mode::Tun => "tun",
+            Mode::Nat => "nat",
+            Mode::Fullnat => "fullnat",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    #[default]
+    Maglev,
+    Rr,
+    Wrr,
+    Sh,
+    Lc,
+    Wlc,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    pub vip: IpAddr,
+    /// 0 = every port of the VIP.
+    pub port: u16,
+    pub protocol: Protocol,
+    pub mode: Mode,
+    #[serde(default)]
+    pub scheduler: Scheduler,
+    #[serde(default, deserialize_with = "duration")]
+    pub persistence: Duration,
+    pub backends: Vec<Backend>,
+    /// Reserved for health checks; rejected until they exist.
+    #[serde(default)]
+    pub health_check: Option<serde_yaml::Value>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub address: IpAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Next-hop MAC for DR; resolved from the neighbour table when absent.
+    #[serde(default)]
+    pub mac: Option<Mac>,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+/// An Ethernet address written `02:00:00:00:01:0b`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let bad = || format!("invalid MAC address `{s}`: expected six hex pairs like 02:00:00:00:01:0b");
+        if parts.len() != 6 {
+            return Err(bad());
+        }
+        let mut mac = [0u8; 6];
+        for (b, p) in mac.iter_mut().zip(parts) {
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        Ok(Mac(mac))
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration `{s}` ({e}); write e.g. 500ms, 2s, 5m")))
+}
+
+/// One problem with a config: where it is and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Field path like `services[0].backends[1].weight`; empty for syntax errors.
+    pub path: String,
+    /// 1-based line in the file, when known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.path.is_empty()) {
+            (Some(l), false) => write!(f, "line {l}: {}: {}", self.path, self.message),
+            (Some(l), true) => write!(f, "line {l}: {}", self.message),
+            (None, false) => write!(f, "{}: {}", self.path, self.message),
+            (None, true) => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Every error of one config file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors {
+    pub file: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}: {} error(s); nothing was applied", self.file, self.errors.len())?;
+        for e in &self.errors {
+            writeln!(f, "  {}:{e}", self.file)?;
+        }
+        Ok(())
+    }
+}
+
+/// What validation may ask of the host it runs on.
+pub trait Host {
+    /// Does a network interface of this name exist (in our network namespace)?
+    fn interface_exists(&self, name: &str) -> bool;
+}
+
+/// The host we run on.
+pub struct ThisHost;
+
+impl Host for ThisHost {
+    fn interface_exists(&self, name: &str) -> bool {
+        crate::netlink::ifindex(name).is_some()
+    }
+}
+
+/// Validation without host checks (for configs written for another machine).
+pub struct AnyHost;
+
+impl Host for AnyHost {
+    fn interface_exists(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path, host: &dyn Host) -> Result<Config, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            file: file.clone(),
+            errors: vec![ConfigError { path: String::new(), line: None, message: format!("cannot read: {e}") }],
+        })?;
+        Config::parse(&text, host).map_err(|errors| ConfigErrors { file, errors })
+    }
+
+    /// Parse and validate; all errors at once.
+    pub fn parse(text: &str, host: &dyn Host) -> Result<Config, Vec<ConfigError>> {
+        let config: Config = serde_yaml::from_str(text).map_err(|e| {
+            vec![ConfigError {
+                path: String::new(),
+                line: e.location().map(|l| l.line()),
+                // serde_yaml appends "at line N column M"; the line is already in front.
+                message: e.to_string().split(" at line ").next().unwrap_or_default().to_string(),
+            }]
+        })?;
+        let lines = path_lines(text);
+        let errors = config.validate(host);
+        if errors.is_empty() {
+            return Ok(config);
+        }
+        Err(errors
+            .into_iter()
+            .map(|(path, message)| ConfigError { line: line_of(&lines, &path), path, message })
+            .collect())
+    }
+
+    /// Semantic checks; returns (field path, message) pairs.
+    fn validate(&self, host: &dyn Host) -> Vec<(String, String)> {
+        let mut errs = Vec::new();
+        let mut err = |path: String, msg: String| errs.push((path, msg));
+        if self.interfaces.is_empty() {
+            err("interfaces".into(), "at least one interface is required".into());
+        }
+        let mut names = HashSet::new();
+        for (i, iface) in self.interfaces.iter().enumerate() {
+            let p = format!("interfaces[{i}].name");
+            if iface.name.is_empty() {
+                err(p, "interface name is empty".into());
+            } else if !names.insert(iface.name.as_str()) {
+                err(p, format!("interface `{}` is listed twice", iface.name));
+            } else if !host.interface_exists(&iface.name) {
+                err(p, format!("interface `{}` does not exist on this host (see `ip link`)", iface.name));
+            }
+        }
+        if let Some(size) = self.flow_table_size {
+            if !(FLOW_TABLE_MIN..=FLOW_TABLE_MAX).contains(&size) {
+                err(
+                    "flow_table_size".into(),
+                    format!("{size} is out of range {FLOW_TABLE_MIN}..={FLOW_TABLE_MAX}"),
+                );
+            }
+        }
+        if self.metrics.is_some() {
+            err("metrics".into(), "the metrics endpoint is not available in this version; remove `metrics`".into());
+        }
+        if self.services.is_empty() {
+            err("services".into(), "at least one service is required".into());
+        }
+        if self.services.len() > MAX_SERVICES as usize {
+            err("services".into(), format!("{} services declared; at most {MAX_SERVICES}", self.services.len()));
+        }
+        let total_backends: usize = self.services.iter().map(|s| s.backends.len()).sum();
+        if total_backends > MAX_BACKENDS as usize {
+            err("services".into(), format!("{total_backends} backends declared; at most {MAX_BACKENDS} in all"));
+        }
+        let mut svc_names: HashMap<&str, usize> = HashMap::new();
+        let mut svc_keys: HashMap<(IpAddr, u16, Protocol), usize> = HashMap::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let p = format!("services[{i}]");
+            if s.name.is_empty() {
+                err(format!("{p}.name"), "service name is empty".into());
+            } else if let Some(j) = svc_names.insert(&s.name, i) {
+                err(format!("{p}.name"), format!("service name `{}` is already used by services[{j}]", s.name));
+            }
+            if let Some(j) = svc_keys.insert((s.vip, s.port, s.protocol), i) {
+                err(
+                    format!("{p}.vip"),
+                    format!("duplicate service: {}:{}/{} is already declared by services[{j}]", s.vip, s.port, s.protocol),
+                );
+            }
+            if s.mode != Mode::Dr {
+                err(format!("{p}.mode"), format!("mode `{}` is not available in this version; use `dr`", s.mode));
+            }
+            if s.scheduler != Scheduler::Maglev {
+                err(format!("{p}.scheduler"), "only `maglev` is available in this version".into());
+            }
+            if !s.persistence.is_zero() {
+                err(format!("{p}.persistence"), "persistence is not available in this version; use 0s".into());
+            }
+            if s.health_check.is_some() {
+                err(
+                    format!("{p}.health_check"),
+                    "health checks are not available in this version; remove `health_check`".into(),
+                );
+            }
+            if s.backends.is_empty() {
+                err(format!("{p}.backends"), format!("service `{}` has no backends", s.name));
+            } else if s.backends.iter().all(|b| b.weight == 0) {
+                err(
+                    format!("{p}.backends"),
+                    format!("every backend of `{}` has weight 0; at least one must be above 0", s.name),
+                );
+            }
+            let mut seen = HashSet::new();
+            for (j, b) in s.backends.iter().enumerate() {
+                let bp = format!("{p}.backends[{j}]");
+                if !seen.insert(b.address) {
+                    err(format!("{bp}.address"), format!("backend {} is listed twice", b.address));
+                }
+                if b.address.is_ipv4() != s.vip.is_ipv4() && s.mode == Mode::Dr {
+                    err(
+                        format!("{bp}.address"),
+                        format!("DR mode needs backends of the VIP's address family ({} vs {})", b.address, s.vip),
+                    );
+                }
+                if b.weight > MAX_WEIGHT {
+                    err(format!("{bp}.weight"), format!("weight {} is out of range 0..={MAX_WEIGHT}", b.weight));
+                }
+            }
+        }
+        errs
+    }
+
+    pub fn flow_table_size(&self) -> u32 {
+        self.flow_table_size.unwrap_or(FLOW_TABLE_CAPACITY)
+    }
+}
+
+/// Field path -> 1-based line, from the YAML event stream (serde_yaml keeps no positions).
+fn path_lines(text: &str) -> HashMap<String, usize> {
+    use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+    use yaml_rust2::scanner::Marker;
+
+    enum Frame {
+        Map { key: Option<String> },
+        Seq { idx: usize },
+    }
+    struct Rec {
+        stack: Vec<Frame>,
+        lines: HashMap<String, usize>,
+    }
+    impl Rec {
+        fn path(&self) -> String {
+            let mut p = String::new();
+            for f in &self.stack {
+                match f {
+                    Frame::Map { key: Some(k) } => {
+                        if !p.is_empty() {
+                            p.push('.');
+                        }
+                        p.push_str(k);
+                    }
+                    Frame::Map { key: None } => {}
+                    Frame::Seq { idx } => p.push_str(&format!("[{idx}]")),
+                }
+            }
+            p
+        }
+        /// A value (scalar or container) finished: the parent moves on.
+        fn advance(&mut self) {
+            match self.stack.last_mut() {
+                Some(Frame::Map { key }) => *key = None,
+                Some(Frame::Seq { idx }) => *idx += 1,
+                None => {}
+            }
+        }
+        /// A value starts here: remember where (for sequence items and map values).
+        fn start_value(&mut self, line: usize) {
+            if matches!(self.stack.last(), Some(Frame::Seq { .. })) {
+                let p = self.path();
+                self.lines.entry(p).or_insert(line);
+            }
+        }
+    }
+    impl MarkedEventReceiver for Rec {
+        fn on_event(&mut self, ev: Event, mark: Marker) {
+            let line = mark.line();
+            match ev {
+                Event::Scalar(s, ..) => {
+                    if let Some(Frame::Map { key: key @ None }) = self.stack.last_mut() {
+                        *key = Some(s);
+                        let p = self.path();
+                        self.lines.insert(p, line);
+                    } else {
+                        self.start_value(line);
+                        self.advance();
+                    }
+                }
+                Event::MappingStart(..) => {
+                    self.start_value(line);
+                    self.stack.push(Frame::Map { key: None });
+                }
+                Event::SequenceStart(..) => {
+                    self.start_value(line);
+                    self.stack.push(Frame::Seq { idx: 0 });
+                }
+                Event::MappingEnd | Event::SequenceEnd => {
+                    self.stack.pop();
+                    self.advance();
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut rec = Rec { stack: Vec::new(), lines: HashMap::new() };
+    // Syntax errors were already reported by serde_yaml; positions are best effort.
+    let _ = Parser::new_from_str(text).load(&mut rec, false);
+    rec.lines
+}
+
+/// The line of `path`, or of its nearest ancestor that has one.
+fn line_of(lines: &HashMap<String, usize>, path: &str) -> Option<usize> {
+    let mut p = path;
+    loop {
+        if let Some(&l) = lines.get(p) {
+            return Some(l);
+        }
+        let cut = p.rfind(['.', '['])?;
+        p = &p[..cut];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+interfaces:
+  - name: eth0
+    xdp_mode: native
+services:
+  - name: web
+    vip: 198.18.0.100
+    port: 80
+    protocol: tcp
+    mode: dr
+    backends:
+      - address: 198.18.1.11
+        weight: 100
+        mac: 02:00:00:00:01:0b
+      - address: 198.18.1.12
+  - name: web6
+    vip: 2001:db8::100
+    port: 0
+    protocol: udp
+    mode: dr
+    backends:
+      - address: 2001:db8::11
+";
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        Config::parse(text, &AnyHost).expect_err("config should be rejected")
+    }
+
+    fn one_error(text: &str) -> ConfigError {
+        let e = errors(text);
+        assert_eq!(e.len(), 1, "expected one error, got {e:?}");
+        e.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD, &AnyHost).unwrap();
+        assert_eq!(c.interfaces[0].xdp_mode, XdpMode::Native);
+        assert_eq!(c.services[0].backends[1].weight, 100);
+        assert_eq!(c.services[0].backends[0].mac, Some(Mac([2, 0, 0, 0, 1, 0x0b])));
+        assert_eq!(c.services[1].port, 0);
+        assert_eq!(c.services[0].scheduler, Scheduler::Maglev);
+        assert_eq!(c.flow_table_size(), FLOW_TABLE_CAPACITY);
+    }
+
+    #[test]
+    fn unknown_key_names_field_and_line() {
+        let e = one_error(&GOOD.replace("        weight: 100\n", "        wieght: 100\n"));
+        assert_eq!(e.line, Some(12));
+        assert!(e.message.contains("unknown field `wieght`"), "{e}");
+        assert!(e.message.contains("services[0].backends[0]"), "{e}");
+    }
+
+    #[test]
+    fn invalid_yaml_is_one_error_with_line() {
+        let e = one_error("interfaces:\n  - name: [eth0\nservices: []\n");
+        assert!(e.line.is_some(), "{e}");
+    }
+
+    #[test]
+    fn weight_out_of_range_names_path_and_line() {
+        let e = one_error(&GOOD.replace("weight: 100", "weight: 70000"));
+        assert_eq!(e.path, "services[0].backends[0].weight");
+        assert_eq!(e.line, Some(12));
+        assert!(e.message.contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_service_is_rejected() {
+        let text = GOOD.replace("vip: 2001:db8::100\n    port: 0\n    protocol: udp", "vip: 198.18.0.100\n    port: 80\n    protocol: tcp");
+        let e = one_error(&text);
+        assert_eq!(e.path, "services[1].vip");
+        assert_eq!(e.line, Some(16));
+        assert!(e.message.contains("duplicate service"), "{e}");
+    }
+
+    #[test]
+    fn vip_without_backends_is_rejected() {
+        let text = GOOD.replace("    backends:\n      - address: 2001:db8::11\n", "    backends: []\n");
+        let e = one_error(&text);
+        assert_eq!(e.path, "services[1].backends");
+        assert!(e.message.contains("no backends"), "{e}");
+    }
+
+    #[test]
+    fn all_zero_weights_are_rejected() {
+        let text = GOOD.replace("      - address: 2001:db8::11\n", "      - address: 2001:db8::11\n        weight: 0\n");
+        assert!(one_error(&text).message.contains("weight 0"));
+    }
+
+    #[test]
+    fn bad_mac_and_bad_mode_value() {
+        let e = one_error(&GOOD.replace("02:00:00:00:01:0b", "02:00:00:00:01"));
+        assert_eq!(e.line, Some(13));
+        assert!(e.message.contains("invalid MAC"), "{e}");
+        let e = one_error(&GOOD.replace("mode: dr", "mode: magic"));
+        assert!(e.message.contains("unknown variant `magic`"), "{e}");
+    }
+
+    #[test]
+    fn missing_interface_is_reported() {
+        struct NoIfaces;
+        impl Host for NoIfaces {
+            fn interface_exists(&self, _: &str) -> bool {
+                false
+            }
+        }
+        let e = Config::parse(GOOD, &NoIfaces).unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].path, "interfaces[0].name");
+        assert_eq!(e[0].line, Some(2));
+        assert!(e[0].message.contains("does not exist"));
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let text = GOOD.replace("weight: 100", "weight: 70000").replace("mode: dr\n    backends:\n      - address: 2001", "mode: tun\n    backends:\n      - address: 2001");
+        let e = errors(&text);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert_eq!(e[1].path, "services[1].mode");
+    }
+
+    #[test]
+    fn mixed_family_backend_in_dr_is_rejected() {
+        let e = one_error(&GOOD.replace("address: 2001:db8::11", "address: 198.18.1.20"));
+        assert_eq!(e.path, "services[1].backends[0].address");
+        assert_eq!(e.line, Some(21));
+    }
+}

@@ -1,0 +1,353 @@
+//! Loading, attaching and pinning the XDP director, and the typed view of its maps.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    programs::{links::FdLink, links::PinnedLink, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    maps, Backend, Counters, FlowKey, FlowValue, IfaceInfo, ServiceMeta, VipKey, RINGS_PER_SERVICE,
+    RING_SIZE,
+};
+
+use crate::config;
+
+/// Where a running director pins its maps, program and links.
+pub const PIN_DIR: &str = "/sys/fs/bpf/xdplb";
+/// The director program's name in the object.
+pub const PROGRAM: &str = "xdplb";
+/// Pass-through program (for veth peers that receive `XDP_TX`).
+pub const PASS_PROGRAM: &str = "xdplb_pass";
+/// MAC-swap `XDP_TX` program: the benchmark floor.
+pub const FLOOR_PROGRAM: &str = "xdplb_floor";
+
+/// The XDP object built by `build.rs` from `lb-ebpf`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("XDP program: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("BPF map: {0}")]
+    Map(#[from] aya::maps::MapError),
+    #[error("pinning under {PIN_DIR}: {0}")]
+    Pin(#[from] aya::pin::PinError),
+    #[error("link: {0}")]
+    Link(#[from] aya::programs::links::LinkError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("XDP driver (native) mode is not supported on {0}; set `xdp_mode: skb` or `auto` for it")]
+    NativeUnsupported(String),
+    #[error(
+        "a director is already attached (pinned under {0}); stop its controller, or run `xdplb detach` \
+         to remove it"
+    )]
+    AlreadyAttached(PathBuf),
+    #[error("no director is pinned under {0}; start one with `xdplb run --config FILE`")]
+    NotRunning(PathBuf),
+    #[error("map {0} is missing from the XDP object")]
+    MissingMap(&'static str),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Every map of the director, typed. Opened from a freshly loaded object or from the pins
+/// of a running director; nothing else in the controller names a map.
+pub struct Maps {
+    pub services: HashMap<MapData, VipKey, ServiceMeta>,
+    pub rings: Array<MapData, u32>,
+    pub backends: Array<MapData, Backend>,
+    pub flows: HashMap<MapData, FlowKey, FlowValue>,
+    pub ifaces: HashMap<MapData, u32, IfaceInfo>,
+    pub service_stats: PerCpuArray<MapData, Counters>,
+    pub backend_stats: PerCpuArray<MapData, Counters>,
+    pub reasons: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    fn open(mut get: impl FnMut(&'static str) -> Result<Map>) -> Result<Self> {
+        Ok(Maps {
+            services: get(maps::SERVICES)?.try_into()?,
+            rings: get(maps::RINGS)?.try_into()?,
+            backends: get(maps::BACKENDS)?.try_into()?,
+            flows: get(maps::FLOWS)?.try_into()?,
+            ifaces: get(maps::IFACES)?.try_into()?,
+            service_stats: get(maps::SERVICE_STATS)?.try_into()?,
+            backend_stats: get(maps::BACKEND_STATS)?.try_into()?,
+            reasons: get(maps::REASONS)?.try_into()?,
+        })
+    }
+
+    /// Take the maps out of a loaded object (the programs keep their references).
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        Maps::open(|name| ebpf.take_map(name).ok_or(Error::MissingMap(name)))
+    }
+
+    /// The maps of the director pinned under `dir`.
+    pub fn from_pins(dir: &Path) -> Result<Self> {
+        if !dir.join(maps::SERVICES).exists() {
+            return Err(Error::NotRunning(dir.to_path_buf()));
+        }
+        Maps::open(|name| Ok(Map::from_map_data(MapData::from_pin(dir.join(name))?)?))
+    }
+
+    /// Per-CPU counters summed over CPUs.
+    pub fn sum_counters(arr: &PerCpuArray<MapData, Counters>, idx: u32) -> Result<Counters> {
+        let per_cpu = arr.get(&idx, 0)?;
+        Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+            new_flows: a.new_flows + c.new_flows,
+        }))
+    }
+
+    pub fn reason_totals(&self) -> Result<Vec<u64>> {
+        (0..lb_common::reason::COUNT)
+            .map(|i| Ok(self.reasons.get(&i, 0)?.iter().sum()))
+            .collect()
+    }
+}
+
+/// What the maps should hold for a config: computed by [`desired`], written by
+/// [`Director::apply`].
+#[derive(Debug, Default)]
+pub struct Desired {
+    pub services: Vec<DesiredService>,
+    /// Backend id -> entry.
+    pub backends: BTreeMap<u32, Backend>,
+}
+
+#[derive(Debug)]
+pub struct DesiredService {
+    pub key: VipKey,
+    pub id: u32,
+    pub mode: u8,
+    /// Maglev table: backend id per slot.
+    pub ring: Vec<u32>,
+}
+
+pub fn addr_bytes(addr: std::net::IpAddr) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    match addr {
+        std::net::IpAddr::V4(a) => {
+            out[..4].copy_from_slice(&a.octets());
+            (out, lb_common::AF_INET)
+        }
+        std::net::IpAddr::V6(a) => (a.octets(), lb_common::AF_INET6),
+    }
+}
+
+pub fn addr_from_bytes(bytes: [u8; 16], family: u8) -> std::net::IpAddr {
+    if family == lb_common::AF_INET {
+        std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into()
+    } else {
+        std::net::Ipv6Addr::from(bytes).into()
+    }
+}
+
+/// Desired map contents for a validated config. Service ids follow the config order;
+/// backend ids are allocated in order across services. `mac_of` gives each backend's
+/// next-hop MAC (configured or resolved).
+pub fn desired(cfg: &config::Config, mac_of: impl Fn(&config::Backend) -> [u8; 6]) -> Desired {
+    let mut out = Desired::default();
+    let mut next_backend = 0u32;
+    for (sid, svc) in cfg.services.iter().enumerate() {
+        let sid = sid as u32;
+        let mut entries = Vec::new();
+        for b in &svc.backends {
+            let id = next_backend;
+            next_backend += 1;
+            let (addr, family) = addr_bytes(b.address);
+            out.backends.insert(
+                id,
+                Backend {
+                    addr,
+                    mac: mac_of(b),
+                    family,
+                    flags: lb_common::BACKEND_F_VALID,
+                    service: sid,
+                    weight: b.weight,
+                },
+            );
+            entries.push(crate::maglev::Entry { identity: b.address.to_string(), weight: b.weight, id });
+        }
+        let (addr, family) = addr_bytes(svc.vip);
+        out.services.push(DesiredService {
+            key: VipKey { addr, port_be: svc.port.to_be(), proto: svc.protocol.number(), family },
+            id: sid,
+            mode: match svc.mode {
+                config::Mode::Dr => lb_common::mode::DR,
+                // Rejected by validation in this version.
+                _ => 0,
+            },
+            ring: crate::maglev::build(&entries, RING_SIZE),
+        });
+    }
+    out
+}
+
+/// A loaded director: the object, its typed maps, and where it is pinned (if it is).
+pub struct Director {
+    ebpf: Ebpf,
+    pub maps: Maps,
+    pin_dir: Option<PathBuf>,
+}
+
+impl Director {
+    /// Load the object and its programs. With `pin_dir`, maps and the program are pinned there
+    /// (the directory must not hold an attached director).
+    pub fn load(flow_table_size: u32, pin_dir: Option<&Path>) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(maps::FLOWS, flow_table_size);
+        if let Some(dir) = pin_dir {
+            if has_pinned_links(dir) {
+                return Err(Error::AlreadyAttached(dir.to_path_buf()));
+            }
+            // Leftover pins without a link (a crashed run): nothing forwards with them.
+            remove_pins(dir)?;
+            std::fs::create_dir_all(dir)?;
+            for name in maps::ALL {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+        for name in [PROGRAM, PASS_PROGRAM, FLOOR_PROGRAM] {
+            let prog: &mut Xdp = ebpf.program_mut(name).ok_or(Error::MissingMap(PROGRAM))?.try_into()?;
+            prog.load()?;
+        }
+        if let Some(dir) = pin_dir {
+            let prog: &mut Xdp = ebpf.program_mut(PROGRAM).ok_or(Error::MissingMap(PROGRAM))?.try_into()?;
+            prog.pin(dir.join("prog_xdplb"))?;
+        }
+        let maps = Maps::take(&mut ebpf)?;
+        Ok(Director { ebpf, maps, pin_dir: pin_dir.map(Path::to_path_buf) })
+    }
+
+    /// A loaded program of the object, for `BPF_PROG_TEST_RUN` and helpers.
+    pub fn program(&self, name: &str) -> &Xdp {
+        self.ebpf.program(name).and_then(|p| p.try_into().ok()).expect("program is in the object")
+    }
+
+    /// Attach the director to an interface and register the interface's MAC. When pinned,
+    /// the link is pinned too, so forwarding survives the controller.
+    pub fn attach(&mut self, iface: &str, mode: config::XdpMode, mac: [u8; 6]) -> Result<()> {
+        let ifindex = crate::netlink::ifindex(iface)
+            .ok_or_else(|| std::io::Error::other(format!("interface {iface} does not exist")))?;
+        self.maps.ifaces.insert(ifindex, IfaceInfo { mac, _pad: [0; 2] }, 0)?;
+        let pin = self.pin_dir.as_ref().map(|d| d.join(format!("link_{iface}")));
+        let prog: &mut Xdp = self.ebpf.program_mut(PROGRAM).expect("loaded").try_into()?;
+        let link_id = match mode {
+            config::XdpMode::Native => prog
+                .attach(iface, XdpMode::Driver)
+                .map_err(|_| Error::NativeUnsupported(iface.to_string()))?,
+            config::XdpMode::Skb => prog.attach(iface, XdpMode::Skb)?,
+            config::XdpMode::Auto => match prog.attach(iface, XdpMode::Driver) {
+                Ok(id) => id,
+                Err(e) => {
+                    log::warn!("native XDP unavailable on {iface} ({e}); using generic (skb) mode");
+                    prog.attach(iface, XdpMode::Skb)?
+                }
+            },
+        };
+        if let Some(path) = pin {
+            let link = prog.take_link(link_id)?;
+            let fd: FdLink = link.try_into()?;
+            fd.pin(&path)?;
+            log::info!("attached to {iface} (ifindex {ifindex}), link pinned at {}", path.display());
+        } else {
+            log::info!("attached to {iface} (ifindex {ifindex})");
+        }
+        Ok(())
+    }
+
+    /// Attach one of the helper programs (not pinned: it lives as long as `self`).
+    pub fn attach_program(&mut self, name: &str, iface: &str) -> Result<()> {
+        let prog: &mut Xdp = self.ebpf.program_mut(name).ok_or(Error::MissingMap(PROGRAM))?.try_into()?;
+        prog.attach(iface, XdpMode::Driver).or_else(|_| prog.attach(iface, XdpMode::Skb))?;
+        Ok(())
+    }
+
+    /// Make the maps equal to `want`: backends first (so a ring never points at an unset
+    /// backend), then each service's inactive ring, then the service entry that flips to
+    /// it; finally what is no longer wanted is removed.
+    pub fn apply(&mut self, want: &Desired) -> Result<()> {
+        apply(&mut self.maps, want)
+    }
+
+    /// Detach and remove every pin (the program stops forwarding).
+    pub fn unpin(self) -> Result<()> {
+        let dir = self.pin_dir.clone();
+        drop(self);
+        if let Some(dir) = dir {
+            remove_pins(&dir)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn apply(m: &mut Maps, want: &Desired) -> Result<()> {
+    let old_backends: Vec<u32> = (0..lb_common::MAX_BACKENDS)
+        .filter(|&i| m.backends.get(&i, 0).map(|b| b.flags & lb_common::BACKEND_F_VALID != 0).unwrap_or(false))
+        .collect();
+    for (&id, b) in &want.backends {
+        m.backends.set(id, *b, 0)?;
+    }
+    let current: std::collections::HashMap<VipKey, ServiceMeta> =
+        m.services.iter().filter_map(|r| r.ok()).collect();
+    for svc in &want.services {
+        let first = svc.id * RINGS_PER_SERVICE;
+        let ring = match current.get(&svc.key) {
+            Some(meta) if meta.id == svc.id && meta.ring == first => first + 1,
+            _ => first,
+        };
+        let base = ring * RING_SIZE;
+        for (slot, &id) in svc.ring.iter().enumerate() {
+            m.rings.set(base + slot as u32, id, 0)?;
+        }
+        let meta = ServiceMeta { id: svc.id, ring, mode: svc.mode, flags: 0, _pad: [0; 2] };
+        m.services.insert(svc.key, meta, 0)?;
+    }
+    for key in current.keys() {
+        if !want.services.iter().any(|s| s.key == *key) {
+            m.services.remove(key)?;
+        }
+    }
+    for id in old_backends {
+        if !want.backends.contains_key(&id) {
+            m.backends.set(id, Backend::default(), 0)?;
+        }
+    }
+    Ok(())
+}
+
+fn has_pinned_links(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("link_")))
+        .unwrap_or(false)
+}
+
+/// Detach pinned links and remove every pin under `dir` (and `dir`). Missing `dir` is fine.
+pub fn remove_pins(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with("link_") {
+            // Unpinning drops the last reference: the program is detached.
+            let link = PinnedLink::from_pin(&path)?;
+            drop(link.unpin()?);
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    std::fs::remove_dir(dir)?;
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! The xdplb controller library: configuration, Maglev tables, the data-plane loader and the
+//! reports read back from it. The `xdplb` binary is a thin CLI over this.
+
+pub mod config;
+pub mod dataplane;
+pub mod maglev;
+pub mod netlink;
+pub mod run;
+pub mod status;
