@@ -133,9 +133,17 @@ pub struct Backend {
     pub address: IpAddr,
     #[serde(default = "default_weight")]
     pub weight: u32,
-    /// Next-hop MAC for DR; resolved from the neighbour table when absent.
+    /// Next-hop MAC for DR (`02:00:00:00:01:0b`); resolved from the neighbour table when
+    /// absent. Kept as text so a bad value is reported on its own line by validation.
     #[serde(default)]
-    pub mac: Option<Mac>,
+    pub mac: Option<String>,
+}
+
+impl Backend {
+    /// The configured MAC (validated, so a present value parses).
+    pub fn mac(&self) -> Option<Mac> {
+        self.mac.as_deref().and_then(|m| m.parse().ok())
+    }
 }
 
 fn default_weight() -> u32 {
@@ -169,13 +177,6 @@ impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
         write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
-    }
-}
-
-impl<'de> Deserialize<'de> for Mac {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -259,15 +260,19 @@ impl Config {
 
     /// Parse and validate; all errors at once.
     pub fn parse(text: &str, host: &dyn Host) -> Result<Config, Vec<ConfigError>> {
-        let config: Config = serde_yaml::from_str(text).map_err(|e| {
-            vec![ConfigError {
-                path: String::new(),
-                line: e.location().map(|l| l.line()),
-                // serde_yaml appends "at line N column M"; the line is already in front.
-                message: e.to_string().split(" at line ").next().unwrap_or_default().to_string(),
-            }]
-        })?;
         let lines = path_lines(text);
+        let config: Config = serde_yaml::from_str(text).map_err(|e| {
+            // serde_yaml appends "at line N column M"; the line goes in front instead.
+            let message = e.to_string().split(" at line ").next().unwrap_or_default().to_string();
+            // Its message starts with the field path when it knows one ("services[0]: ...").
+            let path = match message.split_once(": ") {
+                Some((p, _)) if lines.contains_key(p) => p.to_string(),
+                _ => String::new(),
+            };
+            let line = e.location().map(|l| l.line()).or_else(|| lines.get(&path).copied());
+            let message = if path.is_empty() { message } else { message[path.len() + 2..].to_string() };
+            vec![ConfigError { path, line, message }]
+        })?;
         let errors = config.validate(host);
         if errors.is_empty() {
             return Ok(config);
@@ -366,6 +371,9 @@ impl Config {
                         format!("{bp}.address"),
                         format!("DR mode needs backends of the VIP's address family ({} vs {})", b.address, s.vip),
                     );
+                }
+                if let Some(Err(e)) = b.mac.as_deref().map(Mac::from_str) {
+                    err(format!("{bp}.mac"), e);
                 }
                 if b.weight > MAX_WEIGHT {
                     err(format!("{bp}.weight"), format!("weight {} is out of range 0..={MAX_WEIGHT}", b.weight));
@@ -517,7 +525,7 @@ services:
         let c = Config::parse(GOOD, &AnyHost).unwrap();
         assert_eq!(c.interfaces[0].xdp_mode, XdpMode::Native);
         assert_eq!(c.services[0].backends[1].weight, 100);
-        assert_eq!(c.services[0].backends[0].mac, Some(Mac([2, 0, 0, 0, 1, 0x0b])));
+        assert_eq!(c.services[0].backends[0].mac(), Some(Mac([2, 0, 0, 0, 1, 0x0b])));
         assert_eq!(c.services[1].port, 0);
         assert_eq!(c.services[0].scheduler, Scheduler::Maglev);
         assert_eq!(c.flow_table_size(), FLOW_TABLE_CAPACITY);
@@ -528,7 +536,7 @@ services:
         let e = one_error(&GOOD.replace("        weight: 100\n", "        wieght: 100\n"));
         assert_eq!(e.line, Some(12));
         assert!(e.message.contains("unknown field `wieght`"), "{e}");
-        assert!(e.message.contains("services[0].backends[0]"), "{e}");
+        assert!(e.to_string().contains("services[0].backends[0]"), "{e}");
     }
 
     #[test]
@@ -548,8 +556,7 @@ services:
     #[test]
     fn duplicate_service_is_rejected() {
         let text = GOOD.replace("vip: 2001:db8::100\n    port: 0\n    protocol: udp", "vip: 198.18.0.100\n    port: 80\n    protocol: tcp");
-        let e = one_error(&text);
-        assert_eq!(e.path, "services[1].vip");
+        let e = errors(&text).into_iter().find(|e| e.path == "services[1].vip").expect("duplicate reported");
         assert_eq!(e.line, Some(16));
         assert!(e.message.contains("duplicate service"), "{e}");
     }

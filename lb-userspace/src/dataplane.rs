@@ -52,6 +52,8 @@ pub enum Error {
     AlreadyAttached(PathBuf),
     #[error("no director is pinned under {0}; start one with `xdplb run --config FILE`")]
     NotRunning(PathBuf),
+    #[error("{0} is not a bpffs mount; run `mount -t bpf bpf {0}` (or `cargo xtask setup`)")]
+    NoBpffs(PathBuf),
     #[error("map {0} is missing from the XDP object")]
     MissingMap(&'static str),
 }
@@ -207,6 +209,7 @@ impl Director {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(maps::FLOWS, flow_table_size);
         if let Some(dir) = pin_dir {
+            check_bpffs(dir)?;
             if has_pinned_links(dir) {
                 return Err(Error::AlreadyAttached(dir.to_path_buf()));
             }
@@ -323,6 +326,20 @@ pub fn apply(m: &mut Maps, want: &Desired) -> Result<()> {
         if !want.backends.contains_key(&id) {
             m.backends.set(id, Backend::default(), 0)?;
         }
+    }
+    Ok(())
+}
+
+/// The pin directory must live on a mounted bpffs.
+fn check_bpffs(dir: &Path) -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: statfs writes into a zeroed struct we own; `c` is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    if rc != 0 || st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(Error::NoBpffs(parent.to_path_buf()));
     }
     Ok(())
 }

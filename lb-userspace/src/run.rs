@@ -26,7 +26,7 @@ async fn backend_macs(nl: &Netlink, cfg: &Config) -> anyhow::Result<HashMap<IpAd
     let mut macs = HashMap::new();
     for (i, svc) in cfg.services.iter().enumerate() {
         for (j, b) in svc.backends.iter().enumerate() {
-            let mac = match b.mac {
+            let mac = match b.mac() {
                 Some(m) => m.0,
                 None => match macs.get(&b.address) {
                     Some(m) => *m,

@@ -41,7 +41,7 @@ impl Harness {
     pub fn new(yaml: &str) -> Harness {
         require_root();
         let config = Config::parse(yaml, &AnyHost).unwrap_or_else(|e| panic!("fixture config invalid: {e:?}"));
-        let desired = dataplane::desired(&config, |b| b.mac.expect("fixture backends carry a mac").0);
+        let desired = dataplane::desired(&config, |b| b.mac().expect("fixture backends carry a mac").0);
         let mut director = Director::load(config.flow_table_size(), None).expect("load XDP object");
         director.apply(&desired).expect("fill maps");
         director
