@@ -1,7 +1,9 @@
 //! The connection table: an established flow keeps its backend whatever the rings say.
 
 use aya_ebpf::{macros::map, maps::LruHashMap};
-use lb_common::{reason, Backend, FlowKey, FlowValue, ServiceMeta, BPF_F_NO_COMMON_LRU, FLOW_TABLE_CAPACITY};
+use lb_common::{
+    reason, Backend, FlowKey, FlowValue, ServiceMeta, BPF_F_NO_COMMON_LRU, FLOW_TABLE_CAPACITY,
+};
 
 use crate::select;
 
@@ -24,14 +26,25 @@ pub fn lookup_or_schedule(svc: &ServiceMeta, key: &FlowKey) -> Result<Choice, u3
     if let Some(v) = unsafe { FLOWS.get(key) } {
         // A backend removed from the config no longer owns its flows: reschedule them.
         if let Some(backend) = select::backend(v.backend) {
-            return Ok(Choice { id: v.backend, backend, new: false });
+            return Ok(Choice {
+                id: v.backend,
+                backend,
+                new: false,
+            });
         }
     }
     let id = select::schedule(svc, key)?;
     let backend = select::backend(id).ok_or(reason::PASS_NO_BACKEND)?;
-    let value = FlowValue { backend: id, service: svc.id };
+    let value = FlowValue {
+        backend: id,
+        service: svc.id,
+    };
     if FLOWS.insert(key, &value, 0).is_err() {
         crate::stats::reason(reason::FLOW_INSERT_FAILED);
     }
-    Ok(Choice { id, backend, new: true })
+    Ok(Choice {
+        id,
+        backend,
+        new: true,
+    })
 }

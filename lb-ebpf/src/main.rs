@@ -9,7 +9,12 @@ mod parse;
 mod select;
 mod stats;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, ProgramArray},
+    programs::XdpContext,
+};
 use lb_common::{mode, reason};
 use network_types::eth::EthHdr;
 
@@ -59,6 +64,42 @@ pub fn xdplb_floor(ctx: XdpContext) -> u32 {
         }
         None => xdp_action::XDP_PASS,
     }
+}
+
+/// Program under test for [`xdplb_bench_new_flow`] (slot 0), set by the benchmark.
+#[map]
+static BENCH_NEXT: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Sequence number of [`xdplb_bench_new_flow`]. Shared, not per-CPU: a benchmark thread that
+/// moves to another CPU must not replay tuples still in that CPU's LRU list.
+#[map]
+static BENCH_SEQ: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Benchmark driver for the new-flow path: `BPF_PROG_TEST_RUN` with `repeat` reuses one
+/// packet, so this gives every run a 5-tuple never seen before (the IPv4 source address's
+/// low 16 bits and the source port come from a sequence) and tail-calls the program
+/// under test. Expects an untagged IPv4 TCP/UDP frame without options.
+#[xdp]
+pub fn xdplb_bench_new_flow(ctx: XdpContext) -> u32 {
+    let Some(seq) = BENCH_SEQ.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let seq = unsafe {
+        *seq = (*seq).wrapping_add(1);
+        *seq
+    };
+    // Ethernet (14) + IPv4 source address at 12; transport source port right after the
+    // 20-byte IPv4 header.
+    let (Some(src), Some(sport)) = (parse::ptr_at::<[u8; 2]>(&ctx, 14 + 14), parse::ptr_at::<[u8; 2]>(&ctx, 14 + 20))
+    else {
+        return xdp_action::XDP_ABORTED;
+    };
+    unsafe {
+        *src = (seq as u16).to_be_bytes();
+        *sport = ((seq >> 16) as u16 | 1024).to_be_bytes();
+        BENCH_NEXT.tail_call(&ctx, 0);
+    }
+    xdp_action::XDP_ABORTED
 }
 
 #[cfg(not(test))]

@@ -88,7 +88,11 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, key: &mut FlowKey) -> Result<(u8, usi
     let ip = unsafe { &*ip };
     let ihl = (ip.vihl & 0x0f) as usize;
     let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
-    if ip.vihl >> 4 != 4 || ihl < 5 || tot_len < ihl * 4 || l3 + tot_len > ctx.data_end() - ctx.data() {
+    if ip.vihl >> 4 != 4
+        || ihl < 5
+        || tot_len < ihl * 4
+        || l3 + tot_len > ctx.data_end() - ctx.data()
+    {
         return Err(reason::PASS_MALFORMED);
     }
     if ihl != 5 {

@@ -1,6 +1,9 @@
 //! Service lookup and backend selection: the VIP table, the Maglev rings, the backends.
 
-use aya_ebpf::{macros::map, maps::{Array, HashMap}};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap},
+};
 use lb_common::{
     flow_hash, reason, Backend, FlowKey, ServiceMeta, VipKey, BACKEND_F_VALID, MAX_BACKENDS,
     MAX_SERVICES, NO_BACKEND, RINGS_PER_SERVICE, RING_SIZE,

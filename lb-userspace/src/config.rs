@@ -158,7 +158,8 @@ impl FromStr for Mac {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let parts: Vec<&str> = s.split(':').collect();
-        let bad = || format!("invalid MAC address `{s}`: expected six hex pairs like 02:00:00:00:01:0b");
+        let bad =
+            || format!("invalid MAC address `{s}`: expected six hex pairs like 02:00:00:00:01:0b");
         if parts.len() != 6 {
             return Err(bad());
         }
@@ -176,14 +177,21 @@ impl FromStr for Mac {
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("invalid duration `{s}` ({e}); write e.g. 500ms, 2s, 5m")))
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration `{s}` ({e}); write e.g. 500ms, 2s, 5m"
+        ))
+    })
 }
 
 /// One problem with a config: where it is and what is wrong.
@@ -216,7 +224,12 @@ pub struct ConfigErrors {
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{}: {} error(s); nothing was applied", self.file, self.errors.len())?;
+        writeln!(
+            f,
+            "{}: {} error(s); nothing was applied",
+            self.file,
+            self.errors.len()
+        )?;
         for e in &self.errors {
             writeln!(f, "  {}:{e}", self.file)?;
         }
@@ -253,7 +266,11 @@ impl Config {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
             file: file.clone(),
-            errors: vec![ConfigError { path: String::new(), line: None, message: format!("cannot read: {e}") }],
+            errors: vec![ConfigError {
+                path: String::new(),
+                line: None,
+                message: format!("cannot read: {e}"),
+            }],
         })?;
         Config::parse(&text, host).map_err(|errors| ConfigErrors { file, errors })
     }
@@ -263,15 +280,31 @@ impl Config {
         let lines = path_lines(text);
         let config: Config = serde_yaml::from_str(text).map_err(|e| {
             // serde_yaml appends "at line N column M"; the line goes in front instead.
-            let message = e.to_string().split(" at line ").next().unwrap_or_default().to_string();
+            let message = e
+                .to_string()
+                .split(" at line ")
+                .next()
+                .unwrap_or_default()
+                .to_string();
             // Its message starts with the field path when it knows one ("services[0]: ...").
             let path = match message.split_once(": ") {
                 Some((p, _)) if lines.contains_key(p) => p.to_string(),
                 _ => String::new(),
             };
-            let line = e.location().map(|l| l.line()).or_else(|| lines.get(&path).copied());
-            let message = if path.is_empty() { message } else { message[path.len() + 2..].to_string() };
-            vec![ConfigError { path, line, message }]
+            let line = e
+                .location()
+                .map(|l| l.line())
+                .or_else(|| lines.get(&path).copied());
+            let message = if path.is_empty() {
+                message
+            } else {
+                message[path.len() + 2..].to_string()
+            };
+            vec![ConfigError {
+                path,
+                line,
+                message,
+            }]
         })?;
         let errors = config.validate(host);
         if errors.is_empty() {
@@ -279,7 +312,11 @@ impl Config {
         }
         Err(errors
             .into_iter()
-            .map(|(path, message)| ConfigError { line: line_of(&lines, &path), path, message })
+            .map(|(path, message)| ConfigError {
+                line: line_of(&lines, &path),
+                path,
+                message,
+            })
             .collect())
     }
 
@@ -288,7 +325,10 @@ impl Config {
         let mut errs = Vec::new();
         let mut err = |path: String, msg: String| errs.push((path, msg));
         if self.interfaces.is_empty() {
-            err("interfaces".into(), "at least one interface is required".into());
+            err(
+                "interfaces".into(),
+                "at least one interface is required".into(),
+            );
         }
         let mut names = HashSet::new();
         for (i, iface) in self.interfaces.iter().enumerate() {
@@ -298,7 +338,13 @@ impl Config {
             } else if !names.insert(iface.name.as_str()) {
                 err(p, format!("interface `{}` is listed twice", iface.name));
             } else if !host.interface_exists(&iface.name) {
-                err(p, format!("interface `{}` does not exist on this host (see `ip link`)", iface.name));
+                err(
+                    p,
+                    format!(
+                        "interface `{}` does not exist on this host (see `ip link`)",
+                        iface.name
+                    ),
+                );
             }
         }
         if let Some(size) = self.flow_table_size {
@@ -310,17 +356,29 @@ impl Config {
             }
         }
         if self.metrics.is_some() {
-            err("metrics".into(), "the metrics endpoint is not available in this version; remove `metrics`".into());
+            err(
+                "metrics".into(),
+                "the metrics endpoint is not available in this version; remove `metrics`".into(),
+            );
         }
         if self.services.is_empty() {
             err("services".into(), "at least one service is required".into());
         }
         if self.services.len() > MAX_SERVICES as usize {
-            err("services".into(), format!("{} services declared; at most {MAX_SERVICES}", self.services.len()));
+            err(
+                "services".into(),
+                format!(
+                    "{} services declared; at most {MAX_SERVICES}",
+                    self.services.len()
+                ),
+            );
         }
         let total_backends: usize = self.services.iter().map(|s| s.backends.len()).sum();
         if total_backends > MAX_BACKENDS as usize {
-            err("services".into(), format!("{total_backends} backends declared; at most {MAX_BACKENDS} in all"));
+            err(
+                "services".into(),
+                format!("{total_backends} backends declared; at most {MAX_BACKENDS} in all"),
+            );
         }
         let mut svc_names: HashMap<&str, usize> = HashMap::new();
         let mut svc_keys: HashMap<(IpAddr, u16, Protocol), usize> = HashMap::new();
@@ -329,22 +387,40 @@ impl Config {
             if s.name.is_empty() {
                 err(format!("{p}.name"), "service name is empty".into());
             } else if let Some(j) = svc_names.insert(&s.name, i) {
-                err(format!("{p}.name"), format!("service name `{}` is already used by services[{j}]", s.name));
+                err(
+                    format!("{p}.name"),
+                    format!("service name `{}` is already used by services[{j}]", s.name),
+                );
             }
             if let Some(j) = svc_keys.insert((s.vip, s.port, s.protocol), i) {
                 err(
                     format!("{p}.vip"),
-                    format!("duplicate service: {}:{}/{} is already declared by services[{j}]", s.vip, s.port, s.protocol),
+                    format!(
+                        "duplicate service: {}:{}/{} is already declared by services[{j}]",
+                        s.vip, s.port, s.protocol
+                    ),
                 );
             }
             if s.mode != Mode::Dr {
-                err(format!("{p}.mode"), format!("mode `{}` is not available in this version; use `dr`", s.mode));
+                err(
+                    format!("{p}.mode"),
+                    format!(
+                        "mode `{}` is not available in this version; use `dr`",
+                        s.mode
+                    ),
+                );
             }
             if s.scheduler != Scheduler::Maglev {
-                err(format!("{p}.scheduler"), "only `maglev` is available in this version".into());
+                err(
+                    format!("{p}.scheduler"),
+                    "only `maglev` is available in this version".into(),
+                );
             }
             if !s.persistence.is_zero() {
-                err(format!("{p}.persistence"), "persistence is not available in this version; use 0s".into());
+                err(
+                    format!("{p}.persistence"),
+                    "persistence is not available in this version; use 0s".into(),
+                );
             }
             if s.health_check.is_some() {
                 err(
@@ -353,30 +429,45 @@ impl Config {
                 );
             }
             if s.backends.is_empty() {
-                err(format!("{p}.backends"), format!("service `{}` has no backends", s.name));
+                err(
+                    format!("{p}.backends"),
+                    format!("service `{}` has no backends", s.name),
+                );
             } else if s.backends.iter().all(|b| b.weight == 0) {
                 err(
                     format!("{p}.backends"),
-                    format!("every backend of `{}` has weight 0; at least one must be above 0", s.name),
+                    format!(
+                        "every backend of `{}` has weight 0; at least one must be above 0",
+                        s.name
+                    ),
                 );
             }
             let mut seen = HashSet::new();
             for (j, b) in s.backends.iter().enumerate() {
                 let bp = format!("{p}.backends[{j}]");
                 if !seen.insert(b.address) {
-                    err(format!("{bp}.address"), format!("backend {} is listed twice", b.address));
+                    err(
+                        format!("{bp}.address"),
+                        format!("backend {} is listed twice", b.address),
+                    );
                 }
                 if b.address.is_ipv4() != s.vip.is_ipv4() && s.mode == Mode::Dr {
                     err(
                         format!("{bp}.address"),
-                        format!("DR mode needs backends of the VIP's address family ({} vs {})", b.address, s.vip),
+                        format!(
+                            "DR mode needs backends of the VIP's address family ({} vs {})",
+                            b.address, s.vip
+                        ),
                     );
                 }
                 if let Some(Err(e)) = b.mac.as_deref().map(Mac::from_str) {
                     err(format!("{bp}.mac"), e);
                 }
                 if b.weight > MAX_WEIGHT {
-                    err(format!("{bp}.weight"), format!("weight {} is out of range 0..={MAX_WEIGHT}", b.weight));
+                    err(
+                        format!("{bp}.weight"),
+                        format!("weight {} is out of range 0..={MAX_WEIGHT}", b.weight),
+                    );
                 }
             }
         }
@@ -464,7 +555,10 @@ fn path_lines(text: &str) -> HashMap<String, usize> {
             }
         }
     }
-    let mut rec = Rec { stack: Vec::new(), lines: HashMap::new() };
+    let mut rec = Rec {
+        stack: Vec::new(),
+        lines: HashMap::new(),
+    };
     // Syntax errors were already reported by serde_yaml; positions are best effort.
     let _ = Parser::new_from_str(text).load(&mut rec, false);
     rec.lines
@@ -525,7 +619,10 @@ services:
         let c = Config::parse(GOOD, &AnyHost).unwrap();
         assert_eq!(c.interfaces[0].xdp_mode, XdpMode::Native);
         assert_eq!(c.services[0].backends[1].weight, 100);
-        assert_eq!(c.services[0].backends[0].mac(), Some(Mac([2, 0, 0, 0, 1, 0x0b])));
+        assert_eq!(
+            c.services[0].backends[0].mac(),
+            Some(Mac([2, 0, 0, 0, 1, 0x0b]))
+        );
         assert_eq!(c.services[1].port, 0);
         assert_eq!(c.services[0].scheduler, Scheduler::Maglev);
         assert_eq!(c.flow_table_size(), FLOW_TABLE_CAPACITY);
@@ -555,15 +652,24 @@ services:
 
     #[test]
     fn duplicate_service_is_rejected() {
-        let text = GOOD.replace("vip: 2001:db8::100\n    port: 0\n    protocol: udp", "vip: 198.18.0.100\n    port: 80\n    protocol: tcp");
-        let e = errors(&text).into_iter().find(|e| e.path == "services[1].vip").expect("duplicate reported");
+        let text = GOOD.replace(
+            "vip: 2001:db8::100\n    port: 0\n    protocol: udp",
+            "vip: 198.18.0.100\n    port: 80\n    protocol: tcp",
+        );
+        let e = errors(&text)
+            .into_iter()
+            .find(|e| e.path == "services[1].vip")
+            .expect("duplicate reported");
         assert_eq!(e.line, Some(16));
         assert!(e.message.contains("duplicate service"), "{e}");
     }
 
     #[test]
     fn vip_without_backends_is_rejected() {
-        let text = GOOD.replace("    backends:\n      - address: 2001:db8::11\n", "    backends: []\n");
+        let text = GOOD.replace(
+            "    backends:\n      - address: 2001:db8::11\n",
+            "    backends: []\n",
+        );
         let e = one_error(&text);
         assert_eq!(e.path, "services[1].backends");
         assert!(e.message.contains("no backends"), "{e}");
@@ -571,7 +677,10 @@ services:
 
     #[test]
     fn all_zero_weights_are_rejected() {
-        let text = GOOD.replace("      - address: 2001:db8::11\n", "      - address: 2001:db8::11\n        weight: 0\n");
+        let text = GOOD.replace(
+            "      - address: 2001:db8::11\n",
+            "      - address: 2001:db8::11\n        weight: 0\n",
+        );
         assert!(one_error(&text).message.contains("weight 0"));
     }
 
@@ -601,7 +710,10 @@ services:
 
     #[test]
     fn every_error_is_reported_at_once() {
-        let text = GOOD.replace("weight: 100", "weight: 70000").replace("mode: dr\n    backends:\n      - address: 2001", "mode: tun\n    backends:\n      - address: 2001");
+        let text = GOOD.replace("weight: 100", "weight: 70000").replace(
+            "mode: dr\n    backends:\n      - address: 2001",
+            "mode: tun\n    backends:\n      - address: 2001",
+        );
         let e = errors(&text);
         assert_eq!(e.len(), 2, "{e:?}");
         assert_eq!(e[1].path, "services[1].mode");

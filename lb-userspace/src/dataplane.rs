@@ -25,6 +25,8 @@ pub const PROGRAM: &str = "xdplb";
 pub const PASS_PROGRAM: &str = "xdplb_pass";
 /// MAC-swap `XDP_TX` program: the benchmark floor.
 pub const FLOOR_PROGRAM: &str = "xdplb_floor";
+/// Benchmark driver: new 5-tuple per run, then a tail call into `BENCH_NEXT[0]`.
+pub const BENCH_NEW_FLOW_PROGRAM: &str = "xdplb_bench_new_flow";
 
 /// The XDP object built by `build.rs` from `lb-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -43,7 +45,9 @@ pub enum Error {
     Link(#[from] aya::programs::links::LinkError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("XDP driver (native) mode is not supported on {0}; set `xdp_mode: skb` or `auto` for it")]
+    #[error(
+        "XDP driver (native) mode is not supported on {0}; set `xdp_mode: skb` or `auto` for it"
+    )]
     NativeUnsupported(String),
     #[error(
         "a director is already attached (pinned under {0}); stop its controller, or run `xdplb detach` \
@@ -54,7 +58,7 @@ pub enum Error {
     NotRunning(PathBuf),
     #[error("{0} is not a bpffs mount; run `mount -t bpf bpf {0}` (or `cargo xtask setup`)")]
     NoBpffs(PathBuf),
-    #[error("map {0} is missing from the XDP object")]
+    #[error("{0} is missing from the XDP object")]
     MissingMap(&'static str),
 }
 
@@ -178,11 +182,20 @@ pub fn desired(cfg: &config::Config, mac_of: impl Fn(&config::Backend) -> [u8; 6
                     weight: b.weight,
                 },
             );
-            entries.push(crate::maglev::Entry { identity: b.address.to_string(), weight: b.weight, id });
+            entries.push(crate::maglev::Entry {
+                identity: b.address.to_string(),
+                weight: b.weight,
+                id,
+            });
         }
         let (addr, family) = addr_bytes(svc.vip);
         out.services.push(DesiredService {
-            key: VipKey { addr, port_be: svc.port.to_be(), proto: svc.protocol.number(), family },
+            key: VipKey {
+                addr,
+                port_be: svc.port.to_be(),
+                proto: svc.protocol.number(),
+                family,
+            },
             id: sid,
             mode: match svc.mode {
                 config::Mode::Dr => lb_common::mode::DR,
@@ -221,21 +234,52 @@ impl Director {
             }
         }
         let mut ebpf = loader.load(OBJECT)?;
-        for name in [PROGRAM, PASS_PROGRAM, FLOOR_PROGRAM] {
-            let prog: &mut Xdp = ebpf.program_mut(name).ok_or(Error::MissingMap(PROGRAM))?.try_into()?;
-            prog.load()?;
-        }
+        // Helpers (pass-through, benchmark programs) are loaded only when asked for.
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(Error::MissingMap(PROGRAM))?
+            .try_into()?;
+        prog.load()?;
         if let Some(dir) = pin_dir {
-            let prog: &mut Xdp = ebpf.program_mut(PROGRAM).ok_or(Error::MissingMap(PROGRAM))?.try_into()?;
+            let prog: &mut Xdp = ebpf
+                .program_mut(PROGRAM)
+                .ok_or(Error::MissingMap(PROGRAM))?
+                .try_into()?;
             prog.pin(dir.join("prog_xdplb"))?;
         }
         let maps = Maps::take(&mut ebpf)?;
-        Ok(Director { ebpf, maps, pin_dir: pin_dir.map(Path::to_path_buf) })
+        Ok(Director {
+            ebpf,
+            maps,
+            pin_dir: pin_dir.map(Path::to_path_buf),
+        })
     }
 
-    /// A loaded program of the object, for `BPF_PROG_TEST_RUN` and helpers.
-    pub fn program(&self, name: &str) -> &Xdp {
-        self.ebpf.program(name).and_then(|p| p.try_into().ok()).expect("program is in the object")
+    /// The director program (always loaded), e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn director_program(&self) -> &Xdp {
+        self.ebpf
+            .program(PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("the director program is loaded")
+    }
+
+    /// A program of the object, loaded into the kernel on first use (helpers, benchmarks).
+    pub fn program(&mut self, name: &'static str) -> Result<&mut Xdp> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(Error::MissingMap(name))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        Ok(prog)
+    }
+
+    /// The whole object, for a caller that needs a map the controller does not use (the
+    /// benchmark's program array).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     /// Attach the director to an interface and register the interface's MAC. When pinned,
@@ -243,8 +287,13 @@ impl Director {
     pub fn attach(&mut self, iface: &str, mode: config::XdpMode, mac: [u8; 6]) -> Result<()> {
         let ifindex = crate::netlink::ifindex(iface)
             .ok_or_else(|| std::io::Error::other(format!("interface {iface} does not exist")))?;
-        self.maps.ifaces.insert(ifindex, IfaceInfo { mac, _pad: [0; 2] }, 0)?;
-        let pin = self.pin_dir.as_ref().map(|d| d.join(format!("link_{iface}")));
+        self.maps
+            .ifaces
+            .insert(ifindex, IfaceInfo { mac, _pad: [0; 2] }, 0)?;
+        let pin = self
+            .pin_dir
+            .as_ref()
+            .map(|d| d.join(format!("link_{iface}")));
         let prog: &mut Xdp = self.ebpf.program_mut(PROGRAM).expect("loaded").try_into()?;
         let link_id = match mode {
             config::XdpMode::Native => prog
@@ -263,7 +312,10 @@ impl Director {
             let link = prog.take_link(link_id)?;
             let fd: FdLink = link.try_into()?;
             fd.pin(&path)?;
-            log::info!("attached to {iface} (ifindex {ifindex}), link pinned at {}", path.display());
+            log::info!(
+                "attached to {iface} (ifindex {ifindex}), link pinned at {}",
+                path.display()
+            );
         } else {
             log::info!("attached to {iface} (ifindex {ifindex})");
         }
@@ -271,9 +323,10 @@ impl Director {
     }
 
     /// Attach one of the helper programs (not pinned: it lives as long as `self`).
-    pub fn attach_program(&mut self, name: &str, iface: &str) -> Result<()> {
-        let prog: &mut Xdp = self.ebpf.program_mut(name).ok_or(Error::MissingMap(PROGRAM))?.try_into()?;
-        prog.attach(iface, XdpMode::Driver).or_else(|_| prog.attach(iface, XdpMode::Skb))?;
+    pub fn attach_program(&mut self, name: &'static str, iface: &str) -> Result<()> {
+        let prog = self.program(name)?;
+        prog.attach(iface, XdpMode::Driver)
+            .or_else(|_| prog.attach(iface, XdpMode::Skb))?;
         Ok(())
     }
 
@@ -297,7 +350,12 @@ impl Director {
 
 pub fn apply(m: &mut Maps, want: &Desired) -> Result<()> {
     let old_backends: Vec<u32> = (0..lb_common::MAX_BACKENDS)
-        .filter(|&i| m.backends.get(&i, 0).map(|b| b.flags & lb_common::BACKEND_F_VALID != 0).unwrap_or(false))
+        .filter(|&i| {
+            m.backends
+                .get(&i, 0)
+                .map(|b| b.flags & lb_common::BACKEND_F_VALID != 0)
+                .unwrap_or(false)
+        })
         .collect();
     for (&id, b) in &want.backends {
         m.backends.set(id, *b, 0)?;
@@ -314,7 +372,13 @@ pub fn apply(m: &mut Maps, want: &Desired) -> Result<()> {
         for (slot, &id) in svc.ring.iter().enumerate() {
             m.rings.set(base + slot as u32, id, 0)?;
         }
-        let meta = ServiceMeta { id: svc.id, ring, mode: svc.mode, flags: 0, _pad: [0; 2] };
+        let meta = ServiceMeta {
+            id: svc.id,
+            ring,
+            mode: svc.mode,
+            flags: 0,
+            _pad: [0; 2],
+        };
         m.services.insert(svc.key, meta, 0)?;
     }
     for key in current.keys() {
@@ -334,7 +398,8 @@ pub fn apply(m: &mut Maps, want: &Desired) -> Result<()> {
 fn check_bpffs(dir: &Path) -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let parent = dir.parent().unwrap_or(Path::new("/"));
-    let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
     // SAFETY: statfs writes into a zeroed struct we own; `c` is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
@@ -346,7 +411,10 @@ fn check_bpffs(dir: &Path) -> Result<()> {
 
 fn has_pinned_links(dir: &Path) -> bool {
     std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("link_")))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("link_"))
+        })
         .unwrap_or(false)
 }
 

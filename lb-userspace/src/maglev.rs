@@ -40,7 +40,10 @@ fn shares(entries: &[Entry], size: u64) -> Vec<u64> {
     if total == 0 {
         return vec![0; entries.len()];
     }
-    let mut counts: Vec<u64> = entries.iter().map(|e| size * u64::from(e.weight) / total).collect();
+    let mut counts: Vec<u64> = entries
+        .iter()
+        .map(|e| size * u64::from(e.weight) / total)
+        .collect();
     let mut rest: Vec<(u64, usize)> = entries
         .iter()
         .enumerate()
@@ -103,7 +106,7 @@ pub fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u32;
     while u64::from(d) * u64::from(d) <= u64::from(n) {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -118,7 +121,11 @@ mod tests {
 
     fn backends(n: u32) -> Vec<Entry> {
         (0..n)
-            .map(|i| Entry { identity: format!("198.18.1.{}", i + 10), weight: 100, id: i })
+            .map(|i| Entry {
+                identity: format!("198.18.1.{}", i + 10),
+                weight: 100,
+                id: i,
+            })
             .collect()
     }
 
@@ -128,7 +135,10 @@ mod tests {
 
     #[test]
     fn same_input_same_table() {
-        assert_eq!(build(&backends(7), RING_SIZE), build(&backends(7), RING_SIZE));
+        assert_eq!(
+            build(&backends(7), RING_SIZE),
+            build(&backends(7), RING_SIZE)
+        );
     }
 
     #[test]
@@ -137,7 +147,10 @@ mod tests {
         assert!(table.iter().all(|&s| s < 10), "every slot is owned");
         for id in 0..10 {
             let share = count(&table, id) as f64 / f64::from(RING_SIZE);
-            assert!((share - 0.1).abs() <= 0.001, "backend {id} share {share} not within 1% of 1/10");
+            assert!(
+                (share - 0.1).abs() <= 0.001,
+                "backend {id} share {share} not within 1% of 1/10"
+            );
         }
     }
 
@@ -151,9 +164,17 @@ mod tests {
         let frac = changed as f64 / f64::from(RING_SIZE);
         // The removed backend's own 10 % must move; Maglev keeps the rest nearly in place.
         assert!(frac <= 0.12, "{:.2} % of slots changed owner", frac * 100.0);
-        let collateral = before.iter().zip(&after).filter(|(a, b)| a != b && **a != 4).count();
+        let collateral = before
+            .iter()
+            .zip(&after)
+            .filter(|(a, b)| a != b && **a != 4)
+            .count();
         let collateral = collateral as f64 / f64::from(RING_SIZE);
-        assert!(collateral <= 0.02, "{:.2} % of surviving backends' slots moved", collateral * 100.0);
+        assert!(
+            collateral <= 0.02,
+            "{:.2} % of surviving backends' slots moved",
+            collateral * 100.0
+        );
     }
 
     #[test]

@@ -11,7 +11,11 @@ use lb_userspace::{
 };
 
 #[derive(Parser)]
-#[command(name = "xdplb", version, about = "L4 load balancer (LVS-style director) on XDP")]
+#[command(
+    name = "xdplb",
+    version,
+    about = "L4 load balancer (LVS-style director) on XDP"
+)]
 struct Cli {
     /// Where the running director's maps, program and links are pinned.
     #[arg(long, global = true, default_value = dataplane::PIN_DIR)]
@@ -62,8 +66,12 @@ fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Check { config, no_host_checks } => {
-            let host: &dyn lb_userspace::config::Host = if no_host_checks { &AnyHost } else { &ThisHost };
+        Cmd::Check {
+            config,
+            no_host_checks,
+        } => {
+            let host: &dyn lb_userspace::config::Host =
+                if no_host_checks { &AnyHost } else { &ThisHost };
             match Config::load(&config, host) {
                 Ok(c) => {
                     println!("{}: ok ({} service(s))", config.display(), c.services.len());
@@ -75,8 +83,13 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Run { config, keep_attached } => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        Cmd::Run {
+            config,
+            keep_attached,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let res = rt.block_on(run::run(run::RunOptions {
                 config: &config,
                 pin_dir: &cli.pin_dir,
@@ -121,7 +134,9 @@ fn main() -> anyhow::Result<()> {
 
 fn pass(d: &mut dataplane::Director, iface: &str) -> anyhow::Result<()> {
     d.attach_program(dataplane::PASS_PROGRAM, iface)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

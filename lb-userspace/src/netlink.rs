@@ -4,9 +4,9 @@ use std::{ffi::CString, net::IpAddr, time::Duration};
 
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::{
-    AddressFamily,
     link::LinkAttribute,
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+    AddressFamily,
 };
 
 /// ifindex of an interface in our network namespace.
@@ -31,7 +31,12 @@ impl Netlink {
 
     /// The interface's own Ethernet address.
     pub async fn link_mac(&self, name: &str) -> anyhow::Result<[u8; 6]> {
-        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
         let Some(msg) = links.try_next().await? else {
             anyhow::bail!("interface {name} not found");
         };
@@ -41,7 +46,11 @@ impl Netlink {
                 LinkAttribute::Address(mac) if mac.len() == 6 => mac.as_slice().try_into().ok(),
                 _ => None,
             })
-            .ok_or_else(|| anyhow::anyhow!("interface {name} has no Ethernet address; DR needs an Ethernet interface"))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "interface {name} has no Ethernet address; DR needs an Ethernet interface"
+                )
+            })
     }
 
     /// The neighbour table's MAC for `addr`, if it has a usable one.
@@ -50,7 +59,12 @@ impl Netlink {
             IpAddr::V4(_) => AddressFamily::Inet,
             IpAddr::V6(_) => AddressFamily::Inet6,
         };
-        let mut neighbours = self.handle.neighbours().get().set_address_family(family).execute();
+        let mut neighbours = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute();
         while let Some(msg) = neighbours.try_next().await? {
             let usable = matches!(
                 msg.header.state,
@@ -70,7 +84,9 @@ impl Netlink {
                 continue;
             }
             let mac = msg.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 => m.as_slice().try_into().ok(),
+                NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 => {
+                    m.as_slice().try_into().ok()
+                }
                 _ => None,
             });
             if mac.is_some() {

@@ -69,7 +69,11 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         "xdplb running: {} service(s), {} backend(s) on {}",
         cfg.services.len(),
         want.backends.len(),
-        cfg.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+        cfg.interfaces
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
     let mut term = signal(SignalKind::terminate())?;
@@ -83,7 +87,10 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         }
     }
     if opts.keep_attached {
-        log::info!("exiting; director left attached and pinned under {}", opts.pin_dir.display());
+        log::info!(
+            "exiting; director left attached and pinned under {}",
+            opts.pin_dir.display()
+        );
         // Dropping the loader must not detach: links are pinned, maps are pinned.
         std::mem::forget(director);
     } else {

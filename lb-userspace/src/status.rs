@@ -2,7 +2,6 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-
 use lb_common::{reason, Counters, VipKey};
 use tabled::{settings::Style, Table, Tabled};
 
@@ -133,8 +132,11 @@ pub fn render_stats(maps: &Maps, json: bool) -> Result<String> {
     let services = collect(maps)?;
     let mut out = String::new();
     if json {
-        let reasons: serde_json::Map<String, serde_json::Value> =
-            reason::NAMES.iter().zip(&totals).map(|(n, v)| (n.to_string(), (*v).into())).collect();
+        let reasons: serde_json::Map<String, serde_json::Value> = reason::NAMES
+            .iter()
+            .zip(&totals)
+            .map(|(n, v)| (n.to_string(), (*v).into()))
+            .collect();
         let services: Vec<serde_json::Value> = services
             .iter()
             .map(|s| {

@@ -26,7 +26,11 @@ pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
 
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root (BPF, namespaces): run `cargo xtask test`");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root (BPF, namespaces): run `cargo xtask test`"
+    );
 }
 
 /// A director loaded (not attached) with maps filled from a YAML config, for fixtures.
@@ -40,21 +44,35 @@ impl Harness {
     /// `yaml` must give every backend a `mac:`.
     pub fn new(yaml: &str) -> Harness {
         require_root();
-        let config = Config::parse(yaml, &AnyHost).unwrap_or_else(|e| panic!("fixture config invalid: {e:?}"));
-        let desired = dataplane::desired(&config, |b| b.mac().expect("fixture backends carry a mac").0);
+        let config = Config::parse(yaml, &AnyHost)
+            .unwrap_or_else(|e| panic!("fixture config invalid: {e:?}"));
+        let desired = dataplane::desired(&config, |b| {
+            b.mac().expect("fixture backends carry a mac").0
+        });
         let mut director = Director::load(config.flow_table_size(), None).expect("load XDP object");
         director.apply(&desired).expect("fill maps");
         director
             .maps
             .ifaces
-            .insert(1, IfaceInfo { mac: DIRECTOR_MAC, _pad: [0; 2] }, 0)
+            .insert(
+                1,
+                IfaceInfo {
+                    mac: DIRECTOR_MAC,
+                    _pad: [0; 2],
+                },
+                0,
+            )
             .expect("register ifindex 1");
-        Harness { director, desired, config }
+        Harness {
+            director,
+            desired,
+            config,
+        }
     }
 
     /// Run the director program once on `input`; returns (verdict, output bytes).
     pub fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
-        run_program(self.director.program(dataplane::PROGRAM), input)
+        run_program(self.director.director_program(), input)
     }
 
     /// The backend id userspace predicts for a flow on a miss (same hash, same table).
@@ -74,7 +92,12 @@ impl Harness {
 pub fn run_program(prog: &aya::programs::Xdp, input: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; input.len() + 256];
     let res = prog
-        .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), repeat: 1, ..Default::default() })
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
         .expect("BPF_PROG_TEST_RUN");
     out.truncate(res.data_size_out as usize);
     (res.return_value, out)
@@ -84,7 +107,15 @@ pub fn run_program(prog: &aya::programs::Xdp, input: &[u8]) -> (u32, Vec<u8>) {
 pub fn flow_key(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> FlowKey {
     let (s, family) = addr_bytes(src);
     let (d, _) = addr_bytes(dst);
-    FlowKey { src: s, dst: d, sport_be: sport.to_be(), dport_be: dport.to_be(), proto, family, _pad: [0; 2] }
+    FlowKey {
+        src: s,
+        dst: d,
+        sport_be: sport.to_be(),
+        dport_be: dport.to_be(),
+        proto,
+        family,
+        _pad: [0; 2],
+    }
 }
 
 /// What a test packet looks like; [`Pkt::build`] turns it into bytes with etherparse.
@@ -117,7 +148,10 @@ impl Pkt {
     }
 
     pub fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> Pkt {
-        Pkt { proto: lb_common::IPPROTO_UDP, ..Pkt::tcp(src, dst, sport, dport) }
+        Pkt {
+            proto: lb_common::IPPROTO_UDP,
+            ..Pkt::tcp(src, dst, sport, dport)
+        }
     }
 
     pub fn key(&self) -> FlowKey {
@@ -125,16 +159,31 @@ impl Pkt {
     }
 
     pub fn with_macs(&self, src: [u8; 6], dst: [u8; 6]) -> Pkt {
-        Pkt { src_mac: src, dst_mac: dst, ..self.clone() }
+        Pkt {
+            src_mac: src,
+            dst_mac: dst,
+            ..self.clone()
+        }
     }
 
     fn ip_headers(&self) -> IpHeaders {
         match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                IpHeaders::Ipv4(Ipv4Header { source: s.octets(), destination: d.octets(), time_to_live: 64, ..Default::default() }, Default::default())
-            }
+            (IpAddr::V4(s), IpAddr::V4(d)) => IpHeaders::Ipv4(
+                Ipv4Header {
+                    source: s.octets(),
+                    destination: d.octets(),
+                    time_to_live: 64,
+                    ..Default::default()
+                },
+                Default::default(),
+            ),
             (IpAddr::V6(s), IpAddr::V6(d)) => IpHeaders::Ipv6(
-                Ipv6Header { source: s.octets(), destination: d.octets(), hop_limit: 64, ..Default::default() },
+                Ipv6Header {
+                    source: s.octets(),
+                    destination: d.octets(),
+                    hop_limit: 64,
+                    ..Default::default()
+                },
                 Default::default(),
             ),
             _ => panic!("mixed address families"),
@@ -154,8 +203,12 @@ impl Pkt {
             None => eth.ip(ip),
         };
         let res = match self.proto {
-            lb_common::IPPROTO_TCP => step.tcp(self.sport, self.dport, 1000, 64240).write(&mut out, &self.payload),
-            lb_common::IPPROTO_UDP => step.udp(self.sport, self.dport).write(&mut out, &self.payload),
+            lb_common::IPPROTO_TCP => step
+                .tcp(self.sport, self.dport, 1000, 64240)
+                .write(&mut out, &self.payload),
+            lb_common::IPPROTO_UDP => step
+                .udp(self.sport, self.dport)
+                .write(&mut out, &self.payload),
             p => panic!("Pkt::build supports tcp/udp, not {p}"),
         };
         res.expect("build packet");

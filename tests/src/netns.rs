@@ -19,7 +19,10 @@ use std::{
 
 /// Run a command; panic with its output if it fails.
 pub fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert!(
         out.status.success(),
         "{args:?} failed: {}{}",
@@ -30,7 +33,10 @@ pub fn sh(args: &[&str]) -> String {
 }
 
 /// Run `f` on a thread that has entered network namespace `ns`; sockets it opens live there.
-pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
     let path = format!("/run/netns/{ns}");
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
@@ -102,24 +108,96 @@ impl DrTopology {
         for (host, a4, a6) in &hosts {
             let ns = t.ns(host);
             t.add_ns(&ns);
-            sh(&["ip", "-n", &sw, "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+            sh(&[
+                "ip", "-n", &sw, "link", "add", host, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ]);
             sh(&["ip", "-n", &sw, "link", "set", host, "master", "br0", "up"]);
             sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-            sh(&["ip", "-n", &ns, "addr", "add", &format!("{a4}/24"), "dev", "eth0"]);
-            sh(&["ip", "-n", &ns, "addr", "add", &format!("{a6}/64"), "dev", "eth0", "nodad"]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{a4}/24"),
+                "dev",
+                "eth0",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{a6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
             sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
             // The local stack leaves checksums to the NIC; XDP forwards them unfinished (PITFALLS.md).
-            sh(&["ip", "netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off"]);
+            sh(&[
+                "ip", "netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off",
+            ]);
         }
         let cl = t.ns("cl");
-        sh(&["ip", "-n", &cl, "route", "add", &format!("{VIP4}/32"), "via", DIRECTOR4]);
-        sh(&["ip", "-n", &cl, "-6", "route", "add", &format!("{VIP6}/128"), "via", DIRECTOR6]);
+        sh(&[
+            "ip",
+            "-n",
+            &cl,
+            "route",
+            "add",
+            &format!("{VIP4}/32"),
+            "via",
+            DIRECTOR4,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &cl,
+            "-6",
+            "route",
+            "add",
+            &format!("{VIP6}/128"),
+            "via",
+            DIRECTOR6,
+        ]);
         for i in 0..backends {
             let ns = t.ns(&Self::backend_name(i));
-            sh(&["ip", "-n", &ns, "addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
-            sh(&["ip", "-n", &ns, "addr", "add", &format!("{VIP6}/128"), "dev", "lo"]);
-            for (k, v) in [("net.ipv4.conf.all.arp_ignore", "1"), ("net.ipv4.conf.all.arp_announce", "2")] {
-                sh(&["ip", "netns", "exec", &ns, "sysctl", "-qw", &format!("{k}={v}")]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{VIP4}/32"),
+                "dev",
+                "lo",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{VIP6}/128"),
+                "dev",
+                "lo",
+            ]);
+            for (k, v) in [
+                ("net.ipv4.conf.all.arp_ignore", "1"),
+                ("net.ipv4.conf.all.arp_announce", "2"),
+            ] {
+                sh(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &ns,
+                    "sysctl",
+                    "-qw",
+                    &format!("{k}={v}"),
+                ]);
             }
         }
         t
@@ -146,27 +224,16 @@ impl DrTopology {
             .expect("spawn xdplb pass");
         self.adopt(child);
         let sw = self.ns("sw");
-        wait_for("pass-through XDP on the switch port", Duration::from_secs(10), || {
-            sh(&["ip", "-n", &sw, "-d", "link", "show", "dir"]).contains("xdp")
-        });
+        wait_for(
+            "pass-through XDP on the switch port",
+            Duration::from_secs(10),
+            || sh(&["ip", "-n", &sw, "-d", "link", "show", "dir"]).contains("xdp"),
+        );
     }
 
-    /// Write the DR config for this topology (backend MACs left to neighbour resolution).
-    pub fn write_config(&self, dir: &Path) -> PathBuf {
-        let backends4: String =
-            (0..self.backends).map(|i| format!("      - address: {}\n", backend4(i))).collect();
-        let backends6: String =
-            (0..self.backends).map(|i| format!("      - address: {}\n", backend6(i))).collect();
-        let yaml = format!(
-            "interfaces:\n  - name: eth0\n    xdp_mode: native\nservices:\n\
-             \x20 - name: web\n    vip: {VIP4}\n    port: {TCP_PORT}\n    protocol: tcp\n    mode: dr\n    backends:\n{backends4}\
-             \x20 - name: dns\n    vip: {VIP4}\n    port: {UDP_PORT}\n    protocol: udp\n    mode: dr\n    backends:\n{backends4}\
-             \x20 - name: web6\n    vip: {VIP6}\n    port: {TCP_PORT}\n    protocol: tcp\n    mode: dr\n    backends:\n{backends6}\
-             \x20 - name: dns6\n    vip: {VIP6}\n    port: {UDP_PORT}\n    protocol: udp\n    mode: dr\n    backends:\n{backends6}"
-        );
-        let path = dir.join(format!("{}.yaml", self.prefix));
-        std::fs::write(&path, yaml).expect("write config");
-        path
+    /// The shipped config that matches this topology (three backends).
+    pub fn demo_config() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo.yaml")
     }
 
     /// Start `xdplb run` in the director namespace and wait until it has attached.
@@ -200,9 +267,13 @@ impl DrTopology {
             for vip in [VIP4, VIP6] {
                 let vip: IpAddr = vip.parse().expect("vip");
                 let (stop, n) = (self.stop.clone(), name.clone());
-                self.servers.push(in_netns(&self.ns(&name), move || tcp_server(SocketAddr::new(vip, TCP_PORT), &n, &stop)));
+                self.servers.push(in_netns(&self.ns(&name), move || {
+                    tcp_server(SocketAddr::new(vip, TCP_PORT), &n, &stop)
+                }));
                 let (stop, n) = (self.stop.clone(), name.clone());
-                self.servers.push(in_netns(&self.ns(&name), move || udp_server(SocketAddr::new(vip, UDP_PORT), &n, &stop)));
+                self.servers.push(in_netns(&self.ns(&name), move || {
+                    udp_server(SocketAddr::new(vip, UDP_PORT), &n, &stop)
+                }));
             }
         }
     }
@@ -238,7 +309,10 @@ impl Drop for DrTopology {
 pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ok() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -260,7 +334,8 @@ fn tcp_server(addr: SocketAddr, name: &str, stop: &AtomicBool) {
 fn udp_server(addr: SocketAddr, name: &str, stop: &AtomicBool) {
     // Bound to the VIP so replies leave with the VIP as source, as the client expects.
     let s = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
     let mut buf = [0u8; 1500];
     while !stop.load(Ordering::SeqCst) {
         if let Ok((_, from)) = s.recv_from(&mut buf) {
@@ -271,7 +346,12 @@ fn udp_server(addr: SocketAddr, name: &str, stop: &AtomicBool) {
 
 /// `n` TCP connections from the client namespace to `vip:port`; returns the count of
 /// answers per backend name and the failures (each with its error).
-pub fn tcp_clients(ns: &str, vip: &str, port: u16, n: usize) -> (BTreeMap<String, usize>, Vec<String>) {
+pub fn tcp_clients(
+    ns: &str,
+    vip: &str,
+    port: u16,
+    n: usize,
+) -> (BTreeMap<String, usize>, Vec<String>) {
     let addr = SocketAddr::new(vip.parse().expect("vip"), port);
     in_netns(ns, move || {
         let mut answers = BTreeMap::new();
@@ -297,12 +377,21 @@ pub fn tcp_clients(ns: &str, vip: &str, port: u16, n: usize) -> (BTreeMap<String
 }
 
 /// `n` UDP request/response exchanges, each from its own socket (a new flow each).
-pub fn udp_clients(ns: &str, vip: &str, port: u16, n: usize) -> (BTreeMap<String, usize>, Vec<String>) {
+pub fn udp_clients(
+    ns: &str,
+    vip: &str,
+    port: u16,
+    n: usize,
+) -> (BTreeMap<String, usize>, Vec<String>) {
     let addr = SocketAddr::new(vip.parse().expect("vip"), port);
     in_netns(ns, move || {
         let mut answers = BTreeMap::new();
         let mut failures = Vec::new();
-        let any: IpAddr = if addr.is_ipv4() { "0.0.0.0".parse().unwrap() } else { "::".parse().unwrap() };
+        let any: IpAddr = if addr.is_ipv4() {
+            "0.0.0.0".parse().unwrap()
+        } else {
+            "::".parse().unwrap()
+        };
         for i in 0..n {
             let res = (|| -> std::io::Result<String> {
                 let s = UdpSocket::bind((any, 0))?;
@@ -316,7 +405,10 @@ pub fn udp_clients(ns: &str, vip: &str, port: u16, n: usize) -> (BTreeMap<String
                         return Ok(String::from_utf8_lossy(&buf[..len]).into_owned());
                     }
                 }
-                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no UDP answer"))
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no UDP answer",
+                ))
             })();
             match res {
                 Ok(name) => *answers.entry(name).or_insert(0) += 1,

@@ -3,16 +3,37 @@
 
 use std::{net::TcpListener, time::Duration};
 
-use lb_tests::netns::{self, DrTopology, DIRECTOR4, DIRECTOR6, UDP_PORT, VIP4, VIP6, TCP_PORT};
+use lb_tests::netns::{self, DrTopology, DIRECTOR4, DIRECTOR6, TCP_PORT, UDP_PORT, VIP4, VIP6};
 
 const CONNECTIONS: usize = 300;
 
-fn assert_spread(what: &str, answers: &std::collections::BTreeMap<String, usize>, failures: &[String], total: usize) {
-    assert!(failures.is_empty(), "{what}: {} of {total} failed, first: {:?}", failures.len(), failures.first());
-    assert_eq!(answers.values().sum::<usize>(), total, "{what}: {answers:?}");
-    assert_eq!(answers.len(), 3, "{what}: every backend answers: {answers:?}");
+fn assert_spread(
+    what: &str,
+    answers: &std::collections::BTreeMap<String, usize>,
+    failures: &[String],
+    total: usize,
+) {
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {total} failed, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert_eq!(
+        answers.values().sum::<usize>(),
+        total,
+        "{what}: {answers:?}"
+    );
+    assert_eq!(
+        answers.len(),
+        3,
+        "{what}: every backend answers: {answers:?}"
+    );
     for (name, n) in answers {
-        assert!(*n * 5 >= total, "{what}: backend {name} got {n} of {total} (< 20 %): {answers:?}");
+        assert!(
+            *n * 5 >= total,
+            "{what}: backend {name} got {n} of {total} (< 20 %): {answers:?}"
+        );
     }
 }
 
@@ -23,9 +44,7 @@ fn dr_balances_real_tcp_and_udp_for_ipv4_and_ipv6() {
     let mut topo = DrTopology::new(&format!("xe{}", std::process::id()), 3);
     topo.start_servers();
     topo.attach_pass(&xdplb);
-    let tmp = std::env::temp_dir();
-    let config = topo.write_config(&tmp);
-    topo.start_director(&xdplb, &config);
+    topo.start_director(&xdplb, &DrTopology::demo_config());
 
     let cl = topo.ns("cl");
     let (answers, failures) = netns::tcp_clients(&cl, VIP4, TCP_PORT, CONNECTIONS);
@@ -40,28 +59,45 @@ fn dr_balances_real_tcp_and_udp_for_ipv4_and_ipv6() {
     // The director's own traffic (not for a VIP) still reaches its stack.
     for addr in [DIRECTOR4, DIRECTOR6] {
         let listener = netns::in_netns(&topo.ns("dir"), move || {
-            let l = TcpListener::bind((addr.parse::<std::net::IpAddr>().unwrap(), 2222)).expect("bind on director");
+            let l = TcpListener::bind((addr.parse::<std::net::IpAddr>().unwrap(), 2222))
+                .expect("bind on director");
             l.accept().map(|_| ()).expect("accept on director");
         });
-        let (answers, failures) = netns::in_netns(&cl, move || {
-            std::net::TcpStream::connect_timeout(&(addr.parse::<std::net::IpAddr>().unwrap(), 2222).into(), Duration::from_secs(3))
-                .map(|_| ())
+        netns::in_netns(&cl, move || {
+            let target = (addr.parse::<std::net::IpAddr>().unwrap(), 2222).into();
+            std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3)).map(|_| ())
         })
         .join()
-        .map(|r| (r, ()))
-        .expect("client thread");
-        let _ = failures;
-        answers.unwrap_or_else(|e| panic!("connecting to the director's own address {addr}: {e}"));
+        .expect("client thread")
+        .unwrap_or_else(|e| panic!("connecting to the director's own address {addr}: {e}"));
         listener.join().expect("director listener");
     }
 
     // Status and stats read the pinned maps of the running director.
-    let status = netns::sh(&[xdplb.to_str().unwrap(), "--pin-dir", topo.pin_dir.to_str().unwrap(), "status"]);
-    assert!(status.contains("198.18.100.100:80/tcp") && status.contains("198.18.0.11"), "status:\n{status}");
-    let stats = netns::sh(&[xdplb.to_str().unwrap(), "--pin-dir", topo.pin_dir.to_str().unwrap(), "stats", "--json"]);
+    let status = netns::sh(&[
+        xdplb.to_str().unwrap(),
+        "--pin-dir",
+        topo.pin_dir.to_str().unwrap(),
+        "status",
+    ]);
+    assert!(
+        status.contains("198.18.100.100:80/tcp") && status.contains("198.18.0.11"),
+        "status:\n{status}"
+    );
+    let stats = netns::sh(&[
+        xdplb.to_str().unwrap(),
+        "--pin-dir",
+        topo.pin_dir.to_str().unwrap(),
+        "stats",
+        "--json",
+    ]);
     let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats --json is JSON");
-    assert!(stats["reasons"]["fwd_dr"].as_u64().unwrap() >= 2 * CONNECTIONS as u64, "{stats}");
-    assert!(stats["reasons"]["pass_non_vip"].as_u64().unwrap() >= 2, "director's own traffic counted: {stats}");
-
-    std::fs::remove_file(&config).ok();
+    assert!(
+        stats["reasons"]["fwd_dr"].as_u64().unwrap() >= 2 * CONNECTIONS as u64,
+        "{stats}"
+    );
+    assert!(
+        stats["reasons"]["pass_non_vip"].as_u64().unwrap() >= 2,
+        "director's own traffic counted: {stats}"
+    );
 }

@@ -75,7 +75,13 @@ fn forwarded(h: &Harness, description: &'static str, service: usize, pkt: Pkt) -
 }
 
 fn passed(description: &'static str, input: Vec<u8>, slot: u32) -> Fixture {
-    Fixture { description, output: input.clone(), input, verdict: XDP_PASS, slot }
+    Fixture {
+        description,
+        output: input.clone(),
+        input,
+        verdict: XDP_PASS,
+        slot,
+    }
 }
 
 fn check(h: &Harness, f: &Fixture) {
@@ -83,7 +89,13 @@ fn check(h: &Harness, f: &Fixture) {
     let (verdict, output) = h.run(&f.input);
     assert_eq!(verdict, f.verdict, "{}: verdict", f.description);
     assert_eq!(output, f.output, "{}: output bytes", f.description);
-    assert_eq!(h.reason(f.slot), before + 1, "{}: counter {}", f.description, reason::NAMES[f.slot as usize]);
+    assert_eq!(
+        h.reason(f.slot),
+        before + 1,
+        "{}: counter {}",
+        f.description,
+        reason::NAMES[f.slot as usize]
+    );
 }
 
 #[test]
@@ -92,12 +104,42 @@ fn dr_forwards_every_family_and_protocol() {
     let mut vlan = Pkt::tcp("198.18.2.1", "198.18.0.100", 40001, 80);
     vlan.vlan = Some(42);
     let fixtures = [
-        forwarded(&h, "IPv4 TCP to VIP:80", 0, Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80)),
-        forwarded(&h, "IPv4 UDP to VIP:53", 1, Pkt::udp("198.18.2.1", "198.18.0.100", 40000, 53)),
-        forwarded(&h, "IPv6 TCP to VIP:443", 2, Pkt::tcp("2001:db8:2::1", "2001:db8::100", 40000, 443)),
-        forwarded(&h, "IPv6 UDP to VIP:53", 3, Pkt::udp("2001:db8:2::1", "2001:db8::100", 40000, 53)),
-        forwarded(&h, "wildcard service, port 8080", 4, Pkt::tcp("198.18.2.1", "198.18.0.200", 40000, 8080)),
-        forwarded(&h, "wildcard service, port 22", 4, Pkt::tcp("198.18.2.1", "198.18.0.200", 40000, 22)),
+        forwarded(
+            &h,
+            "IPv4 TCP to VIP:80",
+            0,
+            Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80),
+        ),
+        forwarded(
+            &h,
+            "IPv4 UDP to VIP:53",
+            1,
+            Pkt::udp("198.18.2.1", "198.18.0.100", 40000, 53),
+        ),
+        forwarded(
+            &h,
+            "IPv6 TCP to VIP:443",
+            2,
+            Pkt::tcp("2001:db8:2::1", "2001:db8::100", 40000, 443),
+        ),
+        forwarded(
+            &h,
+            "IPv6 UDP to VIP:53",
+            3,
+            Pkt::udp("2001:db8:2::1", "2001:db8::100", 40000, 53),
+        ),
+        forwarded(
+            &h,
+            "wildcard service, port 8080",
+            4,
+            Pkt::tcp("198.18.2.1", "198.18.0.200", 40000, 8080),
+        ),
+        forwarded(
+            &h,
+            "wildcard service, port 22",
+            4,
+            Pkt::tcp("198.18.2.1", "198.18.0.200", 40000, 22),
+        ),
         forwarded(&h, "802.1Q-tagged IPv4 TCP keeps its tag", 0, vlan),
     ];
     for f in &fixtures {
@@ -140,8 +182,10 @@ fn everything_else_passes_unchanged_and_counted() {
     let tcp6 = Pkt::tcp("2001:db8:2::1", "2001:db8::100", 40000, 443);
     let mut hop_by_hop = tcp6.headers();
     if let IpHeaders::Ipv6(_, ref mut ext) = hop_by_hop {
-        ext.hop_by_hop_options =
-            Some(etherparse::Ipv6RawExtHeader::new_raw(etherparse::IpNumber::TCP, &[0; 6]).expect("hop-by-hop"));
+        ext.hop_by_hop_options = Some(
+            etherparse::Ipv6RawExtHeader::new_raw(etherparse::IpNumber::TCP, &[0; 6])
+                .expect("hop-by-hop"),
+        );
     }
     let mut ihl4 = good.clone();
     ihl4[l3] = 0x44;
@@ -157,7 +201,8 @@ fn everything_else_passes_unchanged_and_counted() {
     truncated_tcp_fixed[l3 + 2..l3 + 4].copy_from_slice(&30u16.to_be_bytes());
     let good6 = tcp6.build();
     let mut long_payload6 = good6.clone();
-    long_payload6[l3 + 4..l3 + 6].copy_from_slice(&((good6.len() - l3 - 40 + 8) as u16).to_be_bytes());
+    long_payload6[l3 + 4..l3 + 6]
+        .copy_from_slice(&((good6.len() - l3 - 40 + 8) as u16).to_be_bytes());
     let mut qinq = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80);
     qinq.vlan = Some(7);
     let mut qinq = qinq.build();
@@ -197,28 +242,92 @@ fn everything_else_passes_unchanged_and_counted() {
     };
 
     let fixtures = [
-        passed("non-VIP destination", Pkt::tcp("198.18.2.1", "198.18.0.101", 40000, 80).build(), reason::PASS_NON_VIP),
-        passed("VIP on a port it does not serve", Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 81).build(), reason::PASS_NON_VIP),
-        passed("VIP port with the other protocol", Pkt::udp("198.18.2.1", "198.18.0.100", 40000, 80).build(), reason::PASS_NON_VIP),
-        passed("non-VIP IPv6", Pkt::udp("2001:db8:2::1", "2001:db8::101", 40000, 53).build(), reason::PASS_NON_VIP),
+        passed(
+            "non-VIP destination",
+            Pkt::tcp("198.18.2.1", "198.18.0.101", 40000, 80).build(),
+            reason::PASS_NON_VIP,
+        ),
+        passed(
+            "VIP on a port it does not serve",
+            Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 81).build(),
+            reason::PASS_NON_VIP,
+        ),
+        passed(
+            "VIP port with the other protocol",
+            Pkt::udp("198.18.2.1", "198.18.0.100", 40000, 80).build(),
+            reason::PASS_NON_VIP,
+        ),
+        passed(
+            "non-VIP IPv6",
+            Pkt::udp("2001:db8:2::1", "2001:db8::101", 40000, 53).build(),
+            reason::PASS_NON_VIP,
+        ),
         passed("ARP request", arp, reason::PASS_NOT_IP),
         passed("two VLAN tags (QinQ)", qinq, reason::PASS_NOT_IP),
         passed("ICMP echo to the VIP", icmp, reason::PASS_NOT_TCP_UDP),
-        passed("IPv4 options", tcp.build_with(options), reason::PASS_IP_OPTIONS),
-        passed("first fragment (MF set)", tcp.build_with(more_fragments), reason::PASS_FRAGMENT),
-        passed("later fragment (offset > 0)", tcp.build_with(later_fragment), reason::PASS_FRAGMENT),
-        passed("IPv6 hop-by-hop extension header", tcp6.build_with(hop_by_hop), reason::PASS_IPV6_EXT),
+        passed(
+            "IPv4 options",
+            tcp.build_with(options),
+            reason::PASS_IP_OPTIONS,
+        ),
+        passed(
+            "first fragment (MF set)",
+            tcp.build_with(more_fragments),
+            reason::PASS_FRAGMENT,
+        ),
+        passed(
+            "later fragment (offset > 0)",
+            tcp.build_with(later_fragment),
+            reason::PASS_FRAGMENT,
+        ),
+        passed(
+            "IPv6 hop-by-hop extension header",
+            tcp6.build_with(hop_by_hop),
+            reason::PASS_IPV6_EXT,
+        ),
         // BPF_PROG_TEST_RUN refuses frames below ETH_HLEN (as drivers never pass them up), so
         // the shortest truncation to test is inside the VLAN tag.
-        passed("frame cut inside the VLAN tag", vlan_cut, reason::PASS_MALFORMED),
+        passed(
+            "frame cut inside the VLAN tag",
+            vlan_cut,
+            reason::PASS_MALFORMED,
+        ),
         passed("IPv4 IHL 4", ihl4, reason::PASS_MALFORMED),
-        passed("IPv4 version 6 in an IPv4 frame", bad_version, reason::PASS_MALFORMED),
-        passed("IPv4 total length beyond the frame", long_total, reason::PASS_MALFORMED),
-        passed("frame cut inside the IPv4 header", good[..l3 + 12].to_vec(), reason::PASS_MALFORMED),
-        passed("frame cut inside the TCP header", truncated_tcp_fixed, reason::PASS_MALFORMED),
-        passed("TCP data offset below 5", short_doff, reason::PASS_MALFORMED),
-        passed("IPv6 payload length beyond the frame", long_payload6, reason::PASS_MALFORMED),
-        passed("frame cut inside the IPv6 header", good6[..l3 + 30].to_vec(), reason::PASS_MALFORMED),
+        passed(
+            "IPv4 version 6 in an IPv4 frame",
+            bad_version,
+            reason::PASS_MALFORMED,
+        ),
+        passed(
+            "IPv4 total length beyond the frame",
+            long_total,
+            reason::PASS_MALFORMED,
+        ),
+        passed(
+            "frame cut inside the IPv4 header",
+            good[..l3 + 12].to_vec(),
+            reason::PASS_MALFORMED,
+        ),
+        passed(
+            "frame cut inside the TCP header",
+            truncated_tcp_fixed,
+            reason::PASS_MALFORMED,
+        ),
+        passed(
+            "TCP data offset below 5",
+            short_doff,
+            reason::PASS_MALFORMED,
+        ),
+        passed(
+            "IPv6 payload length beyond the frame",
+            long_payload6,
+            reason::PASS_MALFORMED,
+        ),
+        passed(
+            "frame cut inside the IPv6 header",
+            good6[..l3 + 30].to_vec(),
+            reason::PASS_MALFORMED,
+        ),
     ];
     for f in &fixtures {
         check(&h, f);
@@ -234,32 +343,71 @@ fn established_flows_stay_when_the_ring_changes() {
     let owner = h.predicted_backend(0, &old.key());
 
     // Point every slot of service 0's live ring at another backend.
-    let other = h.desired.backends.keys().copied().find(|&id| id != owner && h.desired.backends[&id].service == 0).unwrap();
-    let meta = h.director.maps.services.get(&h.desired.services[0].key, 0).expect("service 0");
+    let other = h
+        .desired
+        .backends
+        .keys()
+        .copied()
+        .find(|&id| id != owner && h.desired.backends[&id].service == 0)
+        .unwrap();
+    let meta = h
+        .director
+        .maps
+        .services
+        .get(&h.desired.services[0].key, 0)
+        .expect("service 0");
     for slot in 0..RING_SIZE {
-        h.director.maps.rings.set(meta.ring * RING_SIZE + slot, other, 0).expect("ring write");
+        h.director
+            .maps
+            .rings
+            .set(meta.ring * RING_SIZE + slot, other, 0)
+            .expect("ring write");
     }
 
     let (verdict, out) = h.run(&old.build());
     assert_eq!(verdict, XDP_TX);
-    assert_eq!(out[..6], h.backend_mac(owner), "established flow keeps its backend after the ring changed");
+    assert_eq!(
+        out[..6],
+        h.backend_mac(owner),
+        "established flow keeps its backend after the ring changed"
+    );
 
     let new = Pkt::tcp("198.18.2.9", "198.18.0.100", 41001, 80);
     let (verdict, out) = h.run(&new.build());
     assert_eq!(verdict, XDP_TX);
-    assert_eq!(out[..6], h.backend_mac(other), "a new flow follows the new ring");
+    assert_eq!(
+        out[..6],
+        h.backend_mac(other),
+        "a new flow follows the new ring"
+    );
 
     // A backend removed from the config loses its flows: they are rescheduled.
-    h.director.maps.backends.set(owner, lb_common::Backend::default(), 0).expect("remove backend");
+    h.director
+        .maps
+        .backends
+        .set(owner, lb_common::Backend::default(), 0)
+        .expect("remove backend");
     let (verdict, out) = h.run(&old.build());
     assert_eq!(verdict, XDP_TX);
-    assert_eq!(out[..6], h.backend_mac(other), "flow of a removed backend is rescheduled");
+    assert_eq!(
+        out[..6],
+        h.backend_mac(other),
+        "flow of a removed backend is rescheduled"
+    );
 
     // A service whose ring is empty passes its packets, counted.
     for slot in 0..RING_SIZE {
-        h.director.maps.rings.set(meta.ring * RING_SIZE + slot, NO_BACKEND, 0).expect("ring write");
+        h.director
+            .maps
+            .rings
+            .set(meta.ring * RING_SIZE + slot, NO_BACKEND, 0)
+            .expect("ring write");
     }
-    let f = passed("service without backends", Pkt::tcp("198.18.2.9", "198.18.0.100", 41002, 80).build(), reason::PASS_NO_BACKEND);
+    let f = passed(
+        "service without backends",
+        Pkt::tcp("198.18.2.9", "198.18.0.100", 41002, 80).build(),
+        reason::PASS_NO_BACKEND,
+    );
     check(&h, &f);
 }
 
@@ -271,12 +419,21 @@ fn counters_count_packets_bytes_and_new_flows() {
     for _ in 0..3 {
         assert_eq!(h.run(&bytes).0, XDP_TX);
     }
-    let svc = lb_userspace::dataplane::Maps::sum_counters(&h.director.maps.service_stats, 1).unwrap();
-    assert_eq!((svc.packets, svc.bytes, svc.new_flows), (3, 3 * bytes.len() as u64, 1));
+    let svc =
+        lb_userspace::dataplane::Maps::sum_counters(&h.director.maps.service_stats, 1).unwrap();
+    assert_eq!(
+        (svc.packets, svc.bytes, svc.new_flows),
+        (3, 3 * bytes.len() as u64, 1)
+    );
     let backend = h.predicted_backend(1, &pkt.key());
-    let b = lb_userspace::dataplane::Maps::sum_counters(&h.director.maps.backend_stats, backend).unwrap();
+    let b = lb_userspace::dataplane::Maps::sum_counters(&h.director.maps.backend_stats, backend)
+        .unwrap();
     assert_eq!((b.packets, b.new_flows), (3, 1));
     let status = lb_userspace::status::collect(&h.director.maps).unwrap();
     let dns = status.iter().find(|s| s.id == 1).unwrap();
-    assert_eq!(dns.backends.iter().map(|b| b.active_flows).sum::<u64>(), 1, "one active flow in the table");
+    assert_eq!(
+        dns.backends.iter().map(|b| b.active_flows).sum::<u64>(),
+        1,
+        "one active flow in the table"
+    );
 }
