@@ -90,8 +90,10 @@ pub fn xdplb_bench_new_flow(ctx: XdpContext) -> u32 {
     };
     // Ethernet (14) + IPv4 source address at 12; transport source port right after the
     // 20-byte IPv4 header.
-    let (Some(src), Some(sport)) = (parse::ptr_at::<[u8; 2]>(&ctx, 14 + 14), parse::ptr_at::<[u8; 2]>(&ctx, 14 + 20))
-    else {
+    let (Some(src), Some(sport)) = (
+        parse::ptr_at::<[u8; 2]>(&ctx, 14 + 14),
+        parse::ptr_at::<[u8; 2]>(&ctx, 14 + 20),
+    ) else {
         return xdp_action::XDP_ABORTED;
     };
     unsafe {

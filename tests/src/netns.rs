@@ -54,6 +54,8 @@ pub struct DrTopology {
     pub prefix: String,
     namespaces: Vec<String>,
     children: Vec<Child>,
+    /// Index in `children` of the running `xdplb run`.
+    director: Option<usize>,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
     pub pin_dir: PathBuf,
@@ -91,6 +93,7 @@ impl DrTopology {
             prefix: prefix.to_string(),
             namespaces: Vec::new(),
             children: Vec::new(),
+            director: None,
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/xdplb-{prefix}")),
@@ -250,6 +253,7 @@ impl DrTopology {
             .spawn()
             .expect("spawn xdplb run");
         self.adopt(child);
+        self.director = Some(self.children.len() - 1);
         let link = self.pin_dir.join("link_eth0");
         let child = self.children.last_mut().expect("just adopted");
         wait_for("the director to attach", Duration::from_secs(20), || {
@@ -258,6 +262,29 @@ impl DrTopology {
             }
             link.exists()
         });
+    }
+
+    /// Stop the director (SIGTERM) started by [`DrTopology::start_director`]; returns whether
+    /// it exited successfully.
+    pub fn stop_director(&mut self) -> bool {
+        let idx = self.director.take().expect("director started");
+        let child = &mut self.children[idx];
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// Start `xdplb run` in namespace `host` with extra arguments; returns the child's index.
+    pub fn spawn_in(&mut self, host: &str, program: &Path, args: &[&str]) -> usize {
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns(host)))
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        self.adopt(child);
+        self.children.len() - 1
     }
 
     /// TCP and UDP servers in every backend that answer with the backend's name.

@@ -100,4 +100,19 @@ fn dr_balances_real_tcp_and_udp_for_ipv4_and_ipv6() {
         stats["reasons"]["pass_non_vip"].as_u64().unwrap() >= 2,
         "director's own traffic counted: {stats}"
     );
+
+    // SIGTERM detaches the program and removes every pin.
+    assert!(topo.stop_director(), "xdplb run exits 0 on SIGTERM");
+    assert!(!topo.pin_dir.exists(), "pins removed on exit");
+    let link = netns::sh(&["ip", "-n", &topo.ns("dir"), "-d", "link", "show", "eth0"]);
+    assert!(
+        !link.contains("prog/xdp"),
+        "XDP detached from eth0:\n{link}"
+    );
+    let (_, failures) = netns::tcp_clients(&cl, VIP4, TCP_PORT, 1);
+    assert_eq!(
+        failures.len(),
+        1,
+        "without the director the VIP is unreachable (the test is not vacuous)"
+    );
 }

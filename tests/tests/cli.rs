@@ -1,0 +1,138 @@
+//! The operator's interface: `xdplb check` / `xdplb run` on good and bad input.
+//! Bad input is one clear error per problem, exit status 1, and nothing attached or pinned.
+
+use std::{path::Path, process::Command};
+
+use lb_tests::netns::{self, sh};
+
+fn xdplb(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(netns::xdplb_binary())
+        .args(args)
+        .output()
+        .expect("run xdplb");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write(name: &str, text: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("xdplb-cli-{}-{name}.yaml", std::process::id()));
+    std::fs::write(&p, text).expect("write config");
+    p
+}
+
+#[test]
+fn shipped_examples_pass_check() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/") {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let (code, out, err) = xdplb(&[
+                "check",
+                "--no-host-checks",
+                "--config",
+                path.to_str().unwrap(),
+            ]);
+            assert_eq!(code, 0, "{}: {out}{err}", path.display());
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "examples/ holds the sample configs");
+}
+
+#[test]
+fn check_reports_every_error_with_field_and_line() {
+    let cfg = write(
+        "bad",
+        "interfaces:\n  - name: no-such-if0\nservices:\n  - name: web\n    vip: 198.18.0.100\n    port: 80\n    protocol: tcp\n    mode: dr\n    backends:\n      - address: 198.18.1.11\n        weight: 99999\n  - name: web\n    vip: 198.18.0.100\n    port: 80\n    protocol: tcp\n    mode: dr\n    backends: []\n",
+    );
+    let (code, _, err) = xdplb(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    for expected in [
+        "line 2: interfaces[0].name: interface `no-such-if0` does not exist",
+        "line 11: services[0].backends[0].weight: weight 99999 is out of range",
+        "line 12: services[1].name: service name `web` is already used",
+        "line 13: services[1].vip: duplicate service",
+        "line 17: services[1].backends: service `web` has no backends",
+        "5 error(s); nothing was applied",
+    ] {
+        assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+    }
+    let unknown = write(
+        "unknown",
+        "interfaces:\n  - name: lo\n    xdp_mod: skb\nservices: []\n",
+    );
+    let (code, _, err) = xdplb(&["check", "--config", unknown.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("line 3: interfaces[0]: unknown field `xdp_mod`"),
+        "{err}"
+    );
+    std::fs::remove_file(cfg).ok();
+    std::fs::remove_file(unknown).ok();
+}
+
+#[test]
+fn run_with_bad_input_attaches_nothing() {
+    lb_tests::require_root();
+    // A namespace of our own: its `lo` has no native XDP, and nothing outside is touched.
+    let ns = format!("xcli{}", std::process::id());
+    sh(&["ip", "netns", "add", &ns]);
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _guard = Del(ns.clone());
+    sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+    let pin = format!("/sys/fs/bpf/xdplb-{ns}");
+    let run = |cfg: &Path| {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .arg(netns::xdplb_binary())
+            .args(["--pin-dir", &pin, "run", "--config", cfg.to_str().unwrap()])
+            .output()
+            .expect("run");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let base = "interfaces:\n  - name: lo\n    xdp_mode: MODE\nservices:\n  - name: web\n    vip: 198.18.0.100\n    port: 80\n    protocol: tcp\n    mode: dr\n    backends:\n      - { address: 198.18.1.11, mac: '02:00:00:00:01:0b' }\n";
+
+    let native = write("native", &base.replace("MODE", "native"));
+    let (code, err) = run(&native);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("XDP driver (native) mode is not supported on lo; set `xdp_mode: skb`"),
+        "{err}"
+    );
+    assert!(
+        !Path::new(&pin).exists(),
+        "nothing pinned after a failed start"
+    );
+    let link = sh(&["ip", "-n", &ns, "-d", "link", "show", "lo"]);
+    assert!(
+        !link.contains("prog/xdp"),
+        "nothing attached after a failed start:\n{link}"
+    );
+
+    let invalid = write("invalid", &base.replace("MODE", "sideways"));
+    let (code, err) = run(&invalid);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("line 3: interfaces[0].xdp_mode: unknown variant `sideways`"),
+        "{err}"
+    );
+    assert!(!Path::new(&pin).exists());
+
+    let (code, out, err) = xdplb(&["--pin-dir", &pin, "status"]);
+    assert_ne!(code, 0, "status without a director fails: {out}");
+    assert!(err.contains("no director is pinned"), "{err}");
+    std::fs::remove_file(native).ok();
+    std::fs::remove_file(invalid).ok();
+}
