@@ -255,11 +255,15 @@ impl Director {
         })
     }
 
+    /// A program of the object that is already loaded (see [`Director::program`]).
+    pub fn loaded(&self, name: &str) -> Option<&Xdp> {
+        let prog: &Xdp = self.ebpf.program(name)?.try_into().ok()?;
+        prog.fd().is_ok().then_some(prog)
+    }
+
     /// The director program (always loaded), e.g. for `BPF_PROG_TEST_RUN`.
     pub fn director_program(&self) -> &Xdp {
-        self.ebpf
-            .program(PROGRAM)
-            .and_then(|p| p.try_into().ok())
+        self.loaded(PROGRAM)
             .expect("the director program is loaded")
     }
 

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -371,30 +371,24 @@ fn udp_server(addr: SocketAddr, name: &str, stop: &AtomicBool) {
     }
 }
 
-/// `n` TCP connections from the client namespace to `vip:port`; returns the count of
-/// answers per backend name and the failures (each with its error).
-pub fn tcp_clients(
+/// Answers per backend name, and the failures (each with its error).
+pub type Tally = (BTreeMap<String, usize>, Vec<String>);
+
+/// `n` exchanges from namespace `ns`, one after another; `exchange(i)` returns the name of
+/// the backend that answered.
+fn tally(
     ns: &str,
-    vip: &str,
-    port: u16,
     n: usize,
-) -> (BTreeMap<String, usize>, Vec<String>) {
-    let addr = SocketAddr::new(vip.parse().expect("vip"), port);
+    exchange: impl Fn(usize) -> std::io::Result<String> + Send + 'static,
+) -> Tally {
     in_netns(ns, move || {
         let mut answers = BTreeMap::new();
         let mut failures = Vec::new();
         for i in 0..n {
-            let res = (|| -> std::io::Result<String> {
-                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                let mut out = String::new();
-                s.read_to_string(&mut out)?;
-                Ok(out.trim().to_string())
-            })();
-            match res {
+            match exchange(i) {
                 Ok(name) if !name.is_empty() => *answers.entry(name).or_insert(0) += 1,
-                Ok(_) => failures.push(format!("connection {i}: empty answer")),
-                Err(e) => failures.push(format!("connection {i}: {e}")),
+                Ok(_) => failures.push(format!("exchange {i}: empty answer")),
+                Err(e) => failures.push(format!("exchange {i}: {e}")),
             }
         }
         (answers, failures)
@@ -403,49 +397,43 @@ pub fn tcp_clients(
     .expect("client thread")
 }
 
-/// `n` UDP request/response exchanges, each from its own socket (a new flow each).
-pub fn udp_clients(
-    ns: &str,
-    vip: &str,
-    port: u16,
-    n: usize,
-) -> (BTreeMap<String, usize>, Vec<String>) {
+/// `n` TCP connections to `vip:port`, each reading the backend's name.
+pub fn tcp_clients(ns: &str, vip: &str, port: u16, n: usize) -> Tally {
     let addr = SocketAddr::new(vip.parse().expect("vip"), port);
-    in_netns(ns, move || {
-        let mut answers = BTreeMap::new();
-        let mut failures = Vec::new();
-        let any: IpAddr = if addr.is_ipv4() {
-            "0.0.0.0".parse().unwrap()
-        } else {
-            "::".parse().unwrap()
-        };
-        for i in 0..n {
-            let res = (|| -> std::io::Result<String> {
-                let s = UdpSocket::bind((any, 0))?;
-                s.connect(addr)?;
-                s.set_read_timeout(Some(Duration::from_millis(500)))?;
-                let mut buf = [0u8; 64];
-                // Up to three tries: the first may wait for neighbour resolution.
-                for _ in 0..3 {
-                    s.send(b"who")?;
-                    if let Ok(len) = s.recv(&mut buf) {
-                        return Ok(String::from_utf8_lossy(&buf[..len]).into_owned());
-                    }
-                }
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no UDP answer",
-                ))
-            })();
-            match res {
-                Ok(name) => *answers.entry(name).or_insert(0) += 1,
-                Err(e) => failures.push(format!("exchange {i}: {e}")),
+    tally(ns, n, move |_| {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out.trim().to_string())
+    })
+}
+
+/// `n` UDP request/response exchanges, each from its own socket (a new flow each).
+pub fn udp_clients(ns: &str, vip: &str, port: u16, n: usize) -> Tally {
+    let addr = SocketAddr::new(vip.parse().expect("vip"), port);
+    let any: IpAddr = if addr.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    tally(ns, n, move |_| {
+        let s = UdpSocket::bind((any, 0))?;
+        s.connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let mut buf = [0u8; 64];
+        // Up to three tries: the first may wait for neighbour resolution.
+        for _ in 0..3 {
+            s.send(b"who")?;
+            if let Ok(len) = s.recv(&mut buf) {
+                return Ok(String::from_utf8_lossy(&buf[..len]).into_owned());
             }
         }
-        (answers, failures)
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no UDP answer",
+        ))
     })
-    .join()
-    .expect("client thread")
 }
 
 /// Path of the `xdplb` binary built next to the running test or tool.

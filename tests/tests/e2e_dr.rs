@@ -51,18 +51,20 @@ fn dr_balances_real_tcp_and_udp_for_ipv4_and_ipv6() {
     assert_spread("IPv4 TCP", &answers, &failures, CONNECTIONS);
     let (answers, failures) = netns::tcp_clients(&cl, VIP6, TCP_PORT, CONNECTIONS);
     assert_spread("IPv6 TCP", &answers, &failures, CONNECTIONS);
-    let (answers, failures) = netns::udp_clients(&cl, VIP4, UDP_PORT, 60);
-    assert_spread("IPv4 UDP", &answers, &failures, 60);
-    let (answers, failures) = netns::udp_clients(&cl, VIP6, UDP_PORT, 60);
-    assert_spread("IPv6 UDP", &answers, &failures, 60);
+    let (answers, failures) = netns::udp_clients(&cl, VIP4, UDP_PORT, CONNECTIONS);
+    assert_spread("IPv4 UDP", &answers, &failures, CONNECTIONS);
+    let (answers, failures) = netns::udp_clients(&cl, VIP6, UDP_PORT, CONNECTIONS);
+    assert_spread("IPv6 UDP", &answers, &failures, CONNECTIONS);
 
     // The director's own traffic (not for a VIP) still reaches its stack.
     for addr in [DIRECTOR4, DIRECTOR6] {
+        // Bound (in the director's namespace) before the client connects.
         let listener = netns::in_netns(&topo.ns("dir"), move || {
-            let l = TcpListener::bind((addr.parse::<std::net::IpAddr>().unwrap(), 2222))
-                .expect("bind on director");
-            l.accept().map(|_| ()).expect("accept on director");
-        });
+            TcpListener::bind((addr.parse::<std::net::IpAddr>().unwrap(), 2222))
+                .expect("bind on director")
+        })
+        .join()
+        .expect("bind thread");
         netns::in_netns(&cl, move || {
             let target = (addr.parse::<std::net::IpAddr>().unwrap(), 2222).into();
             std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3)).map(|_| ())
@@ -70,7 +72,7 @@ fn dr_balances_real_tcp_and_udp_for_ipv4_and_ipv6() {
         .join()
         .expect("client thread")
         .unwrap_or_else(|e| panic!("connecting to the director's own address {addr}: {e}"));
-        listener.join().expect("director listener");
+        listener.accept().expect("accept on director");
     }
 
     // Status and stats read the pinned maps of the running director.

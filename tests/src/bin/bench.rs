@@ -71,6 +71,12 @@ impl Row {
     }
 }
 
+fn loaded<'a>(h: &'a Harness, name: &str) -> &'a Xdp {
+    h.director
+        .loaded(name)
+        .expect("program loaded before the runs")
+}
+
 fn counters(h: &Harness) -> (u64, u64) {
     let fwd = h.reason(reason::FWD_DR);
     let new: u64 = (0..2)
@@ -147,16 +153,9 @@ fn main() {
         // (Re-)establish the flows the hit paths reuse: the new-flow runs evict them.
         assert_eq!(h.run(&v4).0, XDP_TX);
         assert_eq!(h.run(&v6).0, XDP_TX);
-        rows[0].samples.push(time(
-            h.director
-                .ebpf_mut()
-                .program(dataplane::FLOOR_PROGRAM)
-                .unwrap()
-                .try_into()
-                .unwrap(),
-            &v4,
-            repeat,
-        ));
+        rows[0]
+            .samples
+            .push(time(loaded(&h, dataplane::FLOOR_PROGRAM), &v4, repeat));
 
         let before = counters(&h);
         rows[1]
@@ -174,25 +173,19 @@ fn main() {
         assert_eq!(after.1, before.1, "hit-path runs created no flow");
 
         next.set(0, &floor_fd, 0).unwrap();
-        let driver: &Xdp = h
-            .director
-            .ebpf_mut()
-            .program(dataplane::BENCH_NEW_FLOW_PROGRAM)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        rows[3].samples.push(time(driver, &v4, repeat));
+        rows[3].samples.push(time(
+            loaded(&h, dataplane::BENCH_NEW_FLOW_PROGRAM),
+            &v4,
+            repeat,
+        ));
 
         next.set(0, &director_fd, 0).unwrap();
         let before = counters(&h);
-        let driver: &Xdp = h
-            .director
-            .ebpf_mut()
-            .program(dataplane::BENCH_NEW_FLOW_PROGRAM)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        rows[4].samples.push(time(driver, &v4, repeat));
+        rows[4].samples.push(time(
+            loaded(&h, dataplane::BENCH_NEW_FLOW_PROGRAM),
+            &v4,
+            repeat,
+        ));
         let after = counters(&h);
         assert_eq!(
             after.1 - before.1,
