@@ -14,9 +14,17 @@ use aya_ebpf::{
     macros::{map, xdp},
     maps::{Array, ProgramArray},
     programs::XdpContext,
+    Global,
 };
+use aya_log_ebpf::debug;
 use lb_common::{mode, reason};
 use network_types::eth::EthHdr;
+
+/// Per-packet debug logging (aya-log), set by `xdplb run --debug-log`. A read-only global:
+/// the verifier knows its value, so with 0 the logging branches are removed from the
+/// program and the fast path pays nothing.
+#[unsafe(no_mangle)]
+static DEBUG_LOG: Global<u8> = Global::new(0);
 
 #[xdp]
 pub fn xdplb(ctx: XdpContext) -> u32 {
@@ -24,6 +32,9 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
         Ok(action) => action,
         Err(slot) => {
             stats::reason(slot);
+            if DEBUG_LOG.load() != 0 {
+                debug!(&ctx, "pass reason {}", slot);
+            }
             xdp_action::XDP_PASS
         }
     }
@@ -40,7 +51,19 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
     };
     stats::forwarded(svc.id, choice.id, pkt.len, choice.new);
     stats::reason(slot);
+    if DEBUG_LOG.load() != 0 {
+        log_forward(ctx, svc.id, choice.id, choice.new as u32);
+    }
     Ok(action)
+}
+
+/// Out of line so the logging code's stack use stays out of the fast path's frame.
+#[inline(never)]
+fn log_forward(ctx: &XdpContext, service: u32, backend: u32, new: u32) {
+    debug!(
+        ctx,
+        "service {} -> backend {} new_flow {}", service, backend, new
+    );
 }
 
 /// Pass-through: attached to the peer of a veth that receives `XDP_TX`/`XDP_REDIRECT`

@@ -215,12 +215,35 @@ pub struct Director {
     pin_dir: Option<PathBuf>,
 }
 
+/// How to load the director.
+#[derive(Clone, Debug)]
+pub struct LoadOptions<'a> {
+    /// Capacity of the connection table.
+    pub flow_table_size: u32,
+    /// Pin maps, program and links here (the directory must not hold an attached director).
+    pub pin_dir: Option<&'a Path>,
+    /// Compile per-packet aya-log records into the program (read with [`Director::logger`]).
+    pub debug_log: bool,
+}
+
+impl Default for LoadOptions<'_> {
+    fn default() -> Self {
+        LoadOptions {
+            flow_table_size: lb_common::FLOW_TABLE_CAPACITY,
+            pin_dir: None,
+            debug_log: false,
+        }
+    }
+}
+
 impl Director {
-    /// Load the object and its programs. With `pin_dir`, maps and the program are pinned there
-    /// (the directory must not hold an attached director).
-    pub fn load(flow_table_size: u32, pin_dir: Option<&Path>) -> Result<Self> {
+    /// Load the object and the director program (not attached yet).
+    pub fn load(opts: &LoadOptions<'_>) -> Result<Self> {
+        let pin_dir = opts.pin_dir;
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(maps::FLOWS, flow_table_size);
+        loader.map_max_entries(maps::FLOWS, opts.flow_table_size);
+        let debug_log = u8::from(opts.debug_log);
+        loader.override_global("DEBUG_LOG", &debug_log, true);
         if let Some(dir) = pin_dir {
             check_bpffs(dir)?;
             if has_pinned_links(dir) {
@@ -278,6 +301,13 @@ impl Director {
             prog.load()?;
         }
         Ok(prog)
+    }
+
+    /// Forwards the program's debug records (loaded with `debug_log`) to `logger`; call
+    /// `flush` on the result when its fd is readable.
+    pub fn logger<L: log::Log>(&mut self, logger: L) -> Result<aya_log::EbpfLogger<L>> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .map_err(|e| Error::Io(std::io::Error::other(format!("debug log: {e}"))))
     }
 
     /// The whole object, for a caller that needs a map the controller does not use (the

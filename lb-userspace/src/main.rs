@@ -34,6 +34,10 @@ enum Cmd {
         /// On exit, leave the pinned director forwarding instead of detaching it.
         #[arg(long)]
         keep_attached: bool,
+        /// Log every packet's fate from the data plane at debug level (RUST_LOG=debug);
+        /// slow, for debugging only.
+        #[arg(long)]
+        debug_log: bool,
     },
     /// Validate a config; print every error with its field and line.
     #[command(after_help = "Example: xdplb check --config my.yaml")]
@@ -86,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run {
             config,
             keep_attached,
+            debug_log,
         } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -94,6 +99,7 @@ fn main() -> anyhow::Result<()> {
                 config: &config,
                 pin_dir: &cli.pin_dir,
                 keep_attached,
+                debug_log,
             }));
             if let Err(e) = res {
                 // Config errors are already a full report.
@@ -126,7 +132,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Pass { iface } => {
-            let mut d = dataplane::Director::load(lb_userspace::config::FLOW_TABLE_MIN, None)?;
+            let mut d = dataplane::Director::load(&dataplane::LoadOptions {
+                flow_table_size: lb_userspace::config::FLOW_TABLE_MIN,
+                ..Default::default()
+            })?;
             pass(&mut d, &iface)
         }
     }

@@ -19,6 +19,8 @@ pub struct RunOptions<'a> {
     pub pin_dir: &'a Path,
     /// Leave the pinned director forwarding when the controller exits.
     pub keep_attached: bool,
+    /// Log every packet's fate from the data plane (slow; for debugging only).
+    pub debug_log: bool,
 }
 
 /// Resolve every backend MAC the config leaves out, before anything is loaded.
@@ -52,7 +54,27 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
     let macs = backend_macs(&nl, &cfg).await?;
     let want = dataplane::desired(&cfg, |b| macs[&b.address]);
 
-    let mut director = Director::load(cfg.flow_table_size(), Some(opts.pin_dir))?;
+    let mut director = Director::load(&dataplane::LoadOptions {
+        flow_table_size: cfg.flow_table_size(),
+        pin_dir: Some(opts.pin_dir),
+        debug_log: opts.debug_log,
+    })?;
+    if opts.debug_log {
+        log::warn!("per-packet debug logging is on: expect a much slower data plane");
+        let logger = director.logger(log::logger())?;
+        // SAFETY: the logger owns its ring buffer fd, which stays open and unchanged for as
+        // long as the AsyncFd (which owns the logger) lives.
+        let mut fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| anyhow::anyhow!("watching the debug log: {}", e.into_parts().1))?;
+        tokio::spawn(async move {
+            while let Ok(mut guard) = fd.readable_mut().await {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+    }
     let setup = (|| -> anyhow::Result<()> {
         // Maps first, so the first packet the program sees meets a complete configuration.
         director.apply(&want)?;

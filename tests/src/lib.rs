@@ -43,13 +43,23 @@ pub struct Harness {
 impl Harness {
     /// `yaml` must give every backend a `mac:`.
     pub fn new(yaml: &str) -> Harness {
+        Harness::with_debug_log(yaml, false)
+    }
+
+    /// As [`Harness::new`], with the data plane's per-packet debug log compiled in or not.
+    pub fn with_debug_log(yaml: &str, debug_log: bool) -> Harness {
         require_root();
         let config = Config::parse(yaml, &AnyHost)
             .unwrap_or_else(|e| panic!("fixture config invalid: {e:?}"));
         let desired = dataplane::desired(&config, |b| {
             b.mac().expect("fixture backends carry a mac").0
         });
-        let mut director = Director::load(config.flow_table_size(), None).expect("load XDP object");
+        let mut director = Director::load(&dataplane::LoadOptions {
+            flow_table_size: config.flow_table_size(),
+            pin_dir: None,
+            debug_log,
+        })
+        .expect("load XDP object");
         director.apply(&desired).expect("fill maps");
         director
             .maps

@@ -437,3 +437,44 @@ fn counters_count_packets_bytes_and_new_flows() {
         "one active flow in the table"
     );
 }
+
+/// Collects log records in memory.
+#[derive(Clone, Default)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        self.0.lock().unwrap().push(record.args().to_string());
+    }
+    fn flush(&self) {}
+}
+
+#[test]
+fn debug_log_only_when_switched_on() {
+    for on in [false, true] {
+        let mut h = Harness::with_debug_log(CONFIG, on);
+        let capture = Capture::default();
+        let mut logger = h.director.logger(capture.clone()).expect("logger");
+        let fwd = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80);
+        assert_eq!(h.run(&fwd.build()).0, XDP_TX);
+        let non_vip = Pkt::tcp("198.18.2.1", "198.18.0.101", 40000, 80).build();
+        assert_eq!(h.run(&non_vip).0, XDP_PASS);
+        logger.flush();
+        let lines = capture.0.lock().unwrap().clone();
+        if on {
+            let backend = h.predicted_backend(0, &fwd.key());
+            let expect = format!("service 0 -> backend {backend} new_flow 1");
+            assert!(lines.contains(&expect), "{expect} in {lines:?}");
+            let expect = format!("pass reason {}", reason::PASS_NON_VIP);
+            assert!(lines.contains(&expect), "{expect} in {lines:?}");
+        } else {
+            assert!(
+                lines.is_empty(),
+                "no records without --debug-log: {lines:?}"
+            );
+        }
+    }
+}
