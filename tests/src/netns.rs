@@ -439,7 +439,8 @@ pub fn udp_clients(ns: &str, vip: &str, port: u16, n: usize) -> Tally {
 /// Path of the `xdplb` binary built next to the running test or tool.
 pub fn xdplb_binary() -> PathBuf {
     if let Ok(p) = std::env::var("XDPLB_BIN") {
-        return PathBuf::from(p);
+        // Absolute: the binary is started through nsenter, possibly from another directory.
+        return std::fs::canonicalize(&p).unwrap_or_else(|e| panic!("XDPLB_BIN={p}: {e}"));
     }
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> or target/<profile>/<bin>

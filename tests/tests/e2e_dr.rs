@@ -103,6 +103,17 @@ fn dr_balances_real_tcp_and_udp_for_ipv4_and_ipv6() {
         "director's own traffic counted: {stats}"
     );
 
+    // The bpftool inspection helper sees the pinned program, link and maps.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/inspect.sh");
+    let inspect = netns::sh(&["bash", script, topo.pin_dir.to_str().unwrap()]);
+    for expected in [
+        "xdp  name xdplb",
+        "lru_hash  name FLOWS",
+        "percpu_array  name REASONS",
+    ] {
+        assert!(inspect.contains(expected), "`{expected}` in:\n{inspect}");
+    }
+
     // SIGTERM detaches the program and removes every pin.
     assert!(topo.stop_director(), "xdplb run exits 0 on SIGTERM");
     assert!(!topo.pin_dir.exists(), "pins removed on exit");
