@@ -40,11 +40,25 @@ pub const AF_INET: u8 = 4;
 pub const AF_INET6: u8 = 6;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
+/// IPv4 payload of an outer IP header (IP-in-IP, RFC 2003).
+pub const IPPROTO_IPIP: u8 = 4;
+/// IPv6 payload of an outer IP header (RFC 2473).
+pub const IPPROTO_IPV6: u8 = 41;
+
+/// Hop limit / TTL of packets the director builds (outer headers, ICMP replies).
+pub const DEFAULT_TTL: u8 = 64;
+
+/// Distinct VIP addresses (for ICMP echo answers), `VIPS` capacity.
+pub const MAX_VIPS: u32 = MAX_SERVICES;
 
 /// Forwarding mode of a service (`ServiceMeta::mode`).
 pub mod mode {
     /// Direct routing: rewrite MACs, send back out (`XDP_TX`).
     pub const DR: u8 = 1;
+    /// IP-in-IP to the backend (IPIP, IPv6-in-IPv6, IPv4-in-IPv6); next hop by FIB lookup.
+    pub const TUN: u8 = 2;
 }
 
 /// Key of `SERVICES`: a virtual service. IPv4 addresses occupy the first four bytes of
@@ -74,7 +88,8 @@ pub struct ServiceMeta {
 }
 
 /// Key of `FLOWS`: the connection's 5-tuple as seen on the wire (client -> VIP).
-#[repr(C)]
+/// 8-aligned so the data plane copies and hashes it in whole words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -116,13 +131,36 @@ pub struct Backend {
     pub weight: u32,
 }
 
+/// `IfaceInfo::flags` bits.
+pub const IFACE_F_SRC4: u8 = 1;
+pub const IFACE_F_SRC6: u8 = 2;
+
 /// Value of `IFACES`, keyed by ifindex (u32): what the program needs about an interface it
 /// is attached to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct IfaceInfo {
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// [`IFACE_F_SRC4`] | [`IFACE_F_SRC6`]: which TUN outer sources are configured.
+    pub flags: u8,
+    pub _pad: u8,
+    /// Outer IPv4 source for TUN packets leaving this interface.
+    pub src4: [u8; 4],
+    /// Outer IPv6 source for TUN packets leaving this interface.
+    pub src6: [u8; 16],
+    /// Low bits of `src4` / `src6` replaced by flow-hash bits (`tun_source_entropy`), 0 = none.
+    pub src4_entropy_bits: u8,
+    pub src6_entropy_bits: u8,
+    pub _pad2: [u8; 2],
+}
+
+/// Key of `VIPS`: a VIP address (every service address), for answering ICMP echo.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct VipAddr {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per-CPU arrays; userspace sums the CPUs).
@@ -159,9 +197,29 @@ pub mod reason {
     pub const PASS_UNKNOWN_IFACE: u32 = 9;
     /// Forwarded, but the flow could not be recorded in the connection table.
     pub const FLOW_INSERT_FAILED: u32 = 10;
+    /// Forwarded to a backend in TUN mode (encapsulated; `XDP_TX` or `XDP_REDIRECT`).
+    pub const FWD_TUN: u32 = 11;
+    /// TUN: no route to the backend (FIB lookup failed).
+    pub const PASS_FIB_FAILED: u32 = 12;
+    /// TUN: next hop's MAC unknown; the encapsulated packet goes to the kernel, which
+    /// resolves the neighbour (and forwards it if forwarding is enabled).
+    pub const PASS_NO_NEIGH: u32 = 13;
+    /// TUN: encapsulated packet would exceed the egress MTU; ICMP "fragmentation needed" /
+    /// "packet too big" sent back to the client.
+    pub const ICMP_TOO_BIG_SENT: u32 = 14;
+    /// TUN: too big, but IPv4 without DF: XDP cannot fragment, the kernel gets it.
+    pub const PASS_TOO_BIG_NO_DF: u32 = 15;
+    /// ICMP echo request to a VIP, answered by the director.
+    pub const ICMP_ECHO_REPLIED: u32 = 16;
+    /// ICMP error about a VIP flow, forwarded to the backend that owns the flow.
+    pub const ICMP_ERROR_STEERED: u32 = 17;
+    /// TUN: egress interface has no outer source address of the backend's family.
+    pub const PASS_NO_TUN_SOURCE: u32 = 18;
+    /// A packet-size change (`bpf_xdp_adjust_head`/`_tail`) failed.
+    pub const PASS_ADJUST_FAILED: u32 = 19;
 
     /// Number of slots (size of `REASONS`).
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 20;
 
     /// Names printed by `xdplb stats` and used as metric labels, indexed by slot.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -176,8 +234,46 @@ pub mod reason {
         "pass_no_backend",
         "pass_unknown_iface",
         "flow_insert_failed",
+        "fwd_tun",
+        "pass_fib_failed",
+        "pass_no_neigh",
+        "icmp_too_big_sent",
+        "pass_too_big_no_df",
+        "icmp_echo_replied",
+        "icmp_error_steered",
+        "pass_no_tun_source",
+        "pass_adjust_failed",
     ];
 }
+
+/// Slots of the decapsulation program's per-CPU `DECAP_STATS` array (TUN backends).
+pub mod decap_reason {
+    /// Outer header removed, inner packet handed to the stack.
+    pub const DECAPPED: u32 = 0;
+    /// Not an IP-in-IP packet (everything else the host receives).
+    pub const PASS_NOT_TUNNEL: u32 = 1;
+    /// Tunnel packet whose outer destination is not one of our addresses.
+    pub const PASS_NOT_LOCAL: u32 = 2;
+    /// Tunnel packet whose inner destination is not a listed VIP (`--vip`).
+    pub const PASS_NOT_VIP: u32 = 3;
+    /// Truncated or inconsistent headers.
+    pub const PASS_MALFORMED: u32 = 4;
+    /// `bpf_xdp_adjust_head` failed.
+    pub const PASS_ADJUST_FAILED: u32 = 5;
+    pub const COUNT: u32 = 6;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "decapped",
+        "pass_not_tunnel",
+        "pass_not_local",
+        "pass_not_vip",
+        "pass_malformed",
+        "pass_adjust_failed",
+    ];
+}
+
+/// Key of the decapsulation program's `DECAP_ADDRS` (outer destinations we accept) and
+/// `DECAP_VIPS` (inner destinations, when filtered) hash maps.
+pub type AddrKey = VipAddr;
 
 /// Map names, shared so userspace never spells them twice.
 pub mod maps {
@@ -189,8 +285,10 @@ pub mod maps {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASONS: &str = "REASONS";
+    pub const VIPS: &str = "VIPS";
+    pub const TX_PORTS: &str = "TX_PORTS";
     /// Every map the director pins, in a stable order.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         SERVICES,
         RINGS,
         BACKENDS,
@@ -199,6 +297,8 @@ pub mod maps {
         SERVICE_STATS,
         BACKEND_STATS,
         REASONS,
+        VIPS,
+        TX_PORTS,
     ];
 }
 
@@ -207,8 +307,7 @@ pub mod maps {
 /// A word-wise multiply-xorshift mix; kept here so tests and tools can compute it too.
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey) -> u32 {
-    // FlowKey is 2-aligned; copy it into words rather than casting the reference.
-    let words: [u32; 10] = bytemuck::pod_read_unaligned(bytemuck::bytes_of(key));
+    let words: &[u32; 10] = bytemuck::cast_ref(key);
     let mut h: u32 = 0x9e37_79b9;
     let mut i = 0;
     // Fixed bound so the verifier sees a finite loop (it is unrolled anyway).
@@ -233,4 +332,5 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::IfaceInfo {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::VipAddr {}
 }

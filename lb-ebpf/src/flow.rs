@@ -2,7 +2,7 @@
 
 use aya_ebpf::{macros::map, maps::LruHashMap};
 use lb_common::{
-    reason, Backend, FlowKey, FlowValue, ServiceMeta, BPF_F_NO_COMMON_LRU, FLOW_TABLE_CAPACITY,
+    reason, FlowKey, FlowValue, ServiceMeta, BPF_F_NO_COMMON_LRU, FLOW_TABLE_CAPACITY,
 };
 
 use crate::select;
@@ -15,36 +15,36 @@ static FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(FLOW_TABLE_CAPACITY, BPF_F_NO_COMMON_LRU);
 
 pub struct Choice {
+    /// Backend id (valid: `select::backend(id)` is `Some`).
     pub id: u32,
-    pub backend: &'static Backend,
     /// The flow was not in the table: it was scheduled now.
     pub new: bool,
 }
 
-#[inline(always)]
-pub fn lookup_or_schedule(svc: &ServiceMeta, key: &FlowKey) -> Result<Choice, u32> {
+/// The flow's backend: from the table, or scheduled now (and, with `record`, remembered).
+/// Out of line: its temporaries (hash words, the new entry) stay off the caller's frame,
+/// which must leave room for the forwarding call (the BPF stack is 512 bytes per chain).
+#[inline(never)]
+pub fn lookup_or_schedule(svc: &ServiceMeta, key: &FlowKey, record: bool) -> Result<Choice, u32> {
     if let Some(v) = unsafe { FLOWS.get(key) } {
         // A backend removed from the config no longer owns its flows: reschedule them.
-        if let Some(backend) = select::backend(v.backend) {
+        if select::backend(v.backend).is_some() {
             return Ok(Choice {
                 id: v.backend,
-                backend,
                 new: false,
             });
         }
     }
     let id = select::schedule(svc, key)?;
-    let backend = select::backend(id).ok_or(reason::PASS_NO_BACKEND)?;
-    let value = FlowValue {
-        backend: id,
-        service: svc.id,
-    };
-    if FLOWS.insert(key, &value, 0).is_err() {
-        crate::stats::reason(reason::FLOW_INSERT_FAILED);
+    select::backend(id).ok_or(reason::PASS_NO_BACKEND)?;
+    if record {
+        let value = FlowValue {
+            backend: id,
+            service: svc.id,
+        };
+        if FLOWS.insert(key, &value, 0).is_err() {
+            crate::stats::reason(reason::FLOW_INSERT_FAILED);
+        }
     }
-    Ok(Choice {
-        id,
-        backend,
-        new: true,
-    })
+    Ok(Choice { id, new: true })
 }

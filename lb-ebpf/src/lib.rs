@@ -1,3 +1,24 @@
-//! Only the `lb` binary (the XDP object) matters; this empty library lets `lb-userspace`
-//! declare a build-dependency on the crate so cargo rebuilds the object when it changes.
+//! Pieces shared by the XDP objects built from this crate: `lb` (the director) and `decap`
+//! (TUN backends). Also a build-dependency of `lb-userspace`, so cargo rebuilds the objects
+//! when this crate changes.
 #![no_std]
+
+use aya_ebpf::programs::XdpContext;
+
+/// Bounds-checked pointer into the packet. The explicit `data_end` comparison is what
+/// lets the verifier accept the later dereference.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// Frame length in bytes.
+#[inline(always)]
+pub fn frame_len(ctx: &XdpContext) -> usize {
+    ctx.data_end() - ctx.data()
+}

@@ -3,8 +3,10 @@
 #![no_std]
 #![no_main]
 
+mod csum;
 mod flow;
 mod fwd;
+mod icmp;
 mod parse;
 mod select;
 mod stats;
@@ -17,7 +19,8 @@ use aya_ebpf::{
     Global,
 };
 use aya_log_ebpf::debug;
-use lb_common::{mode, reason};
+use icmp::Icmp;
+use lb_common::{mode, reason, Backend, IPPROTO_ICMP, IPPROTO_ICMPV6};
 use network_types::eth::EthHdr;
 
 /// Per-packet debug logging (aya-log), set by `xdplb run --debug-log`. A read-only global:
@@ -33,7 +36,7 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
         Err(slot) => {
             stats::reason(slot);
             if DEBUG_LOG.load() != 0 {
-                debug!(&ctx, "pass reason {}", slot);
+                log_pass(&ctx, slot);
             }
             xdp_action::XDP_PASS
         }
@@ -42,19 +45,56 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
-    let pkt = parse::parse(ctx)?;
+    let mut pkt = parse::Parsed::default();
+    parse::parse(ctx, &mut pkt)?;
+    if pkt.key.proto == IPPROTO_ICMP || pkt.key.proto == IPPROTO_ICMPV6 {
+        let (action, slot) = match icmp::handle(ctx, &pkt)? {
+            Icmp::Done(action, slot) => (action, slot),
+            Icmp::Steer(mode, id) => {
+                let backend = select::backend(id).ok_or(reason::PASS_NO_BACKEND)?;
+                (
+                    forward(ctx, &pkt, mode, backend)?.0,
+                    reason::ICMP_ERROR_STEERED,
+                )
+            }
+        };
+        stats::reason(slot);
+        return Ok(action);
+    }
     let svc = select::service(&pkt.key)?;
-    let choice = flow::lookup_or_schedule(&svc, &pkt.key)?;
-    let (action, slot) = match svc.mode {
-        mode::DR => (fwd::dr::forward(ctx, choice.backend)?, reason::FWD_DR),
-        _ => return Err(reason::PASS_NO_BACKEND),
-    };
+    let choice = flow::lookup_or_schedule(&svc, &pkt.key, true)?;
+    let backend = select::backend(choice.id).ok_or(reason::PASS_NO_BACKEND)?;
+    let (action, slot) = forward(ctx, &pkt, svc.mode, backend)?;
     stats::forwarded(svc.id, choice.id, pkt.len, choice.new);
     stats::reason(slot);
     if DEBUG_LOG.load() != 0 {
         log_forward(ctx, svc.id, choice.id, choice.new as u32);
     }
     Ok(action)
+}
+
+/// Send toward `backend` by the service's mode: (XDP action, counter slot).
+#[inline(always)]
+fn forward(
+    ctx: &XdpContext,
+    pkt: &parse::Parsed,
+    mode: u8,
+    backend: &Backend,
+) -> Result<(u32, u32), u32> {
+    match mode {
+        mode::DR => Ok((fwd::dr::forward(ctx, backend)?, reason::FWD_DR)),
+        mode::TUN => match fwd::tun::forward(ctx, pkt, backend)? {
+            fwd::tun::Tun::Sent(action) => Ok((action, reason::FWD_TUN)),
+            fwd::tun::Tun::TooBig(mtu) => icmp::too_big(ctx, pkt, mtu),
+        },
+        _ => Err(reason::PASS_NO_BACKEND),
+    }
+}
+
+/// Out of line so the logging code's stack use stays out of the fast path's frame.
+#[inline(never)]
+fn log_pass(ctx: &XdpContext, slot: u32) {
+    debug!(ctx, "pass reason {}", slot);
 }
 
 /// Out of line so the logging code's stack use stays out of the fast path's frame.
@@ -77,7 +117,7 @@ pub fn xdplb_pass(_ctx: XdpContext) -> u32 {
 /// the director in the same run by `cargo xtask bench`.
 #[xdp]
 pub fn xdplb_floor(ctx: XdpContext) -> u32 {
-    match parse::ptr_at::<EthHdr>(&ctx, 0) {
+    match lb_ebpf::ptr_at::<EthHdr>(&ctx, 0) {
         Some(eth) => {
             unsafe {
                 let eth = &mut *eth;
@@ -114,8 +154,8 @@ pub fn xdplb_bench_new_flow(ctx: XdpContext) -> u32 {
     // Ethernet (14) + IPv4 source address at 12; transport source port right after the
     // 20-byte IPv4 header.
     let (Some(src), Some(sport)) = (
-        parse::ptr_at::<[u8; 2]>(&ctx, 14 + 14),
-        parse::ptr_at::<[u8; 2]>(&ctx, 14 + 20),
+        lb_ebpf::ptr_at::<[u8; 2]>(&ctx, 14 + 14),
+        lb_ebpf::ptr_at::<[u8; 2]>(&ctx, 14 + 20),
     ) else {
         return xdp_action::XDP_ABORTED;
     };

@@ -1,10 +1,11 @@
 //! Packet parsing: Ethernet (+ one 802.1Q tag), IPv4/IPv6, TCP/UDP -> the flow key.
 //! Every way a packet can fail to be ours returns a `reason::PASS_*` slot.
 
-use core::mem;
-
 use aya_ebpf::programs::XdpContext;
-use lb_common::{reason, FlowKey, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{
+    reason, FlowKey, AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+};
+pub use lb_ebpf::ptr_at;
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -21,27 +22,35 @@ const VLAN_HDR_LEN: usize = 4;
 /// IPv6 next-header values that are extension headers, not transports (RFC 8200 §4, RFC 7045).
 const IPV6_EXT_HEADERS: [u8; 8] = [0, 43, 44, 50, 51, 60, 135, 139];
 
+/// ICMP header fields the director looks at (type, code, checksum, rest of header).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub check: [u8; 2],
+    pub rest: [u8; 4],
+}
+
 /// What the rest of the pipeline needs to know about a packet.
+#[derive(Default)]
 pub struct Parsed {
+    /// 5-tuple (ports 0 for ICMP; `key.proto` is ICMP/ICMPv6 then).
     pub key: FlowKey,
     /// Bytes of the whole frame (for byte counters).
     pub len: u64,
+    /// Offset of the IP header (14, or 18 behind a VLAN tag).
+    pub l3: usize,
+    /// Offset of the transport (or ICMP) header.
+    pub l4: usize,
+    /// IPv4 TOS / IPv6 traffic class (DSCP + ECN), copied to outer headers.
+    pub tos: u8,
+    /// IPv4 "don't fragment" (always true for IPv6, which routers never fragment).
+    pub df: bool,
 }
-
-/// Bounds-checked pointer into the packet. The explicit `data_end` comparison is what
-/// lets the verifier accept the later dereference.
+/// Fills `out` (in place: returning the struct by value costs the fast path stack copies).
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + mem::size_of::<T>() > end {
-        return None;
-    }
-    Some((start + offset) as *mut T)
-}
-
-#[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
+pub fn parse(ctx: &XdpContext, out: &mut Parsed) -> Result<(), u32> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reason::PASS_MALFORMED)?;
     let mut ether_type = unsafe { (*eth).ether_type };
     let mut l3 = EthHdr::LEN;
@@ -53,10 +62,10 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
         l3 += VLAN_HDR_LEN;
     }
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let mut key = FlowKey::default();
-    let (proto, l4) = match ether_type {
-        ETH_P_IP => parse_ipv4(ctx, l3, &mut key)?,
-        ETH_P_IPV6 => parse_ipv6(ctx, l3, &mut key)?,
+    let key = &mut out.key;
+    let (proto, l4, tos, df) = match ether_type {
+        ETH_P_IP => parse_ipv4(ctx, l3, key)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, l3, key)?,
         // ARP, LLDP, a second VLAN tag (QinQ), ...
         _ => return Err(reason::PASS_NOT_IP),
     };
@@ -76,14 +85,30 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
             key.sport_be = u16::from_ne_bytes(unsafe { (*udp).src });
             key.dport_be = u16::from_ne_bytes(unsafe { (*udp).dst });
         }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            // Only ICMPv4 over IPv4 and ICMPv6 over IPv6 are ICMP to us.
+            if (proto == IPPROTO_ICMP) != (key.family == AF_INET) {
+                return Err(reason::PASS_NOT_TCP_UDP);
+            }
+            ptr_at::<IcmpHdr>(ctx, l4).ok_or(reason::PASS_MALFORMED)?;
+        }
         _ => return Err(reason::PASS_NOT_TCP_UDP),
     }
-    Ok(Parsed { key, len })
+    out.len = len;
+    out.l3 = l3;
+    out.l4 = l4;
+    out.tos = tos;
+    out.df = df;
+    Ok(())
 }
 
-/// Returns (transport protocol, transport header offset).
+/// Returns (transport protocol, transport header offset, TOS, DF).
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, l3: usize, key: &mut FlowKey) -> Result<(u8, usize), u32> {
+fn parse_ipv4(
+    ctx: &XdpContext,
+    l3: usize,
+    key: &mut FlowKey,
+) -> Result<(u8, usize, u8, bool), u32> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_MALFORMED)?;
     let ip = unsafe { &*ip };
     let ihl = (ip.vihl & 0x0f) as usize;
@@ -106,11 +131,15 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, key: &mut FlowKey) -> Result<(u8, usi
     key.family = AF_INET;
     key.src[..4].copy_from_slice(&ip.src_addr);
     key.dst[..4].copy_from_slice(&ip.dst_addr);
-    Ok((ip.proto, l3 + Ipv4Hdr::LEN))
+    Ok((ip.proto, l3 + Ipv4Hdr::LEN, ip.tos, ip.frags[0] & 0x40 != 0))
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, l3: usize, key: &mut FlowKey) -> Result<(u8, usize), u32> {
+fn parse_ipv6(
+    ctx: &XdpContext,
+    l3: usize,
+    key: &mut FlowKey,
+) -> Result<(u8, usize, u8, bool), u32> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_MALFORMED)?;
     let ip = unsafe { &*ip };
     let payload_len = u16::from_be_bytes(ip.payload_len) as usize;
@@ -128,5 +157,6 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, key: &mut FlowKey) -> Result<(u8, usi
     key.family = AF_INET6;
     key.src = ip.src_addr;
     key.dst = ip.dst_addr;
-    Ok((next, l3 + Ipv6Hdr::LEN))
+    let tclass = (ip.vcf[0] << 4) | (ip.vcf[1] >> 4);
+    Ok((next, l3 + Ipv6Hdr::LEN, tclass, true))
 }

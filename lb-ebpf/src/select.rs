@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap},
 };
 use lb_common::{
-    flow_hash, reason, Backend, FlowKey, ServiceMeta, VipKey, BACKEND_F_VALID, MAX_BACKENDS,
-    MAX_SERVICES, NO_BACKEND, RINGS_PER_SERVICE, RING_SIZE,
+    flow_hash, reason, Backend, FlowKey, ServiceMeta, VipAddr, VipKey, BACKEND_F_VALID,
+    MAX_BACKENDS, MAX_SERVICES, MAX_VIPS, NO_BACKEND, RINGS_PER_SERVICE, RING_SIZE,
 };
 
 #[map]
@@ -18,6 +18,20 @@ static RINGS: Array<u32> = Array::with_max_entries(MAX_SERVICES * RINGS_PER_SERV
 
 #[map]
 static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Every VIP address (of any service): ICMP echo to one is answered by the director.
+#[map]
+static VIPS: HashMap<VipAddr, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+#[inline(always)]
+pub fn is_vip(addr: [u8; 16], family: u8) -> bool {
+    let key = VipAddr {
+        addr,
+        family,
+        _pad: [0; 3],
+    };
+    unsafe { VIPS.get(&key) }.is_some()
+}
 
 /// The service this flow's destination belongs to: exact port first, then the port-0
 /// wildcard entry of the VIP.

@@ -39,6 +39,63 @@ pub struct Interface {
     pub name: String,
     #[serde(default)]
     pub xdp_mode: XdpMode,
+    /// Outer source addresses of TUN packets leaving this interface, at most one per family:
+    /// `198.18.0.3`, or a prefix like `198.18.200.0/24` with `tun_source_entropy`.
+    #[serde(default)]
+    pub tun_source: Vec<String>,
+    /// Fill the host bits of the `tun_source` prefixes from the flow hash (up to 32 bits), so
+    /// backend NICs spread tunnel traffic over their queues (as Katran does).
+    #[serde(default)]
+    pub tun_source_entropy: bool,
+}
+
+/// A parsed `tun_source` entry: address and prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunSource {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl FromStr for TunSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| {
+            format!("`{s}` is not an IP address or prefix (e.g. 198.18.0.3 or 198.18.200.0/24)")
+        })?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match len {
+            None => max,
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
+        };
+        Ok(TunSource { addr, prefix_len })
+    }
+}
+
+impl Interface {
+    /// Parsed `tun_source` entries (validated, so every entry parses).
+    pub fn tun_sources(&self) -> Vec<TunSource> {
+        self.tun_source
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect()
+    }
+
+    /// Host bits the data plane fills from the flow hash for this source (entropy).
+    pub fn entropy_bits(&self, src: &TunSource) -> u8 {
+        if !self.tun_source_entropy {
+            return 0;
+        }
+        let max: u8 = if src.addr.is_ipv4() { 32 } else { 128 };
+        (max - src.prefix_len).min(32)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -332,6 +389,38 @@ impl Config {
         }
         let mut names = HashSet::new();
         for (i, iface) in self.interfaces.iter().enumerate() {
+            let mut families = HashSet::new();
+            for (j, src) in iface.tun_source.iter().enumerate() {
+                let p = format!("interfaces[{i}].tun_source[{j}]");
+                match src.parse::<TunSource>() {
+                    Err(e) => err(p, e),
+                    Ok(t) => {
+                        let full = if t.addr.is_ipv4() { 32 } else { 128 };
+                        if !families.insert(t.addr.is_ipv4()) {
+                            err(p, "at most one tun_source per address family".into());
+                        } else if t.prefix_len != full && !iface.tun_source_entropy {
+                            err(
+                                p,
+                                format!(
+                                    "`{src}` is a prefix: give a single address, or set `tun_source_entropy: true` \
+                                     to fill its host bits from the flow hash"
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+            if iface.tun_source_entropy
+                && iface
+                    .tun_sources()
+                    .iter()
+                    .all(|t| t.prefix_len == if t.addr.is_ipv4() { 32 } else { 128 })
+            {
+                err(
+                    format!("interfaces[{i}].tun_source_entropy"),
+                    "entropy needs a `tun_source` prefix with host bits to fill (e.g. 198.18.200.0/24)".into(),
+                );
+            }
             let p = format!("interfaces[{i}].name");
             if iface.name.is_empty() {
                 err(p, "interface name is empty".into());
@@ -401,11 +490,11 @@ impl Config {
                     ),
                 );
             }
-            if s.mode != Mode::Dr {
+            if !matches!(s.mode, Mode::Dr | Mode::Tun) {
                 err(
                     format!("{p}.mode"),
                     format!(
-                        "mode `{}` is not available in this version; use `dr`",
+                        "mode `{}` is not available in this version; use `dr` or `tun`",
                         s.mode
                     ),
                 );
@@ -459,6 +548,31 @@ impl Config {
                             b.address, s.vip
                         ),
                     );
+                }
+                if s.mode == Mode::Tun {
+                    if s.vip.is_ipv6() && b.address.is_ipv4() {
+                        err(
+                            format!("{bp}.address"),
+                            format!(
+                                "TUN cannot carry the IPv6 VIP {} to the IPv4 backend {} (no IPv6-in-IPv4); use IPv6 backends",
+                                s.vip, b.address
+                            ),
+                        );
+                    } else if !self.interfaces.iter().any(|i| {
+                        i.tun_sources()
+                            .iter()
+                            .any(|t| t.addr.is_ipv4() == b.address.is_ipv4())
+                    }) {
+                        let family = if b.address.is_ipv4() { "IPv4" } else { "IPv6" };
+                        err(
+                            format!("{bp}.address"),
+                            format!(
+                                "TUN to the {family} backend {} needs an {family} outer source: add one to \
+                                 `tun_source` of an interface",
+                                b.address
+                            ),
+                        );
+                    }
                 }
                 if let Some(Err(e)) = b.mac.as_deref().map(Mac::from_str) {
                     err(format!("{bp}.mac"), e);
@@ -712,7 +826,7 @@ services:
     fn every_error_is_reported_at_once() {
         let text = GOOD.replace("weight: 100", "weight: 70000").replace(
             "mode: dr\n    backends:\n      - address: 2001",
-            "mode: tun\n    backends:\n      - address: 2001",
+            "mode: nat\n    backends:\n      - address: 2001",
         );
         let e = errors(&text);
         assert_eq!(e.len(), 2, "{e:?}");
@@ -724,5 +838,85 @@ services:
         let e = one_error(&GOOD.replace("address: 2001:db8::11", "address: 198.18.1.20"));
         assert_eq!(e.path, "services[1].backends[0].address");
         assert_eq!(e.line, Some(21));
+    }
+
+    const TUN: &str = "\
+interfaces:
+  - name: eth0
+    tun_source: [198.18.0.3, 2001:db8:1::3]
+services:
+  - name: web
+    vip: 198.18.0.100
+    port: 80
+    protocol: tcp
+    mode: tun
+    backends:
+      - address: 198.18.5.11
+      - address: 2001:db8:5::11
+";
+
+    #[test]
+    fn tun_with_sources_of_both_families_parses() {
+        let c = Config::parse(TUN, &AnyHost).unwrap();
+        let srcs = c.interfaces[0].tun_sources();
+        assert_eq!(srcs.len(), 2);
+        assert_eq!(srcs[0].prefix_len, 32);
+        assert_eq!(c.interfaces[0].entropy_bits(&srcs[0]), 0);
+    }
+
+    #[test]
+    fn tun_backend_without_outer_source_names_the_backend() {
+        let e = one_error(&TUN.replace(
+            "tun_source: [198.18.0.3, 2001:db8:1::3]",
+            "tun_source: [198.18.0.3]",
+        ));
+        assert_eq!(e.path, "services[0].backends[1].address");
+        assert_eq!(e.line, Some(12));
+        assert!(e.message.contains("needs an IPv6 outer source"), "{e}");
+    }
+
+    #[test]
+    fn tun_cannot_carry_ipv6_vip_to_ipv4_backend() {
+        let text = TUN.replace("vip: 198.18.0.100", "vip: 2001:db8::100");
+        let e = one_error(&text);
+        assert_eq!(e.path, "services[0].backends[0].address");
+        assert!(e.message.contains("no IPv6-in-IPv4"), "{e}");
+    }
+
+    #[test]
+    fn tun_source_prefixes_need_entropy_and_vice_versa() {
+        let e = one_error(&TUN.replace("198.18.0.3,", "198.18.200.0/24,"));
+        assert_eq!(e.path, "interfaces[0].tun_source[0]");
+        assert!(e.message.contains("tun_source_entropy"), "{e}");
+        let e = one_error(&TUN.replace(
+            "    tun_source:",
+            "    tun_source_entropy: true\n    tun_source:",
+        ));
+        assert_eq!(e.path, "interfaces[0].tun_source_entropy");
+        let ok = TUN.replace(
+            "    tun_source: [198.18.0.3, 2001:db8:1::3]",
+            "    tun_source_entropy: true\n    tun_source: [198.18.200.0/24, 2001:db8:200::/64]",
+        );
+        let c = Config::parse(&ok, &AnyHost).unwrap();
+        let srcs = c.interfaces[0].tun_sources();
+        assert_eq!(c.interfaces[0].entropy_bits(&srcs[0]), 8);
+        assert_eq!(
+            c.interfaces[0].entropy_bits(&srcs[1]),
+            32,
+            "capped at 32 bits"
+        );
+    }
+
+    #[test]
+    fn bad_and_duplicate_tun_sources() {
+        let e = one_error(&TUN.replace("198.18.0.3,", "198.18.0.3, 198.18.0.4,"));
+        assert_eq!(e.path, "interfaces[0].tun_source[1]");
+        assert!(
+            e.message.contains("one tun_source per address family"),
+            "{e}"
+        );
+        let e = errors(&TUN.replace("198.18.0.3,", "banana,"));
+        assert_eq!(e[0].path, "interfaces[0].tun_source[0]");
+        assert!(e[0].message.contains("not an IP address"), "{e:?}");
     }
 }

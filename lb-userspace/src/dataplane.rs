@@ -6,13 +6,13 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray},
     programs::{links::FdLink, links::PinnedLink, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maps, Backend, Counters, FlowKey, FlowValue, IfaceInfo, ServiceMeta, VipKey, RINGS_PER_SERVICE,
-    RING_SIZE,
+    maps, Backend, Counters, FlowKey, FlowValue, IfaceInfo, ServiceMeta, VipAddr, VipKey,
+    RINGS_PER_SERVICE, RING_SIZE,
 };
 
 use crate::config;
@@ -75,6 +75,8 @@ pub struct Maps {
     pub service_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub reasons: PerCpuArray<MapData, u64>,
+    pub vips: HashMap<MapData, VipAddr, u32>,
+    pub tx_ports: DevMapHash<MapData>,
 }
 
 impl Maps {
@@ -88,6 +90,8 @@ impl Maps {
             service_stats: get(maps::SERVICE_STATS)?.try_into()?,
             backend_stats: get(maps::BACKEND_STATS)?.try_into()?,
             reasons: get(maps::REASONS)?.try_into()?,
+            vips: get(maps::VIPS)?.try_into()?,
+            tx_ports: get(maps::TX_PORTS)?.try_into()?,
         })
     }
 
@@ -128,6 +132,18 @@ pub struct Desired {
     pub services: Vec<DesiredService>,
     /// Backend id -> entry.
     pub backends: BTreeMap<u32, Backend>,
+    /// Every VIP address (answered to ICMP echo).
+    pub vips: std::collections::BTreeSet<[u8; 17]>,
+}
+
+fn vip_addr(v: &[u8; 17]) -> VipAddr {
+    let mut addr = [0u8; 16];
+    addr.copy_from_slice(&v[..16]);
+    VipAddr {
+        addr,
+        family: v[16],
+        _pad: [0; 3],
+    }
 }
 
 #[derive(Debug)]
@@ -189,6 +205,10 @@ pub fn desired(cfg: &config::Config, mac_of: impl Fn(&config::Backend) -> [u8; 6
             });
         }
         let (addr, family) = addr_bytes(svc.vip);
+        let mut v = [0u8; 17];
+        v[..16].copy_from_slice(&addr);
+        v[16] = family;
+        out.vips.insert(v);
         out.services.push(DesiredService {
             key: VipKey {
                 addr,
@@ -199,6 +219,7 @@ pub fn desired(cfg: &config::Config, mac_of: impl Fn(&config::Backend) -> [u8; 6
             id: sid,
             mode: match svc.mode {
                 config::Mode::Dr => lb_common::mode::DR,
+                config::Mode::Tun => lb_common::mode::TUN,
                 // Rejected by validation in this version.
                 _ => 0,
             },
@@ -318,12 +339,15 @@ impl Director {
 
     /// Attach the director to an interface and register the interface's MAC. When pinned,
     /// the link is pinned too, so forwarding survives the controller.
-    pub fn attach(&mut self, iface: &str, mode: config::XdpMode, mac: [u8; 6]) -> Result<()> {
+    pub fn attach(&mut self, iface: &str, mode: config::XdpMode, info: IfaceInfo) -> Result<()> {
         let ifindex = crate::netlink::ifindex(iface)
             .ok_or_else(|| std::io::Error::other(format!("interface {iface} does not exist")))?;
+        self.maps.ifaces.insert(ifindex, info, 0)?;
+        // A redirect target for TUN packets the FIB sends out of this interface.
         self.maps
-            .ifaces
-            .insert(ifindex, IfaceInfo { mac, _pad: [0; 2] }, 0)?;
+            .tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| std::io::Error::other(format!("adding {iface} to TX_PORTS: {e}")))?;
         let pin = self
             .pin_dir
             .as_ref()
@@ -382,6 +406,30 @@ impl Director {
     }
 }
 
+/// What the data plane needs about an interface: its MAC and, for TUN, the outer sources.
+pub fn iface_info(iface: &config::Interface, mac: [u8; 6]) -> IfaceInfo {
+    let mut info = IfaceInfo {
+        mac,
+        ..Default::default()
+    };
+    for src in iface.tun_sources() {
+        let bits = iface.entropy_bits(&src);
+        match src.addr {
+            std::net::IpAddr::V4(a) => {
+                info.src4 = a.octets();
+                info.src4_entropy_bits = bits;
+                info.flags |= lb_common::IFACE_F_SRC4;
+            }
+            std::net::IpAddr::V6(a) => {
+                info.src6 = a.octets();
+                info.src6_entropy_bits = bits;
+                info.flags |= lb_common::IFACE_F_SRC6;
+            }
+        }
+    }
+    info
+}
+
 pub fn apply(m: &mut Maps, want: &Desired) -> Result<()> {
     let old_backends: Vec<u32> = (0..lb_common::MAX_BACKENDS)
         .filter(|&i| {
@@ -418,6 +466,15 @@ pub fn apply(m: &mut Maps, want: &Desired) -> Result<()> {
     for key in current.keys() {
         if !want.services.iter().any(|s| s.key == *key) {
             m.services.remove(key)?;
+        }
+    }
+    let old_vips: Vec<VipAddr> = m.vips.keys().filter_map(|k| k.ok()).collect();
+    for v in &want.vips {
+        m.vips.insert(vip_addr(v), 1, 0)?;
+    }
+    for v in old_vips {
+        if !want.vips.iter().any(|w| vip_addr(w) == v) {
+            m.vips.remove(&v)?;
         }
     }
     for id in old_backends {

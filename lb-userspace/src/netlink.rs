@@ -121,7 +121,8 @@ impl Netlink {
     }
 }
 
-fn poke(addr: IpAddr) {
+/// Make the kernel resolve the neighbour toward `addr` (a datagram to the discard port).
+pub fn poke(addr: IpAddr) {
     let bind: IpAddr = match addr {
         IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
         IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),

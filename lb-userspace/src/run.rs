@@ -27,6 +27,9 @@ pub struct RunOptions<'a> {
 async fn backend_macs(nl: &Netlink, cfg: &Config) -> anyhow::Result<HashMap<IpAddr, [u8; 6]>> {
     let mut macs = HashMap::new();
     for (i, svc) in cfg.services.iter().enumerate() {
+        if svc.mode != crate::config::Mode::Dr {
+            continue;
+        }
         for (j, b) in svc.backends.iter().enumerate() {
             let mac = match b.mac() {
                 Some(m) => m.0,
@@ -52,7 +55,18 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         iface_macs.push(nl.link_mac(&iface.name).await?);
     }
     let macs = backend_macs(&nl, &cfg).await?;
-    let want = dataplane::desired(&cfg, |b| macs[&b.address]);
+    // TUN backends need no MAC of their own, but the kernel must know the next hop toward
+    // them; a datagram to each makes it resolve that neighbour before the first packet.
+    for svc in cfg
+        .services
+        .iter()
+        .filter(|s| s.mode == crate::config::Mode::Tun)
+    {
+        for b in &svc.backends {
+            crate::netlink::poke(b.address);
+        }
+    }
+    let want = dataplane::desired(&cfg, |b| macs.get(&b.address).copied().unwrap_or_default());
 
     let mut director = Director::load(&dataplane::LoadOptions {
         flow_table_size: cfg.flow_table_size(),
@@ -79,7 +93,11 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         // Maps first, so the first packet the program sees meets a complete configuration.
         director.apply(&want)?;
         for (iface, mac) in cfg.interfaces.iter().zip(&iface_macs) {
-            director.attach(&iface.name, iface.xdp_mode, *mac)?;
+            director.attach(
+                &iface.name,
+                iface.xdp_mode,
+                dataplane::iface_info(iface, *mac),
+            )?;
         }
         Ok(())
     })();

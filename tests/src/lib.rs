@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{IpHeaders, Ipv4Header, Ipv6Header, PacketBuilder};
-use lb_common::{flow_hash, FlowKey, IfaceInfo, RING_SIZE};
+use lb_common::{flow_hash, FlowKey, RING_SIZE};
 use lb_userspace::{
     config::{AnyHost, Config},
     dataplane::{self, addr_bytes, Desired, Director},
@@ -66,10 +66,7 @@ impl Harness {
             .ifaces
             .insert(
                 1,
-                IfaceInfo {
-                    mac: DIRECTOR_MAC,
-                    _pad: [0; 2],
-                },
+                dataplane::iface_info(&config.interfaces[0], DIRECTOR_MAC),
                 0,
             )
             .expect("register ifindex 1");

@@ -215,7 +215,7 @@ fn everything_else_passes_unchanged_and_counted() {
     let icmp = {
         let mut out = Vec::new();
         etherparse::PacketBuilder::ethernet2(lb_tests::CLIENT_MAC, DIRECTOR_MAC)
-            .ipv4([198, 18, 2, 1], [198, 18, 0, 100], 64)
+            .ipv4([198, 18, 2, 1], [198, 18, 0, 3], 64)
             .icmpv4_echo_request(1, 1)
             .write(&mut out, b"ping")
             .expect("icmp");
@@ -264,7 +264,11 @@ fn everything_else_passes_unchanged_and_counted() {
         ),
         passed("ARP request", arp, reason::PASS_NOT_IP),
         passed("two VLAN tags (QinQ)", qinq, reason::PASS_NOT_IP),
-        passed("ICMP echo to the VIP", icmp, reason::PASS_NOT_TCP_UDP),
+        passed(
+            "ICMP echo to the director's own address",
+            icmp,
+            reason::PASS_NON_VIP,
+        ),
         passed(
             "IPv4 options",
             tcp.build_with(options),
@@ -477,4 +481,65 @@ fn debug_log_only_when_switched_on() {
             );
         }
     }
+}
+
+/// An ICMP echo request or reply between `a` and `b`, built by etherparse (which computes
+/// the checksums the director must reproduce incrementally).
+fn echo(src_mac: [u8; 6], dst_mac: [u8; 6], a: &str, b: &str, reply: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let eth = etherparse::PacketBuilder::ethernet2(src_mac, dst_mac);
+    let payload = b"xdplb ping payload";
+    match (a.parse().unwrap(), b.parse().unwrap()) {
+        (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
+            let ip = eth.ipv4(a.octets(), b.octets(), 64);
+            if reply {
+                ip.icmpv4_echo_reply(7, 3).write(&mut out, payload)
+            } else {
+                ip.icmpv4_echo_request(7, 3).write(&mut out, payload)
+            }
+        }
+        (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b)) => {
+            let ip = eth.ipv6(a.octets(), b.octets(), 64);
+            if reply {
+                ip.icmpv6_echo_reply(7, 3).write(&mut out, payload)
+            } else {
+                ip.icmpv6_echo_request(7, 3).write(&mut out, payload)
+            }
+        }
+        _ => panic!("mixed families"),
+    }
+    .expect("echo packet");
+    out
+}
+
+#[test]
+fn echo_to_a_vip_is_answered_by_the_director() {
+    let h = Harness::new(CONFIG);
+    for (client, vip) in [
+        ("198.18.2.1", "198.18.0.100"),
+        ("2001:db8:2::1", "2001:db8::100"),
+        ("198.18.2.1", "198.18.0.200"),
+    ] {
+        let f = Fixture {
+            description: "echo request to a VIP",
+            input: echo(lb_tests::CLIENT_MAC, DIRECTOR_MAC, client, vip, false),
+            verdict: XDP_TX,
+            output: echo(DIRECTOR_MAC, lb_tests::CLIENT_MAC, vip, client, true),
+            slot: reason::ICMP_ECHO_REPLIED,
+        };
+        check(&h, &f);
+    }
+    // An echo *reply* to a VIP is not ours to answer.
+    let f = passed(
+        "echo reply to a VIP",
+        echo(
+            lb_tests::CLIENT_MAC,
+            DIRECTOR_MAC,
+            "198.18.2.1",
+            "198.18.0.100",
+            true,
+        ),
+        reason::PASS_NOT_TCP_UDP,
+    );
+    check(&h, &f);
 }
