@@ -298,6 +298,11 @@ impl fmt::Display for ConfigErrors {
 pub trait Host {
     /// Does a network interface of this name exist (in our network namespace)?
     fn interface_exists(&self, name: &str) -> bool;
+    /// Is IP forwarding on for this family (`true` = IPv4)? TUN needs it: the kernel's
+    /// FIB helper refuses lookups for a device that does not forward.
+    fn forwarding(&self, _ipv4: bool) -> bool {
+        true
+    }
 }
 
 /// The host we run on.
@@ -306,6 +311,16 @@ pub struct ThisHost;
 impl Host for ThisHost {
     fn interface_exists(&self, name: &str) -> bool {
         crate::netlink::ifindex(name).is_some()
+    }
+    fn forwarding(&self, ipv4: bool) -> bool {
+        let path = if ipv4 {
+            "/proc/sys/net/ipv4/ip_forward"
+        } else {
+            "/proc/sys/net/ipv6/conf/all/forwarding"
+        };
+        std::fs::read_to_string(path)
+            .map(|v| v.trim() == "1")
+            .unwrap_or(false)
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod decap;
 pub mod maglev;
 pub mod netlink;
 pub mod run;

@@ -55,6 +55,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Backend side of TUN mode: unwrap IP-in-IP packets addressed to this host (no ipip
+    /// device needed) until SIGINT/SIGTERM.
+    #[command(after_help = "Example: xdplb decap --iface eth0 --vip 198.18.0.100")]
+    Decap {
+        #[arg(long)]
+        iface: String,
+        /// Only unwrap packets for these inner destinations (default: any).
+        #[arg(long)]
+        vip: Vec<std::net::IpAddr>,
+        /// auto | native | skb
+        #[arg(long, default_value = "auto", value_parser = parse_mode)]
+        xdp_mode: lb_userspace::config::XdpMode,
+    },
     /// Detach a director left attached (`--keep-attached`, or a killed controller) and remove its pins.
     Detach,
     /// Test helper: attach a pass-through XDP program until SIGINT/SIGTERM, so that `XDP_TX`
@@ -122,6 +135,20 @@ fn main() -> anyhow::Result<()> {
             print!("{}", status::render_stats(&maps, json)?);
             Ok(())
         }
+        Cmd::Decap {
+            iface,
+            vip,
+            xdp_mode,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            if let Err(e) = rt.block_on(lb_userspace::decap::run(&iface, &vip, xdp_mode)) {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::Detach => {
             if !cli.pin_dir.exists() {
                 println!("nothing pinned under {}", cli.pin_dir.display());
@@ -138,6 +165,15 @@ fn main() -> anyhow::Result<()> {
             })?;
             pass(&mut d, &iface)
         }
+    }
+}
+
+fn parse_mode(s: &str) -> Result<lb_userspace::config::XdpMode, String> {
+    match s {
+        "auto" => Ok(lb_userspace::config::XdpMode::Auto),
+        "native" => Ok(lb_userspace::config::XdpMode::Native),
+        "skb" => Ok(lb_userspace::config::XdpMode::Skb),
+        _ => Err(format!("`{s}`: use auto, native or skb")),
     }
 }
 

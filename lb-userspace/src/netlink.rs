@@ -4,6 +4,7 @@ use std::{ffi::CString, net::IpAddr, time::Duration};
 
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::{
+    address::AddressAttribute,
     link::LinkAttribute,
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
     AddressFamily,
@@ -51,6 +52,22 @@ impl Netlink {
                     "interface {name} has no Ethernet address; DR needs an Ethernet interface"
                 )
             })
+    }
+
+    /// Every address configured on this host (this network namespace).
+    pub async fn local_addrs(&self) -> anyhow::Result<Vec<IpAddr>> {
+        let mut out = Vec::new();
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(msg) = addrs.try_next().await? {
+            for a in &msg.attributes {
+                if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = a {
+                    if !out.contains(ip) {
+                        out.push(*ip);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The neighbour table's MAC for `addr`, if it has a usable one.
