@@ -1,5 +1,5 @@
 //! Network-namespace topologies for end-to-end tests and the demo. Everything a
-//! [`DrTopology`] creates (namespaces, the director process, its pins) it deletes on drop;
+//! [`Topology`] creates (namespaces, the director process, its pins) it deletes on drop;
 //! nothing else is touched. Addresses come only from 198.18.0.0/15 and 2001:db8::/32.
 
 use std::{
@@ -47,10 +47,10 @@ pub fn in_netns<T: Send + 'static>(
     })
 }
 
-/// The DR topology: a client, a director and `n` backends on one bridge (in a switch
-/// namespace). The VIP is routed by the client to the director; backends hold it on `lo`
-/// with `arp_ignore=1`/`arp_announce=2`, as LVS DR wants.
-pub struct DrTopology {
+/// A lab of network namespaces: client `cl`, director `dir`, backends `b1`.., bridges in a
+/// switch namespace `sw` (see [`Topology::dr`] and [`Topology::tun`]). Backends hold the
+/// VIPs on `lo` with `arp_ignore=1`/`arp_announce=2`, as LVS wants.
+pub struct Topology {
     pub prefix: String,
     namespaces: Vec<String>,
     children: Vec<Child>,
@@ -69,7 +69,20 @@ pub const DIRECTOR6: &str = "2001:db8:1::3";
 pub const CLIENT4: &str = "198.18.0.2";
 pub const CLIENT6: &str = "2001:db8:1::2";
 pub const TCP_PORT: u16 = 80;
+/// Bulk transfers (`down N` / `up N` + N bytes), see [`bulk_download`] / [`bulk_upload`].
+pub const BULK_PORT: u16 = 8080;
 pub const UDP_PORT: u16 = 53;
+
+pub const ROUTER4: &str = "198.18.0.1";
+pub const ROUTER6: &str = "2001:db8:1::1";
+
+/// Backends of the TUN topology (a routed subnet of their own).
+pub fn tun_backend4(i: usize) -> String {
+    format!("198.18.5.{}", 11 + i)
+}
+pub fn tun_backend6(i: usize) -> String {
+    format!("2001:db8:5::{}", 11 + i)
+}
 
 pub fn backend4(i: usize) -> String {
     format!("198.18.0.{}", 11 + i)
@@ -78,7 +91,7 @@ pub fn backend6(i: usize) -> String {
     format!("2001:db8:1::{}", 11 + i)
 }
 
-impl DrTopology {
+impl Topology {
     pub fn ns(&self, host: &str) -> String {
         format!("{}-{host}", self.prefix)
     }
@@ -87,9 +100,8 @@ impl DrTopology {
         format!("b{}", i + 1)
     }
 
-    /// Build the namespaces and links. `prefix` must be unique among live topologies.
-    pub fn new(prefix: &str, backends: usize) -> DrTopology {
-        let mut t = DrTopology {
+    fn empty(prefix: &str, backends: usize) -> Topology {
+        Topology {
             prefix: prefix.to_string(),
             namespaces: Vec::new(),
             children: Vec::new(),
@@ -98,111 +110,209 @@ impl DrTopology {
             servers: Vec::new(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/xdplb-{prefix}")),
             backends,
+        }
+    }
+
+    /// `ip -n NS ARGS...`
+    fn ip(&self, host: &str, args: &[&str]) {
+        let ns = self.ns(host);
+        let mut all = vec!["ip", "-n", ns.as_str()];
+        all.extend_from_slice(args);
+        sh(&all);
+    }
+
+    fn sysctl(&self, host: &str, settings: &[&str]) {
+        let ns = self.ns(host);
+        let mut all = vec!["ip", "netns", "exec", ns.as_str(), "sysctl", "-qw"];
+        all.extend_from_slice(settings);
+        sh(&all);
+    }
+
+    /// Create namespace `host` (if new) and plug its interface `ifname` into bridge `bridge`
+    /// of the switch namespace, with the given addresses.
+    fn plug(&mut self, bridge: &str, host: &str, ifname: &str, a4: &str, a6: &str) {
+        let ns = self.ns(host);
+        if !self.namespaces.contains(&ns) {
+            self.add_ns(&ns);
+            self.ip(host, &["link", "set", "lo", "up"]);
+        }
+        let port = format!("{host}-{ifname}");
+        let port = if bridge == "br0" {
+            host.to_string()
+        } else {
+            port
         };
-        let sw = t.ns("sw");
-        t.add_ns(&sw);
-        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
-        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
-        let mut hosts = vec![("cl".to_string(), CLIENT4.to_string(), CLIENT6.to_string())];
-        hosts.push(("dir".into(), DIRECTOR4.into(), DIRECTOR6.into()));
-        for i in 0..backends {
-            hosts.push((Self::backend_name(i), backend4(i), backend6(i)));
-        }
-        for (host, a4, a6) in &hosts {
-            let ns = t.ns(host);
-            t.add_ns(&ns);
-            sh(&[
-                "ip", "-n", &sw, "link", "add", host, "type", "veth", "peer", "name", "eth0",
-                "netns", &ns,
-            ]);
-            sh(&["ip", "-n", &sw, "link", "set", host, "master", "br0", "up"]);
-            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{a4}/24"),
-                "dev",
-                "eth0",
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{a6}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ]);
-            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-            // The local stack leaves checksums to the NIC; XDP forwards them unfinished (PITFALLS.md).
-            sh(&[
-                "ip", "netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off",
-            ]);
-        }
-        let cl = t.ns("cl");
+        self.ip(
+            "sw",
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", ifname, "netns", &ns,
+            ],
+        );
+        self.ip("sw", &["link", "set", &port, "master", bridge, "up"]);
+        self.ip(host, &["addr", "add", a4, "dev", ifname]);
+        self.ip(host, &["addr", "add", a6, "dev", ifname, "nodad"]);
+        self.ip(host, &["link", "set", ifname, "up"]);
+        // The local stack leaves checksums to the NIC; XDP forwards them unfinished (PITFALLS.md).
         sh(&[
-            "ip",
-            "-n",
-            &cl,
-            "route",
-            "add",
-            &format!("{VIP4}/32"),
-            "via",
-            DIRECTOR4,
+            "ip", "netns", "exec", &ns, "ethtool", "-K", ifname, "tx", "off",
         ]);
-        sh(&[
-            "ip",
-            "-n",
-            &cl,
-            "-6",
-            "route",
-            "add",
-            &format!("{VIP6}/128"),
-            "via",
-            DIRECTOR6,
-        ]);
-        for i in 0..backends {
-            let ns = t.ns(&Self::backend_name(i));
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{VIP4}/32"),
-                "dev",
-                "lo",
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
+    }
+
+    fn switch(&mut self, bridges: &[&str]) {
+        let sw = self.ns("sw");
+        self.add_ns(&sw);
+        for br in bridges {
+            self.ip("sw", &["link", "add", br, "type", "bridge"]);
+            self.ip("sw", &["link", "set", br, "up"]);
+        }
+    }
+
+    /// Backends hold both VIPs on `lo` and never answer ARP for them.
+    fn vips_on_backends(&self) {
+        for i in 0..self.backends {
+            let b = Self::backend_name(i);
+            self.ip(&b, &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
+            self.ip(&b, &["addr", "add", &format!("{VIP6}/128"), "dev", "lo"]);
+            self.sysctl(
+                &b,
+                &[
+                    "net.ipv4.conf.all.arp_ignore=1",
+                    "net.ipv4.conf.all.arp_announce=2",
+                ],
+            );
+        }
+    }
+
+    /// The client sends VIP traffic to the director.
+    fn client_routes_vips_via_director(&self) {
+        self.ip(
+            "cl",
+            &["route", "add", &format!("{VIP4}/32"), "via", DIRECTOR4],
+        );
+        self.ip(
+            "cl",
+            &[
+                "-6",
+                "route",
                 "add",
                 &format!("{VIP6}/128"),
-                "dev",
-                "lo",
-            ]);
-            for (k, v) in [
-                ("net.ipv4.conf.all.arp_ignore", "1"),
-                ("net.ipv4.conf.all.arp_announce", "2"),
-            ] {
-                sh(&[
-                    "ip",
-                    "netns",
-                    "exec",
-                    &ns,
-                    "sysctl",
-                    "-qw",
-                    &format!("{k}={v}"),
-                ]);
-            }
+                "via",
+                DIRECTOR6,
+            ],
+        );
+    }
+
+    /// DR: client, director and `n` backends on one bridge. The VIP is routed by the client
+    /// to the director. `prefix` must be unique among live topologies.
+    pub fn dr(prefix: &str, backends: usize) -> Topology {
+        let mut t = Topology::empty(prefix, backends);
+        t.switch(&["br0"]);
+        t.plug(
+            "br0",
+            "cl",
+            "eth0",
+            &format!("{CLIENT4}/24"),
+            &format!("{CLIENT6}/64"),
+        );
+        t.plug(
+            "br0",
+            "dir",
+            "eth0",
+            &format!("{DIRECTOR4}/24"),
+            &format!("{DIRECTOR6}/64"),
+        );
+        for i in 0..backends {
+            t.plug(
+                "br0",
+                &Self::backend_name(i),
+                "eth0",
+                &format!("{}/24", backend4(i)),
+                &format!("{}/64", backend6(i)),
+            );
         }
+        t.client_routes_vips_via_director();
+        t.vips_on_backends();
+        t
+    }
+
+    /// TUN: client, director and a router on one segment (br0); the router and `n` backends
+    /// on another subnet (br1), so only routing reaches the backends. The director (IP
+    /// forwarding on, as the FIB helper requires) reaches them via the router; backends
+    /// answer clients directly through the router.
+    pub fn tun(prefix: &str, backends: usize) -> Topology {
+        let mut t = Topology::empty(prefix, backends);
+        t.switch(&["br0", "br1"]);
+        t.plug(
+            "br0",
+            "cl",
+            "eth0",
+            &format!("{CLIENT4}/24"),
+            &format!("{CLIENT6}/64"),
+        );
+        t.plug(
+            "br0",
+            "dir",
+            "eth0",
+            &format!("{DIRECTOR4}/24"),
+            &format!("{DIRECTOR6}/64"),
+        );
+        t.plug(
+            "br0",
+            "rt",
+            "eth0",
+            &format!("{ROUTER4}/24"),
+            &format!("{ROUTER6}/64"),
+        );
+        t.plug("br1", "rt", "eth1", "198.18.5.1/24", "2001:db8:5::1/64");
+        t.sysctl(
+            "rt",
+            &[
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.eth1.rp_filter=0",
+            ],
+        );
+        t.sysctl(
+            "dir",
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        );
+        t.ip("dir", &["route", "add", "198.18.5.0/24", "via", ROUTER4]);
+        t.ip(
+            "dir",
+            &["-6", "route", "add", "2001:db8:5::/64", "via", ROUTER6],
+        );
+        t.sysctl(
+            "cl",
+            &[
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.eth0.rp_filter=0",
+            ],
+        );
+        for i in 0..backends {
+            let b = Self::backend_name(i);
+            t.plug(
+                "br1",
+                &b,
+                "eth0",
+                &format!("{}/24", tun_backend4(i)),
+                &format!("{}/64", tun_backend6(i)),
+            );
+            t.ip(&b, &["route", "add", "default", "via", "198.18.5.1"]);
+            t.ip(
+                &b,
+                &["-6", "route", "add", "default", "via", "2001:db8:5::1"],
+            );
+            t.sysctl(
+                &b,
+                &[
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.eth0.rp_filter=0",
+                ],
+            );
+        }
+        t.client_routes_vips_via_director();
+        t.vips_on_backends();
         t
     }
 
@@ -234,9 +344,30 @@ impl DrTopology {
         );
     }
 
-    /// The shipped config that matches this topology (three backends).
+    /// The shipped config that matches [`Topology::dr`] with three backends.
     pub fn demo_config() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo.yaml")
+    }
+
+    /// The shipped config that matches [`Topology::tun`] with three backends.
+    pub fn tun_config() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tun.yaml")
+    }
+
+    /// `xdplb decap` on every backend's eth0, until the topology is dropped.
+    pub fn start_decap(&mut self, xdplb: &Path) {
+        for i in 0..self.backends {
+            let b = Self::backend_name(i);
+            self.spawn_in(
+                &b,
+                xdplb,
+                &["decap", "--iface", "eth0", "--xdp-mode", "native"],
+            );
+            let ns = self.ns(&b);
+            wait_for("xdplb decap to attach", Duration::from_secs(10), || {
+                sh(&["ip", "-n", &ns, "-d", "link", "show", "eth0"]).contains("prog/xdp")
+            });
+        }
     }
 
     /// Start `xdplb run` in the director namespace and wait until it has attached.
@@ -301,12 +432,16 @@ impl DrTopology {
                 self.servers.push(in_netns(&self.ns(&name), move || {
                     udp_server(SocketAddr::new(vip, UDP_PORT), &n, &stop)
                 }));
+                let stop = self.stop.clone();
+                self.servers.push(in_netns(&self.ns(&name), move || {
+                    bulk_server(SocketAddr::new(vip, BULK_PORT), &stop)
+                }));
             }
         }
     }
 }
 
-impl Drop for DrTopology {
+impl Drop for Topology {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         for c in &mut self.children {
@@ -356,6 +491,99 @@ fn tcp_server(addr: SocketAddr, name: &str, stop: &AtomicBool) {
             Err(_) => std::thread::sleep(Duration::from_millis(2)),
         }
     }
+}
+
+/// Byte `i` of every bulk transfer.
+fn pattern(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+fn bulk_server(addr: SocketAddr, stop: &AtomicBool) {
+    let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    l.set_nonblocking(true).expect("nonblocking");
+    while !stop.load(Ordering::SeqCst) {
+        let Ok((s, _)) = l.accept() else {
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        };
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = serve_bulk(s);
+    }
+}
+
+fn serve_bulk(mut s: TcpStream) -> std::io::Result<()> {
+    let mut reader = std::io::BufReader::new(s.try_clone()?);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line)?;
+    let (cmd, n) = line.trim().split_once(' ').unwrap_or(("", "0"));
+    let n: usize = n.parse().unwrap_or(0);
+    match cmd {
+        "down" => {
+            let data: Vec<u8> = (0..n).map(pattern).collect();
+            s.write_all(&data)?;
+        }
+        "up" => {
+            let mut data = vec![0u8; n];
+            reader.read_exact(&mut data)?;
+            let ok = data.iter().enumerate().all(|(i, b)| *b == pattern(i));
+            s.write_all(if ok { b"ok\n" } else { b"corrupt\n" })?;
+        }
+        _ => s.write_all(b"?\n")?,
+    }
+    Ok(())
+}
+
+/// Download `n` bytes from `vip:BULK_PORT` in namespace `ns`; checks every byte.
+pub fn bulk_download(ns: &str, vip: &str, n: usize) -> Result<(), String> {
+    let addr = SocketAddr::new(vip.parse().expect("vip"), BULK_PORT);
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(format!("down {n}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut got = Vec::with_capacity(n);
+        s.read_to_end(&mut got)
+            .map_err(|e| format!("after {} bytes: {e}", got.len()))?;
+        if got.len() != n {
+            return Err(format!("got {} of {n} bytes", got.len()));
+        }
+        match got.iter().enumerate().find(|(i, b)| **b != pattern(*i)) {
+            Some((i, _)) => Err(format!("byte {i} differs")),
+            None => Ok(()),
+        }
+    })
+    .join()
+    .expect("download thread")
+}
+
+/// Upload `n` bytes to `vip:BULK_PORT`; the backend checks every byte and says so.
+pub fn bulk_upload(ns: &str, vip: &str, n: usize) -> Result<(), String> {
+    let addr = SocketAddr::new(vip.parse().expect("vip"), BULK_PORT);
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        let data: Vec<u8> = (0..n).map(pattern).collect();
+        s.write_all(format!("up {n}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        s.write_all(&data).map_err(|e| format!("sending: {e}"))?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)
+            .map_err(|e| format!("answer: {e}"))?;
+        if answer.trim() == "ok" {
+            Ok(())
+        } else {
+            Err(format!("backend says {answer:?}"))
+        }
+    })
+    .join()
+    .expect("upload thread")
 }
 
 fn udp_server(addr: SocketAddr, name: &str, stop: &AtomicBool) {

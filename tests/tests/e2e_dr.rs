@@ -3,7 +3,7 @@
 
 use std::{net::TcpListener, time::Duration};
 
-use lb_tests::netns::{self, DrTopology, DIRECTOR4, DIRECTOR6, TCP_PORT, UDP_PORT, VIP4, VIP6};
+use lb_tests::netns::{self, Topology, DIRECTOR4, DIRECTOR6, TCP_PORT, UDP_PORT, VIP4, VIP6};
 
 const CONNECTIONS: usize = 300;
 
@@ -41,10 +41,10 @@ fn assert_spread(
 fn dr_balances_real_tcp_and_udp_for_ipv4_and_ipv6() {
     lb_tests::require_root();
     let xdplb = netns::xdplb_binary();
-    let mut topo = DrTopology::new(&format!("xe{}", std::process::id()), 3);
+    let mut topo = Topology::dr(&format!("xe{}", std::process::id()), 3);
     topo.start_servers();
     topo.attach_pass(&xdplb);
-    topo.start_director(&xdplb, &DrTopology::demo_config());
+    topo.start_director(&xdplb, &Topology::demo_config());
 
     let cl = topo.ns("cl");
     let (answers, failures) = netns::tcp_clients(&cl, VIP4, TCP_PORT, CONNECTIONS);

@@ -14,7 +14,7 @@ use std::{
 };
 
 use clap::Parser;
-use lb_tests::netns::{self, DrTopology, TCP_PORT, VIP4, VIP6};
+use lb_tests::netns::{self, Topology, TCP_PORT, VIP4, VIP6};
 
 #[derive(Parser)]
 #[command(about = "xdplb demo: DR load balancing between three backends in network namespaces")]
@@ -39,13 +39,13 @@ fn main() {
         "Building the topology: client, director, backends b1 b2 b3 (network namespaces xdemo{}-*)",
         std::process::id()
     );
-    let mut topo = DrTopology::new(&format!("xdemo{}", std::process::id()), 3);
+    let mut topo = Topology::dr(&format!("xdemo{}", std::process::id()), 3);
     topo.start_servers();
     topo.attach_pass(&xdplb);
-    topo.start_director(&xdplb, &DrTopology::demo_config());
+    topo.start_director(&xdplb, &Topology::demo_config());
     println!(
         "Director attached (XDP, DR mode) with {}",
-        DrTopology::demo_config().display()
+        Topology::demo_config().display()
     );
 
     let cl = topo.ns("cl");
