@@ -138,32 +138,62 @@ static BENCH_NEXT: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map]
 static BENCH_SEQ: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Benchmark driver for the new-flow path: `BPF_PROG_TEST_RUN` with `repeat` reuses one
-/// packet, so this gives every run a 5-tuple never seen before (the IPv4 source address's
-/// low 16 bits and the source port come from a sequence) and tail-calls the program
-/// under test. Expects an untagged IPv4 TCP/UDP frame without options.
+/// Benchmark driver settings (`BENCH_CFG[0]`): bits of what to do before the tail call.
+const BENCH_STRIP_OUTER: u32 = 1;
+const BENCH_NEW_FLOW: u32 = 2;
+
+#[map]
+static BENCH_CFG: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Benchmark driver: `BPF_PROG_TEST_RUN` with `repeat` reuses one packet buffer, so paths
+/// that rewrite the packet would measure themselves on their own output. Before tail-calling
+/// the program under test (`BENCH_NEXT[0]`) this can
+/// - strip an outer IPv4 header (`BENCH_STRIP_OUTER`): the TUN path re-adds it, so every run
+///   sees the same client packet (the strip's cost is included in what is measured);
+/// - give the packet a 5-tuple never seen before (`BENCH_NEW_FLOW`): the inner IPv4 source's
+///   low 16 bits and the source port come from a sequence.
+/// Expects untagged IPv4 TCP/UDP without options (optionally inside one IPv4 outer header).
 #[xdp]
-pub fn xdplb_bench_new_flow(ctx: XdpContext) -> u32 {
-    let Some(seq) = BENCH_SEQ.get_ptr_mut(0) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    let seq = unsafe {
-        *seq = (*seq).wrapping_add(1);
-        *seq
-    };
-    // Ethernet (14) + IPv4 source address at 12; transport source port right after the
-    // 20-byte IPv4 header.
-    let (Some(src), Some(sport)) = (
-        lb_ebpf::ptr_at::<[u8; 2]>(&ctx, 14 + 14),
-        lb_ebpf::ptr_at::<[u8; 2]>(&ctx, 14 + 20),
-    ) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    unsafe {
-        *src = (seq as u16).to_be_bytes();
-        *sport = ((seq >> 16) as u16 | 1024).to_be_bytes();
-        BENCH_NEXT.tail_call(&ctx, 0);
+pub fn xdplb_bench_driver(ctx: XdpContext) -> u32 {
+    let cfg = BENCH_CFG.get(0).copied().unwrap_or(0);
+    if cfg & BENCH_STRIP_OUTER != 0 {
+        // Ethernet header moves forward over the outer IPv4 header, which is then cut.
+        let (Some(old), Some(new)) = (
+            lb_ebpf::ptr_at::<EthHdr>(&ctx, 0),
+            lb_ebpf::ptr_at::<EthHdr>(&ctx, 20),
+        ) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        unsafe {
+            let eth = *old;
+            *new = eth;
+            if aya_ebpf::helpers::bpf_xdp_adjust_head(ctx.ctx, 20) != 0 {
+                return xdp_action::XDP_ABORTED;
+            }
+        }
     }
+    if cfg & BENCH_NEW_FLOW != 0 {
+        let Some(seq) = BENCH_SEQ.get_ptr_mut(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        let seq = unsafe {
+            *seq = (*seq).wrapping_add(1);
+            *seq
+        };
+        // Ethernet (14) + IPv4 source address at 12; transport source port right after the
+        // 20-byte IPv4 header.
+        let (Some(src), Some(sport)) = (
+            lb_ebpf::ptr_at::<[u8; 2]>(&ctx, 14 + 14),
+            lb_ebpf::ptr_at::<[u8; 2]>(&ctx, 14 + 20),
+        ) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        unsafe {
+            *src = (seq as u16).to_be_bytes();
+            *sport = ((seq >> 16) as u16 | 1024).to_be_bytes();
+        }
+    }
+    unsafe { BENCH_NEXT.tail_call(&ctx, 0) };
     xdp_action::XDP_ABORTED
 }
 

@@ -25,8 +25,9 @@ pub const PROGRAM: &str = "xdplb";
 pub const PASS_PROGRAM: &str = "xdplb_pass";
 /// MAC-swap `XDP_TX` program: the benchmark floor.
 pub const FLOOR_PROGRAM: &str = "xdplb_floor";
-/// Benchmark driver: new 5-tuple per run, then a tail call into `BENCH_NEXT[0]`.
-pub const BENCH_NEW_FLOW_PROGRAM: &str = "xdplb_bench_new_flow";
+/// Benchmark driver: optionally strips an outer header and/or makes a new 5-tuple per run
+/// (`BENCH_CFG`), then tail-calls `BENCH_NEXT[0]`.
+pub const BENCH_DRIVER_PROGRAM: &str = "xdplb_bench_driver";
 
 /// The XDP object built by `build.rs` from `lb-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

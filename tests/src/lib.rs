@@ -109,6 +109,28 @@ pub fn run_program(prog: &aya::programs::Xdp, input: &[u8]) -> (u32, Vec<u8>) {
     (res.return_value, out)
 }
 
+/// Run `prog` once on `input` as if it arrived on interface `ifindex` (`ctx_in` sets the
+/// ingress, so the FIB's egress can equal it: `XDP_TX`).
+pub fn run_program_on(prog: &aya::programs::Xdp, input: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    let ctx: Vec<u8> = [0, input.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|w: &u32| w.to_ne_bytes())
+        .collect();
+    let mut out = vec![0u8; input.len() + 256];
+    let res = prog
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat: 1,
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN with ctx");
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}
+
 /// The 5-tuple the data plane will key this flow by.
 pub fn flow_key(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> FlowKey {
     let (s, family) = addr_bytes(src);

@@ -664,6 +664,120 @@ pub fn udp_clients(ns: &str, vip: &str, port: u16, n: usize) -> Tally {
     })
 }
 
+/// For fixtures and benchmarks whose FIB lookups must see known routes: a namespace with `up0` (198.18.0.3, 2001:db8:1::3, MTU 1500), backends' subnets routed
+/// via a gateway whose MAC is a permanent neighbour, one subnet via a gateway with no
+/// neighbour entry, and no route at all to 198.18.7.0/24.
+pub struct FibLab(pub String);
+
+/// MAC of `up0` in a [`FibLab`], and of its gateway (a permanent neighbour).
+pub const UP_MAC: [u8; 6] = [0x02, 0xd1, 0, 0, 0, 0x10];
+pub const GW_MAC: [u8; 6] = [0x02, 0x99, 0, 0, 0, 0xfe];
+
+impl FibLab {
+    /// Register `up0` with a harness loaded inside the lab: its IFACES entry (MAC, the
+    /// config's first interface's TUN sources) and its TX_PORTS redirect slot.
+    pub fn register_up0(h: &mut crate::Harness) {
+        let up0 = lb_userspace::netlink::ifindex("up0").expect("up0 in the lab namespace");
+        let info = lb_userspace::dataplane::iface_info(&h.config.interfaces[0], UP_MAC);
+        h.director.maps.ifaces.insert(up0, info, 0).expect("IFACES");
+        h.director
+            .maps
+            .tx_ports
+            .insert(up0, up0, None, 0)
+            .expect("TX_PORTS");
+    }
+
+    pub fn new(tag: &str) -> FibLab {
+        let ns = FibLab(format!("xft{tag}{}", std::process::id()));
+        let n = ns.0.as_str();
+        sh(&["ip", "netns", "add", n]);
+        let gw = "02:99:00:00:00:fe";
+        for cmd in [
+            vec!["link", "set", "lo", "up"],
+            vec![
+                "link",
+                "add",
+                "up0",
+                "address",
+                "02:d1:00:00:00:10",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "up1",
+            ],
+            vec!["link", "set", "up0", "up"],
+            vec!["link", "set", "up1", "up"],
+            vec!["addr", "add", "198.18.0.3/24", "dev", "up0"],
+            vec!["addr", "add", "2001:db8:1::3/64", "dev", "up0", "nodad"],
+            vec!["route", "add", "198.18.5.0/24", "via", "198.18.0.1"],
+            vec!["route", "add", "198.18.6.0/24", "via", "198.18.0.2"],
+            vec![
+                "-6",
+                "route",
+                "add",
+                "2001:db8:5::/64",
+                "via",
+                "2001:db8:1::1",
+            ],
+            vec![
+                "neigh",
+                "replace",
+                "198.18.0.1",
+                "lladdr",
+                gw,
+                "dev",
+                "up0",
+                "nud",
+                "permanent",
+            ],
+            vec![
+                "-6",
+                "neigh",
+                "replace",
+                "2001:db8:1::1",
+                "lladdr",
+                gw,
+                "dev",
+                "up0",
+                "nud",
+                "permanent",
+            ],
+        ] {
+            let mut args = vec!["ip", "-n", n];
+            args.extend(cmd);
+            sh(&args);
+        }
+        // bpf_fib_lookup answers "forwarding disabled" unless the input device forwards.
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            n,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ]);
+        ns
+    }
+
+    /// Run `f` inside the namespace (BPF_PROG_TEST_RUN uses the caller's namespace).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        in_netns(&self.0, f)
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+impl Drop for FibLab {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
 /// Path of the `xdplb` binary built next to the running test or tool.
 pub fn xdplb_binary() -> PathBuf {
     if let Ok(p) = std::env::var("XDPLB_BIN") {

@@ -5,21 +5,18 @@
 
 use std::net::IpAddr;
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
 use etherparse::{
     icmpv4::DestUnreachableHeader, EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type,
     Icmpv6Header, Icmpv6Type, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header,
 };
 use lb_common::{decap_reason, flow_hash, reason};
 use lb_tests::{
-    netns::{in_netns, sh},
+    netns::{FibLab, GW_MAC, UP_MAC},
     Harness, Pkt, CLIENT_MAC, DIRECTOR_MAC, XDP_PASS, XDP_TX,
 };
 use lb_userspace::{dataplane, decap::Decap};
 
 const XDP_REDIRECT: u32 = 4;
-const UP_MAC: [u8; 6] = [0x02, 0xd1, 0, 0, 0, 0x10];
-const GW_MAC: [u8; 6] = [0x02, 0x99, 0, 0, 0, 0xfe];
 
 const CONFIG: &str = "
 interfaces:
@@ -73,103 +70,6 @@ services:
       - { address: 198.18.0.22, mac: '02:00:00:00:00:22' }
 ";
 
-/// A namespace with `up0` (198.18.0.3, 2001:db8:1::3, MTU 1500), backends' subnets routed
-/// via a gateway whose MAC is a permanent neighbour, one subnet via a gateway with no
-/// neighbour entry, and no route at all to 198.18.7.0/24.
-struct Ns(String);
-
-impl Ns {
-    fn new(tag: &str) -> Ns {
-        let ns = Ns(format!("xft{tag}{}", std::process::id()));
-        let n = ns.0.as_str();
-        sh(&["ip", "netns", "add", n]);
-        let gw = "02:99:00:00:00:fe";
-        for cmd in [
-            vec!["link", "set", "lo", "up"],
-            vec![
-                "link",
-                "add",
-                "up0",
-                "address",
-                "02:d1:00:00:00:10",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "up1",
-            ],
-            vec!["link", "set", "up0", "up"],
-            vec!["link", "set", "up1", "up"],
-            vec!["addr", "add", "198.18.0.3/24", "dev", "up0"],
-            vec!["addr", "add", "2001:db8:1::3/64", "dev", "up0", "nodad"],
-            vec!["route", "add", "198.18.5.0/24", "via", "198.18.0.1"],
-            vec!["route", "add", "198.18.6.0/24", "via", "198.18.0.2"],
-            vec![
-                "-6",
-                "route",
-                "add",
-                "2001:db8:5::/64",
-                "via",
-                "2001:db8:1::1",
-            ],
-            vec![
-                "neigh",
-                "replace",
-                "198.18.0.1",
-                "lladdr",
-                gw,
-                "dev",
-                "up0",
-                "nud",
-                "permanent",
-            ],
-            vec![
-                "-6",
-                "neigh",
-                "replace",
-                "2001:db8:1::1",
-                "lladdr",
-                gw,
-                "dev",
-                "up0",
-                "nud",
-                "permanent",
-            ],
-        ] {
-            let mut args = vec!["ip", "-n", n];
-            args.extend(cmd);
-            sh(&args);
-        }
-        // bpf_fib_lookup answers "forwarding disabled" unless the input device forwards.
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            n,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-        ]);
-        ns
-    }
-
-    /// Run `f` inside the namespace (BPF_PROG_TEST_RUN uses the caller's namespace).
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        in_netns(&self.0, f)
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
-    }
-}
-
 fn ifindex(name: &str) -> u32 {
     lb_userspace::netlink::ifindex(name).expect("interface in the test namespace")
 }
@@ -186,27 +86,6 @@ fn harness() -> Harness {
         .insert(up0, up0, None, 0)
         .expect("TX_PORTS");
     h
-}
-
-/// Run with `ingress_ifindex` set (so the FIB's egress can equal the ingress: XDP_TX).
-fn run_on(prog: &Xdp, ifindex: u32, input: &[u8]) -> (u32, Vec<u8>) {
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-    let mut ctx = [0u32; 6];
-    ctx[1] = input.len() as u32;
-    ctx[3] = ifindex;
-    let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    let mut out = vec![0u8; input.len() + 256];
-    let res = prog
-        .test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx_bytes),
-            repeat: 1,
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN with ctx");
-    out.truncate(res.data_size_out as usize);
-    (res.return_value, out)
 }
 
 fn v4(a: &str) -> [u8; 4] {
@@ -267,13 +146,13 @@ fn ip6ip(src: [u8; 16], dst: [u8; 16], inner: &[u8], next: IpNumber, hash: u32) 
 #[test]
 fn encapsulation_has_exact_outer_headers() {
     lb_tests::require_root();
-    let ns = Ns::new("enc");
+    let ns = FibLab::new("enc");
     ns.run(|| {
         let h = harness();
         let check = |what: &str, pkt: &Pkt, expected: Vec<u8>, verdict: u32, on: Option<u32>| {
             let before = h.reason(reason::FWD_TUN);
             let (v, out) = match on {
-                Some(i) => run_on(h.director.director_program(), i, &pkt.build()),
+                Some(i) => lb_tests::run_program_on(h.director.director_program(), &pkt.build(), i),
                 None => h.run(&pkt.build()),
             };
             assert_eq!(v, verdict, "{what}: verdict");
@@ -378,17 +257,14 @@ fn encapsulation_has_exact_outer_headers() {
 #[test]
 fn entropy_fills_source_host_bits_from_the_flow_hash() {
     lb_tests::require_root();
-    let ns = Ns::new("ent");
+    let ns = FibLab::new("ent");
     ns.run(|| {
         let yaml = CONFIG.replace(
             "    tun_source: [198.18.0.3, 2001:db8:1::3]",
             "    tun_source_entropy: true\n    tun_source: [198.18.200.0/24, 2001:db8:200::/64]",
         );
         let mut h = Harness::new(&yaml);
-        let up0 = ifindex("up0");
-        let info = dataplane::iface_info(&h.config.interfaces[0], UP_MAC);
-        h.director.maps.ifaces.insert(up0, info, 0).unwrap();
-        h.director.maps.tx_ports.insert(up0, up0, None, 0).unwrap();
+        FibLab::register_up0(&mut h);
         let mut sources = std::collections::HashSet::new();
         for port in 0..16 {
             let p = Pkt::tcp("198.18.2.1", "198.18.0.100", 41000 + port, 80);
@@ -413,7 +289,7 @@ fn entropy_fills_source_host_bits_from_the_flow_hash() {
 #[test]
 fn too_big_gets_icmp_back_to_the_client() {
     lb_tests::require_root();
-    let ns = Ns::new("mtu");
+    let ns = FibLab::new("mtu");
     ns.run(|| {
         let h = harness();
         let l3 = 14;
@@ -516,7 +392,7 @@ fn too_big_gets_icmp_back_to_the_client() {
 #[test]
 fn fib_failures_pass_to_the_kernel() {
     lb_tests::require_root();
-    let ns = Ns::new("fib");
+    let ns = FibLab::new("fib");
     ns.run(|| {
         let h = harness();
         // No route to the backend: unchanged.
@@ -567,7 +443,7 @@ fn icmp_error_v4(client: &str, client_port: u16, vip: &str) -> Vec<u8> {
 #[test]
 fn icmp_errors_reach_the_backend_that_owns_the_flow() {
     lb_tests::require_root();
-    let ns = Ns::new("icmp");
+    let ns = FibLab::new("icmp");
     ns.run(|| {
         let h = harness();
         // TUN service: open several flows; each flow's ICMP error follows it.
@@ -610,7 +486,7 @@ fn icmp_errors_reach_the_backend_that_owns_the_flow() {
 #[test]
 fn decap_unwraps_tunnels_addressed_to_the_host() {
     lb_tests::require_root();
-    let ns = Ns::new("dec");
+    let ns = FibLab::new("dec");
     ns.run(|| {
         let run = |d: &Decap, input: &[u8]| lb_tests::run_program(d.program(), input);
         let counters = |d: &Decap| d.counters().unwrap();

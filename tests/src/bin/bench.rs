@@ -1,14 +1,16 @@
 //! `cargo xtask bench`: ns/packet of the director's paths through BPF_PROG_TEST_RUN, next to
 //! a trivial MAC-swap `XDP_TX` program measured in the same run. Every measured path is
 //! proven by counters: a flow-hit run must create no flow, a new-flow run one per packet.
+//! Runs inside a namespace of its own (a [`FibLab`]) so the TUN path's FIB lookups see
+//! known routes.
 
 use aya::{
-    maps::ProgramArray,
+    maps::{Array, MapData, ProgramArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use clap::Parser;
 use lb_common::reason;
-use lb_tests::{Harness, Pkt, XDP_TX};
+use lb_tests::{netns::FibLab, Harness, Pkt, XDP_TX};
 use lb_userspace::dataplane::{self, Maps};
 
 #[derive(Parser)]
@@ -20,7 +22,8 @@ struct Args {
 
 const CONFIG: &str = "
 interfaces:
-  - name: lo
+  - name: up0
+    tun_source: [198.18.0.3, 2001:db8:1::3]
 flow_table_size: 65536
 services:
   - name: web
@@ -41,15 +44,34 @@ services:
     backends:
       - { address: 2001:db8::11, mac: '02:00:00:00:06:11' }
       - { address: 2001:db8::12, mac: '02:00:00:00:06:12' }
+  - name: tun
+    vip: 198.18.0.110
+    port: 80
+    protocol: tcp
+    mode: tun
+    backends:
+      - address: 198.18.5.11
+      - address: 198.18.5.12
+      - address: 198.18.5.13
 ";
 
-/// Kernel-measured average ns per run over `repeat` runs.
-fn time(prog: &Xdp, input: &[u8], repeat: u32) -> f64 {
+/// Driver settings (see `xdplb_bench_driver`).
+const STRIP_OUTER: u32 = 1;
+const NEW_FLOW: u32 = 2;
+
+/// Kernel-measured average ns per run over `repeat` runs, entering on `ifindex`.
+fn time(prog: &Xdp, input: &[u8], repeat: u32, ifindex: u32) -> f64 {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    let ctx: Vec<u8> = [0, input.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|w: &u32| w.to_ne_bytes())
+        .collect();
     let mut out = vec![0u8; input.len() + 256];
     let res = prog
         .test_run(TestRunOptions {
             data_in: Some(input),
             data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
             repeat,
             ..Default::default()
         })
@@ -60,10 +82,19 @@ fn time(prog: &Xdp, input: &[u8], repeat: u32) -> f64 {
 
 struct Row {
     path: &'static str,
+    /// Measured behind the driver program (compared with the floor behind the same driver).
+    driven: bool,
     samples: Vec<f64>,
 }
 
 impl Row {
+    fn new(path: &'static str, driven: bool) -> Row {
+        Row {
+            path,
+            driven,
+            samples: Vec::new(),
+        }
+    }
     fn median(&self) -> f64 {
         let mut s = self.samples.clone();
         s.sort_by(f64::total_cmp);
@@ -71,15 +102,10 @@ impl Row {
     }
 }
 
-fn loaded<'a>(h: &'a Harness, name: &str) -> &'a Xdp {
-    h.director
-        .loaded(name)
-        .expect("program loaded before the runs")
-}
-
+/// (forwarded DR + TUN, new flows over all services).
 fn counters(h: &Harness) -> (u64, u64) {
-    let fwd = h.reason(reason::FWD_DR);
-    let new: u64 = (0..2)
+    let fwd = h.reason(reason::FWD_DR) + h.reason(reason::FWD_TUN);
+    let new: u64 = (0..3)
         .map(|s| {
             Maps::sum_counters(&h.director.maps.service_stats, s)
                 .unwrap()
@@ -89,18 +115,37 @@ fn counters(h: &Harness) -> (u64, u64) {
     (fwd, new)
 }
 
+fn loaded<'a>(h: &'a Harness, name: &str) -> &'a Xdp {
+    h.director
+        .loaded(name)
+        .expect("program loaded before the runs")
+}
+
 fn main() {
     let args = Args::parse();
-    let (repeat, runs) = if args.quick {
+    lb_tests::require_root();
+    let lab = FibLab::new("bench");
+    let report = lab.run(move || bench(args.quick));
+    print!("{report}");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir).expect("target/bench");
+    std::fs::write(dir.join("report.md"), &report).expect("write report");
+    println!("\nwritten to target/bench/report.md");
+}
+
+fn bench(quick: bool) -> String {
+    let (repeat, runs) = if quick {
         (100_000u32, 3)
     } else {
         (1_000_000u32, 5)
     };
     let mut h = Harness::new(CONFIG);
+    FibLab::register_up0(&mut h);
+    let up0 = lb_userspace::netlink::ifindex("up0").expect("up0");
     let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build();
     let v6 = Pkt::tcp("2001:db8:2::1", "2001:db8::100", 40000, 80).build();
+    let tun_plain = Pkt::tcp("198.18.2.1", "198.18.0.110", 40000, 80).build();
 
-    // The driver tail-calls slot 0 of BENCH_NEXT: the director, or the floor for its own cost.
     let director_fd = h
         .director
         .director_program()
@@ -116,54 +161,51 @@ fn main() {
         .unwrap()
         .try_clone()
         .unwrap();
-    h.director
-        .program(dataplane::BENCH_NEW_FLOW_PROGRAM)
-        .unwrap();
-    let mut next: ProgramArray<_> = h
+    h.director.program(dataplane::BENCH_DRIVER_PROGRAM).unwrap();
+    let mut next: ProgramArray<MapData> = h
         .director
         .ebpf_mut()
         .take_map("BENCH_NEXT")
         .expect("BENCH_NEXT")
         .try_into()
         .expect("program array");
+    let mut cfg: Array<MapData, u32> = h
+        .director
+        .ebpf_mut()
+        .take_map("BENCH_CFG")
+        .expect("BENCH_CFG")
+        .try_into()
+        .expect("array");
 
     let mut rows = [
-        Row {
-            path: "floor: MAC swap + XDP_TX",
-            samples: vec![],
-        },
-        Row {
-            path: "DR flow hit, IPv4 TCP",
-            samples: vec![],
-        },
-        Row {
-            path: "DR flow hit, IPv6 TCP",
-            samples: vec![],
-        },
-        Row {
-            path: "floor via new-flow driver",
-            samples: vec![],
-        },
-        Row {
-            path: "DR new flow (table full), IPv4 TCP",
-            samples: vec![],
-        },
+        Row::new("floor: MAC swap + XDP_TX", false),
+        Row::new("DR flow hit, IPv4 TCP", false),
+        Row::new("DR flow hit, IPv6 TCP", false),
+        Row::new("floor behind the driver", true),
+        Row::new("DR new flow (table full), IPv4 TCP", true),
+        Row::new("TUN flow hit, IPIP (driver strips the outer header)", true),
+        Row::new("TUN new flow (table full), IPIP", true),
     ];
     for _ in 0..runs {
-        // (Re-)establish the flows the hit paths reuse: the new-flow runs evict them.
+        // (Re-)establish the flows the hit paths reuse: the new-flow runs evict them. The
+        // TUN input is the director's own output, so stripping and re-adding is a fixpoint.
         assert_eq!(h.run(&v4).0, XDP_TX);
         assert_eq!(h.run(&v6).0, XDP_TX);
+        let (verdict, tun_wrapped) =
+            lb_tests::run_program_on(h.director.director_program(), &tun_plain, up0);
+        assert_eq!(verdict, XDP_TX, "TUN path to the lab's backends");
+
         rows[0]
             .samples
-            .push(time(loaded(&h, dataplane::FLOOR_PROGRAM), &v4, repeat));
+            .push(time(loaded(&h, dataplane::FLOOR_PROGRAM), &v4, repeat, 1));
 
         let before = counters(&h);
         rows[1]
             .samples
-            .push(time(h.director.director_program(), &v4, repeat));
+            .push(time(h.director.director_program(), &v4, repeat, 1));
         rows[2]
             .samples
-            .push(time(h.director.director_program(), &v6, repeat));
+            .push(time(h.director.director_program(), &v6, repeat, 1));
         let after = counters(&h);
         assert_eq!(
             after.0 - before.0,
@@ -173,38 +215,72 @@ fn main() {
         assert_eq!(after.1, before.1, "hit-path runs created no flow");
 
         next.set(0, &floor_fd, 0).unwrap();
+        cfg.set(0, 0, 0).unwrap();
         rows[3].samples.push(time(
-            loaded(&h, dataplane::BENCH_NEW_FLOW_PROGRAM),
+            loaded(&h, dataplane::BENCH_DRIVER_PROGRAM),
             &v4,
             repeat,
+            1,
         ));
 
         next.set(0, &director_fd, 0).unwrap();
+        cfg.set(0, NEW_FLOW, 0).unwrap();
         let before = counters(&h);
         rows[4].samples.push(time(
-            loaded(&h, dataplane::BENCH_NEW_FLOW_PROGRAM),
+            loaded(&h, dataplane::BENCH_DRIVER_PROGRAM),
             &v4,
             repeat,
+            1,
         ));
         let after = counters(&h);
         assert_eq!(
             after.1 - before.1,
             u64::from(repeat),
-            "every new-flow run created a flow"
+            "every DR new-flow run created a flow"
+        );
+
+        // The DR new-flow runs filled the table: the TUN flow may be gone; open it again.
+        assert_eq!(lb_tests::run_program_on(h.director.director_program(), &tun_plain, up0).0, XDP_TX);
+        cfg.set(0, STRIP_OUTER, 0).unwrap();
+        let before = counters(&h);
+        rows[5].samples.push(time(
+            loaded(&h, dataplane::BENCH_DRIVER_PROGRAM),
+            &tun_wrapped,
+            repeat,
+            up0,
+        ));
+        let after = counters(&h);
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            (u64::from(repeat), 0),
+            "TUN hit runs: forwarded, no new flow"
+        );
+
+        cfg.set(0, STRIP_OUTER | NEW_FLOW, 0).unwrap();
+        let before = counters(&h);
+        rows[6].samples.push(time(
+            loaded(&h, dataplane::BENCH_DRIVER_PROGRAM),
+            &tun_wrapped,
+            repeat,
+            up0,
+        ));
+        let after = counters(&h);
+        assert_eq!(
+            after.1 - before.1,
+            u64::from(repeat),
+            "every TUN new-flow run created a flow"
         );
     }
 
     let floor = rows[0].median();
     let driver_floor = rows[3].median();
     let mut report = format!(
-        "xdplb bench ({} × {repeat} runs per path, BPF_PROG_TEST_RUN, {} CPUs)\n\n\
+        "xdplb bench ({runs} × {repeat} runs per path, BPF_PROG_TEST_RUN, {} CPUs)\n\n\
          | path | ns/packet (median) | min–max | × floor | Mpps/core |\n|---|---:|---:|---:|---:|\n",
-        runs,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
-    for (i, r) in rows.iter().enumerate() {
-        // Paths run through the driver compare with the floor run through the same driver.
-        let base = if i >= 3 { driver_floor } else { floor };
+    for r in &rows {
+        let base = if r.driven { driver_floor } else { floor };
         let min = r.samples.iter().copied().fold(f64::INFINITY, f64::min);
         let max = r.samples.iter().copied().fold(0.0, f64::max);
         let m = r.median();
@@ -215,9 +291,6 @@ fn main() {
             1000.0 / m
         ));
     }
-    print!("{report}");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir).expect("target/bench");
-    std::fs::write(dir.join("report.md"), &report).expect("write report");
-    println!("\nwritten to target/bench/report.md");
+    report.push_str("\nRows behind the driver compare with the floor behind the same driver.\n");
+    report
 }

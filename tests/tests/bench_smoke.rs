@@ -1,0 +1,31 @@
+//! The benchmark keeps working: `bench --quick` runs every path (its own counter checks
+//! prove each path) and prints a well-formed table. Timings are not judged here.
+
+use std::process::Command;
+
+#[test]
+fn bench_quick_runs_every_path_and_reports() {
+    lb_tests::require_root();
+    let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .arg("--quick")
+        .output()
+        .expect("run bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| path"))
+        .collect();
+    assert_eq!(rows.len(), 7, "one row per path:\n{stdout}");
+    for row in rows {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let ns: f64 = cells[2]
+            .parse()
+            .unwrap_or_else(|_| panic!("ns/packet in {row}"));
+        assert!(ns > 0.0, "{row}");
+    }
+}
