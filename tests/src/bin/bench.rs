@@ -240,7 +240,10 @@ fn bench(quick: bool) -> String {
         );
 
         // The DR new-flow runs filled the table: the TUN flow may be gone; open it again.
-        assert_eq!(lb_tests::run_program_on(h.director.director_program(), &tun_plain, up0).0, XDP_TX);
+        assert_eq!(
+            lb_tests::run_program_on(h.director.director_program(), &tun_plain, up0).0,
+            XDP_TX
+        );
         cfg.set(0, STRIP_OUTER, 0).unwrap();
         let before = counters(&h);
         rows[5].samples.push(time(
