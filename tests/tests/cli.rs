@@ -130,6 +130,22 @@ fn run_with_bad_input_attaches_nothing() {
     );
     assert!(!Path::new(&pin).exists());
 
+    let decap = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg(netns::xdplb_binary())
+        .args(["decap", "--iface", "no-such-if0"])
+        .output()
+        .expect("decap");
+    let err = String::from_utf8_lossy(&decap.stderr);
+    assert_eq!(decap.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("interface no-such-if0 does not exist"),
+        "{err}"
+    );
+    let (code, _, err) = xdplb(&["decap", "--iface", "lo", "--xdp-mode", "sideways"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("use auto, native or skb"), "{err}");
+
     let (code, out, err) = xdplb(&["--pin-dir", &pin, "status"]);
     assert_ne!(code, 0, "status without a director fails: {out}");
     assert!(err.contains("no director is pinned"), "{err}");

@@ -440,6 +440,46 @@ fn icmp_error_v4(client: &str, client_port: u16, vip: &str) -> Vec<u8> {
     out
 }
 
+/// ICMPv6 "packet too big" from a router to the VIP, quoting a backend's packet.
+fn icmp_error_v6(client: &str, client_port: u16, vip: &str) -> Vec<u8> {
+    let reply = Pkt::tcp(vip, client, 80, client_port).build();
+    let quote = &reply[14..14 + 48];
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ethernet2(CLIENT_MAC, DIRECTOR_MAC)
+        .ipv6(v6("2001:db8:1::1"), v6(vip), 64)
+        .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1400 })
+        .write(&mut out, quote)
+        .unwrap();
+    out
+}
+
+#[test]
+fn icmpv6_too_big_reaches_the_backend_that_owns_the_flow() {
+    lb_tests::require_root();
+    let ns = FibLab::new("icmp6");
+    ns.run(|| {
+        let h = harness();
+        let syn = Pkt::tcp("2001:db8:2::1", "2001:db8::100", 44000, 80);
+        let (v, first) = h.run(&syn.build());
+        assert_eq!(v, XDP_REDIRECT);
+        let err = icmp_error_v6("2001:db8:2::1", 44000, "2001:db8::100");
+        let before = h.reason(reason::ICMP_ERROR_STEERED);
+        let (v, out) = h.run(&err);
+        assert_eq!(v, XDP_REDIRECT, "error tunnelled like the flow");
+        assert_eq!(
+            out[14 + 24..14 + 40],
+            first[14 + 24..14 + 40],
+            "outer destination: the flow's backend"
+        );
+        assert_eq!(
+            out[14 + 40..],
+            err[14..],
+            "the ICMPv6 packet itself, unchanged, inside"
+        );
+        assert_eq!(h.reason(reason::ICMP_ERROR_STEERED), before + 1);
+    });
+}
+
 #[test]
 fn icmp_errors_reach_the_backend_that_owns_the_flow() {
     lb_tests::require_root();
