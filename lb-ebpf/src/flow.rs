@@ -6,6 +6,7 @@ use lb_common::{
 };
 
 use crate::select;
+use lb_ebpf::STATUS_OK;
 
 /// LRU hash with per-CPU LRU lists: RSS keeps a flow on one CPU, so eviction bookkeeping
 /// needs no cross-CPU lock, while the entries stay visible to every CPU. Capacity is set
@@ -14,6 +15,7 @@ use crate::select;
 static FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(FLOW_TABLE_CAPACITY, BPF_F_NO_COMMON_LRU);
 
+#[derive(Default)]
 pub struct Choice {
     /// Backend id (valid: `select::backend(id)` is `Some`).
     pub id: u32,
@@ -22,10 +24,30 @@ pub struct Choice {
 }
 
 /// The flow's backend: from the table, or scheduled now (and, with `record`, remembered).
+#[inline(always)]
+pub fn lookup_or_schedule(svc: &ServiceMeta, key: &FlowKey, record: bool) -> Result<Choice, u32> {
+    let mut out = Choice::default();
+    match lookup_out(svc, key, record, &mut out) {
+        STATUS_OK => Ok(out),
+        slot => Err(slot),
+    }
+}
+
 /// Out of line: its temporaries (hash words, the new entry) stay off the caller's frame,
 /// which must leave room for the forwarding call (the BPF stack is 512 bytes per chain).
 #[inline(never)]
-pub fn lookup_or_schedule(svc: &ServiceMeta, key: &FlowKey, record: bool) -> Result<Choice, u32> {
+fn lookup_out(svc: &ServiceMeta, key: &FlowKey, record: bool, out: &mut Choice) -> u32 {
+    match lookup(svc, key, record) {
+        Ok(c) => {
+            *out = c;
+            STATUS_OK
+        }
+        Err(slot) => slot,
+    }
+}
+
+#[inline(always)]
+fn lookup(svc: &ServiceMeta, key: &FlowKey, record: bool) -> Result<Choice, u32> {
     if let Some(v) = unsafe { FLOWS.get(key) } {
         // A backend removed from the config no longer owns its flows: reschedule them.
         if select::backend(v.backend).is_some() {

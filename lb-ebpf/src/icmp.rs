@@ -11,7 +11,7 @@ use lb_common::{
     reason, FlowKey, AF_INET, AF_INET6, DEFAULT_TTL, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
     IPPROTO_UDP,
 };
-use lb_ebpf::{frame_len, ptr_at};
+use lb_ebpf::{frame_len, ptr_at, STATUS_OK};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -46,10 +46,31 @@ pub enum Icmp {
     Steer(u8, u32),
 }
 
-/// Out of line, like the other rare paths here, so the fast path's stack frame stays small
-/// (the BPF stack is 512 bytes for the whole call chain).
-#[inline(never)]
+#[inline(always)]
 pub fn handle(ctx: &XdpContext, pkt: &Parsed) -> Result<Icmp, u32> {
+    // out = [steer?, action or mode, slot or backend id]
+    let mut out = [0u32; 3];
+    match handle_out(ctx, pkt, &mut out) {
+        STATUS_OK if out[0] != 0 => Ok(Icmp::Steer(out[1] as u8, out[2])),
+        STATUS_OK => Ok(Icmp::Done(out[1], out[2])),
+        slot => Err(slot),
+    }
+}
+
+/// Out of line, like the other rare paths here, so the fast path's stack frame stays small
+/// (the BPF stack is 512 bytes for the whole call chain); plain types only (`STATUS_OK`).
+#[inline(never)]
+fn handle_out(ctx: &XdpContext, pkt: &Parsed, out: &mut [u32; 3]) -> u32 {
+    match classify(ctx, pkt) {
+        Ok(Icmp::Done(action, slot)) => *out = [0, action, slot],
+        Ok(Icmp::Steer(mode, id)) => *out = [1, mode as u32, id],
+        Err(slot) => return slot,
+    }
+    STATUS_OK
+}
+
+#[inline(always)]
+fn classify(ctx: &XdpContext, pkt: &Parsed) -> Result<Icmp, u32> {
     if !select::is_vip(pkt.key.dst, pkt.key.family) {
         return Err(reason::PASS_NON_VIP);
     }
@@ -139,8 +160,25 @@ fn steer(ctx: &XdpContext, pkt: &Parsed) -> Result<Icmp, u32> {
 /// reply in place: cut after the quoted bytes, then grown at the front by the new IP + ICMP
 /// headers, so the quote never moves; the L2 header (MACs swapped, any VLAN tag kept) is
 /// copied to the new front.
-#[inline(never)]
+#[inline(always)]
 pub fn too_big(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Result<(u32, u32), u32> {
+    match too_big_out(ctx, pkt, mtu) {
+        STATUS_OK => Ok((xdp_action::XDP_TX, reason::ICMP_TOO_BIG_SENT)),
+        slot => Err(slot),
+    }
+}
+
+/// Out of line (stack budget); plain types only (see `STATUS_OK`).
+#[inline(never)]
+fn too_big_out(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> u32 {
+    match build_too_big(ctx, pkt, mtu) {
+        Ok(()) => STATUS_OK,
+        Err(slot) => slot,
+    }
+}
+
+#[inline(always)]
+fn build_too_big(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Result<(), u32> {
     // Never an ICMP error about an ICMP packet (RFC 1122 3.2.2, RFC 4443 2.4).
     if pkt.key.proto == IPPROTO_ICMP || pkt.key.proto == IPPROTO_ICMPV6 {
         return Err(reason::PASS_TOO_BIG_NO_DF);
@@ -255,5 +293,5 @@ pub fn too_big(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Result<(u32, u32), u
             (*ip).dst_addr = client;
         }
     }
-    Ok((xdp_action::XDP_TX, reason::ICMP_TOO_BIG_SENT))
+    Ok(())
 }

@@ -543,3 +543,17 @@ fn echo_to_a_vip_is_answered_by_the_director() {
     );
     check(&h, &f);
 }
+
+#[test]
+fn objects_load_with_btf() {
+    // A Rust enum in an out-of-line BPF function's signature makes BTF the kernel rejects;
+    // aya then silently loads without BTF (no source lines in verifier logs, no typed maps).
+    let h = Harness::new(CONFIG);
+    let info = h.director.director_program().info().expect("program info");
+    assert!(info.btf_id().is_some(), "director loaded with BTF");
+    let d = lb_userspace::decap::Decap::load(&[]).expect("decap object");
+    assert!(
+        d.program().info().expect("info").btf_id().is_some(),
+        "decap loaded with BTF"
+    );
+}

@@ -17,7 +17,7 @@ use lb_common::{
     flow_hash, reason, Backend, IfaceInfo, AF_INET, AF_INET6, DEFAULT_TTL, IFACE_F_SRC4,
     IFACE_F_SRC6, IPPROTO_IPIP, IPPROTO_IPV6, MAX_IFACES,
 };
-use lb_ebpf::{frame_len, ptr_at};
+use lb_ebpf::{frame_len, ptr_at, STATUS_OK};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -66,8 +66,30 @@ pub enum Tun {
 }
 
 /// Encapsulate and send toward `backend`.
-#[inline(never)]
+#[inline(always)]
 pub fn forward(ctx: &XdpContext, pkt: &Parsed, backend: &Backend) -> Result<Tun, u32> {
+    // out = [XDP action or 0, inner MTU when too big]
+    let mut out = [0u32; 2];
+    match forward_out(ctx, pkt, backend, &mut out) {
+        STATUS_OK if out[1] != 0 => Ok(Tun::TooBig(out[1])),
+        STATUS_OK => Ok(Tun::Sent(out[0])),
+        slot => Err(slot),
+    }
+}
+
+/// Out of line (stack budget); plain types only (see `STATUS_OK`).
+#[inline(never)]
+fn forward_out(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, out: &mut [u32; 2]) -> u32 {
+    match encapsulate(ctx, pkt, backend) {
+        Ok(Tun::Sent(action)) => *out = [action, 0],
+        Ok(Tun::TooBig(mtu)) => *out = [0, mtu.max(1)],
+        Err(slot) => return slot,
+    }
+    STATUS_OK
+}
+
+#[inline(always)]
+fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend) -> Result<Tun, u32> {
     let ingress = ctx.ingress_ifindex() as u32;
     let inner_len = frame_len(ctx) - pkt.l3;
     let outer6 = backend.family == AF_INET6;
