@@ -112,6 +112,18 @@ pub fn run_program(prog: &aya::programs::Xdp, input: &[u8]) -> (u32, Vec<u8>) {
 /// Run `prog` once on `input` as if it arrived on interface `ifindex` (`ctx_in` sets the
 /// ingress, so the FIB's egress can equal it: `XDP_TX`).
 pub fn run_program_on(prog: &aya::programs::Xdp, input: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+    let (verdict, out, _) = run_repeated_on(prog, input, ifindex, 1);
+    (verdict, out)
+}
+
+/// `repeat` runs on one buffer entering on `ifindex`: (last verdict, output, kernel-measured
+/// average time per run).
+pub fn run_repeated_on(
+    prog: &aya::programs::Xdp,
+    input: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> (u32, Vec<u8>, std::time::Duration) {
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
     let ctx: Vec<u8> = [0, input.len() as u32, 0, ifindex, 0, 0]
         .iter()
@@ -123,12 +135,12 @@ pub fn run_program_on(prog: &aya::programs::Xdp, input: &[u8], ifindex: u32) -> 
             data_in: Some(input),
             data_out: Some(&mut out),
             ctx_in: Some(&ctx),
-            repeat: 1,
+            repeat,
             ..Default::default()
         })
         .expect("BPF_PROG_TEST_RUN with ctx");
     out.truncate(res.data_size_out as usize);
-    (res.return_value, out)
+    (res.return_value, out, res.duration)
 }
 
 /// The 5-tuple the data plane will key this flow by.

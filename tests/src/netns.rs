@@ -418,6 +418,19 @@ impl Topology {
         self.children.len() - 1
     }
 
+    /// `xdplb stats --json` of the running director.
+    pub fn stats(&self, xdplb: &Path) -> serde_json::Value {
+        let out = sh(&[
+            xdplb.to_str().expect("path"),
+            "--pin-dir",
+            self.pin_dir.to_str().expect("path"),
+            "stats",
+            "--json",
+        ]);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("stats --json is not JSON ({e}): {out}"))
+    }
+
     /// TCP and UDP servers in every backend that answer with the backend's name.
     pub fn start_servers(&mut self) {
         for i in 0..self.backends {

@@ -86,14 +86,7 @@ fn dr_balances_real_tcp_and_udp_for_ipv4_and_ipv6() {
         status.contains("198.18.100.100:80/tcp") && status.contains("198.18.0.11"),
         "status:\n{status}"
     );
-    let stats = netns::sh(&[
-        xdplb.to_str().unwrap(),
-        "--pin-dir",
-        topo.pin_dir.to_str().unwrap(),
-        "stats",
-        "--json",
-    ]);
-    let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats --json is JSON");
+    let stats = topo.stats(&xdplb);
     assert!(
         stats["reasons"]["fwd_dr"].as_u64().unwrap() >= 2 * CONNECTIONS as u64,
         "{stats}"

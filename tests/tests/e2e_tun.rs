@@ -45,14 +45,7 @@ fn tun_balances_tcp_and_carries_bulk_transfers_both_ways() {
         netns::bulk_upload(&cl, vip, MIB).unwrap_or_else(|e| panic!("1 MiB upload to {vip}: {e}"));
     }
 
-    let stats = netns::sh(&[
-        xdplb.to_str().unwrap(),
-        "--pin-dir",
-        topo.pin_dir.to_str().unwrap(),
-        "stats",
-        "--json",
-    ]);
-    let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats --json");
+    let stats = topo.stats(&xdplb);
     let reasons = &stats["reasons"];
     assert!(
         reasons["fwd_tun"].as_u64().unwrap() >= 2 * CONNECTIONS as u64,

@@ -6,7 +6,7 @@
 
 use aya::{
     maps::{Array, MapData, ProgramArray},
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::Xdp,
 };
 use clap::Parser;
 use lb_common::reason;
@@ -61,23 +61,9 @@ const NEW_FLOW: u32 = 2;
 
 /// Kernel-measured average ns per run over `repeat` runs, entering on `ifindex`.
 fn time(prog: &Xdp, input: &[u8], repeat: u32, ifindex: u32) -> f64 {
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-    let ctx: Vec<u8> = [0, input.len() as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|w: &u32| w.to_ne_bytes())
-        .collect();
-    let mut out = vec![0u8; input.len() + 256];
-    let res = prog
-        .test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            repeat,
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    assert_eq!(res.return_value, XDP_TX, "benchmarked path must forward");
-    res.duration.as_nanos() as f64
+    let (verdict, _, duration) = lb_tests::run_repeated_on(prog, input, ifindex, repeat);
+    assert_eq!(verdict, XDP_TX, "benchmarked path must forward");
+    duration.as_nanos() as f64
 }
 
 struct Row {
