@@ -59,6 +59,10 @@ pub mod mode {
     pub const DR: u8 = 1;
     /// IP-in-IP to the backend (IPIP, IPv6-in-IPv6, IPv4-in-IPv6); next hop by FIB lookup.
     pub const TUN: u8 = 2;
+    /// Destination NAT to the backend; replies come back through the director.
+    pub const NAT: u8 = 3;
+    /// Source + destination NAT: the backend sees a director address (pool) as the client.
+    pub const FULLNAT: u8 = 4;
 }
 
 /// Key of `SERVICES`: a virtual service. IPv4 addresses occupy the first four bytes of
@@ -109,6 +113,57 @@ pub struct FlowValue {
     pub backend: u32,
     /// Service id the flow was scheduled by.
     pub service: u32,
+    /// Full-NAT: the source the backend sees (pool address index, port in network order).
+    pub snat_addr: u16,
+    pub snat_port_be: u16,
+    /// [`FLOW_F_FIN_CLIENT`] | [`FLOW_F_FIN_BACKEND`] | [`FLOW_F_SNAT`].
+    pub flags: u32,
+}
+
+/// `FlowValue::flags`: a FIN was seen from the client / from the backend.
+pub const FLOW_F_FIN_CLIENT: u32 = 1;
+pub const FLOW_F_FIN_BACKEND: u32 = 2;
+/// `FlowValue::flags`: `snat_*` hold the flow's full-NAT source.
+pub const FLOW_F_SNAT: u32 = 4;
+
+/// Key of `NAT_REPLIES`: a reply's 5-tuple as it arrives from the backend (`FlowKey`
+/// layout: src = backend, dst = client or full-NAT source). Value: what to restore.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatReply {
+    /// The VIP and port the client talks to (the reply's new source).
+    pub vip: [u8; 16],
+    /// Full-NAT: the client (the reply's new destination); NAT: unused.
+    pub client: [u8; 16],
+    pub vip_port_be: u16,
+    pub client_port_be: u16,
+    /// 1 = full-NAT (also rewrite the destination).
+    pub fullnat: u8,
+    pub _pad: [u8; 3],
+    /// The forward flow, so a FIN/RST from the backend can end it.
+    pub flow: FlowKey,
+}
+
+/// Full-NAT source addresses (`SNAT_POOL`, an array); `SNAT_CONFIG` says how many of each
+/// family and which port range.
+pub const MAX_SNAT_ADDRS: u32 = 64;
+
+/// Value of `SNAT_POOL`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SnatAddr {
+    pub addr: [u8; 16],
+}
+
+/// Value of `SNAT_CONFIG[0]`: pool layout. IPv4 addresses are slots `0..v4_count`, IPv6
+/// addresses `v4_count..v4_count + v6_count`; ports `port_min..=port_max` (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SnatConfig {
+    pub v4_count: u32,
+    pub v6_count: u32,
+    pub port_min: u32,
+    pub port_max: u32,
 }
 
 /// `Backend::flags` bit: the slot holds a configured backend.
@@ -129,6 +184,9 @@ pub struct Backend {
     pub service: u32,
     /// Configured weight (for `xdplb status`; the ring already encodes it).
     pub weight: u32,
+    /// NAT modes: the backend's port (network order); 0 = the client's destination port.
+    pub port_be: u16,
+    pub _pad: [u8; 2],
 }
 
 /// `IfaceInfo::flags` bits.
@@ -217,9 +275,19 @@ pub mod reason {
     pub const PASS_NO_TUN_SOURCE: u32 = 18;
     /// A packet-size change (`bpf_xdp_adjust_head`/`_tail`) failed.
     pub const PASS_ADJUST_FAILED: u32 = 19;
+    /// NAT / full-NAT: client packet rewritten to the backend and forwarded.
+    pub const FWD_NAT: u32 = 20;
+    /// NAT / full-NAT: backend reply rewritten back to the VIP and forwarded to the client.
+    pub const FWD_NAT_REPLY: u32 = 21;
+    /// NAT: TTL / hop limit would expire; the kernel answers (time exceeded).
+    pub const PASS_TTL_EXPIRED: u32 = 22;
+    /// Full-NAT: no free source port found for a new flow; the kernel gets the packet.
+    pub const PASS_SNAT_EXHAUSTED: u32 = 23;
+    /// NAT flow ended by FIN in both directions or RST: its entries were removed.
+    pub const NAT_FLOW_CLOSED: u32 = 24;
 
     /// Number of slots (size of `REASONS`).
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 25;
 
     /// Names printed by `xdplb stats` and used as metric labels, indexed by slot.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -243,6 +311,11 @@ pub mod reason {
         "icmp_error_steered",
         "pass_no_tun_source",
         "pass_adjust_failed",
+        "fwd_nat",
+        "fwd_nat_reply",
+        "pass_ttl_expired",
+        "pass_snat_exhausted",
+        "nat_flow_closed",
     ];
 }
 
@@ -287,8 +360,11 @@ pub mod maps {
     pub const REASONS: &str = "REASONS";
     pub const VIPS: &str = "VIPS";
     pub const TX_PORTS: &str = "TX_PORTS";
+    pub const NAT_REPLIES: &str = "NAT_REPLIES";
+    pub const SNAT_POOL: &str = "SNAT_POOL";
+    pub const SNAT_CONFIG: &str = "SNAT_CONFIG";
     /// Every map the director pins, in a stable order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         RINGS,
         BACKENDS,
@@ -299,6 +375,9 @@ pub mod maps {
         REASONS,
         VIPS,
         TX_PORTS,
+        NAT_REPLIES,
+        SNAT_POOL,
+        SNAT_CONFIG,
     ];
 }
 
@@ -333,4 +412,7 @@ mod pod {
     unsafe impl aya::Pod for super::IfaceInfo {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::VipAddr {}
+    unsafe impl aya::Pod for super::NatReply {}
+    unsafe impl aya::Pod for super::SnatAddr {}
+    unsafe impl aya::Pod for super::SnatConfig {}
 }

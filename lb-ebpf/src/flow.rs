@@ -15,6 +15,18 @@ use lb_ebpf::STATUS_OK;
 static FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(FLOW_TABLE_CAPACITY, BPF_F_NO_COMMON_LRU);
 
+/// The table entry of an established flow, to update in place (NAT state).
+#[inline(always)]
+pub fn entry(key: &FlowKey) -> Option<*mut FlowValue> {
+    FLOWS.get_ptr_mut(key)
+}
+
+/// End a flow (NAT close, RST): the next packet of this 5-tuple is a new flow.
+#[inline(always)]
+pub fn forget(key: &FlowKey) {
+    let _ = FLOWS.remove(key);
+}
+
 #[derive(Default)]
 pub struct Choice {
     /// Backend id (valid: `select::backend(id)` is `Some`).
@@ -63,6 +75,7 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, record: bool) -> Result<Choice, u32>
         let value = FlowValue {
             backend: id,
             service: svc.id,
+            ..FlowValue::default()
         };
         if FLOWS.insert(key, &value, 0).is_err() {
             crate::stats::reason(reason::FLOW_INSERT_FAILED);

@@ -53,7 +53,7 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
             Icmp::Steer(mode, id) => {
                 let backend = select::backend(id).ok_or(reason::PASS_NO_BACKEND)?;
                 (
-                    forward(ctx, &pkt, mode, backend)?.0,
+                    forward(ctx, &pkt, mode, backend, false)?.0,
                     reason::ICMP_ERROR_STEERED,
                 )
             }
@@ -61,10 +61,24 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
         stats::reason(slot);
         return Ok(action);
     }
-    let svc = select::service(&pkt.key)?;
+    let svc = match select::service(&pkt.key) {
+        Ok(svc) => svc,
+        // Not for a VIP: perhaps a backend's reply to a NAT flow.
+        Err(slot) => {
+            let action = fwd::nat::reply(ctx, &pkt).map_err(|e| {
+                if e == reason::PASS_NON_VIP {
+                    slot
+                } else {
+                    e
+                }
+            })?;
+            stats::reason(reason::FWD_NAT_REPLY);
+            return Ok(action);
+        }
+    };
     let choice = flow::lookup_or_schedule(&svc, &pkt.key, true)?;
     let backend = select::backend(choice.id).ok_or(reason::PASS_NO_BACKEND)?;
-    let (action, slot) = forward(ctx, &pkt, svc.mode, backend)?;
+    let (action, slot) = forward(ctx, &pkt, svc.mode, backend, choice.new)?;
     stats::forwarded(svc.id, choice.id, pkt.len, choice.new);
     stats::reason(slot);
     if DEBUG_LOG.load() != 0 {
@@ -80,6 +94,7 @@ fn forward(
     pkt: &parse::Parsed,
     mode: u8,
     backend: &Backend,
+    new: bool,
 ) -> Result<(u32, u32), u32> {
     match mode {
         mode::DR => Ok((fwd::dr::forward(ctx, backend)?, reason::FWD_DR)),
@@ -87,6 +102,14 @@ fn forward(
             fwd::tun::Tun::Sent(action) => Ok((action, reason::FWD_TUN)),
             fwd::tun::Tun::TooBig(mtu) => icmp::too_big(ctx, pkt, mtu),
         },
+        mode::NAT => Ok((
+            fwd::nat::forward(ctx, pkt, backend, false, new)?,
+            reason::FWD_NAT,
+        )),
+        mode::FULLNAT => Ok((
+            fwd::nat::forward(ctx, pkt, backend, true, new)?,
+            reason::FWD_NAT,
+        )),
         _ => Err(reason::PASS_NO_BACKEND),
     }
 }

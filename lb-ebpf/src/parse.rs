@@ -48,6 +48,15 @@ pub struct Parsed {
     /// IPv4 "don't fragment" (always true for IPv6, which routers never fragment).
     pub df: bool,
 }
+/// Offset of the IP header: 14, or 18 behind one VLAN tag (for code that gets only `ctx`).
+#[inline(always)]
+pub fn l3_offset(ctx: &XdpContext) -> usize {
+    match ptr_at::<EthHdr>(ctx, 0) {
+        Some(eth) if unsafe { (*eth).ether_type } == ETH_P_8021Q => EthHdr::LEN + VLAN_HDR_LEN,
+        _ => EthHdr::LEN,
+    }
+}
+
 /// Fills `out` (in place: returning the struct by value costs the fast path stack copies).
 #[inline(always)]
 pub fn parse(ctx: &XdpContext, out: &mut Parsed) -> Result<(), u32> {

@@ -31,6 +31,39 @@ pub struct Config {
     /// Reserved for the Prometheus endpoint; rejected until it exists.
     #[serde(default)]
     pub metrics: Option<serde_yaml::Value>,
+    /// Source addresses and ports for `fullnat` services.
+    #[serde(default)]
+    pub fullnat: Option<FullNat>,
+}
+
+/// The full-NAT source pool: the backend sees one of these addresses (of its family) and a
+/// port from the range as the client. Put the addresses on the backend-facing interface so
+/// the director answers ARP / neighbour discovery for them, and keep them out of the
+/// kernel's own use (its ephemeral ports would collide).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FullNat {
+    pub pool: Vec<IpAddr>,
+    #[serde(default = "default_port_min")]
+    pub port_min: u16,
+    #[serde(default = "default_port_max")]
+    pub port_max: u16,
+}
+
+fn default_port_min() -> u16 {
+    1024
+}
+fn default_port_max() -> u16 {
+    65535
+}
+
+impl FullNat {
+    /// Flows one address family of the pool can hold at once (per backend port).
+    pub fn capacity(&self, ipv4: bool) -> u64 {
+        let addrs = self.pool.iter().filter(|a| a.is_ipv4() == ipv4).count() as u64;
+        let ports = u64::from(self.port_max).saturating_sub(u64::from(self.port_min)) + 1;
+        addrs * ports
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -194,6 +227,9 @@ pub struct Backend {
     /// absent. Kept as text so a bad value is reported on its own line by validation.
     #[serde(default)]
     pub mac: Option<String>,
+    /// NAT modes: the backend's port (default: the client's destination port).
+    #[serde(default)]
+    pub port: Option<u16>,
 }
 
 impl Backend {
@@ -459,6 +495,52 @@ impl Config {
                 );
             }
         }
+        if let Some(f) = &self.fullnat {
+            let mut seen = HashSet::new();
+            for (i, a) in f.pool.iter().enumerate() {
+                if !seen.insert(a) {
+                    err(
+                        format!("fullnat.pool[{i}]"),
+                        format!("{a} is listed twice (pools must not overlap)"),
+                    );
+                }
+                if self.services.iter().any(|s| s.vip == *a) {
+                    err(
+                        format!("fullnat.pool[{i}]"),
+                        format!("{a} is a VIP; pool addresses must be the director's own"),
+                    );
+                }
+            }
+            if f.port_min > f.port_max || f.port_min == 0 {
+                err(
+                    "fullnat.port_min".into(),
+                    format!(
+                        "port range {}-{} is empty or starts at 0",
+                        f.port_min, f.port_max
+                    ),
+                );
+            }
+            let flows = u64::from(self.flow_table_size());
+            for ipv4 in [true, false] {
+                let used = self
+                    .services
+                    .iter()
+                    .any(|s| s.mode == Mode::Fullnat && s.vip.is_ipv4() == ipv4);
+                let cap = f.capacity(ipv4);
+                if used && cap > 0 && cap < flows {
+                    err(
+                        "fullnat.pool".into(),
+                        format!(
+                            "{} source ports ({} addresses × {} ports) cannot hold the {flows} flows of \
+                             flow_table_size: add addresses, widen the port range or lower flow_table_size",
+                            if ipv4 { "IPv4" } else { "IPv6" },
+                            f.pool.iter().filter(|a| a.is_ipv4() == ipv4).count(),
+                            u32::from(f.port_max) - u32::from(f.port_min) + 1
+                        ),
+                    );
+                }
+            }
+        }
         if self.metrics.is_some() {
             err(
                 "metrics".into(),
@@ -505,14 +587,38 @@ impl Config {
                     ),
                 );
             }
-            if !matches!(s.mode, Mode::Dr | Mode::Tun) {
+            let nat = matches!(s.mode, Mode::Nat | Mode::Fullnat);
+            if nat && !host.forwarding(s.vip.is_ipv4()) {
+                let knob = if s.vip.is_ipv4() {
+                    "net.ipv4.ip_forward=1"
+                } else {
+                    "net.ipv6.conf.all.forwarding=1"
+                };
                 err(
                     format!("{p}.mode"),
                     format!(
-                        "mode `{}` is not available in this version; use `dr` or `tun`",
+                        "mode `{}` routes packets, so the director needs IP forwarding (the kernel FIB lookup \
+                         refuses otherwise): sysctl -w {knob}",
                         s.mode
                     ),
                 );
+            }
+            if s.mode == Mode::Fullnat {
+                match &self.fullnat {
+                    None => err(
+                        format!("{p}.mode"),
+                        "full-NAT needs a source pool: add `fullnat: {{pool: [ADDRESS, ...]}}`"
+                            .into(),
+                    ),
+                    Some(f) if f.capacity(s.vip.is_ipv4()) == 0 => err(
+                        format!("{p}.mode"),
+                        format!(
+                            "full-NAT needs an {} address in `fullnat.pool`",
+                            if s.vip.is_ipv4() { "IPv4" } else { "IPv6" }
+                        ),
+                    ),
+                    _ => {}
+                }
             }
             if s.scheduler != Scheduler::Maglev {
                 err(
@@ -562,6 +668,28 @@ impl Config {
                             "DR mode needs backends of the VIP's address family ({} vs {})",
                             b.address, s.vip
                         ),
+                    );
+                }
+                if nat && b.address.is_ipv4() != s.vip.is_ipv4() {
+                    err(
+                        format!("{bp}.address"),
+                        format!(
+                            "{} mode needs backends of the VIP's address family ({} vs {})",
+                            s.mode, b.address, s.vip
+                        ),
+                    );
+                }
+                if b.port.is_some() && !nat {
+                    err(
+                        format!("{bp}.port"),
+                        format!("a backend port only applies to nat/fullnat; `{}` keeps the client's port", s.mode),
+                    );
+                }
+                if b.port == Some(0) {
+                    err(
+                        format!("{bp}.port"),
+                        "port 0 is not a backend port; leave `port` out to keep the client's"
+                            .into(),
                     );
                 }
                 if s.mode == Mode::Tun {

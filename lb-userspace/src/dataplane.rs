@@ -11,8 +11,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maps, Backend, Counters, FlowKey, FlowValue, IfaceInfo, ServiceMeta, VipAddr, VipKey,
-    RINGS_PER_SERVICE, RING_SIZE,
+    maps, Backend, Counters, FlowKey, FlowValue, IfaceInfo, NatReply, ServiceMeta, SnatAddr,
+    SnatConfig, VipAddr, VipKey, RINGS_PER_SERVICE, RING_SIZE,
 };
 
 use crate::config;
@@ -78,6 +78,9 @@ pub struct Maps {
     pub reasons: PerCpuArray<MapData, u64>,
     pub vips: HashMap<MapData, VipAddr, u32>,
     pub tx_ports: DevMapHash<MapData>,
+    pub nat_replies: HashMap<MapData, FlowKey, NatReply>,
+    pub snat_pool: Array<MapData, SnatAddr>,
+    pub snat_config: Array<MapData, SnatConfig>,
 }
 
 impl Maps {
@@ -93,6 +96,9 @@ impl Maps {
             reasons: get(maps::REASONS)?.try_into()?,
             vips: get(maps::VIPS)?.try_into()?,
             tx_ports: get(maps::TX_PORTS)?.try_into()?,
+            nat_replies: get(maps::NAT_REPLIES)?.try_into()?,
+            snat_pool: get(maps::SNAT_POOL)?.try_into()?,
+            snat_config: get(maps::SNAT_CONFIG)?.try_into()?,
         })
     }
 
@@ -135,6 +141,9 @@ pub struct Desired {
     pub backends: BTreeMap<u32, Backend>,
     /// Every VIP address (answered to ICMP echo).
     pub vips: std::collections::BTreeSet<[u8; 17]>,
+    /// Full-NAT pool: IPv4 addresses first, then IPv6.
+    pub snat_pool: Vec<[u8; 16]>,
+    pub snat: SnatConfig,
 }
 
 fn vip_addr(v: &[u8; 17]) -> VipAddr {
@@ -180,6 +189,22 @@ pub fn addr_from_bytes(bytes: [u8; 16], family: u8) -> std::net::IpAddr {
 /// next-hop MAC (configured or resolved).
 pub fn desired(cfg: &config::Config, mac_of: impl Fn(&config::Backend) -> [u8; 6]) -> Desired {
     let mut out = Desired::default();
+    if let Some(f) = &cfg.fullnat {
+        for ipv4 in [true, false] {
+            out.snat_pool.extend(
+                f.pool
+                    .iter()
+                    .filter(|a| a.is_ipv4() == ipv4)
+                    .map(|a| addr_bytes(*a).0),
+            );
+        }
+        out.snat = SnatConfig {
+            v4_count: f.pool.iter().filter(|a| a.is_ipv4()).count() as u32,
+            v6_count: f.pool.iter().filter(|a| a.is_ipv6()).count() as u32,
+            port_min: u32::from(f.port_min),
+            port_max: u32::from(f.port_max),
+        };
+    }
     let mut next_backend = 0u32;
     for (sid, svc) in cfg.services.iter().enumerate() {
         let sid = sid as u32;
@@ -197,6 +222,8 @@ pub fn desired(cfg: &config::Config, mac_of: impl Fn(&config::Backend) -> [u8; 6
                     flags: lb_common::BACKEND_F_VALID,
                     service: sid,
                     weight: b.weight,
+                    port_be: b.port.unwrap_or(0).to_be(),
+                    _pad: [0; 2],
                 },
             );
             entries.push(crate::maglev::Entry {
@@ -221,8 +248,8 @@ pub fn desired(cfg: &config::Config, mac_of: impl Fn(&config::Backend) -> [u8; 6
             mode: match svc.mode {
                 config::Mode::Dr => lb_common::mode::DR,
                 config::Mode::Tun => lb_common::mode::TUN,
-                // Rejected by validation in this version.
-                _ => 0,
+                config::Mode::Nat => lb_common::mode::NAT,
+                config::Mode::Fullnat => lb_common::mode::FULLNAT,
             },
             ring: crate::maglev::build(&entries, RING_SIZE),
         });
@@ -264,6 +291,8 @@ impl Director {
         let pin_dir = opts.pin_dir;
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(maps::FLOWS, opts.flow_table_size);
+        // One reply mapping per NAT flow.
+        loader.map_max_entries(maps::NAT_REPLIES, opts.flow_table_size);
         let debug_log = u8::from(opts.debug_log);
         loader.override_global("DEBUG_LOG", &debug_log, true);
         if let Some(dir) = pin_dir {
@@ -440,6 +469,11 @@ pub fn apply(m: &mut Maps, want: &Desired) -> Result<()> {
                 .unwrap_or(false)
         })
         .collect();
+    // Pool before services: a full-NAT flow must never see an empty pool.
+    for (i, a) in want.snat_pool.iter().enumerate() {
+        m.snat_pool.set(i as u32, SnatAddr { addr: *a }, 0)?;
+    }
+    m.snat_config.set(0, want.snat, 0)?;
     for (&id, b) in &want.backends {
         m.backends.set(id, *b, 0)?;
     }

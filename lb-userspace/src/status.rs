@@ -99,6 +99,9 @@ pub fn render_status(services: &[ServiceReport]) -> String {
             what: endpoint(&s.key),
             mode: match s.mode {
                 lb_common::mode::DR => "dr".into(),
+                lb_common::mode::TUN => "tun".into(),
+                lb_common::mode::NAT => "nat".into(),
+                lb_common::mode::FULLNAT => "fullnat".into(),
                 m => format!("mode {m}"),
             },
             weight: String::new(),

@@ -1,17 +1,101 @@
-//! Forwarding, one module per mode, and what both need to know about our interfaces.
+//! Forwarding, one module per mode, and what they share: our interfaces, the kernel FIB
+//! lookup for the next hop, and sending out of the right port.
 
 pub mod dr;
+pub mod nat;
 pub mod tun;
 
-use aya_ebpf::{macros::map, maps::HashMap};
-use lb_common::{IfaceInfo, MAX_IFACES};
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup as FibLookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+    },
+    helpers::bpf_fib_lookup,
+    macros::map,
+    maps::{DevMapHash, HashMap},
+    programs::XdpContext,
+};
+use lb_common::{reason, IfaceInfo, AF_INET6, MAX_IFACES};
 
 /// ifindex -> what we know of the interface (its MAC, TUN outer sources), filled by the
 /// controller when it attaches.
 #[map]
 static IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(MAX_IFACES, 0);
 
+/// Egress ports for `XDP_REDIRECT` when the FIB picks another interface than the ingress
+/// one, keyed by ifindex; the controller adds every interface it attaches to.
+#[map]
+static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
+
 #[inline(always)]
 pub fn iface(ifindex: u32) -> Option<&'static IfaceInfo> {
     unsafe { IFACES.get(&ifindex) }
+}
+
+// Address families as the kernel FIB helper wants them (not our AF_INET/AF_INET6 tags).
+const FIB_AF_INET: u8 = 2;
+const FIB_AF_INET6: u8 = 10;
+
+/// Where the kernel would send a packet.
+pub struct NextHop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+pub enum Route {
+    Via(NextHop),
+    /// Route known, next hop's MAC not (yet): the kernel must resolve it.
+    NoNeigh(NextHop),
+    /// A packet of the given size would exceed this path MTU.
+    TooBig(u32),
+}
+
+/// FIB lookup for `dst` (our `family` tag), checking `tot_len` (IP bytes) against the MTU.
+/// No route, blackhole, forwarding disabled: `PASS_FIB_FAILED`.
+#[inline(always)]
+pub fn route(ctx: &XdpContext, family: u8, dst: &[u8; 16], tot_len: usize) -> Result<Route, u32> {
+    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.__bindgen_anon_1.tot_len = tot_len as u16;
+    if family == AF_INET6 {
+        fib.family = FIB_AF_INET6;
+        fib.__bindgen_anon_4.ipv6_dst = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*dst) };
+    } else {
+        fib.family = FIB_AF_INET;
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]]);
+    }
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut fib,
+            core::mem::size_of::<FibLookup>() as i32,
+            0,
+        )
+    } as u32;
+    let hop = NextHop {
+        ifindex: fib.ifindex,
+        smac: fib.smac,
+        dmac: fib.dmac,
+    };
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(Route::Via(hop)),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Route::NoNeigh(hop)),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Ok(Route::TooBig(
+            unsafe { fib.__bindgen_anon_1.mtu_result } as u32,
+        )),
+        _ => Err(reason::PASS_FIB_FAILED),
+    }
+}
+
+/// Out of `ifindex`: back where it came from (`XDP_TX`) or through the devmap.
+#[inline(always)]
+pub fn send(ctx: &XdpContext, ifindex: u32) -> Result<u32, u32> {
+    if ifindex == ctx.ingress_ifindex() as u32 {
+        return Ok(xdp_action::XDP_TX);
+    }
+    // Flags: on a missing port the helper returns XDP_PASS (the controller adds every port).
+    TX_PORTS
+        .redirect(ifindex, xdp_action::XDP_PASS as u64)
+        .map_err(|_| reason::PASS_UNKNOWN_IFACE)
 }

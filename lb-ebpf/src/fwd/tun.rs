@@ -3,19 +3,10 @@
 //! the backend's family. The next hop comes from the kernel FIB (`bpf_fib_lookup`), which
 //! also checks the egress MTU: too big gets ICMP back to the client, never a silent drop.
 
-use aya_ebpf::{
-    bindings::{
-        bpf_fib_lookup as FibLookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-    },
-    helpers::{bpf_fib_lookup, bpf_xdp_adjust_head},
-    macros::map,
-    maps::DevMapHash,
-    programs::XdpContext,
-};
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
     flow_hash, reason, Backend, IfaceInfo, AF_INET, AF_INET6, DEFAULT_TTL, IFACE_F_SRC4,
-    IFACE_F_SRC6, IPPROTO_IPIP, IPPROTO_IPV6, MAX_IFACES,
+    IFACE_F_SRC6, IPPROTO_IPIP, IPPROTO_IPV6,
 };
 use lb_ebpf::{frame_len, ptr_at, STATUS_OK};
 use network_types::{
@@ -23,16 +14,12 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
-use crate::{csum, fwd::iface, parse::Parsed};
+use crate::{
+    csum,
+    fwd::{iface, route, send, Route},
+    parse::Parsed,
+};
 
-/// Egress ports for `XDP_REDIRECT` when the FIB picks another interface than the ingress
-/// one, keyed by ifindex; the controller adds every interface it attaches to.
-#[map]
-static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
-
-// Address families as the kernel FIB helper wants them (not our AF_INET/AF_INET6 tags).
-const FIB_AF_INET: u8 = 2;
-const FIB_AF_INET6: u8 = 10;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 
@@ -97,43 +84,20 @@ fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend) -> Result<Tun,
     let outer_len = inner_len + hdr_len;
 
     // Route to the backend; the kernel also compares the outer size with the path MTU.
-    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
-    fib.family = if outer6 { FIB_AF_INET6 } else { FIB_AF_INET };
-    fib.ifindex = ingress;
-    fib.__bindgen_anon_1.tot_len = outer_len as u16;
-    if outer6 {
-        fib.__bindgen_anon_4.ipv6_dst =
-            unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(backend.addr) };
-    } else {
-        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([
-            backend.addr[0],
-            backend.addr[1],
-            backend.addr[2],
-            backend.addr[3],
-        ]);
-    }
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx as *mut _,
-            &mut fib,
-            core::mem::size_of::<FibLookup>() as i32,
-            0,
-        )
-    } as u32;
-    let no_neigh = match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => false,
-        BPF_FIB_LKUP_RET_NO_NEIGH => true,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
-            let mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as usize;
+    let fib = match route(ctx, backend.family, &backend.addr, outer_len)? {
+        Route::Via(hop) => (hop, false),
+        Route::NoNeigh(hop) => (hop, true),
+        Route::TooBig(mtu) => {
             if !pkt.df {
                 return Err(reason::PASS_TOO_BIG_NO_DF);
             }
             // The client must send inner packets that fit once wrapped.
+            let mtu = mtu as usize;
             let inner_mtu = if mtu > hdr_len { mtu - hdr_len } else { 0 };
             return Ok(Tun::TooBig(inner_mtu as u32));
         }
-        _ => return Err(reason::PASS_FIB_FAILED),
     };
+    let (fib, no_neigh) = fib;
 
     let egress: &IfaceInfo = iface(fib.ifindex).ok_or(reason::PASS_UNKNOWN_IFACE)?;
     let hash = flow_hash(&pkt.key);
@@ -222,12 +186,5 @@ fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend) -> Result<Tun,
     if no_neigh {
         return Err(reason::PASS_NO_NEIGH);
     }
-    if fib.ifindex == ingress {
-        return Ok(Tun::Sent(xdp_action::XDP_TX));
-    }
-    // Flags: on a missing port the helper returns XDP_PASS (the controller adds every port).
-    TX_PORTS
-        .redirect(fib.ifindex, xdp_action::XDP_PASS as u64)
-        .map(Tun::Sent)
-        .map_err(|_| reason::PASS_UNKNOWN_IFACE)
+    send(ctx, fib.ifindex).map(Tun::Sent)
 }

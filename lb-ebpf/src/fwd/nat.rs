@@ -1,0 +1,497 @@
+//! NAT (LVS NAT, "half NAT") and full-NAT. The client's packet gets the backend's address and
+//! port as destination (full-NAT: also a director address and port from the pool as
+//! source); the backend's reply comes back through the director and is matched in
+//! `NAT_REPLIES`, which restores the VIP (and, full-NAT, the client). Checksums are updated
+//! incrementally (RFC 1624); TTL / hop limit drops by one as in any router. TCP FIN in both
+//! directions (then the last ACK) or RST ends the flow and its NAT state.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LruHashMap},
+    programs::XdpContext,
+};
+use lb_common::{
+    flow_hash, reason, Backend, FlowKey, NatReply, SnatAddr, SnatConfig, AF_INET, AF_INET6,
+    FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_SNAT, FLOW_TABLE_CAPACITY, IPPROTO_TCP,
+    IPPROTO_UDP, MAX_SNAT_ADDRS,
+};
+use lb_ebpf::{frame_len, ptr_at, STATUS_OK};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+
+use crate::{
+    csum, flow,
+    fwd::{route, send, Route},
+    parse::Parsed,
+};
+
+/// Reply 5-tuple (as it arrives from the backend) -> what to restore. One LRU with a common
+/// list: replies may arrive on any CPU. Sized like the flow table by the controller.
+#[map]
+static NAT_REPLIES: LruHashMap<FlowKey, NatReply> =
+    LruHashMap::with_max_entries(FLOW_TABLE_CAPACITY, 0);
+
+/// Full-NAT source addresses (IPv4 first, then IPv6; see `SnatConfig`).
+#[map]
+static SNAT_POOL: Array<SnatAddr> = Array::with_max_entries(MAX_SNAT_ADDRS, 0);
+
+#[map]
+static SNAT_CONFIG: Array<SnatConfig> = Array::with_max_entries(1, 0);
+
+/// Candidate source ports tried for a new full-NAT flow before giving up.
+const SNAT_TRIES: u32 = 8;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+/// Where the transport checksum sits (TCP 16, UDP 6).
+#[inline(always)]
+fn l4_check_at(proto: u8) -> usize {
+    if proto == IPPROTO_TCP {
+        16
+    } else {
+        6
+    }
+}
+
+#[inline(always)]
+fn tcp_flags(ctx: &XdpContext, pkt: &Parsed) -> u8 {
+    if pkt.key.proto != IPPROTO_TCP {
+        return 0;
+    }
+    ptr_at::<u8>(ctx, pkt.l4 + 13)
+        .map(|f| unsafe { *f })
+        .unwrap_or(0)
+}
+
+/// New source and/or destination for [`rewrite`] (`set`: 1 = source, 2 = destination).
+#[derive(Default)]
+struct Rewrite {
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport_be: u16,
+    dport_be: u16,
+    set: u32,
+}
+
+const SET_SRC: u32 = 1;
+const SET_DST: u32 = 2;
+
+/// Inline: an out-of-line function taking the XDP context let LLVM merge the `data` and
+/// `data_end` loads into one 64-bit load, which the verifier rejects.
+#[inline(always)]
+fn rewrite_out(ctx: &XdpContext, pkt: &Parsed, rw: &Rewrite) -> u32 {
+    let src = if rw.set & SET_SRC != 0 {
+        Some((&rw.src, rw.sport_be))
+    } else {
+        None
+    };
+    let dst = if rw.set & SET_DST != 0 {
+        Some((&rw.dst, rw.dport_be))
+    } else {
+        None
+    };
+    match rewrite(ctx, pkt, src, dst) {
+        Ok(()) => STATUS_OK,
+        Err(slot) => slot,
+    }
+}
+
+/// Rewrite addresses/ports of the packet in place (`None` = keep), fixing the IPv4 header
+/// checksum, the transport checksum (pseudo-header included) and decrementing the TTL.
+#[inline(always)]
+fn rewrite(
+    ctx: &XdpContext,
+    pkt: &Parsed,
+    src: Option<(&[u8; 16], u16)>,
+    dst: Option<(&[u8; 16], u16)>,
+) -> Result<(), u32> {
+    let check_at = pkt.l4 + l4_check_at(pkt.key.proto);
+    let l4check: *mut [u8; 2] = ptr_at(ctx, check_at).ok_or(reason::PASS_MALFORMED)?;
+    let ports: *mut [u8; 4] = ptr_at(ctx, pkt.l4).ok_or(reason::PASS_MALFORMED)?;
+    // UDP over IPv4 may carry no checksum (0); it then stays 0.
+    let udp_no_check = pkt.key.proto == IPPROTO_UDP && unsafe { *l4check } == [0, 0];
+    let mut check = unsafe { *l4check };
+    let old_ports = unsafe { *ports };
+    let mut new_ports = old_ports;
+    if pkt.key.family == AF_INET {
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(reason::PASS_MALFORMED)?;
+        let ip = unsafe { &mut *ip };
+        if ip.ttl <= 1 {
+            return Err(reason::PASS_TTL_EXPIRED);
+        }
+        let mut ipcheck = csum::replace_word(
+            ip.check,
+            u16::from_be_bytes([ip.ttl, ip.proto]),
+            u16::from_be_bytes([ip.ttl - 1, ip.proto]),
+        );
+        ip.ttl -= 1;
+        if let Some((a, port)) = src {
+            let new = [a[0], a[1], a[2], a[3]];
+            ipcheck = csum::diff(ipcheck, ip.src_addr.as_ptr(), new.as_ptr(), 4);
+            check = csum::diff(check, ip.src_addr.as_ptr(), new.as_ptr(), 4);
+            ip.src_addr = new;
+            new_ports[..2].copy_from_slice(&port.to_ne_bytes());
+        }
+        if let Some((a, port)) = dst {
+            let new = [a[0], a[1], a[2], a[3]];
+            ipcheck = csum::diff(ipcheck, ip.dst_addr.as_ptr(), new.as_ptr(), 4);
+            check = csum::diff(check, ip.dst_addr.as_ptr(), new.as_ptr(), 4);
+            ip.dst_addr = new;
+            new_ports[2..].copy_from_slice(&port.to_ne_bytes());
+        }
+        ip.check = ipcheck;
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, pkt.l3).ok_or(reason::PASS_MALFORMED)?;
+        let ip = unsafe { &mut *ip };
+        if ip.hop_limit <= 1 {
+            return Err(reason::PASS_TTL_EXPIRED);
+        }
+        ip.hop_limit -= 1;
+        if let Some((a, port)) = src {
+            check = csum::diff(check, ip.src_addr.as_ptr(), a.as_ptr(), 16);
+            ip.src_addr = *a;
+            new_ports[..2].copy_from_slice(&port.to_ne_bytes());
+        }
+        if let Some((a, port)) = dst {
+            check = csum::diff(check, ip.dst_addr.as_ptr(), a.as_ptr(), 16);
+            ip.dst_addr = *a;
+            new_ports[2..].copy_from_slice(&port.to_ne_bytes());
+        }
+    }
+    check = csum::diff(check, old_ports.as_ptr(), new_ports.as_ptr(), 4);
+    if pkt.key.proto == IPPROTO_UDP {
+        if udp_no_check {
+            check = [0, 0];
+        } else if check == [0, 0] {
+            // A computed 0 is sent as all ones (RFC 768).
+            check = [0xff, 0xff];
+        }
+    }
+    unsafe {
+        *ports = new_ports;
+        *l4check = check;
+    }
+    Ok(())
+}
+
+/// [`route_and_send`] with a plain status (see `STATUS_OK`); inline like [`rewrite_out`].
+#[inline(always)]
+fn route_and_send_out(ctx: &XdpContext, family: u32, dst: &[u8; 16], out: &mut u32) -> u32 {
+    let ip_len = frame_len(ctx) - crate::parse::l3_offset(ctx);
+    match route_and_send(ctx, family as u8, dst, ip_len) {
+        Ok(action) => {
+            *out = action;
+            STATUS_OK
+        }
+        Err(slot) => slot,
+    }
+}
+
+#[inline(always)]
+fn step(status: u32) -> Result<(), u32> {
+    if status == STATUS_OK {
+        Ok(())
+    } else {
+        Err(status)
+    }
+}
+
+/// Route toward the packet's (new) destination, set the MACs, send.
+#[inline(always)]
+fn route_and_send(ctx: &XdpContext, family: u8, dst: &[u8; 16], ip_len: usize) -> Result<u32, u32> {
+    let hop = match route(ctx, family, dst, ip_len)? {
+        Route::Via(hop) => hop,
+        // The rewritten packet goes to the kernel, which resolves the neighbour and forwards.
+        Route::NoNeigh(_) => return Err(reason::PASS_NO_NEIGH),
+        // Larger than the egress MTU: the kernel fragments or answers "too big".
+        Route::TooBig(_) => return Err(reason::PASS_TOO_BIG_NO_DF),
+    };
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::PASS_MALFORMED)?;
+    unsafe {
+        (*eth).dst_addr = hop.dmac;
+        (*eth).src_addr = hop.smac;
+    }
+    send(ctx, hop.ifindex)
+}
+
+/// The full-NAT source of a flow: kept in the flow entry once chosen; for a new flow an
+/// address of the backend's family from the pool (by flow hash) and a port not used by
+/// another flow toward the same backend port.
+#[inline(always)]
+fn snat_source(key: &FlowKey, backend: &Backend, dport_be: u16) -> Result<([u8; 16], u16), u32> {
+    let entry = flow::entry(key).ok_or(reason::PASS_SNAT_EXHAUSTED)?;
+    let cfg = SNAT_CONFIG.get(0).ok_or(reason::PASS_SNAT_EXHAUSTED)?;
+    let (base, count) = if backend.family == AF_INET {
+        (0, cfg.v4_count)
+    } else {
+        (cfg.v4_count, cfg.v6_count)
+    };
+    if count == 0 || cfg.port_max < cfg.port_min {
+        return Err(reason::PASS_SNAT_EXHAUSTED);
+    }
+    let e = unsafe { &mut *entry };
+    if e.flags & FLOW_F_SNAT != 0 {
+        let addr = SNAT_POOL
+            .get(e.snat_addr as u32)
+            .ok_or(reason::PASS_SNAT_EXHAUSTED)?;
+        return Ok((addr.addr, e.snat_port_be));
+    }
+    let hash = flow_hash(key);
+    // checked_rem: a plain `%` by a runtime value carries a panic path the verifier rejects.
+    let slot = base + hash.checked_rem(count).unwrap_or(0);
+    let addr = SNAT_POOL.get(slot).ok_or(reason::PASS_SNAT_EXHAUSTED)?.addr;
+    let range = cfg.port_max - cfg.port_min + 1;
+    let mut probe = FlowKey {
+        src: backend.addr,
+        dst: addr,
+        sport_be: dport_be,
+        dport_be: 0,
+        proto: key.proto,
+        family: backend.family,
+        _pad: [0; 2],
+    };
+    let mut i = 0;
+    while i < SNAT_TRIES {
+        // Spread by the flow hash, step by a prime so the tries differ.
+        let port = cfg.port_min
+            + hash
+                .wrapping_add(i.wrapping_mul(40503))
+                .checked_rem(range)
+                .unwrap_or(0);
+        probe.dport_be = (port as u16).to_be();
+        if unsafe { NAT_REPLIES.get(&probe) }.is_none() {
+            e.snat_addr = slot as u16;
+            e.snat_port_be = probe.dport_be;
+            e.flags |= FLOW_F_SNAT;
+            return Ok((addr, probe.dport_be));
+        }
+        i += 1;
+    }
+    Err(reason::PASS_SNAT_EXHAUSTED)
+}
+
+/// Client -> VIP packet of an established or new flow to `backend`.
+#[inline(always)]
+pub fn forward(
+    ctx: &XdpContext,
+    pkt: &Parsed,
+    backend: &Backend,
+    fullnat: bool,
+    new: bool,
+) -> Result<u32, u32> {
+    // out = XDP action
+    let mut out = 0u32;
+    match forward_out(
+        ctx,
+        pkt,
+        backend,
+        u32::from(fullnat) | (u32::from(new) << 1),
+        &mut out,
+    ) {
+        STATUS_OK => Ok(out),
+        slot => Err(slot),
+    }
+}
+
+/// Out of line (stack budget); plain types only (see `STATUS_OK`).
+#[inline(never)]
+fn forward_out(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, how: u32, out: &mut u32) -> u32 {
+    match forward_inner(ctx, pkt, backend, how & 1 != 0, how & 2 != 0) {
+        Ok(action) => {
+            *out = action;
+            STATUS_OK
+        }
+        Err(slot) => slot,
+    }
+}
+
+#[inline(always)]
+fn forward_inner(
+    ctx: &XdpContext,
+    pkt: &Parsed,
+    backend: &Backend,
+    fullnat: bool,
+    new: bool,
+) -> Result<u32, u32> {
+    let mut rw = Rewrite::default();
+    step(prepare_out(
+        pkt,
+        backend,
+        u32::from(fullnat) | (u32::from(new) << 1),
+        &mut rw,
+    ))?;
+    let flags = tcp_flags(ctx, pkt);
+    step(rewrite_out(ctx, pkt, &rw))?;
+    let mut action = 0;
+    step(route_and_send_out(
+        ctx,
+        u32::from(backend.family),
+        &backend.addr,
+        &mut action,
+    ))?;
+    lifecycle_client(&pkt.key, backend, &rw, flags);
+    Ok(action)
+}
+
+/// Choose the flow's NAT addresses (full-NAT source allocation) and make sure the reply
+/// mapping exists; `rw` gets the rewrite to apply.
+#[inline(always)]
+fn prepare_out(pkt: &Parsed, backend: &Backend, how: u32, rw: &mut Rewrite) -> u32 {
+    let key = &pkt.key;
+    let (fullnat, new) = (how & 1 != 0, how & 2 != 0);
+    let dport_be = if backend.port_be != 0 {
+        backend.port_be
+    } else {
+        key.dport_be
+    };
+    let (src_addr, sport_be) = if fullnat {
+        match snat_source(key, backend, dport_be) {
+            Ok(s) => s,
+            Err(slot) => return slot,
+        }
+    } else {
+        (key.src, key.sport_be)
+    };
+    // What the backend's reply will look like, and what it must get back.
+    let reply_key = reply_key(key, backend, &src_addr, sport_be, dport_be);
+    if new || unsafe { NAT_REPLIES.get(&reply_key) }.is_none() {
+        let reply = NatReply {
+            vip: key.dst,
+            client: key.src,
+            vip_port_be: key.dport_be,
+            client_port_be: key.sport_be,
+            fullnat: u8::from(fullnat),
+            _pad: [0; 3],
+            flow: *key,
+        };
+        let _ = NAT_REPLIES.insert(&reply_key, &reply, 0);
+    }
+    rw.dst = backend.addr;
+    rw.dport_be = dport_be;
+    rw.set = SET_DST;
+    if fullnat {
+        rw.src = src_addr;
+        rw.sport_be = sport_be;
+        rw.set |= SET_SRC;
+    }
+    STATUS_OK
+}
+
+#[inline(always)]
+fn reply_key(
+    key: &FlowKey,
+    backend: &Backend,
+    src: &[u8; 16],
+    sport_be: u16,
+    dport_be: u16,
+) -> FlowKey {
+    FlowKey {
+        src: backend.addr,
+        dst: *src,
+        sport_be: dport_be,
+        dport_be: sport_be,
+        proto: key.proto,
+        family: backend.family,
+        _pad: [0; 2],
+    }
+}
+
+/// Flow lifecycle on a client packet: RST ends it; FIN from both sides, then the client's
+/// last ACK, too.
+#[inline(always)]
+fn lifecycle_client(key: &FlowKey, backend: &Backend, rw: &Rewrite, flags: u8) {
+    let Some(e) = flow::entry(key) else {
+        return;
+    };
+    let e = unsafe { &mut *e };
+    let both = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
+    if flags & TCP_RST != 0
+        || (e.flags & both == both && flags & TCP_FIN == 0 && key.proto == IPPROTO_TCP)
+    {
+        let (src, sport) = if rw.set & SET_SRC != 0 {
+            (rw.src, rw.sport_be)
+        } else {
+            (key.src, key.sport_be)
+        };
+        close(key, &reply_key(key, backend, &src, sport, rw.dport_be));
+    } else if flags & TCP_FIN != 0 {
+        e.flags |= FLOW_F_FIN_CLIENT;
+    }
+}
+
+#[inline(always)]
+fn close(flow_key: &FlowKey, reply_key: &FlowKey) {
+    flow::forget(flow_key);
+    let _ = NAT_REPLIES.remove(reply_key);
+    crate::stats::reason(reason::NAT_FLOW_CLOSED);
+}
+
+/// A packet that is not for a VIP may be a backend's reply to a NAT flow: restore the VIP
+/// (and, full-NAT, the client) and send it toward the client. `PASS_NON_VIP` otherwise.
+#[inline(always)]
+pub fn reply(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
+    let mut out = 0u32;
+    match reply_out(ctx, pkt, &mut out) {
+        STATUS_OK => Ok(out),
+        slot => Err(slot),
+    }
+}
+
+/// Out of line (stack budget); plain types only (see `STATUS_OK`).
+#[inline(never)]
+fn reply_out(ctx: &XdpContext, pkt: &Parsed, out: &mut u32) -> u32 {
+    match reply_inner(ctx, pkt) {
+        Ok(action) => {
+            *out = action;
+            STATUS_OK
+        }
+        Err(slot) => slot,
+    }
+}
+
+#[inline(always)]
+fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
+    if pkt.key.proto != IPPROTO_TCP && pkt.key.proto != IPPROTO_UDP {
+        return Err(reason::PASS_NON_VIP);
+    }
+    let r = unsafe { NAT_REPLIES.get(&pkt.key) }.ok_or(reason::PASS_NON_VIP)?;
+    let mut rw = Rewrite {
+        src: r.vip,
+        sport_be: r.vip_port_be,
+        set: SET_SRC,
+        ..Rewrite::default()
+    };
+    if r.fullnat != 0 {
+        rw.dst = r.client;
+        rw.dport_be = r.client_port_be;
+        rw.set |= SET_DST;
+    } else {
+        rw.dst = pkt.key.dst;
+    }
+    let family = u32::from(r.flow.family);
+    let flags = tcp_flags(ctx, pkt);
+    if flags & (TCP_FIN | TCP_RST) != 0 {
+        lifecycle_backend(&pkt.key, flags);
+    }
+    step(rewrite_out(ctx, pkt, &rw))?;
+    let mut action = 0;
+    step(route_and_send_out(ctx, family, &rw.dst, &mut action))?;
+    Ok(action)
+}
+
+/// FIN / RST from the backend.
+#[inline(always)]
+fn lifecycle_backend(reply: &FlowKey, flags: u8) {
+    let Some(r) = (unsafe { NAT_REPLIES.get(reply) }) else {
+        return;
+    };
+    let flow_key = r.flow;
+    if flags & TCP_RST != 0 {
+        close(&flow_key, reply);
+    } else if let Some(e) = flow::entry(&flow_key) {
+        unsafe { (*e).flags |= FLOW_F_FIN_BACKEND };
+    }
+}
