@@ -969,11 +969,11 @@ services:
     fn every_error_is_reported_at_once() {
         let text = GOOD.replace("weight: 100", "weight: 70000").replace(
             "mode: dr\n    backends:\n      - address: 2001",
-            "mode: nat\n    backends:\n      - address: 2001",
+            "mode: dr\n    scheduler: wlc\n    backends:\n      - address: 2001",
         );
         let e = errors(&text);
         assert_eq!(e.len(), 2, "{e:?}");
-        assert_eq!(e[1].path, "services[1].mode");
+        assert_eq!(e[1].path, "services[1].scheduler");
     }
 
     #[test]
@@ -1061,5 +1061,106 @@ services:
         let e = errors(&TUN.replace("198.18.0.3,", "banana,"));
         assert_eq!(e[0].path, "interfaces[0].tun_source[0]");
         assert!(e[0].message.contains("not an IP address"), "{e:?}");
+    }
+
+    const NAT: &str = "\
+interfaces:
+  - name: eth0
+  - name: eth1
+flow_table_size: 65536
+fullnat:
+  pool: [198.18.5.100, 198.18.5.101]
+services:
+  - name: web
+    vip: 198.18.0.100
+    port: 80
+    protocol: tcp
+    mode: nat
+    backends:
+      - address: 198.18.5.11
+        port: 8080
+  - name: web-full
+    vip: 198.18.0.100
+    port: 443
+    protocol: tcp
+    mode: fullnat
+    backends:
+      - address: 198.18.5.12
+";
+
+    #[test]
+    fn nat_and_fullnat_parse_with_backend_ports() {
+        let c = Config::parse(NAT, &AnyHost).unwrap();
+        assert_eq!(c.services[0].backends[0].port, Some(8080));
+        let f = c.fullnat.as_ref().unwrap();
+        assert_eq!((f.port_min, f.port_max), (1024, 65535));
+        assert_eq!(f.capacity(true), 2 * 64512);
+    }
+
+    #[test]
+    fn fullnat_pool_too_small_for_the_flow_table() {
+        let e = one_error(&NAT.replace("flow_table_size: 65536", "flow_table_size: 1048576"));
+        assert_eq!(e.path, "fullnat.pool");
+        assert_eq!(e.line, Some(6));
+        assert!(e.message.contains("cannot hold the 1048576 flows"), "{e}");
+    }
+
+    #[test]
+    fn fullnat_needs_a_pool_of_its_family_without_overlaps() {
+        let e = one_error(&NAT.replace("fullnat:\n  pool: [198.18.5.100, 198.18.5.101]\n", ""));
+        assert_eq!(e.path, "services[1].mode");
+        assert!(e.message.contains("needs a source pool"), "{e}");
+        let e = errors(&NAT.replace("198.18.5.101]", "198.18.5.100]"));
+        assert!(
+            e.iter()
+                .any(|e| e.path == "fullnat.pool[1]" && e.message.contains("listed twice")),
+            "{e:?}"
+        );
+        let e = errors(&NAT.replace("198.18.5.101]", "198.18.0.100]"));
+        assert!(
+            e.iter()
+                .any(|e| e.path == "fullnat.pool[1]" && e.message.contains("is a VIP")),
+            "{e:?}"
+        );
+        let e = one_error(&NAT.replace(
+            "pool: [198.18.5.100, 198.18.5.101]",
+            "pool: [2001:db8:5::100]",
+        ));
+        assert!(
+            e.message
+                .contains("needs an IPv4 address in `fullnat.pool`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn backend_ports_only_in_nat_modes_and_families_match() {
+        let e = one_error(&NAT.replace("mode: nat", "mode: dr"));
+        assert_eq!(e.path, "services[0].backends[0].port");
+        let e = errors(&NAT.replace("address: 198.18.5.11", "address: 2001:db8:5::11"));
+        assert!(
+            e.iter().any(|e| e.path == "services[0].backends[0].address"
+                && e.message.contains("address family")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn nat_needs_forwarding() {
+        struct NoForwarding;
+        impl Host for NoForwarding {
+            fn interface_exists(&self, _: &str) -> bool {
+                true
+            }
+            fn forwarding(&self, _: bool) -> bool {
+                false
+            }
+        }
+        let e = Config::parse(NAT, &NoForwarding).unwrap_err();
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].message.contains("sysctl -w net.ipv4.ip_forward=1"),
+            "{e:?}"
+        );
     }
 }
