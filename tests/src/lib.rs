@@ -170,7 +170,13 @@ pub struct Pkt {
     pub sport: u16,
     pub dport: u16,
     pub payload: Vec<u8>,
+    /// TCP flags to set: [`TCP_FIN`] | [`TCP_RST`] (ACK is always set after the first packet
+    /// of a test; SYN is left out: the director does not care).
+    pub tcp_flags: u8,
 }
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
 
 impl Pkt {
     pub fn tcp(src: &str, dst: &str, sport: u16, dport: u16) -> Pkt {
@@ -184,6 +190,7 @@ impl Pkt {
             sport,
             dport,
             payload: b"hello".to_vec(),
+            tcp_flags: 0,
         }
     }
 
@@ -243,9 +250,16 @@ impl Pkt {
             None => eth.ip(ip),
         };
         let res = match self.proto {
-            lb_common::IPPROTO_TCP => step
-                .tcp(self.sport, self.dport, 1000, 64240)
-                .write(&mut out, &self.payload),
+            lb_common::IPPROTO_TCP => {
+                let mut tcp = step.tcp(self.sport, self.dport, 1000, 64240);
+                if self.tcp_flags & TCP_FIN != 0 {
+                    tcp = tcp.fin();
+                }
+                if self.tcp_flags & TCP_RST != 0 {
+                    tcp = tcp.rst();
+                }
+                tcp.write(&mut out, &self.payload)
+            }
             lb_common::IPPROTO_UDP => step
                 .udp(self.sport, self.dport)
                 .write(&mut out, &self.payload),

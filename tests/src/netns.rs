@@ -677,7 +677,8 @@ pub fn udp_clients(ns: &str, vip: &str, port: u16, n: usize) -> Tally {
     })
 }
 
-/// For fixtures and benchmarks whose FIB lookups must see known routes: a namespace with `up0` (198.18.0.3, 2001:db8:1::3, MTU 1500), backends' subnets routed
+/// For fixtures and benchmarks whose FIB lookups must see known routes: a namespace with
+/// `up0` (198.18.0.3, 2001:db8:1::3, MTU 1500), backends' and clients' subnets routed
 /// via a gateway whose MAC is a permanent neighbour, one subnet via a gateway with no
 /// neighbour entry, and no route at all to 198.18.7.0/24.
 pub struct FibLab(pub String);
@@ -725,6 +726,16 @@ impl FibLab {
             vec!["addr", "add", "2001:db8:1::3/64", "dev", "up0", "nodad"],
             vec!["route", "add", "198.18.5.0/24", "via", "198.18.0.1"],
             vec!["route", "add", "198.18.6.0/24", "via", "198.18.0.2"],
+            // Clients (NAT replies go back to them).
+            vec!["route", "add", "198.18.2.0/24", "via", "198.18.0.1"],
+            vec![
+                "-6",
+                "route",
+                "add",
+                "2001:db8:2::/64",
+                "via",
+                "2001:db8:1::1",
+            ],
             vec![
                 "-6",
                 "route",

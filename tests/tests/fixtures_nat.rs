@@ -1,0 +1,319 @@
+//! NAT and full-NAT fixtures through BPF_PROG_TEST_RUN, in a namespace with its own routes.
+//! Expected packets are built by etherparse, which computes every checksum itself: an exact
+//! byte match proves the director's incremental updates right.
+
+use etherparse::IpHeaders;
+use lb_common::reason;
+use lb_tests::{
+    netns::{FibLab, GW_MAC, UP_MAC},
+    Harness, Pkt, TCP_FIN, TCP_RST, XDP_PASS, XDP_TX,
+};
+
+const CONFIG: &str = "
+interfaces:
+  - name: up0
+flow_table_size: 1024
+fullnat:
+  pool: [198.18.5.100, 2001:db8:5::100]
+  port_min: 20000
+  port_max: 21023
+services:
+  - name: nat
+    vip: 198.18.0.100
+    port: 80
+    protocol: tcp
+    mode: nat
+    backends:
+      - address: 198.18.5.11
+        port: 8080
+  - name: nat-udp
+    vip: 198.18.0.100
+    port: 53
+    protocol: udp
+    mode: nat
+    backends:
+      - address: 198.18.5.12
+  - name: nat6
+    vip: 2001:db8::100
+    port: 80
+    protocol: tcp
+    mode: nat
+    backends:
+      - address: 2001:db8:5::11
+  - name: full
+    vip: 198.18.0.101
+    port: 80
+    protocol: tcp
+    mode: fullnat
+    backends:
+      - address: 198.18.5.13
+  - name: full6
+    vip: 2001:db8::101
+    port: 80
+    protocol: tcp
+    mode: fullnat
+    backends:
+      - address: 2001:db8:5::13
+";
+
+fn harness() -> (Harness, u32) {
+    let mut h = Harness::new(CONFIG);
+    FibLab::register_up0(&mut h);
+    let up0 = lb_userspace::netlink::ifindex("up0").expect("up0");
+    (h, up0)
+}
+
+/// `p` with another TTL / hop limit (a router's decrement).
+fn with_ttl(p: &Pkt, ttl: u8) -> Vec<u8> {
+    let mut hdrs = p.headers();
+    match hdrs {
+        IpHeaders::Ipv4(ref mut ip, _) => ip.time_to_live = ttl,
+        IpHeaders::Ipv6(ref mut ip, _) => ip.hop_limit = ttl,
+    }
+    p.build_with(hdrs)
+}
+
+/// What the director sends: same packet, new addresses/ports, TTL 63, to the gateway.
+fn expect(p: &Pkt, src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
+    let mut q = p.with_macs(UP_MAC, GW_MAC);
+    q.src = src.parse().unwrap();
+    q.dst = dst.parse().unwrap();
+    q.sport = sport;
+    q.dport = dport;
+    with_ttl(&q, 63)
+}
+
+fn run(h: &Harness, up0: u32, input: &[u8]) -> (u32, Vec<u8>) {
+    lb_tests::run_program_on(h.director.director_program(), input, up0)
+}
+
+#[test]
+fn nat_rewrites_both_ways_with_exact_checksums() {
+    lb_tests::require_root();
+    FibLab::new("nat").run(|| {
+        let (h, up0) = harness();
+        let cases = [
+            // (client packet, backend, backend port, VIP port)
+            (
+                Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80),
+                "198.18.5.11",
+                8080,
+            ),
+            (
+                Pkt::udp("198.18.2.1", "198.18.0.100", 40001, 53),
+                "198.18.5.12",
+                53,
+            ),
+            (
+                Pkt::tcp("2001:db8:2::1", "2001:db8::100", 40000, 80),
+                "2001:db8:5::11",
+                80,
+            ),
+        ];
+        for (client, backend, bport) in cases {
+            let c = client.src.to_string();
+            let vip = client.dst.to_string();
+            let before = h.reason(reason::FWD_NAT);
+            let (v, out) = run(&h, up0, &client.build());
+            assert_eq!(v, XDP_TX, "{vip}: forward");
+            assert_eq!(
+                out,
+                expect(&client, &c, client.sport, backend, bport),
+                "{vip}: DNAT to {backend}:{bport}"
+            );
+            assert_eq!(h.reason(reason::FWD_NAT), before + 1);
+
+            let reply = Pkt {
+                src: backend.parse().unwrap(),
+                dst: client.src,
+                sport: bport,
+                dport: client.sport,
+                ..client.clone()
+            }
+            .with_macs(GW_MAC, UP_MAC);
+            let before = h.reason(reason::FWD_NAT_REPLY);
+            let (v, out) = run(&h, up0, &reply.build());
+            assert_eq!(v, XDP_TX, "{vip}: reply");
+            assert_eq!(
+                out,
+                expect(&reply, &vip, client.dport, &c, client.sport),
+                "{vip}: source restored to the VIP"
+            );
+            assert_eq!(h.reason(reason::FWD_NAT_REPLY), before + 1);
+        }
+    });
+}
+
+#[test]
+fn udp_without_checksum_stays_without() {
+    lb_tests::require_root();
+    FibLab::new("natudp").run(|| {
+        let (h, up0) = harness();
+        let p = Pkt::udp("198.18.2.1", "198.18.0.100", 40002, 53);
+        let mut input = p.build();
+        input[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+        let (v, out) = run(&h, up0, &input);
+        assert_eq!(v, XDP_TX);
+        let mut expected = expect(&p, "198.18.2.1", 40002, "198.18.5.12", 53);
+        expected[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+        assert_eq!(out, expected);
+    });
+}
+
+#[test]
+fn fullnat_allocates_distinct_pool_ports_and_translates_replies() {
+    lb_tests::require_root();
+    FibLab::new("full").run(|| {
+        let (h, up0) = harness();
+        for (client, vip, backend, pool) in [
+            ("198.18.2.1", "198.18.0.101", "198.18.5.13", "198.18.5.100"),
+            (
+                "2001:db8:2::1",
+                "2001:db8::101",
+                "2001:db8:5::13",
+                "2001:db8:5::100",
+            ),
+        ] {
+            let mut ports = std::collections::HashSet::new();
+            for i in 0..50u16 {
+                let p = Pkt::tcp(client, vip, 41000 + i, 80);
+                let (v, out) = run(&h, up0, &p.build());
+                assert_eq!(v, XDP_TX);
+                let l4 = if p.src.is_ipv4() { 14 + 20 } else { 14 + 40 };
+                let port = u16::from_be_bytes([out[l4], out[l4 + 1]]);
+                assert!((20000..=21023).contains(&port), "pool port {port}");
+                assert_eq!(out, expect(&p, pool, port, backend, 80), "{vip}: SNAT+DNAT");
+                // The flow keeps its source port.
+                assert_eq!(run(&h, up0, &p.build()).1, out, "same flow, same source");
+                ports.insert(port);
+
+                let reply = Pkt {
+                    src: backend.parse().unwrap(),
+                    dst: pool.parse().unwrap(),
+                    sport: 80,
+                    dport: port,
+                    ..p.clone()
+                }
+                .with_macs(GW_MAC, UP_MAC);
+                let (v, back) = run(&h, up0, &reply.build());
+                assert_eq!(v, XDP_TX);
+                assert_eq!(
+                    back,
+                    expect(&reply, vip, 80, client, 41000 + i),
+                    "{vip}: reply to the real client"
+                );
+            }
+            assert_eq!(ports.len(), 50, "every flow has its own pool port");
+        }
+    });
+}
+
+#[test]
+fn unknown_replies_and_expiring_ttl_pass_unchanged() {
+    lb_tests::require_root();
+    FibLab::new("natpass").run(|| {
+        let (h, up0) = harness();
+        let stray = Pkt::tcp("198.18.5.11", "198.18.2.9", 8080, 45000)
+            .with_macs(GW_MAC, UP_MAC)
+            .build();
+        let before = h.reason(reason::PASS_NON_VIP);
+        assert_eq!(
+            run(&h, up0, &stray),
+            (XDP_PASS, stray.clone()),
+            "reply of no flow"
+        );
+        assert_eq!(h.reason(reason::PASS_NON_VIP), before + 1);
+
+        let p = Pkt::tcp("198.18.2.1", "198.18.0.100", 40010, 80);
+        let dying = with_ttl(&p, 1);
+        let before = h.reason(reason::PASS_TTL_EXPIRED);
+        assert_eq!(
+            run(&h, up0, &dying),
+            (XDP_PASS, dying.clone()),
+            "TTL 1: the kernel answers"
+        );
+        assert_eq!(h.reason(reason::PASS_TTL_EXPIRED), before + 1);
+    });
+}
+
+#[test]
+fn rst_and_fin_both_ways_end_the_flow() {
+    lb_tests::require_root();
+    FibLab::new("natfin").run(|| {
+        let (h, up0) = harness();
+        let client = Pkt::tcp("198.18.2.1", "198.18.0.100", 40020, 80);
+        let reply = Pkt {
+            src: "198.18.5.11".parse().unwrap(),
+            dst: client.src,
+            sport: 8080,
+            dport: 40020,
+            ..client.clone()
+        }
+        .with_macs(GW_MAC, UP_MAC);
+        assert_eq!(run(&h, up0, &client.build()).0, XDP_TX);
+        assert_eq!(run(&h, up0, &reply.build()).0, XDP_TX, "reply mapped");
+
+        // RST from the client: forwarded, and the mapping is gone.
+        let rst = Pkt {
+            tcp_flags: TCP_RST,
+            ..client.clone()
+        };
+        let closed = h.reason(reason::NAT_FLOW_CLOSED);
+        assert_eq!(
+            run(&h, up0, &rst.build()).0,
+            XDP_TX,
+            "the RST itself is forwarded"
+        );
+        assert_eq!(h.reason(reason::NAT_FLOW_CLOSED), closed + 1);
+        assert_eq!(
+            run(&h, up0, &reply.build()).0,
+            XDP_PASS,
+            "no mapping after RST"
+        );
+
+        // A new flow, closed by FIN both ways and the client's last ACK.
+        assert_eq!(run(&h, up0, &client.build()).0, XDP_TX);
+        assert_eq!(
+            run(
+                &h,
+                up0,
+                &Pkt {
+                    tcp_flags: TCP_FIN,
+                    ..client.clone()
+                }
+                .build()
+            )
+            .0,
+            XDP_TX
+        );
+        assert_eq!(
+            run(
+                &h,
+                up0,
+                &Pkt {
+                    tcp_flags: TCP_FIN,
+                    ..reply.clone()
+                }
+                .build()
+            )
+            .0,
+            XDP_TX
+        );
+        let closed = h.reason(reason::NAT_FLOW_CLOSED);
+        assert_eq!(
+            run(&h, up0, &client.build()).0,
+            XDP_TX,
+            "last ACK forwarded"
+        );
+        assert_eq!(
+            h.reason(reason::NAT_FLOW_CLOSED),
+            closed + 1,
+            "then the flow ends"
+        );
+        assert_eq!(
+            run(&h, up0, &reply.build()).0,
+            XDP_PASS,
+            "no mapping after the close"
+        );
+    });
+}
