@@ -13,6 +13,35 @@ use crate::{
 
 /// How long to wait for a backend's MAC to appear in the neighbour table.
 const NEIGHBOUR_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often routed backends are poked so their next hop stays resolved.
+const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(20);
+
+/// Backends of TUN / NAT / full-NAT services (reached through the kernel FIB).
+fn routed_backends(cfg: &Config) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = cfg
+        .services
+        .iter()
+        .filter(|s| s.mode != crate::config::Mode::Dr)
+        .flat_map(|s| s.backends.iter().map(|b| b.address))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// NAT backends are usually on a directly attached subnet: wait for them to resolve.
+fn on_link_backends(cfg: &Config) -> Vec<IpAddr> {
+    cfg.services
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.mode,
+                crate::config::Mode::Nat | crate::config::Mode::Fullnat
+            )
+        })
+        .flat_map(|s| s.backends.iter().map(|b| b.address))
+        .collect()
+}
 
 pub struct RunOptions<'a> {
     pub config: &'a Path,
@@ -55,15 +84,16 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         iface_macs.push(nl.link_mac(&iface.name).await?);
     }
     let macs = backend_macs(&nl, &cfg).await?;
-    // TUN backends need no MAC of their own, but the kernel must know the next hop toward
-    // them; a datagram to each makes it resolve that neighbour before the first packet.
-    for svc in cfg
-        .services
-        .iter()
-        .filter(|s| s.mode == crate::config::Mode::Tun)
-    {
-        for b in &svc.backends {
-            crate::netlink::poke(b.address);
+    // Routed modes (TUN, NAT, full-NAT) need no backend MAC in the config, but the kernel must
+    // know the next hop toward each backend: the XDP FIB lookup does not resolve neighbours,
+    // and a full-NAT packet handed to the kernel instead is dropped (its source is ours).
+    let routed = routed_backends(&cfg);
+    for b in &routed {
+        crate::netlink::poke(*b);
+    }
+    for b in routed.iter().filter(|b| on_link_backends(&cfg).contains(b)) {
+        if let Err(e) = nl.resolve(*b, NEIGHBOUR_TIMEOUT).await {
+            log::warn!("{e:#}; its first packets go through the kernel until it answers");
         }
     }
     let want = dataplane::desired(&cfg, |b| macs.get(&b.address).copied().unwrap_or_default());
@@ -119,10 +149,14 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    // Keep the next hops of routed backends in the neighbour table: the kernel sees none of
+    // the traffic XDP forwards, so it would otherwise let the entries lapse.
+    let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = refresh.tick() => routed.iter().for_each(|b| crate::netlink::poke(*b)),
             _ = hup.recv() => log::warn!("SIGHUP: configuration reload is not available in this version; restart the controller to apply changes"),
         }
     }

@@ -73,6 +73,10 @@ pub const TCP_PORT: u16 = 80;
 pub const BULK_PORT: u16 = 8080;
 pub const UDP_PORT: u16 = 53;
 
+/// Full-NAT pool addresses of the NAT topology (held by the director on eth1).
+pub const POOL4: &str = "198.18.5.100";
+pub const POOL6: &str = "2001:db8:5::100";
+
 pub const ROUTER4: &str = "198.18.0.1";
 pub const ROUTER6: &str = "2001:db8:1::1";
 
@@ -235,6 +239,78 @@ impl Topology {
         t
     }
 
+    /// NAT / full-NAT: a two-armed director, clients on br0 (director eth0), backends on br1
+    /// (director eth1 = 198.18.5.1). NAT backends route via the director; full-NAT backends
+    /// have no route to clients at all, only to the pool address the director holds on eth1.
+    pub fn nat(prefix: &str, backends: usize, fullnat: bool) -> Topology {
+        let mut t = Topology::empty(prefix, backends);
+        t.switch(&["br0", "br1"]);
+        t.plug(
+            "br0",
+            "cl",
+            "eth0",
+            &format!("{CLIENT4}/24"),
+            &format!("{CLIENT6}/64"),
+        );
+        t.plug(
+            "br0",
+            "dir",
+            "eth0",
+            &format!("{DIRECTOR4}/24"),
+            &format!("{DIRECTOR6}/64"),
+        );
+        t.plug("br1", "dir", "eth1", "198.18.5.1/24", "2001:db8:5::1/64");
+        t.sysctl(
+            "dir",
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        );
+        if fullnat {
+            t.ip(
+                "dir",
+                &["addr", "add", &format!("{POOL4}/32"), "dev", "eth1"],
+            );
+            t.ip(
+                "dir",
+                &[
+                    "addr",
+                    "add",
+                    &format!("{POOL6}/128"),
+                    "dev",
+                    "eth1",
+                    "nodad",
+                ],
+            );
+        }
+        for i in 0..backends {
+            let b = Self::backend_name(i);
+            t.plug(
+                "br1",
+                &b,
+                "eth0",
+                &format!("{}/24", tun_backend4(i)),
+                &format!("{}/64", tun_backend6(i)),
+            );
+            if !fullnat {
+                t.ip(&b, &["route", "add", "default", "via", "198.18.5.1"]);
+                t.ip(
+                    &b,
+                    &["-6", "route", "add", "default", "via", "2001:db8:5::1"],
+                );
+            }
+        }
+        t.client_routes_vips_via_director();
+        t
+    }
+
+    /// The shipped configs that match [`Topology::nat`].
+    pub fn nat_config(fullnat: bool) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(if fullnat {
+            "../examples/fullnat.yaml"
+        } else {
+            "../examples/nat.yaml"
+        })
+    }
+
     /// TUN: client, director and a router on one segment (br0); the router and `n` backends
     /// on another subnet (br1), so only routing reaches the backends. The director (IP
     /// forwarding on, as the FIB helper requires) reaches them via the router; backends
@@ -329,10 +405,15 @@ impl Topology {
     /// `xdplb pass` on the switch side of the director's link: `XDP_TX` from the director
     /// is only delivered into a veth whose peer runs XDP.
     pub fn attach_pass(&mut self, xdplb: &Path) {
+        self.attach_pass_on(xdplb, "dir");
+    }
+
+    /// [`Topology::attach_pass`] for switch port `port` (e.g. `dir-eth1` of a second arm).
+    pub fn attach_pass_on(&mut self, xdplb: &Path, port: &str) {
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.ns("sw")))
             .arg(xdplb)
-            .args(["pass", "--iface", "dir"])
+            .args(["pass", "--iface", port])
             .spawn()
             .expect("spawn xdplb pass");
         self.adopt(child);
@@ -340,7 +421,7 @@ impl Topology {
         wait_for(
             "pass-through XDP on the switch port",
             Duration::from_secs(10),
-            || sh(&["ip", "-n", &sw, "-d", "link", "show", "dir"]).contains("xdp"),
+            || sh(&["ip", "-n", &sw, "-d", "link", "show", port]).contains("xdp"),
         );
     }
 
@@ -433,10 +514,15 @@ impl Topology {
 
     /// TCP and UDP servers in every backend that answer with the backend's name.
     pub fn start_servers(&mut self) {
+        self.start_servers_on(|_| [VIP4.to_string(), VIP6.to_string()]);
+    }
+
+    /// Servers on the given addresses of backend `i` (NAT backends see their own address).
+    pub fn start_servers_on(&mut self, addrs: impl Fn(usize) -> [String; 2]) {
         for i in 0..self.backends {
             let name = Self::backend_name(i);
-            for vip in [VIP4, VIP6] {
-                let vip: IpAddr = vip.parse().expect("vip");
+            for vip in addrs(i) {
+                let vip: IpAddr = vip.parse().expect("address");
                 let (stop, n) = (self.stop.clone(), name.clone());
                 self.servers.push(in_netns(&self.ns(&name), move || {
                     tcp_server(SocketAddr::new(vip, TCP_PORT), &n, &stop)
@@ -626,6 +712,11 @@ fn tally(
         let mut answers = BTreeMap::new();
         let mut failures = Vec::new();
         for i in 0..n {
+            // Bounded in time too: a broken path fails fast instead of timing out n times.
+            if failures.len() >= 10 {
+                failures.push(format!("stopped after {i} of {n} exchanges"));
+                break;
+            }
             match exchange(i) {
                 Ok(name) if !name.is_empty() => *answers.entry(name).or_insert(0) += 1,
                 Ok(_) => failures.push(format!("exchange {i}: empty answer")),

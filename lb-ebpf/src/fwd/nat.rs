@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    flow_hash, reason, Backend, FlowKey, NatReply, SnatAddr, SnatConfig, AF_INET, AF_INET6,
+    flow_hash, reason, Backend, FlowKey, NatReply, SnatAddr, SnatConfig, AF_INET,
     FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_SNAT, FLOW_TABLE_CAPACITY, IPPROTO_TCP,
     IPPROTO_UDP, MAX_SNAT_ADDRS,
 };
@@ -399,8 +399,8 @@ fn reply_key(
     }
 }
 
-/// Flow lifecycle on a client packet: RST ends it; FIN from both sides, then the client's
-/// last ACK, too.
+/// Flow lifecycle on a client packet: RST ends the flow; so does the client's last ACK
+/// after FIN from both sides (when the client closed first); a FIN is remembered.
 #[inline(always)]
 fn lifecycle_client(key: &FlowKey, backend: &Backend, rw: &Rewrite, flags: u8) {
     let Some(e) = flow::entry(key) else {
@@ -472,9 +472,8 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
         rw.dst = pkt.key.dst;
     }
     let family = u32::from(r.flow.family);
-    let flags = tcp_flags(ctx, pkt);
-    if flags & (TCP_FIN | TCP_RST) != 0 {
-        lifecycle_backend(&pkt.key, flags);
+    if pkt.key.proto == IPPROTO_TCP {
+        lifecycle_backend(&pkt.key, tcp_flags(ctx, pkt));
     }
     step(rewrite_out(ctx, pkt, &rw))?;
     let mut action = 0;
@@ -482,16 +481,22 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     Ok(action)
 }
 
-/// FIN / RST from the backend.
+/// Flow lifecycle on a backend packet: RST ends the flow; so does the backend's last ACK
+/// after FIN from both sides (when the backend closed first); a FIN is remembered.
 #[inline(always)]
 fn lifecycle_backend(reply: &FlowKey, flags: u8) {
     let Some(r) = (unsafe { NAT_REPLIES.get(reply) }) else {
         return;
     };
     let flow_key = r.flow;
-    if flags & TCP_RST != 0 {
+    let Some(e) = flow::entry(&flow_key) else {
+        return;
+    };
+    let e = unsafe { &mut *e };
+    let both = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
+    if flags & TCP_RST != 0 || (e.flags & both == both && flags & TCP_FIN == 0) {
         close(&flow_key, reply);
-    } else if let Some(e) = flow::entry(&flow_key) {
-        unsafe { (*e).flags |= FLOW_F_FIN_BACKEND };
+    } else if flags & TCP_FIN != 0 {
+        e.flags |= FLOW_F_FIN_BACKEND;
     }
 }
