@@ -164,6 +164,14 @@ static BENCH_SEQ: Array<u32> = Array::with_max_entries(1, 0);
 /// Benchmark driver settings (`BENCH_CFG[0]`): bits of what to do before the tail call.
 const BENCH_STRIP_OUTER: u32 = 1;
 const BENCH_NEW_FLOW: u32 = 2;
+const BENCH_RESTORE: u32 = 4;
+
+/// Bytes of the packet template `BENCH_RESTORE` writes back before each run.
+const BENCH_TEMPLATE_LEN: usize = 128;
+
+/// The packet the NAT rows start every run from (`BENCH_RESTORE`).
+#[map]
+static BENCH_TEMPLATE: Array<[u8; BENCH_TEMPLATE_LEN]> = Array::with_max_entries(1, 0);
 
 #[map]
 static BENCH_CFG: Array<u32> = Array::with_max_entries(1, 0);
@@ -173,12 +181,23 @@ static BENCH_CFG: Array<u32> = Array::with_max_entries(1, 0);
 /// the program under test (`BENCH_NEXT[0]`) this can
 /// - strip an outer IPv4 header (`BENCH_STRIP_OUTER`): the TUN path re-adds it, so every run
 ///   sees the same client packet (the strip's cost is included in what is measured);
+/// - write back a 128-byte template packet (`BENCH_RESTORE`): NAT rewrites in place;
 /// - give the packet a 5-tuple never seen before (`BENCH_NEW_FLOW`): the inner IPv4 source's
 ///   low 16 bits and the source port come from a sequence.
 /// Expects untagged IPv4 TCP/UDP without options (optionally inside one IPv4 outer header).
 #[xdp]
 pub fn xdplb_bench_driver(ctx: XdpContext) -> u32 {
     let cfg = BENCH_CFG.get(0).copied().unwrap_or(0);
+    if cfg & BENCH_RESTORE != 0 {
+        // NAT rewrites in place: put the original packet back (a 128-byte frame).
+        let (Some(t), Some(p)) = (
+            BENCH_TEMPLATE.get(0),
+            lb_ebpf::ptr_at::<[u8; BENCH_TEMPLATE_LEN]>(&ctx, 0),
+        ) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        unsafe { *p = *t };
+    }
     if cfg & BENCH_STRIP_OUTER != 0 {
         // Ethernet header moves forward over the outer IPv4 header, which is then cut.
         let (Some(old), Some(new)) = (

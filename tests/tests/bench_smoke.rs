@@ -20,7 +20,7 @@ fn bench_quick_runs_every_path_and_reports() {
         .lines()
         .filter(|l| l.starts_with("| ") && !l.starts_with("| path"))
         .collect();
-    assert_eq!(rows.len(), 7, "one row per path:\n{stdout}");
+    assert_eq!(rows.len(), 10, "one row per path:\n{stdout}");
     for row in rows {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         let ns: f64 = cells[2]

@@ -44,6 +44,14 @@ services:
     backends:
       - { address: 2001:db8::11, mac: '02:00:00:00:06:11' }
       - { address: 2001:db8::12, mac: '02:00:00:00:06:12' }
+  - name: nat
+    vip: 198.18.0.120
+    port: 80
+    protocol: tcp
+    mode: nat
+    backends:
+      - address: 198.18.5.21
+        port: 8080
   - name: tun
     vip: 198.18.0.110
     port: 80
@@ -58,6 +66,9 @@ services:
 /// Driver settings (see `xdplb_bench_driver`).
 const STRIP_OUTER: u32 = 1;
 const NEW_FLOW: u32 = 2;
+const RESTORE: u32 = 4;
+/// Size of the packets the NAT rows restore before every run (the driver's template).
+const TEMPLATE_LEN: usize = 128;
 
 /// Kernel-measured average ns per run over `repeat` runs, entering on `ifindex`.
 fn time(prog: &Xdp, input: &[u8], repeat: u32, ifindex: u32) -> f64 {
@@ -91,7 +102,7 @@ impl Row {
 /// (forwarded DR + TUN, new flows over all services).
 fn counters(h: &Harness) -> (u64, u64) {
     let fwd = h.reason(reason::FWD_DR) + h.reason(reason::FWD_TUN);
-    let new: u64 = (0..3)
+    let new: u64 = (0..h.desired.services.len() as u32)
         .map(|s| {
             Maps::sum_counters(&h.director.maps.service_stats, s)
                 .unwrap()
@@ -171,7 +182,25 @@ fn bench(quick: bool) -> String {
         Row::new("DR new flow (table full), IPv4 TCP", true),
         Row::new("TUN flow hit, IPIP (driver strips the outer header)", true),
         Row::new("TUN new flow (table full), IPIP", true),
+        Row::new("floor behind the driver restoring a 128-byte packet", true),
+        Row::new("NAT forward (flow hit), IPv4 TCP", true),
+        Row::new("NAT reply, IPv4 TCP", true),
     ];
+    // 128-byte client packet and the backend's reply, for the restoring driver.
+    let mut nat_client = Pkt::tcp("198.18.2.1", "198.18.0.120", 40000, 80);
+    nat_client.payload = vec![0x5a; TEMPLATE_LEN - 54];
+    let nat_client = nat_client.build();
+    let mut nat_reply = Pkt::tcp("198.18.5.21", "198.18.2.1", 8080, 40000);
+    nat_reply.payload = vec![0x5a; TEMPLATE_LEN - 54];
+    let nat_reply = nat_reply.build();
+    let mut template: Array<MapData, [u8; TEMPLATE_LEN]> = h
+        .director
+        .ebpf_mut()
+        .take_map("BENCH_TEMPLATE")
+        .expect("BENCH_TEMPLATE")
+        .try_into()
+        .expect("array");
+    let as_template = |p: &[u8]| -> [u8; TEMPLATE_LEN] { p.try_into().expect("128-byte packet") };
     for _ in 0..runs {
         // (Re-)establish the flows the hit paths reuse: the new-flow runs evict them. The
         // TUN input is the director's own output, so stripping and re-adding is a fixpoint.
@@ -259,17 +288,67 @@ fn bench(quick: bool) -> String {
             u64::from(repeat),
             "every TUN new-flow run created a flow"
         );
+
+        next.set(0, &floor_fd, 0).unwrap();
+        cfg.set(0, RESTORE, 0).unwrap();
+        template.set(0, as_template(&nat_client), 0).unwrap();
+        rows[7].samples.push(time(
+            loaded(&h, dataplane::BENCH_DRIVER_PROGRAM),
+            &nat_client,
+            repeat,
+            up0,
+        ));
+
+        next.set(0, &director_fd, 0).unwrap();
+        // Open the NAT flow (and its reply mapping), then time both directions.
+        assert_eq!(
+            lb_tests::run_program_on(h.director.director_program(), &nat_client, up0).0,
+            XDP_TX
+        );
+        let fwd = h.reason(reason::FWD_NAT);
+        rows[8].samples.push(time(
+            loaded(&h, dataplane::BENCH_DRIVER_PROGRAM),
+            &nat_client,
+            repeat,
+            up0,
+        ));
+        assert_eq!(
+            h.reason(reason::FWD_NAT) - fwd,
+            u64::from(repeat),
+            "every NAT run forwarded"
+        );
+        template.set(0, as_template(&nat_reply), 0).unwrap();
+        let back = h.reason(reason::FWD_NAT_REPLY);
+        rows[9].samples.push(time(
+            loaded(&h, dataplane::BENCH_DRIVER_PROGRAM),
+            &nat_reply,
+            repeat,
+            up0,
+        ));
+        assert_eq!(
+            h.reason(reason::FWD_NAT_REPLY) - back,
+            u64::from(repeat),
+            "every reply run translated"
+        );
     }
 
     let floor = rows[0].median();
     let driver_floor = rows[3].median();
+    let restore_floor = rows[7].median();
     let mut report = format!(
         "xdplb bench ({runs} × {repeat} runs per path, BPF_PROG_TEST_RUN, {} CPUs)\n\n\
          | path | ns/packet (median) | min–max | × floor | Mpps/core |\n|---|---:|---:|---:|---:|\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     for r in &rows {
-        let base = if r.driven { driver_floor } else { floor };
+        let base = match (
+            r.driven,
+            r.path.contains("NAT") || r.path.contains("restoring"),
+        ) {
+            (false, _) => floor,
+            (true, false) => driver_floor,
+            (true, true) => restore_floor,
+        };
         let min = r.samples.iter().copied().fold(f64::INFINITY, f64::min);
         let max = r.samples.iter().copied().fold(0.0, f64::max);
         let m = r.median();
