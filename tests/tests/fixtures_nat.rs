@@ -317,3 +317,46 @@ fn rst_and_fin_both_ways_end_the_flow() {
         );
     });
 }
+
+#[test]
+fn fullnat_ports_return_to_the_pool_when_the_flow_ends() {
+    lb_tests::require_root();
+    FibLab::new("fullrst").run(|| {
+        let (h, up0) = harness();
+        let p = Pkt::tcp("198.18.2.1", "198.18.0.101", 46000, 80);
+        let (_, out) = run(&h, up0, &p.build());
+        let port = u16::from_be_bytes([out[34], out[35]]);
+        let held = lb_tests::flow_key(
+            "198.18.5.13".parse().unwrap(),
+            "198.18.5.100".parse().unwrap(),
+            80,
+            port,
+            6,
+        );
+        assert!(
+            h.director.maps.nat_replies.get(&held, 0).is_ok(),
+            "port {port} held by the flow"
+        );
+        let rst = Pkt {
+            tcp_flags: TCP_RST,
+            ..p.clone()
+        };
+        assert_eq!(run(&h, up0, &rst.build()).0, XDP_TX);
+        assert!(
+            h.director.maps.nat_replies.get(&held, 0).is_err(),
+            "port {port} free again after RST"
+        );
+        // The same client tuple is a new flow now, with a held port again.
+        let (v, again) = run(&h, up0, &p.build());
+        assert_eq!(v, XDP_TX);
+        let port2 = u16::from_be_bytes([again[34], again[35]]);
+        let held2 = lb_tests::flow_key(
+            "198.18.5.13".parse().unwrap(),
+            "198.18.5.100".parse().unwrap(),
+            80,
+            port2,
+            6,
+        );
+        assert!(h.director.maps.nat_replies.get(&held2, 0).is_ok());
+    });
+}
