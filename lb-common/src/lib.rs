@@ -118,7 +118,16 @@ pub struct FlowValue {
     pub snat_port_be: u16,
     /// [`FLOW_F_FIN_CLIENT`] | [`FLOW_F_FIN_BACKEND`] | [`FLOW_F_SNAT`].
     pub flags: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when a packet was last seen; UDP only, refreshed
+    /// at most every [`FLOW_TOUCH_NS`], for the idle timeout.
+    pub last_seen_ns: u64,
 }
+
+/// Granularity of `FlowValue::last_seen_ns` updates (saves a write on most packets).
+pub const FLOW_TOUCH_NS: u64 = 1_000_000_000;
+
+/// Default idle timeout of UDP flows (`udp_idle_timeout`).
+pub const UDP_IDLE_DEFAULT_NS: u64 = 30_000_000_000;
 
 /// `FlowValue::flags`: a FIN was seen from the client / from the backend.
 pub const FLOW_F_FIN_CLIENT: u32 = 1;

@@ -1,8 +1,9 @@
 //! The connection table: an established flow keeps its backend whatever the rings say.
 
-use aya_ebpf::{macros::map, maps::LruHashMap};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap, Global};
 use lb_common::{
     reason, FlowKey, FlowValue, ServiceMeta, BPF_F_NO_COMMON_LRU, FLOW_TABLE_CAPACITY,
+    FLOW_TOUCH_NS, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
 };
 
 use crate::select;
@@ -58,11 +59,23 @@ fn lookup_out(svc: &ServiceMeta, key: &FlowKey, record: bool, out: &mut Choice) 
     }
 }
 
+/// Idle timeout of UDP flows in ns, set at load time (`udp_idle_timeout`).
+#[unsafe(no_mangle)]
+static UDP_IDLE_NS: Global<u64> = Global::new(UDP_IDLE_DEFAULT_NS);
+
 #[inline(always)]
 fn lookup(svc: &ServiceMeta, key: &FlowKey, record: bool) -> Result<Choice, u32> {
-    if let Some(v) = unsafe { FLOWS.get(key) } {
-        // A backend removed from the config no longer owns its flows: reschedule them.
-        if select::backend(v.backend).is_some() {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(v) = FLOWS.get_ptr_mut(key) {
+        let v = unsafe { &mut *v };
+        // A backend removed from the config no longer owns its flows: reschedule them. An
+        // idle UDP flow has ended: its next packet starts a new one.
+        let idle =
+            key.proto == IPPROTO_UDP && now.saturating_sub(v.last_seen_ns) > UDP_IDLE_NS.load();
+        if !idle && select::backend(v.backend).is_some() {
+            if key.proto == IPPROTO_UDP && now.saturating_sub(v.last_seen_ns) > FLOW_TOUCH_NS {
+                v.last_seen_ns = now;
+            }
             return Ok(Choice {
                 id: v.backend,
                 new: false,
@@ -75,6 +88,7 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, record: bool) -> Result<Choice, u32>
         let value = FlowValue {
             backend: id,
             service: svc.id,
+            last_seen_ns: now,
             ..FlowValue::default()
         };
         if FLOWS.insert(key, &value, 0).is_err() {

@@ -34,6 +34,10 @@ pub struct Config {
     /// Source addresses and ports for `fullnat` services.
     #[serde(default)]
     pub fullnat: Option<FullNat>,
+    /// A UDP flow with no packet for this long has ended (default 30s). Kept as text so a bad
+    /// value is reported on its own line.
+    #[serde(default)]
+    pub udp_idle_timeout: Option<String>,
 }
 
 /// The full-NAT source pool: the backend sees one of these addresses (of its family) and a
@@ -495,6 +499,19 @@ impl Config {
                 );
             }
         }
+        if let Some(t) = &self.udp_idle_timeout {
+            match humantime::parse_duration(t) {
+                Err(e) => err(
+                    "udp_idle_timeout".into(),
+                    format!("invalid duration `{t}` ({e}); write e.g. 30s, 2m"),
+                ),
+                Ok(d) if d < Duration::from_secs(1) || d > Duration::from_secs(3600) => err(
+                    "udp_idle_timeout".into(),
+                    format!("{t} is out of range 1s..=1h"),
+                ),
+                Ok(_) => {}
+            }
+        }
         if let Some(f) = &self.fullnat {
             let mut seen = HashSet::new();
             for (i, a) in f.pool.iter().enumerate() {
@@ -729,6 +746,14 @@ impl Config {
             }
         }
         errs
+    }
+
+    /// The UDP idle timeout (validated).
+    pub fn udp_idle_timeout(&self) -> Duration {
+        self.udp_idle_timeout
+            .as_deref()
+            .and_then(|t| humantime::parse_duration(t).ok())
+            .unwrap_or(Duration::from_nanos(lb_common::UDP_IDLE_DEFAULT_NS))
     }
 
     pub fn flow_table_size(&self) -> u32 {
@@ -1162,5 +1187,17 @@ services:
             e[0].message.contains("sysctl -w net.ipv4.ip_forward=1"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn udp_idle_timeout_defaults_and_bounds() {
+        let c = Config::parse(GOOD, &AnyHost).unwrap();
+        assert_eq!(c.udp_idle_timeout(), Duration::from_secs(30));
+        let c = Config::parse(&format!("udp_idle_timeout: 2m\n{GOOD}"), &AnyHost).unwrap();
+        assert_eq!(c.udp_idle_timeout(), Duration::from_secs(120));
+        let e = one_error(&format!("udp_idle_timeout: 100ms\n{GOOD}"));
+        assert_eq!((e.path.as_str(), e.line), ("udp_idle_timeout", Some(1)));
+        let e = one_error(&format!("udp_idle_timeout: soon\n{GOOD}"));
+        assert!(e.message.contains("invalid duration"), "{e}");
     }
 }

@@ -273,6 +273,8 @@ pub struct LoadOptions<'a> {
     pub pin_dir: Option<&'a Path>,
     /// Compile per-packet aya-log records into the program (read with [`Director::logger`]).
     pub debug_log: bool,
+    /// Idle timeout of UDP flows.
+    pub udp_idle: std::time::Duration,
 }
 
 impl Default for LoadOptions<'_> {
@@ -281,6 +283,7 @@ impl Default for LoadOptions<'_> {
             flow_table_size: lb_common::FLOW_TABLE_CAPACITY,
             pin_dir: None,
             debug_log: false,
+            udp_idle: std::time::Duration::from_nanos(lb_common::UDP_IDLE_DEFAULT_NS),
         }
     }
 }
@@ -295,6 +298,8 @@ impl Director {
         loader.map_max_entries(maps::NAT_REPLIES, opts.flow_table_size);
         let debug_log = u8::from(opts.debug_log);
         loader.override_global("DEBUG_LOG", &debug_log, true);
+        let udp_idle_ns = opts.udp_idle.as_nanos() as u64;
+        loader.override_global("UDP_IDLE_NS", &udp_idle_ns, true);
         if let Some(dir) = pin_dir {
             check_bpffs(dir)?;
             if has_pinned_links(dir) {
@@ -434,6 +439,46 @@ impl Director {
         }
         Ok(())
     }
+}
+
+/// Remove UDP flows idle for longer than `idle`, and their NAT state (which frees full-NAT
+/// ports). The data plane already treats such flows as ended; this reclaims the entries of
+/// flows that never send again. Walks the tables with syscalls: O(table) per call.
+pub fn sweep_idle_udp(m: &mut Maps, idle: std::time::Duration) -> Result<usize> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into `ts`; CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    let idle = idle.as_nanos() as u64;
+    let expired: std::collections::HashSet<FlowKey> = m
+        .flows
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(k, v)| {
+            k.proto == lb_common::IPPROTO_UDP && now.saturating_sub(v.last_seen_ns) > idle
+        })
+        .map(|(k, _)| k)
+        .collect();
+    if expired.is_empty() {
+        return Ok(0);
+    }
+    let replies: Vec<FlowKey> = m
+        .nat_replies
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(_, r)| expired.contains(&r.flow))
+        .map(|(k, _)| k)
+        .collect();
+    for k in &replies {
+        let _ = m.nat_replies.remove(k);
+    }
+    for k in &expired {
+        let _ = m.flows.remove(k);
+    }
+    Ok(expired.len())
 }
 
 /// What the data plane needs about an interface: its MAC and, for TUN, the outer sources.

@@ -13,6 +13,8 @@ use crate::{
 
 /// How long to wait for a backend's MAC to appear in the neighbour table.
 const NEIGHBOUR_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often idle UDP flows (and their NAT state) are removed from the tables.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// How often routed backends are poked so their next hop stays resolved.
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(20);
 
@@ -102,6 +104,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         flow_table_size: cfg.flow_table_size(),
         pin_dir: Some(opts.pin_dir),
         debug_log: opts.debug_log,
+        udp_idle: cfg.udp_idle_timeout(),
     })?;
     if opts.debug_log {
         log::warn!("per-packet debug logging is on: expect a much slower data plane");
@@ -152,11 +155,17 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
     // Keep the next hops of routed backends in the neighbour table: the kernel sees none of
     // the traffic XDP forwards, so it would otherwise let the entries lapse.
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = refresh.tick() => routed.iter().for_each(|b| crate::netlink::poke(*b)),
+            _ = sweep.tick() => match dataplane::sweep_idle_udp(&mut director.maps, cfg.udp_idle_timeout()) {
+                Ok(0) => {}
+                Ok(n) => log::debug!("removed {n} idle UDP flow(s)"),
+                Err(e) => log::warn!("sweeping idle UDP flows: {e}"),
+            },
             _ = hup.recv() => log::warn!("SIGHUP: configuration reload is not available in this version; restart the controller to apply changes"),
         }
     }

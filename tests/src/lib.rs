@@ -57,6 +57,7 @@ impl Harness {
             flow_table_size: config.flow_table_size(),
             pin_dir: None,
             debug_log,
+            udp_idle: config.udp_idle_timeout(),
         })
         .expect("load XDP object");
         director.apply(&desired).expect("fill maps");

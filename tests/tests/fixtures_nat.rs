@@ -360,3 +360,78 @@ fn fullnat_ports_return_to_the_pool_when_the_flow_ends() {
         assert!(h.director.maps.nat_replies.get(&held2, 0).is_ok());
     });
 }
+
+#[test]
+fn idle_udp_flows_end_and_their_nat_state_goes() {
+    lb_tests::require_root();
+    FibLab::new("udpidle").run(|| {
+        let yaml = format!("udp_idle_timeout: 1s\n{CONFIG}");
+        let mut h = Harness::new(&yaml);
+        FibLab::register_up0(&mut h);
+        let up0 = lb_userspace::netlink::ifindex("up0").expect("up0");
+        let udp = Pkt::udp("198.18.2.1", "198.18.0.100", 47000, 53);
+        let tcp = Pkt::tcp("198.18.2.1", "198.18.0.100", 47000, 80);
+        assert_eq!(
+            lb_tests::run_program_on(h.director.director_program(), &udp.build(), up0).0,
+            XDP_TX
+        );
+        assert_eq!(
+            lb_tests::run_program_on(h.director.director_program(), &tcp.build(), up0).0,
+            XDP_TX
+        );
+        let reply = lb_tests::flow_key(
+            "198.18.5.12".parse().unwrap(),
+            "198.18.2.1".parse().unwrap(),
+            53,
+            47000,
+            17,
+        );
+        assert!(
+            h.director.maps.nat_replies.get(&reply, 0).is_ok(),
+            "UDP reply mapping"
+        );
+        let new_flows = |h: &Harness| -> u64 {
+            (0..h.desired.services.len() as u32)
+                .map(|s| {
+                    lb_userspace::dataplane::Maps::sum_counters(&h.director.maps.service_stats, s)
+                        .unwrap()
+                        .new_flows
+                })
+                .sum()
+        };
+        let before = new_flows(&h);
+        std::thread::sleep(std::time::Duration::from_millis(1300));
+        // Past the timeout, the UDP flow's next packet starts a new flow; TCP is not affected.
+        assert_eq!(
+            lb_tests::run_program_on(h.director.director_program(), &tcp.build(), up0).0,
+            XDP_TX
+        );
+        assert_eq!(new_flows(&h), before, "TCP flow still established");
+        assert_eq!(
+            lb_tests::run_program_on(h.director.director_program(), &udp.build(), up0).0,
+            XDP_TX
+        );
+        assert_eq!(new_flows(&h), before + 1, "idle UDP flow started anew");
+
+        // A UDP flow that never sends again is swept with its NAT state.
+        std::thread::sleep(std::time::Duration::from_millis(1300));
+        let swept = lb_userspace::dataplane::sweep_idle_udp(
+            &mut h.director.maps,
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(swept, 1, "one idle UDP flow");
+        assert!(
+            h.director.maps.flows.get(&udp.key(), 0).is_err(),
+            "flow entry removed"
+        );
+        assert!(
+            h.director.maps.nat_replies.get(&reply, 0).is_err(),
+            "reply mapping removed"
+        );
+        assert!(
+            h.director.maps.flows.get(&tcp.key(), 0).is_ok(),
+            "TCP flow kept"
+        );
+    });
+}
