@@ -343,6 +343,10 @@ pub trait Host {
     fn forwarding(&self, _ipv4: bool) -> bool {
         true
     }
+    /// Does this host have a route to `addr`?
+    fn has_route(&self, _addr: IpAddr) -> bool {
+        true
+    }
 }
 
 /// The host we run on.
@@ -351,6 +355,17 @@ pub struct ThisHost;
 impl Host for ThisHost {
     fn interface_exists(&self, name: &str) -> bool {
         crate::netlink::ifindex(name).is_some()
+    }
+    fn has_route(&self, addr: IpAddr) -> bool {
+        // A UDP connect() only does the route lookup (no packet is sent).
+        let any: IpAddr = if addr.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        std::net::UdpSocket::bind((any, 0))
+            .and_then(|s| s.connect((addr, 9)))
+            .is_ok()
     }
     fn forwarding(&self, ipv4: bool) -> bool {
         let path = if ipv4 {
@@ -684,6 +699,16 @@ impl Config {
                         format!(
                             "DR mode needs backends of the VIP's address family ({} vs {})",
                             b.address, s.vip
+                        ),
+                    );
+                }
+                if s.mode != Mode::Dr && !host.has_route(b.address) {
+                    err(
+                        format!("{bp}.address"),
+                        format!(
+                            "this host has no route to backend {} ({} mode routes to it): add one, e.g. \
+                             `ip route add {} via GATEWAY`",
+                            b.address, s.mode, b.address
                         ),
                     );
                 }
@@ -1199,5 +1224,25 @@ services:
         assert_eq!((e.path.as_str(), e.line), ("udp_idle_timeout", Some(1)));
         let e = one_error(&format!("udp_idle_timeout: soon\n{GOOD}"));
         assert!(e.message.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn routed_modes_need_a_route_to_each_backend() {
+        struct NoRoutes;
+        impl Host for NoRoutes {
+            fn interface_exists(&self, _: &str) -> bool {
+                true
+            }
+            fn has_route(&self, addr: IpAddr) -> bool {
+                addr != "198.18.5.11".parse::<IpAddr>().unwrap()
+            }
+        }
+        let e = Config::parse(NAT, &NoRoutes).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].path, "services[0].backends[0].address");
+        assert!(
+            e[0].message.contains("no route to backend 198.18.5.11"),
+            "{e:?}"
+        );
     }
 }
