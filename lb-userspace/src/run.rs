@@ -18,6 +18,41 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// How often routed backends are poked so their next hop stays resolved.
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(20);
 
+/// Notices NAT traffic whose replies never come back through the director — the classic
+/// mistake of a (one-armed) NAT set-up whose backends do not route via the director, which
+/// no config check can see from here.
+#[derive(Default)]
+struct ReplyWatch {
+    last: Option<(u64, u64)>,
+    warned: bool,
+}
+
+impl ReplyWatch {
+    /// Packets forwarded to backends in one interval, with no reply at all, before warning.
+    const THRESHOLD: u64 = 3;
+
+    fn check(&mut self, totals: &[u64]) {
+        let now = (
+            totals[lb_common::reason::FWD_NAT as usize],
+            totals[lb_common::reason::FWD_NAT_REPLY as usize],
+        );
+        if let Some((fwd, back)) = self.last {
+            let (sent, returned) = (now.0 - fwd, now.1 - back);
+            if sent >= Self::THRESHOLD && returned == 0 && !self.warned {
+                log::warn!(
+                    "NAT: {sent} packets went to backends in the last {SWEEP_INTERVAL:?} and no reply came back \
+                     through the director (if this service expects replies: NAT backends must route them via it, as \
+                     their default gateway, or use mode: fullnat)"
+                );
+                self.warned = true;
+            } else if returned > 0 {
+                self.warned = false;
+            }
+        }
+        self.last = Some(now);
+    }
+}
+
 /// Backends of TUN / NAT / full-NAT services (reached through the kernel FIB).
 fn routed_backends(cfg: &Config) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = cfg
@@ -156,16 +191,22 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
     // the traffic XDP forwards, so it would otherwise let the entries lapse.
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut replies = ReplyWatch::default();
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = refresh.tick() => routed.iter().for_each(|b| crate::netlink::poke(*b)),
-            _ = sweep.tick() => match dataplane::sweep_idle_udp(&mut director.maps, cfg.udp_idle_timeout()) {
-                Ok(0) => {}
-                Ok(n) => log::debug!("removed {n} idle UDP flow(s)"),
-                Err(e) => log::warn!("sweeping idle UDP flows: {e}"),
-            },
+            _ = sweep.tick() => {
+                match dataplane::sweep_idle_udp(&mut director.maps, cfg.udp_idle_timeout()) {
+                    Ok(0) => {}
+                    Ok(n) => log::debug!("removed {n} idle UDP flow(s)"),
+                    Err(e) => log::warn!("sweeping idle UDP flows: {e}"),
+                }
+                if let Ok(totals) = director.maps.reason_totals() {
+                    replies.check(&totals);
+                }
+            }
             _ = hup.recv() => log::warn!("SIGHUP: configuration reload is not available in this version; restart the controller to apply changes"),
         }
     }

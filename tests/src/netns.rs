@@ -56,6 +56,8 @@ pub struct Topology {
     children: Vec<Child>,
     /// Index in `children` of the running `xdplb run`.
     director: Option<usize>,
+    /// What the director has logged so far.
+    pub director_log: Arc<std::sync::Mutex<String>>,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
     pub pin_dir: PathBuf,
@@ -110,6 +112,7 @@ impl Topology {
             namespaces: Vec::new(),
             children: Vec::new(),
             director: None,
+            director_log: Arc::default(),
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/xdplb-{prefix}")),
@@ -243,6 +246,11 @@ impl Topology {
     /// (director eth1 = 198.18.5.1). NAT backends route via the director; full-NAT backends
     /// have no route to clients at all, only to the pool address the director holds on eth1.
     pub fn nat(prefix: &str, backends: usize, fullnat: bool) -> Topology {
+        Topology::nat_with(prefix, backends, fullnat, !fullnat)
+    }
+
+    /// [`Topology::nat`], choosing whether backends route back via the director.
+    pub fn nat_with(prefix: &str, backends: usize, fullnat: bool, route_back: bool) -> Topology {
         let mut t = Topology::empty(prefix, backends);
         t.switch(&["br0", "br1"]);
         t.plug(
@@ -290,7 +298,7 @@ impl Topology {
                 &format!("{}/24", tun_backend4(i)),
                 &format!("{}/64", tun_backend6(i)),
             );
-            if !fullnat {
+            if route_back {
                 t.ip(&b, &["route", "add", "default", "via", "198.18.5.1"]);
                 t.ip(
                     &b,
@@ -462,8 +470,23 @@ impl Topology {
             .arg("--config")
             .arg(config)
             .stdin(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn xdplb run");
+        // Keep the director's log (for tests that look for a warning) and still show it.
+        let mut child = child;
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = self.director_log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                eprintln!("{line}");
+                log.lock().expect("log").push_str(&(line + "\n"));
+            }
+        });
         self.adopt(child);
         self.director = Some(self.children.len() - 1);
         let link = self.pin_dir.join("link_eth0");

@@ -80,3 +80,32 @@ fn nat_two_armed_tcp_udp_and_bulk_both_families() {
 fn fullnat_two_armed_tcp_udp_and_bulk_both_families() {
     nat_end_to_end(true);
 }
+
+#[test]
+fn nat_without_a_route_back_is_reported() {
+    lb_tests::require_root();
+    let xdplb = netns::xdplb_binary();
+    // NAT backends that do not route via the director: their replies never come back.
+    let mut topo = Topology::nat_with(&format!("xr{}", std::process::id()), 3, false, false);
+    topo.start_servers_on(|i| [tun_backend4(i), tun_backend6(i)]);
+    topo.attach_pass_on(&xdplb, "dir");
+    topo.attach_pass_on(&xdplb, "dir-eth1");
+    topo.start_director(&xdplb, &Topology::nat_config(false));
+    let cl = topo.ns("cl");
+    let clients = std::thread::spawn(move || netns::tcp_clients(&cl, VIP4, TCP_PORT, 6));
+    let log = topo.director_log.clone();
+    netns::wait_for(
+        "the director's warning about missing replies",
+        std::time::Duration::from_secs(20),
+        || {
+            log.lock()
+                .unwrap()
+                .contains("no reply came back through the director")
+        },
+    );
+    let (_, failures) = clients.join().expect("clients");
+    assert!(
+        !failures.is_empty(),
+        "without a route back, connections fail"
+    );
+}
