@@ -174,6 +174,24 @@ impl Topology {
         }
     }
 
+    /// The client and the director's eth0 on br0.
+    fn client_and_director(&mut self) {
+        self.plug(
+            "br0",
+            "cl",
+            "eth0",
+            &format!("{CLIENT4}/24"),
+            &format!("{CLIENT6}/64"),
+        );
+        self.plug(
+            "br0",
+            "dir",
+            "eth0",
+            &format!("{DIRECTOR4}/24"),
+            &format!("{DIRECTOR6}/64"),
+        );
+    }
+
     /// Backends hold both VIPs on `lo` and never answer ARP for them.
     fn vips_on_backends(&self) {
         for i in 0..self.backends {
@@ -214,20 +232,7 @@ impl Topology {
     pub fn dr(prefix: &str, backends: usize) -> Topology {
         let mut t = Topology::empty(prefix, backends);
         t.switch(&["br0"]);
-        t.plug(
-            "br0",
-            "cl",
-            "eth0",
-            &format!("{CLIENT4}/24"),
-            &format!("{CLIENT6}/64"),
-        );
-        t.plug(
-            "br0",
-            "dir",
-            "eth0",
-            &format!("{DIRECTOR4}/24"),
-            &format!("{DIRECTOR6}/64"),
-        );
+        t.client_and_director();
         for i in 0..backends {
             t.plug(
                 "br0",
@@ -253,20 +258,7 @@ impl Topology {
     pub fn nat_with(prefix: &str, backends: usize, fullnat: bool, route_back: bool) -> Topology {
         let mut t = Topology::empty(prefix, backends);
         t.switch(&["br0", "br1"]);
-        t.plug(
-            "br0",
-            "cl",
-            "eth0",
-            &format!("{CLIENT4}/24"),
-            &format!("{CLIENT6}/64"),
-        );
-        t.plug(
-            "br0",
-            "dir",
-            "eth0",
-            &format!("{DIRECTOR4}/24"),
-            &format!("{DIRECTOR6}/64"),
-        );
+        t.client_and_director();
         t.plug("br1", "dir", "eth1", "198.18.5.1/24", "2001:db8:5::1/64");
         t.sysctl(
             "dir",
@@ -326,20 +318,7 @@ impl Topology {
     pub fn tun(prefix: &str, backends: usize) -> Topology {
         let mut t = Topology::empty(prefix, backends);
         t.switch(&["br0", "br1"]);
-        t.plug(
-            "br0",
-            "cl",
-            "eth0",
-            &format!("{CLIENT4}/24"),
-            &format!("{CLIENT6}/64"),
-        );
-        t.plug(
-            "br0",
-            "dir",
-            "eth0",
-            &format!("{DIRECTOR4}/24"),
-            &format!("{DIRECTOR6}/64"),
-        );
+        t.client_and_director();
         t.plug(
             "br0",
             "rt",
@@ -723,6 +702,39 @@ fn udp_server(addr: SocketAddr, name: &str, stop: &AtomicBool) {
 
 /// Answers per backend name, and the failures (each with its error).
 pub type Tally = (BTreeMap<String, usize>, Vec<String>);
+
+/// Every exchange succeeded, all `backends` answered, each at least 20 % of `total`.
+/// `context` is shown on failure (e.g. the director's counters).
+pub fn assert_spread(
+    what: &str,
+    (answers, failures): &Tally,
+    total: usize,
+    backends: usize,
+    context: impl std::fmt::Display,
+) {
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {total} failed, first: {:?}\n{context}",
+        failures.len(),
+        failures.first()
+    );
+    assert_eq!(
+        answers.values().sum::<usize>(),
+        total,
+        "{what}: {answers:?}"
+    );
+    assert_eq!(
+        answers.len(),
+        backends,
+        "{what}: every backend answers: {answers:?}"
+    );
+    for (name, n) in answers {
+        assert!(
+            *n * 5 >= total,
+            "{what}: backend {name} got {n} of {total} (< 20 %): {answers:?}"
+        );
+    }
+}
 
 /// `n` exchanges from namespace `ns`, one after another; `exchange(i)` returns the name of
 /// the backend that answered.

@@ -7,36 +7,6 @@ use lb_tests::netns::{self, Topology, DIRECTOR4, DIRECTOR6, TCP_PORT, UDP_PORT, 
 
 const CONNECTIONS: usize = 300;
 
-fn assert_spread(
-    what: &str,
-    answers: &std::collections::BTreeMap<String, usize>,
-    failures: &[String],
-    total: usize,
-) {
-    assert!(
-        failures.is_empty(),
-        "{what}: {} of {total} failed, first: {:?}",
-        failures.len(),
-        failures.first()
-    );
-    assert_eq!(
-        answers.values().sum::<usize>(),
-        total,
-        "{what}: {answers:?}"
-    );
-    assert_eq!(
-        answers.len(),
-        3,
-        "{what}: every backend answers: {answers:?}"
-    );
-    for (name, n) in answers {
-        assert!(
-            *n * 5 >= total,
-            "{what}: backend {name} got {n} of {total} (< 20 %): {answers:?}"
-        );
-    }
-}
-
 #[test]
 fn dr_balances_real_tcp_and_udp_for_ipv4_and_ipv6() {
     lb_tests::require_root();
@@ -47,14 +17,34 @@ fn dr_balances_real_tcp_and_udp_for_ipv4_and_ipv6() {
     topo.start_director(&xdplb, &Topology::demo_config());
 
     let cl = topo.ns("cl");
-    let (answers, failures) = netns::tcp_clients(&cl, VIP4, TCP_PORT, CONNECTIONS);
-    assert_spread("IPv4 TCP", &answers, &failures, CONNECTIONS);
-    let (answers, failures) = netns::tcp_clients(&cl, VIP6, TCP_PORT, CONNECTIONS);
-    assert_spread("IPv6 TCP", &answers, &failures, CONNECTIONS);
-    let (answers, failures) = netns::udp_clients(&cl, VIP4, UDP_PORT, CONNECTIONS);
-    assert_spread("IPv4 UDP", &answers, &failures, CONNECTIONS);
-    let (answers, failures) = netns::udp_clients(&cl, VIP6, UDP_PORT, CONNECTIONS);
-    assert_spread("IPv6 UDP", &answers, &failures, CONNECTIONS);
+    netns::assert_spread(
+        "IPv4 TCP",
+        &netns::tcp_clients(&cl, VIP4, TCP_PORT, CONNECTIONS),
+        CONNECTIONS,
+        3,
+        "",
+    );
+    netns::assert_spread(
+        "IPv6 TCP",
+        &netns::tcp_clients(&cl, VIP6, TCP_PORT, CONNECTIONS),
+        CONNECTIONS,
+        3,
+        "",
+    );
+    netns::assert_spread(
+        "IPv4 UDP",
+        &netns::udp_clients(&cl, VIP4, UDP_PORT, CONNECTIONS),
+        CONNECTIONS,
+        3,
+        "",
+    );
+    netns::assert_spread(
+        "IPv6 UDP",
+        &netns::udp_clients(&cl, VIP6, UDP_PORT, CONNECTIONS),
+        CONNECTIONS,
+        3,
+        "",
+    );
 
     // The director's own traffic (not for a VIP) still reaches its stack.
     for addr in [DIRECTOR4, DIRECTOR6] {
