@@ -65,16 +65,19 @@ static UDP_IDLE_NS: Global<u64> = Global::new(UDP_IDLE_DEFAULT_NS);
 
 #[inline(always)]
 fn lookup(svc: &ServiceMeta, key: &FlowKey, record: bool) -> Result<Choice, u32> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The clock is read only where it is needed: UDP hits (idle timeout) and new flows.
     if let Some(v) = FLOWS.get_ptr_mut(key) {
         let v = unsafe { &mut *v };
+        let age = if key.proto == IPPROTO_UDP {
+            unsafe { bpf_ktime_get_ns() }.saturating_sub(v.last_seen_ns)
+        } else {
+            0
+        };
         // A backend removed from the config no longer owns its flows: reschedule them. An
         // idle UDP flow has ended: its next packet starts a new one.
-        let idle =
-            key.proto == IPPROTO_UDP && now.saturating_sub(v.last_seen_ns) > UDP_IDLE_NS.load();
-        if !idle && select::backend(v.backend).is_some() {
-            if key.proto == IPPROTO_UDP && now.saturating_sub(v.last_seen_ns) > FLOW_TOUCH_NS {
-                v.last_seen_ns = now;
+        if age <= UDP_IDLE_NS.load() && select::backend(v.backend).is_some() {
+            if age > FLOW_TOUCH_NS {
+                v.last_seen_ns += age;
             }
             return Ok(Choice {
                 id: v.backend,
@@ -88,7 +91,7 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, record: bool) -> Result<Choice, u32>
         let value = FlowValue {
             backend: id,
             service: svc.id,
-            last_seen_ns: now,
+            last_seen_ns: unsafe { bpf_ktime_get_ns() },
             ..FlowValue::default()
         };
         if FLOWS.insert(key, &value, 0).is_err() {

@@ -388,19 +388,7 @@ impl Director {
             .as_ref()
             .map(|d| d.join(format!("link_{iface}")));
         let prog: &mut Xdp = self.ebpf.program_mut(PROGRAM).expect("loaded").try_into()?;
-        let link_id = match mode {
-            config::XdpMode::Native => prog
-                .attach(iface, XdpMode::Driver)
-                .map_err(|_| Error::NativeUnsupported(iface.to_string()))?,
-            config::XdpMode::Skb => prog.attach(iface, XdpMode::Skb)?,
-            config::XdpMode::Auto => match prog.attach(iface, XdpMode::Driver) {
-                Ok(id) => id,
-                Err(e) => {
-                    log::warn!("native XDP unavailable on {iface} ({e}); using generic (skb) mode");
-                    prog.attach(iface, XdpMode::Skb)?
-                }
-            },
-        };
+        let link_id = attach_xdp(prog, iface, mode)?;
         if let Some(path) = pin {
             let link = prog.take_link(link_id)?;
             let fd: FdLink = link.try_into()?;
@@ -439,6 +427,28 @@ impl Director {
         }
         Ok(())
     }
+}
+
+/// Attach `prog` to `iface` in the configured mode: native, generic, or native with a
+/// fallback to generic (and a warning).
+pub fn attach_xdp(
+    prog: &mut Xdp,
+    iface: &str,
+    mode: config::XdpMode,
+) -> Result<aya::programs::xdp::XdpLinkId> {
+    Ok(match mode {
+        config::XdpMode::Native => prog
+            .attach(iface, XdpMode::Driver)
+            .map_err(|_| Error::NativeUnsupported(iface.to_string()))?,
+        config::XdpMode::Skb => prog.attach(iface, XdpMode::Skb)?,
+        config::XdpMode::Auto => match prog.attach(iface, XdpMode::Driver) {
+            Ok(id) => id,
+            Err(e) => {
+                log::warn!("native XDP unavailable on {iface} ({e}); using generic (skb) mode");
+                prog.attach(iface, XdpMode::Skb)?
+            }
+        },
+    })
 }
 
 /// Remove UDP flows idle for longer than `idle`, and their NAT state (which frees full-NAT

@@ -6,7 +6,7 @@ use std::{net::IpAddr, time::Duration};
 use anyhow::Context as _;
 use aya::{
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    programs::Xdp,
     Ebpf, EbpfLoader,
 };
 use lb_common::{decap_reason, AddrKey};
@@ -91,19 +91,7 @@ impl Decap {
             .program_mut(PROGRAM)
             .context("program missing")?
             .try_into()?;
-        match mode {
-            config::XdpMode::Native => prog.attach(iface, XdpMode::Driver).with_context(|| {
-                format!("XDP driver (native) mode is not supported on {iface}; use --xdp-mode skb")
-            })?,
-            config::XdpMode::Skb => prog.attach(iface, XdpMode::Skb)?,
-            config::XdpMode::Auto => match prog.attach(iface, XdpMode::Driver) {
-                Ok(id) => id,
-                Err(e) => {
-                    log::warn!("native XDP unavailable on {iface} ({e}); using generic (skb) mode");
-                    prog.attach(iface, XdpMode::Skb)?
-                }
-            },
-        };
+        crate::dataplane::attach_xdp(prog, iface, mode)?;
         Ok(())
     }
 
