@@ -347,6 +347,10 @@ pub trait Host {
     fn has_route(&self, _addr: IpAddr) -> bool {
         true
     }
+    /// Is `addr` reached through a gateway (not on a directly attached subnet)?
+    fn via_gateway(&self, _addr: IpAddr) -> bool {
+        false
+    }
 }
 
 /// The host we run on.
@@ -355,6 +359,20 @@ pub struct ThisHost;
 impl Host for ThisHost {
     fn interface_exists(&self, name: &str) -> bool {
         crate::netlink::ifindex(name).is_some()
+    }
+    fn via_gateway(&self, addr: IpAddr) -> bool {
+        // rtnetlink is async; validation is not (and may run inside a runtime already).
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async { crate::netlink::Netlink::new().ok()?.via_gateway(addr).await })
+        })
+        .join()
+        .ok()
+        .flatten()
+        .unwrap_or(false)
     }
     fn has_route(&self, addr: IpAddr) -> bool {
         // A UDP connect() only does the route lookup (no packet is sent).
@@ -709,6 +727,20 @@ impl Config {
                             "this host has no route to backend {} ({} mode routes to it): add one, e.g. \
                              `ip route add {} via GATEWAY`",
                             b.address, s.mode, b.address
+                        ),
+                    );
+                }
+                // One arm: the backends' replies come back only if the director is their
+                // gateway, which it cannot be for a backend it reaches through a gateway.
+                if s.mode == Mode::Nat && self.interfaces.len() == 1 && host.via_gateway(b.address)
+                {
+                    err(
+                        format!("{bp}.address"),
+                        format!(
+                            "NAT on a one-armed director: backend {} is reached through a gateway, so its \
+                             replies have no route back through this director; put the backends on a subnet \
+                             of `{}` with the director as their default gateway, or use mode: fullnat",
+                            b.address, self.interfaces[0].name
                         ),
                     );
                 }
@@ -1233,6 +1265,22 @@ services:
             fn interface_exists(&self, _: &str) -> bool {
                 true
             }
+            fn via_gateway(&self, addr: IpAddr) -> bool {
+                // rtnetlink is async; validation is not (and may run inside a runtime already).
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .ok()?;
+                    rt.block_on(async {
+                        crate::netlink::Netlink::new().ok()?.via_gateway(addr).await
+                    })
+                })
+                .join()
+                .ok()
+                .flatten()
+                .unwrap_or(false)
+            }
             fn has_route(&self, addr: IpAddr) -> bool {
                 addr != "198.18.5.11".parse::<IpAddr>().unwrap()
             }
@@ -1244,5 +1292,28 @@ services:
             e[0].message.contains("no route to backend 198.18.5.11"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn one_armed_nat_needs_on_link_backends() {
+        struct Routed;
+        impl Host for Routed {
+            fn interface_exists(&self, _: &str) -> bool {
+                true
+            }
+            fn via_gateway(&self, addr: IpAddr) -> bool {
+                addr == "198.18.5.11".parse::<IpAddr>().unwrap()
+            }
+        }
+        let one_arm = NAT.replace("  - name: eth1\n", "");
+        let e = Config::parse(&one_arm, &Routed).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].path, "services[0].backends[0].address");
+        assert!(
+            e[0].message.contains("no route back through this director"),
+            "{e:?}"
+        );
+        // Two arms, or full-NAT: fine.
+        assert!(Config::parse(NAT, &Routed).is_ok());
     }
 }

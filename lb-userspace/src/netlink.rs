@@ -54,6 +54,28 @@ impl Netlink {
             })
     }
 
+    /// `ip route get ADDR`: `Some(true)` when the route goes through a gateway, `Some(false)`
+    /// when ADDR is on a directly attached subnet, `None` when there is no route.
+    pub async fn via_gateway(&self, addr: IpAddr) -> Option<bool> {
+        use rtnetlink::packet_route::route::RouteAttribute;
+        let msg = match addr {
+            IpAddr::V4(a) => rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .destination_prefix(a, 32)
+                .build(),
+            IpAddr::V6(a) => rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(a, 128)
+                .build(),
+        };
+        let mut routes = self.handle.route().get(msg).execute();
+        let route = routes.try_next().await.ok().flatten()?;
+        Some(
+            route
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Gateway(_) | RouteAttribute::Via(_))),
+        )
+    }
+
     /// Every address configured on this host (this network namespace).
     pub async fn local_addrs(&self) -> anyhow::Result<Vec<IpAddr>> {
         let mut out = Vec::new();

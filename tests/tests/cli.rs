@@ -152,3 +152,64 @@ fn run_with_bad_input_attaches_nothing() {
     std::fs::remove_file(native).ok();
     std::fs::remove_file(invalid).ok();
 }
+
+#[test]
+fn one_armed_nat_with_a_routed_backend_is_rejected_by_check() {
+    lb_tests::require_root();
+    let ns = format!("xna{}", std::process::id());
+    sh(&["ip", "netns", "add", &ns]);
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _guard = Del(ns.clone());
+    for args in [
+        vec!["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+        vec!["link", "set", "v0", "up"],
+        vec!["link", "set", "v1", "up"],
+        vec!["addr", "add", "198.18.0.3/24", "dev", "v0"],
+        vec!["route", "add", "198.18.9.0/24", "via", "198.18.0.1"],
+    ] {
+        let mut all = vec!["ip", "-n", ns.as_str()];
+        all.extend(args);
+        sh(&all);
+    }
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+    let check = |backend: &str| {
+        let cfg = write(
+            &format!("onearm-{backend}"),
+            &format!(
+                "interfaces:\n  - name: v0\nservices:\n  - name: web\n    vip: 198.18.100.100\n    port: 80\n    protocol: tcp\n    mode: nat\n    backends:\n      - address: {backend}\n"
+            ),
+        );
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .arg(netns::xdplb_binary())
+            .args(["check", "--config", cfg.to_str().unwrap()])
+            .output()
+            .expect("check");
+        std::fs::remove_file(cfg).ok();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = check("198.18.9.11");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("line 10: services[0].backends[0].address: NAT on a one-armed director: backend 198.18.9.11 is reached through a gateway"),
+        "{err}"
+    );
+    let (code, err) = check("198.18.0.11");
+    assert_eq!(code, 0, "an on-link backend is fine: {err}");
+}
