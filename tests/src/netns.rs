@@ -52,7 +52,8 @@ pub fn in_netns<T: Send + 'static>(
 /// VIPs on `lo` with `arp_ignore=1`/`arp_announce=2`, as LVS wants.
 pub struct Topology {
     pub prefix: String,
-    namespaces: Vec<String>,
+    /// Deleted when the topology is dropped (after its processes are stopped).
+    namespaces: Vec<TempNs>,
     children: Vec<Child>,
     /// Index in `children` of the running `xdplb run`.
     director: Option<usize>,
@@ -139,7 +140,7 @@ impl Topology {
     /// of the switch namespace, with the given addresses.
     fn plug(&mut self, bridge: &str, host: &str, ifname: &str, a4: &str, a6: &str) {
         let ns = self.ns(host);
-        if !self.namespaces.contains(&ns) {
+        if !self.namespaces.iter().any(|n| n.0 == ns) {
             self.add_ns(&ns);
             self.ip(host, &["link", "set", "lo", "up"]);
         }
@@ -380,8 +381,7 @@ impl Topology {
     }
 
     fn add_ns(&mut self, ns: &str) {
-        sh(&["ip", "netns", "add", ns]);
-        self.namespaces.push(ns.to_string());
+        self.namespaces.push(TempNs::new(ns));
     }
 
     /// Keep `child` running until the topology is dropped.
@@ -563,9 +563,7 @@ impl Drop for Topology {
         if self.pin_dir.exists() {
             let _ = lb_userspace::dataplane::remove_pins(&self.pin_dir);
         }
-        for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
+        // The namespaces go with the `namespaces` field, after this.
     }
 }
 
@@ -807,7 +805,38 @@ pub fn udp_clients(ns: &str, vip: &str, port: u16, n: usize) -> Tally {
 /// `up0` (198.18.0.3, 2001:db8:1::3, MTU 1500), backends' and clients' subnets routed
 /// via a gateway whose MAC is a permanent neighbour, one subnet via a gateway with no
 /// neighbour entry, and no route at all to 198.18.7.0/24.
-pub struct FibLab(pub String);
+pub struct FibLab(pub TempNs);
+
+/// A network namespace that exists exactly as long as this guard (deleted on drop, also
+/// when a test panics).
+pub struct TempNs(pub String);
+
+impl TempNs {
+    pub fn new(name: &str) -> TempNs {
+        sh(&["ip", "netns", "add", name]);
+        TempNs(name.to_string())
+    }
+
+    /// `ip -n NS ARGS...`
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["ip", "-n", self.0.as_str()];
+        all.extend_from_slice(args);
+        sh(&all);
+    }
+
+    /// `ip netns exec NS sysctl -qw SETTINGS...`
+    pub fn sysctl(&self, settings: &[&str]) {
+        let mut all = vec!["ip", "netns", "exec", self.0.as_str(), "sysctl", "-qw"];
+        all.extend_from_slice(settings);
+        sh(&all);
+    }
+}
+
+impl Drop for TempNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
 
 /// MAC of `up0` in a [`FibLab`], and of its gateway (a permanent neighbour).
 pub const UP_MAC: [u8; 6] = [0x02, 0xd1, 0, 0, 0, 0x10];
@@ -828,9 +857,7 @@ impl FibLab {
     }
 
     pub fn new(tag: &str) -> FibLab {
-        let ns = FibLab(format!("xft{tag}{}", std::process::id()));
-        let n = ns.0.as_str();
-        sh(&["ip", "netns", "add", n]);
+        let ns = TempNs::new(&format!("xft{tag}{}", std::process::id()));
         let gw = "02:99:00:00:00:fe";
         for cmd in [
             vec!["link", "set", "lo", "up"],
@@ -894,37 +921,18 @@ impl FibLab {
                 "permanent",
             ],
         ] {
-            let mut args = vec!["ip", "-n", n];
-            args.extend(cmd);
-            sh(&args);
+            ns.ip(&cmd);
         }
         // bpf_fib_lookup answers "forwarding disabled" unless the input device forwards.
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            n,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-        ]);
-        ns
+        ns.sysctl(&["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]);
+        FibLab(ns)
     }
 
     /// Run `f` inside the namespace (BPF_PROG_TEST_RUN uses the caller's namespace).
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        in_netns(&self.0, f)
+        in_netns(&self.0 .0, f)
             .join()
             .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    }
-}
-
-impl Drop for FibLab {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
     }
 }
 

@@ -80,15 +80,8 @@ fn run_with_bad_input_attaches_nothing() {
     lb_tests::require_root();
     // A namespace of our own: its `lo` has no native XDP, and nothing outside is touched.
     let ns = format!("xcli{}", std::process::id());
-    sh(&["ip", "netns", "add", &ns]);
-    struct Del(String);
-    impl Drop for Del {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-    let _guard = Del(ns.clone());
-    sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+    let guard = netns::TempNs::new(&ns);
+    guard.ip(&["link", "set", "lo", "up"]);
     let pin = format!("/sys/fs/bpf/xdplb-{ns}");
     let run = |cfg: &Path| {
         let out = Command::new("nsenter")
@@ -157,14 +150,7 @@ fn run_with_bad_input_attaches_nothing() {
 fn one_armed_nat_with_a_routed_backend_is_rejected_by_check() {
     lb_tests::require_root();
     let ns = format!("xna{}", std::process::id());
-    sh(&["ip", "netns", "add", &ns]);
-    struct Del(String);
-    impl Drop for Del {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-    let _guard = Del(ns.clone());
+    let guard = netns::TempNs::new(&ns);
     for args in [
         vec!["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
         vec!["link", "set", "v0", "up"],
@@ -172,19 +158,9 @@ fn one_armed_nat_with_a_routed_backend_is_rejected_by_check() {
         vec!["addr", "add", "198.18.0.3/24", "dev", "v0"],
         vec!["route", "add", "198.18.9.0/24", "via", "198.18.0.1"],
     ] {
-        let mut all = vec!["ip", "-n", ns.as_str()];
-        all.extend(args);
-        sh(&all);
+        guard.ip(&args);
     }
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &ns,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-    ]);
+    guard.sysctl(&["net.ipv4.ip_forward=1"]);
     let check = |backend: &str| {
         let cfg = write(
             &format!("onearm-{backend}"),

@@ -112,6 +112,16 @@ fn counters(h: &Harness) -> (u64, u64) {
     (fwd, new)
 }
 
+/// Time `repeat` runs of the benchmark driver (and whatever it tail-calls) on `input`.
+fn driven(h: &Harness, input: &[u8], repeat: u32, ifindex: u32) -> f64 {
+    time(
+        loaded(h, dataplane::BENCH_DRIVER_PROGRAM),
+        input,
+        repeat,
+        ifindex,
+    )
+}
+
 fn loaded<'a>(h: &'a Harness, name: &str) -> &'a Xdp {
     h.director
         .loaded(name)
@@ -231,22 +241,12 @@ fn bench(quick: bool) -> String {
 
         next.set(0, &floor_fd, 0).unwrap();
         cfg.set(0, 0, 0).unwrap();
-        rows[3].samples.push(time(
-            loaded(&h, dataplane::BENCH_DRIVER_PROGRAM),
-            &v4,
-            repeat,
-            1,
-        ));
+        rows[3].samples.push(driven(&h, &v4, repeat, 1));
 
         next.set(0, &director_fd, 0).unwrap();
         cfg.set(0, NEW_FLOW, 0).unwrap();
         let before = counters(&h);
-        rows[4].samples.push(time(
-            loaded(&h, dataplane::BENCH_DRIVER_PROGRAM),
-            &v4,
-            repeat,
-            1,
-        ));
+        rows[4].samples.push(driven(&h, &v4, repeat, 1));
         let after = counters(&h);
         assert_eq!(
             after.1 - before.1,
@@ -261,12 +261,7 @@ fn bench(quick: bool) -> String {
         );
         cfg.set(0, STRIP_OUTER, 0).unwrap();
         let before = counters(&h);
-        rows[5].samples.push(time(
-            loaded(&h, dataplane::BENCH_DRIVER_PROGRAM),
-            &tun_wrapped,
-            repeat,
-            up0,
-        ));
+        rows[5].samples.push(driven(&h, &tun_wrapped, repeat, up0));
         let after = counters(&h);
         assert_eq!(
             (after.0 - before.0, after.1 - before.1),
@@ -276,12 +271,7 @@ fn bench(quick: bool) -> String {
 
         cfg.set(0, STRIP_OUTER | NEW_FLOW, 0).unwrap();
         let before = counters(&h);
-        rows[6].samples.push(time(
-            loaded(&h, dataplane::BENCH_DRIVER_PROGRAM),
-            &tun_wrapped,
-            repeat,
-            up0,
-        ));
+        rows[6].samples.push(driven(&h, &tun_wrapped, repeat, up0));
         let after = counters(&h);
         assert_eq!(
             after.1 - before.1,
@@ -292,12 +282,7 @@ fn bench(quick: bool) -> String {
         next.set(0, &floor_fd, 0).unwrap();
         cfg.set(0, RESTORE, 0).unwrap();
         template.set(0, as_template(&nat_client), 0).unwrap();
-        rows[7].samples.push(time(
-            loaded(&h, dataplane::BENCH_DRIVER_PROGRAM),
-            &nat_client,
-            repeat,
-            up0,
-        ));
+        rows[7].samples.push(driven(&h, &nat_client, repeat, up0));
 
         next.set(0, &director_fd, 0).unwrap();
         // Open the NAT flow (and its reply mapping), then time both directions.
@@ -306,12 +291,7 @@ fn bench(quick: bool) -> String {
             XDP_TX
         );
         let fwd = h.reason(reason::FWD_NAT);
-        rows[8].samples.push(time(
-            loaded(&h, dataplane::BENCH_DRIVER_PROGRAM),
-            &nat_client,
-            repeat,
-            up0,
-        ));
+        rows[8].samples.push(driven(&h, &nat_client, repeat, up0));
         assert_eq!(
             h.reason(reason::FWD_NAT) - fwd,
             u64::from(repeat),
@@ -319,12 +299,7 @@ fn bench(quick: bool) -> String {
         );
         template.set(0, as_template(&nat_reply), 0).unwrap();
         let back = h.reason(reason::FWD_NAT_REPLY);
-        rows[9].samples.push(time(
-            loaded(&h, dataplane::BENCH_DRIVER_PROGRAM),
-            &nat_reply,
-            repeat,
-            up0,
-        ));
+        rows[9].samples.push(driven(&h, &nat_reply, repeat, up0));
         assert_eq!(
             h.reason(reason::FWD_NAT_REPLY) - back,
             u64::from(repeat),
