@@ -53,31 +53,17 @@ impl ReplyWatch {
     }
 }
 
-/// Backends of TUN / NAT / full-NAT services (reached through the kernel FIB).
-fn routed_backends(cfg: &Config) -> Vec<IpAddr> {
+/// Addresses of the backends of services in one of `modes` (each once).
+fn backends_of(cfg: &Config, modes: &[crate::config::Mode]) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = cfg
         .services
         .iter()
-        .filter(|s| s.mode != crate::config::Mode::Dr)
+        .filter(|s| modes.contains(&s.mode))
         .flat_map(|s| s.backends.iter().map(|b| b.address))
         .collect();
     out.sort();
     out.dedup();
     out
-}
-
-/// NAT backends are usually on a directly attached subnet: wait for them to resolve.
-fn on_link_backends(cfg: &Config) -> Vec<IpAddr> {
-    cfg.services
-        .iter()
-        .filter(|s| {
-            matches!(
-                s.mode,
-                crate::config::Mode::Nat | crate::config::Mode::Fullnat
-            )
-        })
-        .flat_map(|s| s.backends.iter().map(|b| b.address))
-        .collect()
 }
 
 pub struct RunOptions<'a> {
@@ -124,12 +110,14 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
     // Routed modes (TUN, NAT, full-NAT) need no backend MAC in the config, but the kernel must
     // know the next hop toward each backend: the XDP FIB lookup does not resolve neighbours,
     // and a full-NAT packet handed to the kernel instead is dropped (its source is ours).
-    let routed = routed_backends(&cfg);
+    use crate::config::Mode;
+    let routed = backends_of(&cfg, &[Mode::Tun, Mode::Nat, Mode::Fullnat]);
     for b in &routed {
         crate::netlink::poke(*b);
     }
-    for b in routed.iter().filter(|b| on_link_backends(&cfg).contains(b)) {
-        if let Err(e) = nl.resolve(*b, NEIGHBOUR_TIMEOUT).await {
+    // NAT backends are usually on a directly attached subnet: wait for them to resolve.
+    for b in backends_of(&cfg, &[Mode::Nat, Mode::Fullnat]) {
+        if let Err(e) = nl.resolve(b, NEIGHBOUR_TIMEOUT).await {
             log::warn!("{e:#}; its first packets go through the kernel until it answers");
         }
     }
