@@ -93,6 +93,22 @@ pub struct TunSource {
     pub prefix_len: u8,
 }
 
+impl TunSource {
+    /// Bits of an address of this family (32 or 128).
+    fn addr_bits(&self) -> u8 {
+        if self.addr.is_ipv4() {
+            32
+        } else {
+            128
+        }
+    }
+
+    /// Host bits below the prefix (0 for a single address).
+    pub fn host_bits(&self) -> u8 {
+        self.addr_bits() - self.prefix_len
+    }
+}
+
 impl FromStr for TunSource {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -130,8 +146,7 @@ impl Interface {
         if !self.tun_source_entropy {
             return 0;
         }
-        let max: u8 = if src.addr.is_ipv4() { 32 } else { 128 };
-        (max - src.prefix_len).min(32)
+        src.host_bits().min(32)
     }
 }
 
@@ -483,10 +498,9 @@ impl Config {
                 match src.parse::<TunSource>() {
                     Err(e) => err(p, e),
                     Ok(t) => {
-                        let full = if t.addr.is_ipv4() { 32 } else { 128 };
                         if !families.insert(t.addr.is_ipv4()) {
                             err(p, "at most one tun_source per address family".into());
-                        } else if t.prefix_len != full && !iface.tun_source_entropy {
+                        } else if t.host_bits() != 0 && !iface.tun_source_entropy {
                             err(
                                 p,
                                 format!(
@@ -498,12 +512,7 @@ impl Config {
                     }
                 }
             }
-            if iface.tun_source_entropy
-                && iface
-                    .tun_sources()
-                    .iter()
-                    .all(|t| t.prefix_len == if t.addr.is_ipv4() { 32 } else { 128 })
-            {
+            if iface.tun_source_entropy && iface.tun_sources().iter().all(|t| t.host_bits() == 0) {
                 err(
                     format!("interfaces[{i}].tun_source_entropy"),
                     "entropy needs a `tun_source` prefix with host bits to fill (e.g. 198.18.200.0/24)".into(),
