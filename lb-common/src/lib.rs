@@ -68,7 +68,7 @@ pub mod mode {
 /// Key of `SERVICES`: a virtual service. IPv4 addresses occupy the first four bytes of
 /// `addr` and the rest is zero. `port_be == 0` is the wildcard entry for every port.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct VipKey {
     pub addr: [u8; 16],
     pub port_be: u16,
@@ -87,6 +87,7 @@ pub struct ServiceMeta {
     pub ring: u32,
     /// One of [`mode`].
     pub mode: u8,
+    /// [`SERVICE_F_DROP_NO_BACKEND`].
     pub flags: u8,
     pub _pad: [u8; 2],
 }
@@ -177,6 +178,19 @@ pub struct SnatConfig {
 
 /// `Backend::flags` bit: the slot holds a configured backend.
 pub const BACKEND_F_VALID: u8 = 1;
+/// `Backend::flags` bit: established flows to this backend are rescheduled on their next
+/// packet (health check failed and the service's `on_backend_down` is `reset`).
+pub const BACKEND_F_RESET: u8 = 2;
+/// `Backend::flags` bit: the health check says down (the backend is out of the ring). Kept
+/// in the map so a restarted controller and `xdplb status` know it; the data plane ignores it.
+pub const BACKEND_F_DOWN: u8 = 4;
+/// `Backend::flags` bit: drained by `xdplb drain` (out of the ring, flows finish). Kept in
+/// the map so the drain survives a controller restart; the data plane ignores it.
+pub const BACKEND_F_DRAINED: u8 = 8;
+
+/// `ServiceMeta::flags` bit: when no backend is usable, drop new packets (counted as
+/// `drop_no_backend`) instead of passing them to the kernel.
+pub const SERVICE_F_DROP_NO_BACKEND: u8 = 1;
 
 /// Value of `BACKENDS` (an array indexed by backend id).
 #[repr(C)]
@@ -187,7 +201,7 @@ pub struct Backend {
     /// Next-hop MAC for DR mode.
     pub mac: [u8; 6],
     pub family: u8,
-    /// [`BACKEND_F_VALID`].
+    /// [`BACKEND_F_VALID`] | [`BACKEND_F_RESET`] | [`BACKEND_F_DOWN`] | [`BACKEND_F_DRAINED`].
     pub flags: u8,
     /// Service id the backend belongs to (for `xdplb status`; the data plane ignores it).
     pub service: u32,
@@ -294,9 +308,12 @@ pub mod reason {
     pub const PASS_SNAT_EXHAUSTED: u32 = 23;
     /// NAT flow ended by FIN in both directions or RST: its entries were removed.
     pub const NAT_FLOW_CLOSED: u32 = 24;
+    /// VIP matched, no usable backend (all down or drained) and the service says
+    /// `on_all_down: drop`: the packet was dropped.
+    pub const DROP_NO_BACKEND: u32 = 25;
 
     /// Number of slots (size of `REASONS`).
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 26;
 
     /// Names printed by `xdplb stats` and used as metric labels, indexed by slot.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -325,6 +342,7 @@ pub mod reason {
         "pass_ttl_expired",
         "pass_snat_exhausted",
         "nat_flow_closed",
+        "drop_no_backend",
     ];
 }
 
@@ -372,8 +390,9 @@ pub mod maps {
     pub const NAT_REPLIES: &str = "NAT_REPLIES";
     pub const SNAT_POOL: &str = "SNAT_POOL";
     pub const SNAT_CONFIG: &str = "SNAT_CONFIG";
+    pub const META: &str = "META";
     /// Every map the director pins, in a stable order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         RINGS,
         BACKENDS,
@@ -387,8 +406,25 @@ pub mod maps {
         NAT_REPLIES,
         SNAT_POOL,
         SNAT_CONFIG,
+        META,
     ];
 }
+
+/// Slots of `META` (an array of u64 the controller writes; the data plane never reads it):
+/// what a restarted controller needs to know before it adopts pinned maps.
+pub mod meta {
+    /// [`super::LAYOUT_VERSION`] of the maps.
+    pub const LAYOUT: u32 = 0;
+    /// Hash of the running program (object bytes and load-time constants).
+    pub const PROGRAM: u32 = 1;
+    /// Number of slots.
+    pub const COUNT: u32 = 4;
+}
+
+/// Version of the maps' meaning. Bump it whenever a map's key or value changes meaning
+/// without changing size (a size change is caught by the typed map wrappers anyway): a
+/// controller refuses to adopt pinned maps of another layout.
+pub const LAYOUT_VERSION: u64 = 1;
 
 /// Flow hash used to pick a ring slot on a miss. Deterministic across directors (same
 /// 5-tuple -> same slot), so identical rings on several directors pick the same backend.

@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use icmp::Icmp;
-use lb_common::{mode, reason, Backend, IPPROTO_ICMP, IPPROTO_ICMPV6};
+use lb_common::{mode, reason, Backend, IPPROTO_ICMP, IPPROTO_ICMPV6, SERVICE_F_DROP_NO_BACKEND};
 use network_types::eth::EthHdr;
 
 /// Per-packet debug logging (aya-log), set by `xdplb run --debug-log`. A read-only global:
@@ -76,7 +76,15 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
             return Ok(action);
         }
     };
-    let choice = flow::lookup_or_schedule(&svc, &pkt.key, true)?;
+    let choice = match flow::lookup_or_schedule(&svc, &pkt.key, true) {
+        Ok(c) => c,
+        // Every backend is down or drained, and the service prefers a drop to the kernel.
+        Err(reason::PASS_NO_BACKEND) if svc.flags & SERVICE_F_DROP_NO_BACKEND != 0 => {
+            stats::reason(reason::DROP_NO_BACKEND);
+            return Ok(xdp_action::XDP_DROP);
+        }
+        Err(slot) => return Err(slot),
+    };
     let backend = select::backend(choice.id).ok_or(reason::PASS_NO_BACKEND)?;
     let (action, slot) = forward(ctx, &pkt, svc.mode, backend, choice.new)?;
     stats::forwarded(svc.id, choice.id, pkt.len, choice.new);

@@ -5,8 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap},
 };
 use lb_common::{
-    flow_hash, reason, Backend, FlowKey, ServiceMeta, VipAddr, VipKey, BACKEND_F_VALID,
-    MAX_BACKENDS, MAX_SERVICES, MAX_VIPS, NO_BACKEND, RINGS_PER_SERVICE, RING_SIZE,
+    flow_hash, reason, Backend, FlowKey, ServiceMeta, VipAddr, VipKey, BACKEND_F_RESET,
+    BACKEND_F_VALID, MAX_BACKENDS, MAX_SERVICES, MAX_VIPS, NO_BACKEND, RINGS_PER_SERVICE,
+    RING_SIZE,
 };
 
 #[map]
@@ -53,11 +54,17 @@ pub fn service(key: &FlowKey) -> Result<ServiceMeta, u32> {
     }
 }
 
-/// A configured backend by id, or `None` if the slot was removed.
+/// Controller bookkeeping (layout and program version); never read here, but it lives in
+/// the object so it is created and pinned with the other maps.
+#[map]
+static META: Array<u64> = Array::with_max_entries(lb_common::meta::COUNT, 0);
+
+/// A usable backend by id: `None` if the slot was removed, or if its flows must be
+/// rescheduled (down with `on_backend_down: reset`).
 #[inline(always)]
 pub fn backend(id: u32) -> Option<&'static Backend> {
     let b = BACKENDS.get(id)?;
-    if b.flags & BACKEND_F_VALID == 0 {
+    if b.flags & (BACKEND_F_VALID | BACKEND_F_RESET) != BACKEND_F_VALID {
         return None;
     }
     Some(b)

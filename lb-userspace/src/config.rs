@@ -231,10 +231,122 @@ pub struct Service {
     #[serde(default, deserialize_with = "duration")]
     pub persistence: Duration,
     pub backends: Vec<Backend>,
-    /// Reserved for health checks; rejected until they exist.
+    /// How the controller decides a backend is up; absent = always up.
     #[serde(default)]
-    pub health_check: Option<serde_yaml::Value>,
+    pub health_check: Option<HealthCheck>,
+    /// What happens to a failed backend's established flows.
+    #[serde(default)]
+    pub on_backend_down: DownPolicy,
+    /// What happens to new packets when no backend is up (or every one is drained).
+    #[serde(default)]
+    pub on_all_down: AllDownPolicy,
 }
+
+impl Service {
+    /// What identifies this service across reloads (its VIP key).
+    pub fn endpoint(&self) -> (IpAddr, u16, Protocol) {
+        (self.vip, self.port, self.protocol)
+    }
+}
+
+/// `on_backend_down`: `keep` lets a failed backend's established flows continue (the
+/// backend may still serve them: LVS's default); `reset` reschedules them on their next
+/// packet (for backends that are really gone).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum DownPolicy {
+    #[default]
+    Keep,
+    Reset,
+}
+
+/// `on_all_down`: `drop` new packets (counted as `drop_no_backend`) or `pass` them to the
+/// director's own stack (e.g. for a local sorry server).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum AllDownPolicy {
+    #[default]
+    Drop,
+    Pass,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    #[default]
+    Tcp,
+    Http,
+    Udp,
+    Exec,
+    None,
+}
+
+impl fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CheckKind::Tcp => "tcp",
+            CheckKind::Http => "http",
+            CheckKind::Udp => "udp",
+            CheckKind::Exec => "exec",
+            CheckKind::None => "none",
+        })
+    }
+}
+
+/// A service's health check, run against every backend from the director.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default)]
+    pub kind: CheckKind,
+    #[serde(default = "default_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    #[serde(default = "default_check_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Consecutive successes before a down backend is up again.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures before an up backend is down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// Port to check (default: the backend's `port`, else the service port).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// http: the path of the GET.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// http: the status that means healthy (default 200).
+    #[serde(default)]
+    pub expect_status: Option<u16>,
+    /// udp: what to send (default: an empty datagram).
+    #[serde(default)]
+    pub payload: Option<String>,
+    /// udp: the reply must contain this text (default: any reply).
+    #[serde(default)]
+    pub expect: Option<String>,
+    /// exec: program and arguments; `{address}` and `{port}` are replaced; exit 0 = healthy.
+    #[serde(default)]
+    pub command: Vec<String>,
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+/// Bounds of a health check's `interval`.
+pub const CHECK_INTERVAL_MIN: Duration = Duration::from_millis(100);
+pub const CHECK_INTERVAL_MAX: Duration = Duration::from_secs(3600);
+/// Bound of `rise` and `fall`.
+pub const CHECK_COUNT_MAX: u32 = 100;
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -691,11 +803,8 @@ impl Config {
                     "persistence is not available in this version; use 0s".into(),
                 );
             }
-            if s.health_check.is_some() {
-                err(
-                    format!("{p}.health_check"),
-                    "health checks are not available in this version; remove `health_check`".into(),
-                );
+            if let Some(hc) = &s.health_check {
+                validate_check(s, hc, &format!("{p}.health_check"), &mut err);
             }
             if s.backends.is_empty() {
                 err(
@@ -824,6 +933,95 @@ impl Config {
 
     pub fn flow_table_size(&self) -> u32 {
         self.flow_table_size.unwrap_or(FLOW_TABLE_CAPACITY)
+    }
+}
+
+fn validate_check(s: &Service, hc: &HealthCheck, p: &str, err: &mut impl FnMut(String, String)) {
+    let kind = hc.kind;
+    if !(CHECK_INTERVAL_MIN..=CHECK_INTERVAL_MAX).contains(&hc.interval) {
+        err(
+            format!("{p}.interval"),
+            format!(
+                "{:?} is out of range {CHECK_INTERVAL_MIN:?}..={CHECK_INTERVAL_MAX:?}",
+                hc.interval
+            ),
+        );
+    }
+    if hc.timeout.is_zero() || hc.timeout > hc.interval {
+        err(
+            format!("{p}.timeout"),
+            format!(
+                "timeout {:?} must be above 0 and at most the interval ({:?})",
+                hc.timeout, hc.interval
+            ),
+        );
+    }
+    for (name, v) in [("rise", hc.rise), ("fall", hc.fall)] {
+        if !(1..=CHECK_COUNT_MAX).contains(&v) {
+            err(
+                format!("{p}.{name}"),
+                format!("{v} is out of range 1..={CHECK_COUNT_MAX}"),
+            );
+        }
+    }
+    let only = |field: &str,
+                present: bool,
+                for_kind: CheckKind,
+                err: &mut dyn FnMut(String, String)| {
+        if present && kind != for_kind {
+            err(
+                format!("{p}.{field}"),
+                format!(
+                    "`{field}` only applies to `kind: {for_kind}` checks (this one is `{kind}`)"
+                ),
+            );
+        }
+    };
+    only("path", hc.path.is_some(), CheckKind::Http, err);
+    only(
+        "expect_status",
+        hc.expect_status.is_some(),
+        CheckKind::Http,
+        err,
+    );
+    only("payload", hc.payload.is_some(), CheckKind::Udp, err);
+    only("expect", hc.expect.is_some(), CheckKind::Udp, err);
+    only("command", !hc.command.is_empty(), CheckKind::Exec, err);
+    if kind == CheckKind::Exec && hc.command.first().is_none_or(|c| c.is_empty()) {
+        err(
+            format!("{p}.command"),
+            "an exec check needs a command, e.g. [\"/usr/local/bin/check\", \"{address}\", \"{port}\"]".into(),
+        );
+    }
+    if let Some(path) = &hc.path {
+        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            err(
+                format!("{p}.path"),
+                format!("`{path}` is not an absolute URL path (start with `/`, no spaces)"),
+            );
+        }
+    }
+    if let Some(code) = hc.expect_status {
+        if !(100..=599).contains(&code) {
+            err(
+                format!("{p}.expect_status"),
+                format!("{code} is not an HTTP status (100..=599)"),
+            );
+        }
+    }
+    if hc.port == Some(0) {
+        err(format!("{p}.port"), "port 0 cannot be checked".into());
+    }
+    let needs_port = matches!(kind, CheckKind::Tcp | CheckKind::Http | CheckKind::Udp);
+    if needs_port && hc.port.is_none() && s.port == 0 && s.backends.iter().any(|b| b.port.is_none())
+    {
+        err(
+            format!("{p}.port"),
+            format!(
+                "service `{}` covers every port (port: 0), so the {kind} check needs a `port` to connect to",
+                s.name
+            ),
+        );
     }
 }
 

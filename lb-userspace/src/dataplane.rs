@@ -12,7 +12,7 @@ use aya::{
 };
 use lb_common::{
     maps, Backend, Counters, FlowKey, FlowValue, IfaceInfo, NatReply, ServiceMeta, SnatAddr,
-    SnatConfig, VipAddr, VipKey, RINGS_PER_SERVICE, RING_SIZE,
+    SnatConfig, VipAddr, VipKey,
 };
 
 use crate::config;
@@ -59,6 +59,12 @@ pub enum Error {
     NotRunning(PathBuf),
     #[error("{0} is not a bpffs mount; run `mount -t bpf bpf {0}` (or `cargo xtask setup`)")]
     NoBpffs(PathBuf),
+    #[error(
+        "the director pinned under {dir} uses map layout {found}, this build uses {}; it cannot be \
+         adopted: stop it with `xdplb detach` (this drops established connections) and start again",
+        lb_common::LAYOUT_VERSION
+    )]
+    Layout { dir: PathBuf, found: u64 },
     #[error("{0} is missing from the XDP object")]
     MissingMap(&'static str),
 }
@@ -81,6 +87,7 @@ pub struct Maps {
     pub nat_replies: HashMap<MapData, FlowKey, NatReply>,
     pub snat_pool: Array<MapData, SnatAddr>,
     pub snat_config: Array<MapData, SnatConfig>,
+    pub meta: Array<MapData, u64>,
 }
 
 impl Maps {
@@ -99,6 +106,7 @@ impl Maps {
             nat_replies: get(maps::NAT_REPLIES)?.try_into()?,
             snat_pool: get(maps::SNAT_POOL)?.try_into()?,
             snat_config: get(maps::SNAT_CONFIG)?.try_into()?,
+            meta: get(maps::META)?.try_into()?,
         })
     }
 
@@ -146,7 +154,7 @@ pub struct Desired {
     pub snat: SnatConfig,
 }
 
-fn vip_addr(v: &[u8; 17]) -> VipAddr {
+pub(crate) fn vip_addr(v: &[u8; 17]) -> VipAddr {
     let mut addr = [0u8; 16];
     addr.copy_from_slice(&v[..16]);
     VipAddr {
@@ -161,6 +169,8 @@ pub struct DesiredService {
     pub key: VipKey,
     pub id: u32,
     pub mode: u8,
+    /// `ServiceMeta::flags`.
+    pub flags: u8,
     /// Maglev table: backend id per slot.
     pub ring: Vec<u32>,
 }
@@ -184,77 +194,13 @@ pub fn addr_from_bytes(bytes: [u8; 16], family: u8) -> std::net::IpAddr {
     }
 }
 
-/// Desired map contents for a validated config. Service ids follow the config order;
-/// backend ids are allocated in order across services. `mac_of` gives each backend's
-/// next-hop MAC (configured or resolved).
+/// Desired map contents for a validated config with every backend up: ids in config
+/// order (fixtures and benchmarks; the controller keeps ids across reloads with
+/// [`crate::reconcile`]). `mac_of` gives each backend's next-hop MAC.
 pub fn desired(cfg: &config::Config, mac_of: impl Fn(&config::Backend) -> [u8; 6]) -> Desired {
-    let mut out = Desired::default();
-    if let Some(f) = &cfg.fullnat {
-        for ipv4 in [true, false] {
-            out.snat_pool.extend(
-                f.pool
-                    .iter()
-                    .filter(|a| a.is_ipv4() == ipv4)
-                    .map(|a| addr_bytes(*a).0),
-            );
-        }
-        out.snat = SnatConfig {
-            v4_count: f.pool.iter().filter(|a| a.is_ipv4()).count() as u32,
-            v6_count: f.pool.iter().filter(|a| a.is_ipv6()).count() as u32,
-            port_min: u32::from(f.port_min),
-            port_max: u32::from(f.port_max),
-        };
-    }
-    let mut next_backend = 0u32;
-    for (sid, svc) in cfg.services.iter().enumerate() {
-        let sid = sid as u32;
-        let mut entries = Vec::new();
-        for b in &svc.backends {
-            let id = next_backend;
-            next_backend += 1;
-            let (addr, family) = addr_bytes(b.address);
-            out.backends.insert(
-                id,
-                Backend {
-                    addr,
-                    mac: mac_of(b),
-                    family,
-                    flags: lb_common::BACKEND_F_VALID,
-                    service: sid,
-                    weight: b.weight,
-                    port_be: b.port.unwrap_or(0).to_be(),
-                    _pad: [0; 2],
-                },
-            );
-            entries.push(crate::maglev::Entry {
-                identity: b.address.to_string(),
-                weight: b.weight,
-                id,
-            });
-        }
-        let (addr, family) = addr_bytes(svc.vip);
-        let mut v = [0u8; 17];
-        v[..16].copy_from_slice(&addr);
-        v[16] = family;
-        out.vips.insert(v);
-        out.services.push(DesiredService {
-            key: VipKey {
-                addr,
-                port_be: svc.port.to_be(),
-                proto: svc.protocol.number(),
-                family,
-            },
-            id: sid,
-            mode: match svc.mode {
-                config::Mode::Dr => lb_common::mode::DR,
-                config::Mode::Tun => lb_common::mode::TUN,
-                config::Mode::Nat => lb_common::mode::NAT,
-                config::Mode::Fullnat => lb_common::mode::FULLNAT,
-            },
-            ring: crate::maglev::build(&entries, RING_SIZE),
-        });
-    }
-    out
+    crate::reconcile::desired(cfg, &mut crate::reconcile::Ids::default(), mac_of, |_| {
+        crate::reconcile::Runtime::default()
+    })
 }
 
 /// A loaded director: the object, its typed maps, and where it is pinned (if it is).
@@ -262,6 +208,20 @@ pub struct Director {
     ebpf: Ebpf,
     pub maps: Maps,
     pin_dir: Option<PathBuf>,
+    /// What the maps hold, so updates write only differences.
+    state: crate::reconcile::MapState,
+    /// Whether this director was created now or taken over from pins.
+    pub origin: Origin,
+}
+
+/// How a [`Director`] came to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Loaded now, maps empty.
+    Fresh,
+    /// A pinned director was already forwarding: its maps (flows included) were kept, and
+    /// its program was atomically replaced if this build's differs.
+    Adopted { program_replaced: bool },
 }
 
 /// How to load the director.
@@ -269,8 +229,11 @@ pub struct Director {
 pub struct LoadOptions<'a> {
     /// Capacity of the connection table.
     pub flow_table_size: u32,
-    /// Pin maps, program and links here (the directory must not hold an attached director).
+    /// Pin maps, program and links here.
     pub pin_dir: Option<&'a Path>,
+    /// If a director is attached under `pin_dir`, take it over (keep its maps, replace its
+    /// program if it differs) instead of failing.
+    pub adopt: bool,
     /// Compile per-packet aya-log records into the program (read with [`Director::logger`]).
     pub debug_log: bool,
     /// Idle timeout of UDP flows.
@@ -282,14 +245,61 @@ impl Default for LoadOptions<'_> {
         LoadOptions {
             flow_table_size: lb_common::FLOW_TABLE_CAPACITY,
             pin_dir: None,
+            adopt: false,
             debug_log: false,
             udp_idle: std::time::Duration::from_nanos(lb_common::UDP_IDLE_DEFAULT_NS),
         }
     }
 }
 
+/// Identity of the program a set of options loads: the object and its load-time
+/// constants (64-bit FNV-1a, stable across builds and platforms).
+pub fn program_version(opts: &LoadOptions<'_>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let idle = opts.udp_idle.as_nanos() as u64;
+    for &b in OBJECT
+        .iter()
+        .chain(&[u8::from(opts.debug_log)])
+        .chain(&idle.to_le_bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // 0 means "unknown" in META.
+    h.max(1)
+}
+
+/// Names of the interfaces a pinned director is attached to.
+pub fn pinned_interfaces(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .strip_prefix("link_")
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// The map layout a pinned director was created with (0 if it predates `META`).
+fn pinned_layout(dir: &Path) -> Result<u64> {
+    let path = dir.join(maps::META);
+    if !path.exists() {
+        return Ok(0);
+    }
+    let meta: Array<MapData, u64> = Map::from_map_data(MapData::from_pin(path)?)?.try_into()?;
+    Ok(meta.get(&lb_common::meta::LAYOUT, 0)?)
+}
+
 impl Director {
-    /// Load the object and the director program (not attached yet).
+    /// Load the object and the director program (not attached yet). With a pin directory
+    /// that holds an attached director and `adopt`, take that director over.
     pub fn load(opts: &LoadOptions<'_>) -> Result<Self> {
         let pin_dir = opts.pin_dir;
         let mut loader = EbpfLoader::new();
@@ -300,14 +310,35 @@ impl Director {
         loader.override_global("DEBUG_LOG", &debug_log, true);
         let udp_idle_ns = opts.udp_idle.as_nanos() as u64;
         loader.override_global("UDP_IDLE_NS", &udp_idle_ns, true);
+        let mut adopting = false;
         if let Some(dir) = pin_dir {
             check_bpffs(dir)?;
             if has_pinned_links(dir) {
-                return Err(Error::AlreadyAttached(dir.to_path_buf()));
+                if !opts.adopt {
+                    return Err(Error::AlreadyAttached(dir.to_path_buf()));
+                }
+                let layout = pinned_layout(dir)?;
+                if layout != lb_common::LAYOUT_VERSION {
+                    return Err(Error::Layout {
+                        dir: dir.to_path_buf(),
+                        found: layout,
+                    });
+                }
+                let flows = aya::maps::MapInfo::from_pin(dir.join(maps::FLOWS))?.max_entries();
+                if flows != opts.flow_table_size {
+                    log::warn!(
+                        "the running director's flow table holds {flows} entries; flow_table_size {} \
+                         takes effect only after `xdplb detach` and a new start (which drops connections)",
+                        opts.flow_table_size
+                    );
+                }
+                adopting = true;
+            } else {
+                // Leftover pins without a link (a crashed run): nothing forwards with them.
+                remove_pins(dir)?;
+                std::fs::create_dir_all(dir)?;
             }
-            // Leftover pins without a link (a crashed run): nothing forwards with them.
-            remove_pins(dir)?;
-            std::fs::create_dir_all(dir)?;
+            // Existing pins are reused: an adopted director keeps its flows and counters.
             for name in maps::ALL {
                 loader.map_pin_path(name, dir.join(name));
             }
@@ -319,19 +350,61 @@ impl Director {
             .ok_or(Error::MissingMap(PROGRAM))?
             .try_into()?;
         prog.load()?;
-        if let Some(dir) = pin_dir {
-            let prog: &mut Xdp = ebpf
-                .program_mut(PROGRAM)
-                .ok_or(Error::MissingMap(PROGRAM))?
-                .try_into()?;
-            prog.pin(dir.join("prog_xdplb"))?;
-        }
         let maps = Maps::take(&mut ebpf)?;
-        Ok(Director {
+        let mut director = Director {
             ebpf,
             maps,
             pin_dir: pin_dir.map(Path::to_path_buf),
-        })
+            state: crate::reconcile::MapState::fresh(),
+            origin: Origin::Fresh,
+        };
+        let version = program_version(opts);
+        if let Some(dir) = pin_dir {
+            if adopting {
+                director.state = crate::reconcile::MapState::read(&director.maps)?;
+                let running = director.maps.meta.get(&lb_common::meta::PROGRAM, 0)?;
+                let program_replaced = running != version;
+                if program_replaced {
+                    director.replace_program(dir)?;
+                }
+                director.origin = Origin::Adopted { program_replaced };
+            } else {
+                director.pin_program(dir)?;
+            }
+            director
+                .maps
+                .meta
+                .set(lb_common::meta::LAYOUT, lb_common::LAYOUT_VERSION, 0)?;
+            director
+                .maps
+                .meta
+                .set(lb_common::meta::PROGRAM, version, 0)?;
+        }
+        Ok(director)
+    }
+
+    fn pin_program(&mut self, dir: &Path) -> Result<()> {
+        let path = dir.join("prog_xdplb");
+        if path.exists() {
+            std::fs::remove_file(&path)?;
+        }
+        let prog: &mut Xdp = self.ebpf.program_mut(PROGRAM).expect("loaded").try_into()?;
+        prog.pin(path)?;
+        Ok(())
+    }
+
+    /// Point every pinned link at this object's program, atomically per interface
+    /// (`BPF_LINK_UPDATE`: no packet sees a missing program), then re-pin the program.
+    fn replace_program(&mut self, dir: &Path) -> Result<()> {
+        for iface in pinned_interfaces(dir) {
+            let pinned = PinnedLink::from_pin(dir.join(format!("link_{iface}")))?;
+            let link: aya::programs::xdp::XdpLink = FdLink::from(pinned).try_into()?;
+            let prog: &mut Xdp = self.ebpf.program_mut(PROGRAM).expect("loaded").try_into()?;
+            // The program keeps this link's fd; the pin keeps the link itself.
+            prog.attach_to_link(link)?;
+            log::info!("{iface}: running program replaced atomically");
+        }
+        self.pin_program(dir)
     }
 
     /// A program of the object that is already loaded (see [`Director::program`]).
@@ -387,6 +460,10 @@ impl Director {
             .pin_dir
             .as_ref()
             .map(|d| d.join(format!("link_{iface}")));
+        if pin.as_ref().is_some_and(|p| p.exists()) {
+            // Adopted: already attached (and running this object's program).
+            return Ok(());
+        }
         let prog: &mut Xdp = self.ebpf.program_mut(PROGRAM).expect("loaded").try_into()?;
         let link_id = attach_xdp(prog, iface, mode)?;
         if let Some(path) = pin {
@@ -403,6 +480,50 @@ impl Director {
         Ok(())
     }
 
+    /// Detach from an interface the config no longer lists (pinned directors only).
+    pub fn detach_interface(&mut self, iface: &str) -> Result<()> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(());
+        };
+        if let Some(ifindex) = crate::netlink::ifindex(iface) {
+            let _ = self.maps.ifaces.remove(&ifindex);
+            let _ = self.maps.tx_ports.remove(ifindex);
+        }
+        let path = dir.join(format!("link_{iface}"));
+        if path.exists() {
+            drop(PinnedLink::from_pin(&path)?.unpin()?);
+            log::info!("detached from {iface}");
+        }
+        Ok(())
+    }
+
+    /// The pin directory, if pinned.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
+    /// Backend ids whose flows the controller removes (see [`sweep`]).
+    pub fn evicted(&self) -> std::collections::HashSet<u32> {
+        self.state.evicted()
+    }
+
+    /// Remove ended flows (see [`sweep`]).
+    pub fn sweep(&mut self, idle: std::time::Duration) -> Result<usize> {
+        let evict = self.state.evicted();
+        let state = &self.state;
+        sweep(&mut self.maps, idle, &evict, |id| state.is_configured(id))
+    }
+
+    /// The ids, health and drains recorded in the maps (meaningful for an adopted director).
+    pub fn recover(
+        &self,
+    ) -> Result<(
+        crate::reconcile::Ids,
+        std::collections::HashMap<crate::health::BackendKey, crate::reconcile::Runtime>,
+    )> {
+        self.state.recover(&self.maps)
+    }
+
     /// Attach one of the helper programs (not pinned: it lives as long as `self`).
     pub fn attach_program(&mut self, name: &'static str, iface: &str) -> Result<()> {
         let prog = self.program(name)?;
@@ -411,11 +532,10 @@ impl Director {
         Ok(())
     }
 
-    /// Make the maps equal to `want`: backends first (so a ring never points at an unset
-    /// backend), then each service's inactive ring, then the service entry that flips to
-    /// it; finally what is no longer wanted is removed.
-    pub fn apply(&mut self, want: &Desired) -> Result<()> {
-        apply(&mut self.maps, want)
+    /// Make the maps equal to `want`, writing only differences (see
+    /// [`crate::reconcile::MapState::apply`]).
+    pub fn apply(&mut self, want: &Desired) -> Result<crate::reconcile::Changes> {
+        self.state.apply(&mut self.maps, want)
     }
 
     /// Detach and remove every pin (the program stops forwarding).
@@ -455,6 +575,19 @@ pub fn attach_xdp(
 /// ports). The data plane already treats such flows as ended; this reclaims the entries of
 /// flows that never send again. Walks the tables with syscalls: O(table) per call.
 pub fn sweep_idle_udp(m: &mut Maps, idle: std::time::Duration) -> Result<usize> {
+    sweep(m, idle, &Default::default(), |_| true)
+}
+
+/// Remove ended flows and their NAT state: UDP flows idle for longer than `idle`, flows
+/// of a backend in `evict` (down with `on_backend_down: reset`: the data plane already
+/// reschedules them), and flows of backends that are no longer configured (`configured`
+/// says which ids are). Returns how many flows were removed.
+pub fn sweep(
+    m: &mut Maps,
+    idle: std::time::Duration,
+    evict: &std::collections::HashSet<u32>,
+    configured: impl Fn(u32) -> bool,
+) -> Result<usize> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -468,7 +601,9 @@ pub fn sweep_idle_udp(m: &mut Maps, idle: std::time::Duration) -> Result<usize> 
         .iter()
         .filter_map(|r| r.ok())
         .filter(|(k, v)| {
-            k.proto == lb_common::IPPROTO_UDP && now.saturating_sub(v.last_seen_ns) > idle
+            (k.proto == lb_common::IPPROTO_UDP && now.saturating_sub(v.last_seen_ns) > idle)
+                || evict.contains(&v.backend)
+                || !configured(v.backend)
         })
         .map(|(k, _)| k)
         .collect();
@@ -513,66 +648,6 @@ pub fn iface_info(iface: &config::Interface, mac: [u8; 6]) -> IfaceInfo {
         }
     }
     info
-}
-
-pub fn apply(m: &mut Maps, want: &Desired) -> Result<()> {
-    let old_backends: Vec<u32> = (0..lb_common::MAX_BACKENDS)
-        .filter(|&i| {
-            m.backends
-                .get(&i, 0)
-                .map(|b| b.flags & lb_common::BACKEND_F_VALID != 0)
-                .unwrap_or(false)
-        })
-        .collect();
-    // Pool before services: a full-NAT flow must never see an empty pool.
-    for (i, a) in want.snat_pool.iter().enumerate() {
-        m.snat_pool.set(i as u32, SnatAddr { addr: *a }, 0)?;
-    }
-    m.snat_config.set(0, want.snat, 0)?;
-    for (&id, b) in &want.backends {
-        m.backends.set(id, *b, 0)?;
-    }
-    let current: std::collections::HashMap<VipKey, ServiceMeta> =
-        m.services.iter().filter_map(|r| r.ok()).collect();
-    for svc in &want.services {
-        let first = svc.id * RINGS_PER_SERVICE;
-        let ring = match current.get(&svc.key) {
-            Some(meta) if meta.id == svc.id && meta.ring == first => first + 1,
-            _ => first,
-        };
-        let base = ring * RING_SIZE;
-        for (slot, &id) in svc.ring.iter().enumerate() {
-            m.rings.set(base + slot as u32, id, 0)?;
-        }
-        let meta = ServiceMeta {
-            id: svc.id,
-            ring,
-            mode: svc.mode,
-            flags: 0,
-            _pad: [0; 2],
-        };
-        m.services.insert(svc.key, meta, 0)?;
-    }
-    for key in current.keys() {
-        if !want.services.iter().any(|s| s.key == *key) {
-            m.services.remove(key)?;
-        }
-    }
-    let old_vips: Vec<VipAddr> = m.vips.keys().filter_map(|k| k.ok()).collect();
-    for v in &want.vips {
-        m.vips.insert(vip_addr(v), 1, 0)?;
-    }
-    for v in old_vips {
-        if !want.vips.iter().any(|w| vip_addr(w) == v) {
-            m.vips.remove(&v)?;
-        }
-    }
-    for id in old_backends {
-        if !want.backends.contains_key(&id) {
-            m.backends.set(id, Backend::default(), 0)?;
-        }
-    }
-    Ok(())
 }
 
 /// The pin directory must live on a mounted bpffs.

@@ -4,7 +4,9 @@
 pub mod config;
 pub mod dataplane;
 pub mod decap;
+pub mod health;
 pub mod maglev;
 pub mod netlink;
+pub mod reconcile;
 pub mod run;
 pub mod status;

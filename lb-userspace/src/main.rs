@@ -68,6 +68,24 @@ enum Cmd {
         #[arg(long, default_value = "auto", value_parser = parse_mode)]
         xdp_mode: lb_userspace::config::XdpMode,
     },
+    /// Stop new flows to a backend of a running director; its established flows finish.
+    /// Lasts until `--undo` (also across controller restarts) or until the backend leaves
+    /// the config.
+    #[command(
+        after_help = "Example: xdplb drain web 198.18.0.12\n         xdplb drain --undo web 198.18.0.12"
+    )]
+    Drain {
+        /// Service name (`name:` in the config).
+        service: String,
+        /// Backend address.
+        backend: String,
+        /// Give the backend new flows again.
+        #[arg(long)]
+        undo: bool,
+    },
+    /// Make the running controller re-read its config file (as SIGHUP does) and report the
+    /// result; an invalid file is rejected and changes nothing.
+    Reload,
     /// Detach a director left attached (`--keep-attached`, or a killed controller) and remove its pins.
     Detach,
     /// Test helper: attach a pass-through XDP program until SIGINT/SIGTERM, so that `XDP_TX`
@@ -149,6 +167,18 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Drain {
+            service,
+            backend,
+            undo,
+        } => control(
+            &cli.pin_dir,
+            &format!(
+                "{} {service} {backend}",
+                if undo { "undrain" } else { "drain" }
+            ),
+        ),
+        Cmd::Reload => control(&cli.pin_dir, "reload"),
         Cmd::Detach => {
             if !cli.pin_dir.exists() {
                 println!("nothing pinned under {}", cli.pin_dir.display());
@@ -164,6 +194,21 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             })?;
             pass(&mut d, &iface)
+        }
+    }
+}
+
+/// Ask the running controller; its answer starts with `ok:` or `error:`.
+fn control(pin_dir: &std::path::Path, request: &str) -> anyhow::Result<()> {
+    let answer = run::request(pin_dir, request)?;
+    match answer.strip_prefix("ok: ") {
+        Some(msg) => {
+            println!("{msg}");
+            Ok(())
+        }
+        None => {
+            eprintln!("{}", answer.strip_prefix("error: ").unwrap_or(&answer));
+            std::process::exit(1);
         }
     }
 }

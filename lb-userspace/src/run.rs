@@ -1,22 +1,48 @@
-//! `xdplb run`: validate, resolve, load, fill the maps, attach, then wait for a signal.
+//! `xdplb run`: the controller. Validates the config, loads (or adopts) the director, runs
+//! the health checks and reconciles config + health + drains into the maps; reloads on
+//! SIGHUP, on a change to the config file and on `xdplb reload`; answers `xdplb drain`.
 
-use std::{collections::HashMap, net::IpAddr, path::Path, time::Duration};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _},
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+    task::JoinHandle,
+};
 
 use crate::{
-    config::{Config, ThisHost},
-    dataplane::{self, Director},
+    config::{CheckKind, Config, HealthCheck, Mode, ThisHost},
+    dataplane::{self, Director, Origin},
+    health::{self, BackendKey, Report, State},
     netlink::Netlink,
+    reconcile::{self, Ids, Runtime},
 };
 
 /// How long to wait for a backend's MAC to appear in the neighbour table.
 const NEIGHBOUR_TIMEOUT: Duration = Duration::from_secs(3);
-/// How often idle UDP flows (and their NAT state) are removed from the tables.
+/// How often ended flows (idle UDP, flows of reset or removed backends) are removed.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// How often routed backends are poked so their next hop stays resolved.
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(20);
+/// How often the config file is compared with what was last read.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where the controller of the director pinned at `pin_dir` keeps its lock and control
+/// socket: `/run/xdplb/<pin dir name>.{lock,sock}`.
+pub fn control_path(pin_dir: &Path, ext: &str) -> PathBuf {
+    let name = pin_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "xdplb".into());
+    PathBuf::from("/run/xdplb").join(format!("{name}.{ext}"))
+}
 
 /// Notices NAT traffic whose replies never come back through the director — the classic
 /// mistake of a (one-armed) NAT set-up whose backends do not route via the director, which
@@ -54,7 +80,7 @@ impl ReplyWatch {
 }
 
 /// Addresses of the backends of services in one of `modes` (each once).
-fn backends_of(cfg: &Config, modes: &[crate::config::Mode]) -> Vec<IpAddr> {
+fn backends_of(cfg: &Config, modes: &[Mode]) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = cfg
         .services
         .iter()
@@ -75,17 +101,20 @@ pub struct RunOptions<'a> {
     pub debug_log: bool,
 }
 
-/// Resolve every backend MAC the config leaves out, before anything is loaded.
-async fn backend_macs(nl: &Netlink, cfg: &Config) -> anyhow::Result<HashMap<IpAddr, [u8; 6]>> {
-    let mut macs = HashMap::new();
+/// Resolve the MACs of DR backends that the config leaves out and `known` lacks.
+async fn backend_macs(
+    nl: &Netlink,
+    cfg: &Config,
+    known: &mut HashMap<IpAddr, [u8; 6]>,
+) -> anyhow::Result<()> {
     for (i, svc) in cfg.services.iter().enumerate() {
-        if svc.mode != crate::config::Mode::Dr {
+        if svc.mode != Mode::Dr {
             continue;
         }
         for (j, b) in svc.backends.iter().enumerate() {
             let mac = match b.mac() {
                 Some(m) => m.0,
-                None => match macs.get(&b.address) {
+                None => match known.get(&b.address) {
                     Some(m) => *m,
                     None => nl
                         .resolve(b.address, NEIGHBOUR_TIMEOUT)
@@ -93,45 +122,452 @@ async fn backend_macs(nl: &Netlink, cfg: &Config) -> anyhow::Result<HashMap<IpAd
                         .with_context(|| format!("services[{i}].backends[{j}] ({})", b.address))?,
                 },
             };
-            macs.insert(b.address, mac);
+            known.insert(b.address, mac);
         }
     }
-    Ok(macs)
+    Ok(())
+}
+
+/// Routed modes (TUN, NAT, full-NAT) need no backend MAC in the config, but the kernel must
+/// know the next hop toward each backend: the XDP FIB lookup does not resolve neighbours,
+/// and a full-NAT packet handed to the kernel instead is dropped (its source is ours).
+async fn prepare_routes(nl: &Netlink, cfg: &Config) {
+    for b in backends_of(cfg, &[Mode::Tun, Mode::Nat, Mode::Fullnat]) {
+        crate::netlink::poke(b);
+    }
+    // NAT backends are usually on a directly attached subnet: wait for them to resolve.
+    for b in backends_of(cfg, &[Mode::Nat, Mode::Fullnat]) {
+        if let Err(e) = nl.resolve(b, NEIGHBOUR_TIMEOUT).await {
+            log::warn!("{e:#}; its first packets go through the kernel until it answers");
+        }
+    }
+}
+
+/// A running check: what it checks (to restart it when that changes) and its task.
+struct Check {
+    spec: (HealthCheck, u16),
+    task: JoinHandle<()>,
+}
+
+struct Controller {
+    config_path: PathBuf,
+    cfg: Config,
+    /// The file's text as last read (valid or not), to notice edits.
+    seen_text: String,
+    director: Director,
+    ids: Ids,
+    runtime: HashMap<BackendKey, Runtime>,
+    macs: HashMap<IpAddr, [u8; 6]>,
+    checks: HashMap<BackendKey, Check>,
+    last_report: HashMap<BackendKey, Report>,
+    reports: mpsc::UnboundedSender<Report>,
+    nl: Netlink,
+    debug_log: bool,
+    generation: u64,
+}
+
+impl Controller {
+    fn load_options(&self, cfg: &Config) -> dataplane::LoadOptions<'_> {
+        dataplane::LoadOptions {
+            flow_table_size: cfg.flow_table_size(),
+            pin_dir: self.director.pin_dir(),
+            adopt: true,
+            debug_log: self.debug_log,
+            udp_idle: cfg.udp_idle_timeout(),
+        }
+    }
+
+    /// Desired state from config + health + drains, written as a diff.
+    fn reconcile(&mut self, why: &str) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let runtime = &self.runtime;
+        let macs = &self.macs;
+        let want = reconcile::desired(
+            &self.cfg,
+            &mut self.ids,
+            |b| {
+                b.mac()
+                    .map(|m| m.0)
+                    .or_else(|| macs.get(&b.address).copied())
+                    .unwrap_or_default()
+            },
+            |k| runtime.get(k).copied().unwrap_or_default(),
+        );
+        let changes = self.director.apply(&want)?;
+        if changes.is_empty() {
+            log::debug!("reconcile ({why}): no changes");
+        } else {
+            log::info!(
+                "reconcile ({why}): {changes} in {:.1} ms",
+                started.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        for svc in &self.cfg.services {
+            let up = svc
+                .backends
+                .iter()
+                .filter(|b| {
+                    let rt = self.runtime_of(svc, b.address);
+                    rt.state == State::Up && !rt.drained && b.weight > 0
+                })
+                .count();
+            if up == 0 {
+                log::warn!(
+                    "service {}: no backend takes new flows (all down or drained); new packets are {}",
+                    svc.name,
+                    match svc.on_all_down {
+                        crate::config::AllDownPolicy::Drop => "dropped",
+                        crate::config::AllDownPolicy::Pass => "passed to the kernel",
+                    }
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn runtime_of(&self, svc: &crate::config::Service, addr: IpAddr) -> Runtime {
+        self.runtime
+            .get(&BackendKey::new(svc.endpoint(), addr))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Start, keep or stop checks so there is exactly one per checked backend; forget the
+    /// runtime state of backends that are gone.
+    fn sync_checks(&mut self) {
+        let mut wanted = HashMap::new();
+        for svc in &self.cfg.services {
+            for b in &svc.backends {
+                let key = BackendKey::new(svc.endpoint(), b.address);
+                match &svc.health_check {
+                    Some(hc) if hc.kind != CheckKind::None => {
+                        let port = hc.port.or(b.port).unwrap_or(svc.port);
+                        wanted.insert(key, (hc.clone(), port));
+                    }
+                    _ => {
+                        // Unchecked backends are up (a check removed by a reload included).
+                        self.runtime.entry(key).or_default().state = State::Up;
+                    }
+                }
+            }
+        }
+        self.checks.retain(|key, check| {
+            let keep = wanted.get(key) == Some(&check.spec);
+            if !keep {
+                check.task.abort();
+            }
+            keep
+        });
+        for (key, spec) in wanted {
+            if self.checks.contains_key(&key) {
+                continue;
+            }
+            // A backend the director already knows keeps its state until the checks say
+            // otherwise; a new one waits for its first check.
+            let rt = self.runtime.entry(key).or_insert(Runtime {
+                state: State::Pending,
+                drained: false,
+            });
+            let task = health::spawn(key, spec.0.clone(), spec.1, rt.state, self.reports.clone());
+            self.checks.insert(key, Check { spec, task });
+        }
+        let keys: std::collections::HashSet<BackendKey> = self
+            .cfg
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .map(|b| BackendKey::new(s.endpoint(), b.address))
+            })
+            .collect();
+        self.runtime.retain(|k, _| keys.contains(k));
+        self.last_report.retain(|k, _| keys.contains(k));
+    }
+
+    /// Take one check result; true if the backend's state changed.
+    fn on_report(&mut self, r: Report) -> bool {
+        if !self.checks.contains_key(&r.key) {
+            return false; // a check that was just stopped
+        }
+        let rt = self.runtime.entry(r.key).or_default();
+        let changed = rt.state != r.state;
+        if changed {
+            let how = match r.state {
+                State::Up => "up",
+                State::Down => "DOWN",
+                State::Pending => "pending",
+            };
+            if r.state == State::Down {
+                log::warn!("backend {} is {how}: {}", r.key, r.detail);
+            } else {
+                log::info!("backend {} is {how} ({})", r.key, r.detail);
+            }
+            rt.state = r.state;
+        } else if !r.ok {
+            log::debug!("check of {} failed: {}", r.key, r.detail);
+        }
+        self.last_report.insert(r.key, r);
+        changed
+    }
+
+    /// Wait (bounded by the longest check timeout) for the first result of every backend
+    /// that has none yet, so the first ring already reflects health.
+    async fn first_results(&mut self, rx: &mut mpsc::UnboundedReceiver<Report>) {
+        let longest = self
+            .checks
+            .values()
+            .map(|c| c.spec.0.timeout)
+            .max()
+            .unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + longest + Duration::from_millis(200);
+        while self.runtime.values().any(|r| r.state == State::Pending) {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(r)) => {
+                    self.on_report(r);
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Re-read the config file and apply it; an invalid file changes nothing.
+    async fn reload(&mut self, why: &str) -> Result<String, String> {
+        let text = std::fs::read_to_string(&self.config_path)
+            .map_err(|e| format!("reading {}: {e}", self.config_path.display()))?;
+        self.seen_text = text.clone();
+        let new = match Config::parse(&text, &ThisHost) {
+            Ok(c) => c,
+            Err(errs) => {
+                let report = crate::config::ConfigErrors {
+                    file: self.config_path.display().to_string(),
+                    errors: errs,
+                }
+                .to_string();
+                log::error!("reload ({why}) rejected, the running configuration stays:\n{report}");
+                return Err(report);
+            }
+        };
+        if new == self.cfg {
+            log::info!("reload ({why}): configuration unchanged");
+            return Ok("configuration unchanged".into());
+        }
+        // Everything that can fail comes before anything changes.
+        let mut macs = self.macs.clone();
+        backend_macs(&self.nl, &new, &mut macs)
+            .await
+            .map_err(|e| format!("reload ({why}) rejected: {e:#}"))?;
+        let mut iface_macs = Vec::new();
+        for iface in &new.interfaces {
+            iface_macs.push(
+                self.nl
+                    .link_mac(&iface.name)
+                    .await
+                    .map_err(|e| format!("reload ({why}) rejected: {e:#}"))?,
+            );
+        }
+        prepare_routes(&self.nl, &new).await;
+        if new.flow_table_size() != self.cfg.flow_table_size() {
+            log::warn!(
+                "flow_table_size changes only with `xdplb detach` and a new start (which drops connections); \
+                 keeping the current table"
+            );
+        }
+        let next = self.load_options(&new);
+        if dataplane::program_version(&next)
+            != dataplane::program_version(&self.load_options(&self.cfg))
+        {
+            // A load-time constant changed: load the program again (maps kept) and swap it in.
+            let director = Director::load(&next)
+                .map_err(|e| format!("reload ({why}): replacing the program failed: {e}"))?;
+            self.director = director;
+        }
+        self.macs = macs;
+        let old_ifaces: Vec<String> = self.cfg.interfaces.iter().map(|i| i.name.clone()).collect();
+        self.cfg = new;
+        self.generation += 1;
+        self.sync_checks();
+        self.reconcile(why).map_err(|e| format!("{e:#}"))?;
+        for (iface, mac) in self.cfg.interfaces.iter().zip(&iface_macs) {
+            self.director
+                .attach(
+                    &iface.name,
+                    iface.xdp_mode,
+                    dataplane::iface_info(iface, *mac),
+                )
+                .map_err(|e| format!("attaching to {}: {e}", iface.name))?;
+        }
+        for name in old_ifaces {
+            if !self.cfg.interfaces.iter().any(|i| i.name == name) {
+                self.director
+                    .detach_interface(&name)
+                    .map_err(|e| format!("detaching from {name}: {e}"))?;
+            }
+        }
+        let msg = format!(
+            "configuration {} applied ({} service(s))",
+            self.generation,
+            self.cfg.services.len()
+        );
+        log::info!("reload ({why}): {msg}");
+        Ok(msg)
+    }
+
+    /// `xdplb drain` / `undrain`: SERVICE is the service name, BACKEND its address.
+    fn drain(&mut self, service: &str, backend: &str, on: bool) -> Result<String, String> {
+        let svc = self
+            .cfg
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .ok_or_else(|| {
+                format!(
+                    "no service `{service}`; services: {}",
+                    self.cfg
+                        .services
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+        let addr: IpAddr = backend
+            .parse()
+            .map_err(|_| format!("`{backend}` is not an IP address"))?;
+        if !svc.backends.iter().any(|b| b.address == addr) {
+            return Err(format!("service `{service}` has no backend {addr}"));
+        }
+        let key = BackendKey::new(svc.endpoint(), addr);
+        self.runtime.entry(key).or_default().drained = on;
+        let what = if on { "drained" } else { "undrained" };
+        self.reconcile(what).map_err(|e| format!("{e:#}"))?;
+        log::info!("backend {key} {what}");
+        Ok(format!(
+            "{key} {what}: {}",
+            if on {
+                "no new flows; established flows finish"
+            } else {
+                "takes new flows again"
+            }
+        ))
+    }
+
+    async fn control(&mut self, line: &str) -> Result<String, String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["drain", svc, backend] => self.drain(svc, backend, true),
+            ["undrain", svc, backend] => self.drain(svc, backend, false),
+            ["reload"] => self.reload("xdplb reload").await,
+            _ => Err(format!("unknown request `{line}`")),
+        }
+    }
+
+    /// Removed flows of reset or removed backends, idle UDP flows.
+    fn sweep(&mut self) {
+        match self.director.sweep(self.cfg.udp_idle_timeout()) {
+            Ok(0) => {}
+            Ok(n) => log::debug!("removed {n} ended flow(s)"),
+            Err(e) => log::warn!("sweeping ended flows: {e}"),
+        }
+    }
+}
+
+/// Holds `/run/xdplb/<name>.lock` for the controller's lifetime: one controller per director.
+struct Lock {
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Lock {
+    fn take(pin_dir: &Path) -> anyhow::Result<Lock> {
+        use std::os::fd::AsRawFd as _;
+        let path = control_path(pin_dir, "lock");
+        std::fs::create_dir_all(path.parent().expect("has parent"))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .read(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            anyhow::bail!(
+                "another `xdplb run` (pid {}) manages the director pinned under {}; stop it first \
+                 (or use `xdplb reload` / `xdplb drain` to talk to it)",
+                pid.trim(),
+                pin_dir.display()
+            );
+        }
+        file.set_len(0)?;
+        std::io::Write::write_all(&mut &file, std::process::id().to_string().as_bytes())?;
+        Ok(Lock { _file: file, path })
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
     let cfg = Config::load(opts.config, &ThisHost)?;
+    let seen_text = std::fs::read_to_string(opts.config)?;
+    let _lock = Lock::take(opts.pin_dir)?;
     let nl = Netlink::new().context("opening rtnetlink")?;
     let mut iface_macs = Vec::new();
     for iface in &cfg.interfaces {
         iface_macs.push(nl.link_mac(&iface.name).await?);
     }
-    let macs = backend_macs(&nl, &cfg).await?;
-    // Routed modes (TUN, NAT, full-NAT) need no backend MAC in the config, but the kernel must
-    // know the next hop toward each backend: the XDP FIB lookup does not resolve neighbours,
-    // and a full-NAT packet handed to the kernel instead is dropped (its source is ours).
-    use crate::config::Mode;
-    let routed = backends_of(&cfg, &[Mode::Tun, Mode::Nat, Mode::Fullnat]);
-    for b in &routed {
-        crate::netlink::poke(*b);
-    }
-    // NAT backends are usually on a directly attached subnet: wait for them to resolve.
-    for b in backends_of(&cfg, &[Mode::Nat, Mode::Fullnat]) {
-        if let Err(e) = nl.resolve(b, NEIGHBOUR_TIMEOUT).await {
-            log::warn!("{e:#}; its first packets go through the kernel until it answers");
-        }
-    }
-    let want = dataplane::desired(&cfg, |b| macs.get(&b.address).copied().unwrap_or_default());
+    let mut macs = HashMap::new();
+    backend_macs(&nl, &cfg, &mut macs).await?;
+    prepare_routes(&nl, &cfg).await;
 
-    let mut director = Director::load(&dataplane::LoadOptions {
+    let director = Director::load(&dataplane::LoadOptions {
         flow_table_size: cfg.flow_table_size(),
         pin_dir: Some(opts.pin_dir),
+        adopt: true,
         debug_log: opts.debug_log,
         udp_idle: cfg.udp_idle_timeout(),
     })?;
+    let (ids, runtime) = match director.origin {
+        Origin::Fresh => Default::default(),
+        Origin::Adopted { program_replaced } => {
+            let (ids, runtime) = director.recover()?;
+            log::info!(
+                "adopted the director pinned under {} ({} backend(s), flow table kept); program {}",
+                opts.pin_dir.display(),
+                ids.backends.len(),
+                if program_replaced {
+                    "replaced atomically"
+                } else {
+                    "unchanged"
+                }
+            );
+            (ids, runtime)
+        }
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut c = Controller {
+        config_path: opts.config.to_path_buf(),
+        cfg,
+        seen_text,
+        director,
+        ids,
+        runtime,
+        macs,
+        checks: HashMap::new(),
+        last_report: HashMap::new(),
+        reports: tx,
+        nl,
+        debug_log: opts.debug_log,
+        generation: 1,
+    };
     if opts.debug_log {
         log::warn!("per-packet debug logging is on: expect a much slower data plane");
-        let logger = director.logger(log::logger())?;
+        let logger = c.director.logger(log::logger())?;
         // SAFETY: the logger owns its ring buffer fd, which stays open and unchanged for as
         // long as the AsyncFd (which owns the logger) lives.
         let mut fd = unsafe {
@@ -145,32 +581,48 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
             }
         });
     }
+    c.sync_checks();
+    c.first_results(&mut rx).await;
+    let fresh = c.director.origin == Origin::Fresh;
     let setup = (|| -> anyhow::Result<()> {
         // Maps first, so the first packet the program sees meets a complete configuration.
-        director.apply(&want)?;
-        for (iface, mac) in cfg.interfaces.iter().zip(&iface_macs) {
-            director.attach(
+        c.reconcile("start")?;
+        for (iface, mac) in c.cfg.interfaces.iter().zip(&iface_macs) {
+            c.director.attach(
                 &iface.name,
                 iface.xdp_mode,
                 dataplane::iface_info(iface, *mac),
             )?;
         }
+        for name in dataplane::pinned_interfaces(opts.pin_dir) {
+            if !c.cfg.interfaces.iter().any(|i| i.name == name) {
+                c.director.detach_interface(&name)?;
+            }
+        }
         Ok(())
     })();
     if let Err(e) = setup {
-        director.unpin().ok();
+        if fresh {
+            c.director.unpin().ok();
+        }
         return Err(e);
     }
     log::info!(
         "xdplb running: {} service(s), {} backend(s) on {}",
-        cfg.services.len(),
-        want.backends.len(),
-        cfg.interfaces
+        c.cfg.services.len(),
+        c.ids.backends.len(),
+        c.cfg
+            .interfaces
             .iter()
             .map(|i| i.name.as_str())
             .collect::<Vec<_>>()
             .join(", ")
     );
+
+    let sock_path = control_path(opts.pin_dir, "sock");
+    let _ = std::fs::remove_file(&sock_path);
+    let control = tokio::net::UnixListener::bind(&sock_path)
+        .with_context(|| format!("control socket {}", sock_path.display()))?;
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -179,35 +631,90 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
     // the traffic XDP forwards, so it would otherwise let the entries lapse.
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut watch = tokio::time::interval(WATCH_INTERVAL);
     let mut replies = ReplyWatch::default();
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = refresh.tick() => routed.iter().for_each(|b| crate::netlink::poke(*b)),
-            _ = sweep.tick() => {
-                match dataplane::sweep_idle_udp(&mut director.maps, cfg.udp_idle_timeout()) {
-                    Ok(0) => {}
-                    Ok(n) => log::debug!("removed {n} idle UDP flow(s)"),
-                    Err(e) => log::warn!("sweeping idle UDP flows: {e}"),
+            Some(r) = rx.recv() => {
+                let mut changed = c.on_report(r);
+                // Take everything already queued, then write once.
+                while let Ok(r) = rx.try_recv() {
+                    changed |= c.on_report(r);
                 }
-                if let Ok(totals) = director.maps.reason_totals() {
+                if changed {
+                    if let Err(e) = c.reconcile("health") {
+                        log::error!("applying health changes: {e:#}");
+                    }
+                }
+            }
+            _ = hup.recv() => { let _ = c.reload("SIGHUP").await; }
+            _ = watch.tick() => {
+                if let Ok(text) = std::fs::read_to_string(&c.config_path) {
+                    if text != c.seen_text {
+                        let _ = c.reload("config file changed").await;
+                    }
+                }
+            }
+            Ok((stream, _)) = control.accept() => {
+                let (read, mut write) = stream.into_split();
+                let mut line = String::new();
+                let mut reader = tokio::io::BufReader::new(read);
+                let reply = match tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut line)).await {
+                    Ok(Ok(_)) => match c.control(line.trim()).await {
+                        Ok(m) => format!("ok: {m}\n"),
+                        Err(m) => format!("error: {m}\n"),
+                    },
+                    _ => "error: no request\n".to_string(),
+                };
+                let _ = write.write_all(reply.as_bytes()).await;
+                let _ = write.shutdown().await;
+            }
+            _ = refresh.tick() => backends_of(&c.cfg, &[Mode::Tun, Mode::Nat, Mode::Fullnat])
+                .into_iter()
+                .for_each(crate::netlink::poke),
+            _ = sweep.tick() => {
+                c.sweep();
+                if let Ok(totals) = c.director.maps.reason_totals() {
                     replies.check(&totals);
                 }
             }
-            _ = hup.recv() => log::warn!("SIGHUP: configuration reload is not available in this version; restart the controller to apply changes"),
         }
     }
+    for check in c.checks.values() {
+        check.task.abort();
+    }
+    let _ = std::fs::remove_file(&sock_path);
     if opts.keep_attached {
         log::info!(
             "exiting; director left attached and pinned under {}",
             opts.pin_dir.display()
         );
         // Dropping the loader must not detach: links are pinned, maps are pinned.
-        std::mem::forget(director);
+        std::mem::forget(c.director);
     } else {
-        director.unpin()?;
+        c.director.unpin()?;
         log::info!("detached and unpinned");
     }
     Ok(())
+}
+
+/// Send one request to the running controller's control socket; returns its answer.
+pub fn request(pin_dir: &Path, line: &str) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    let path = control_path(pin_dir, "sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
+        format!(
+            "no controller is running for {} (no {}); start one with `xdplb run --config FILE`",
+            pin_dir.display(),
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    // The answer may span lines (a rejected config); the controller closes after it.
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut s, &mut answer)?;
+    Ok(answer.trim_end().to_string())
 }

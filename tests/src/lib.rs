@@ -58,6 +58,7 @@ impl Harness {
             pin_dir: None,
             debug_log,
             udp_idle: config.udp_idle_timeout(),
+            adopt: false,
         })
         .expect("load XDP object");
         director.apply(&desired).expect("fill maps");

@@ -3,7 +3,7 @@
 
 use etherparse::IpHeaders;
 use lb_common::{reason, NO_BACKEND, RING_SIZE};
-use lb_tests::{Harness, Pkt, DIRECTOR_MAC, XDP_PASS, XDP_TX};
+use lb_tests::{Harness, Pkt, DIRECTOR_MAC, XDP_DROP, XDP_PASS, XDP_TX};
 
 const CONFIG: &str = "
 interfaces:
@@ -399,7 +399,8 @@ fn established_flows_stay_when_the_ring_changes() {
         "flow of a removed backend is rescheduled"
     );
 
-    // A service whose ring is empty passes its packets, counted.
+    // A service whose ring is empty drops new packets (`on_all_down: drop`, the default),
+    // counted.
     for slot in 0..RING_SIZE {
         h.director
             .maps
@@ -407,11 +408,14 @@ fn established_flows_stay_when_the_ring_changes() {
             .set(meta.ring * RING_SIZE + slot, NO_BACKEND, 0)
             .expect("ring write");
     }
-    let f = passed(
-        "service without backends",
-        Pkt::tcp("198.18.2.9", "198.18.0.100", 41002, 80).build(),
-        reason::PASS_NO_BACKEND,
-    );
+    let input = Pkt::tcp("198.18.2.9", "198.18.0.100", 41002, 80).build();
+    let f = Fixture {
+        description: "service without backends",
+        output: input.clone(),
+        input,
+        verdict: XDP_DROP,
+        slot: reason::DROP_NO_BACKEND,
+    };
     check(&h, &f);
 }
 

@@ -1,0 +1,561 @@
+//! Desired state (config + health + drains) -> maps, writing only the differences.
+//!
+//! Ids are stable: a service keeps its id (and so its rings and counters) and a backend keeps
+//! its id (which established flows point at) across reloads and controller restarts; a
+//! restarted controller recovers them from the pinned maps. Freed ids are reused as late as
+//! possible (a rotating cursor), so a flow of a removed backend is not silently handed to a
+//! new backend that took its id.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::IpAddr,
+};
+
+use lb_common::{
+    Backend, ServiceMeta, SnatAddr, VipAddr, VipKey, BACKEND_F_DOWN, BACKEND_F_DRAINED,
+    BACKEND_F_RESET, BACKEND_F_VALID, MAX_BACKENDS, MAX_SERVICES, RINGS_PER_SERVICE, RING_SIZE,
+    SERVICE_F_DROP_NO_BACKEND,
+};
+
+use crate::{
+    config::{self, AllDownPolicy, DownPolicy},
+    dataplane::{addr_bytes, addr_from_bytes, Desired, DesiredService, Maps, Result},
+    health::{BackendKey, State},
+};
+
+/// Stable id allocation for services (by VIP key) and backends (by service + address).
+#[derive(Debug, Default, Clone)]
+pub struct Ids {
+    pub services: BTreeMap<VipKey, u32>,
+    pub backends: BTreeMap<BackendKey, u32>,
+    next_service: u32,
+    next_backend: u32,
+}
+
+fn take_free(used: &BTreeSet<u32>, cursor: &mut u32, max: u32) -> u32 {
+    for i in 0..max {
+        let id = (*cursor + i) % max;
+        if !used.contains(&id) {
+            *cursor = (id + 1) % max;
+            return id;
+        }
+    }
+    unreachable!("validation caps services and backends below the map sizes")
+}
+
+impl Ids {
+    /// Keep the ids of what `cfg` still has, allocate ids for what is new, forget the rest.
+    fn assign(&mut self, cfg: &config::Config) {
+        // In config order, so a fresh director numbers things as the file lists them.
+        let want_services: Vec<VipKey> = cfg.services.iter().map(vip_key).collect();
+        self.services.retain(|k, _| want_services.contains(k));
+        let want_backends: Vec<BackendKey> = cfg
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .map(|b| BackendKey::new(s.endpoint(), b.address))
+            })
+            .collect();
+        let wanted: HashSet<&BackendKey> = want_backends.iter().collect();
+        self.backends.retain(|k, _| wanted.contains(k));
+        let mut used: BTreeSet<u32> = self.services.values().copied().collect();
+        for k in want_services {
+            if !self.services.contains_key(&k) {
+                let id = take_free(&used, &mut self.next_service, MAX_SERVICES);
+                used.insert(id);
+                self.services.insert(k, id);
+            }
+        }
+        let mut used: BTreeSet<u32> = self.backends.values().copied().collect();
+        for k in want_backends {
+            if !self.backends.contains_key(&k) {
+                let id = take_free(&used, &mut self.next_backend, MAX_BACKENDS);
+                used.insert(id);
+                self.backends.insert(k, id);
+            }
+        }
+    }
+}
+
+pub fn vip_key(s: &config::Service) -> VipKey {
+    let (addr, family) = addr_bytes(s.vip);
+    VipKey {
+        addr,
+        port_be: s.port.to_be(),
+        proto: s.protocol.number(),
+        family,
+    }
+}
+
+fn key_endpoint(k: &VipKey) -> (IpAddr, u16, u8) {
+    (
+        addr_from_bytes(k.addr, k.family),
+        u16::from_be(k.port_be),
+        k.proto,
+    )
+}
+
+/// What the reconciler knows about a backend besides the config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Runtime {
+    pub state: State,
+    /// Drained at run time (`xdplb drain`).
+    pub drained: bool,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Runtime {
+            state: State::Up,
+            drained: false,
+        }
+    }
+}
+
+/// Desired map contents for a validated config. `mac_of` gives each backend's next-hop
+/// MAC (configured or resolved); `runtime` its health and drain state.
+pub fn desired(
+    cfg: &config::Config,
+    ids: &mut Ids,
+    mac_of: impl Fn(&config::Backend) -> [u8; 6],
+    runtime: impl Fn(&BackendKey) -> Runtime,
+) -> Desired {
+    ids.assign(cfg);
+    let mut out = Desired::default();
+    if let Some(f) = &cfg.fullnat {
+        for ipv4 in [true, false] {
+            out.snat_pool.extend(
+                f.pool
+                    .iter()
+                    .filter(|a| a.is_ipv4() == ipv4)
+                    .map(|a| addr_bytes(*a).0),
+            );
+        }
+        out.snat = lb_common::SnatConfig {
+            v4_count: f.pool.iter().filter(|a| a.is_ipv4()).count() as u32,
+            v6_count: f.pool.iter().filter(|a| a.is_ipv6()).count() as u32,
+            port_min: u32::from(f.port_min),
+            port_max: u32::from(f.port_max),
+        };
+    }
+    for svc in &cfg.services {
+        let key = vip_key(svc);
+        let sid = ids.services[&key];
+        let mut entries = Vec::new();
+        for b in &svc.backends {
+            let bkey = BackendKey::new(svc.endpoint(), b.address);
+            let id = ids.backends[&bkey];
+            let rt = runtime(&bkey);
+            let mut flags = BACKEND_F_VALID;
+            if rt.state == State::Down {
+                flags |= BACKEND_F_DOWN;
+                if svc.on_backend_down == DownPolicy::Reset {
+                    flags |= BACKEND_F_RESET;
+                }
+            }
+            if rt.drained {
+                flags |= BACKEND_F_DRAINED;
+            }
+            let (addr, family) = addr_bytes(b.address);
+            out.backends.insert(
+                id,
+                Backend {
+                    addr,
+                    mac: mac_of(b),
+                    family,
+                    flags,
+                    service: sid,
+                    weight: b.weight,
+                    port_be: b.port.unwrap_or(0).to_be(),
+                    _pad: [0; 2],
+                },
+            );
+            // In the ring: up, not drained, weight above 0.
+            if rt.state == State::Up && !rt.drained && b.weight > 0 {
+                entries.push(crate::maglev::Entry {
+                    identity: b.address.to_string(),
+                    weight: b.weight,
+                    id,
+                });
+            }
+        }
+        let mut v = [0u8; 17];
+        v[..16].copy_from_slice(&key.addr);
+        v[16] = key.family;
+        out.vips.insert(v);
+        out.services.push(DesiredService {
+            key,
+            id: sid,
+            mode: match svc.mode {
+                config::Mode::Dr => lb_common::mode::DR,
+                config::Mode::Tun => lb_common::mode::TUN,
+                config::Mode::Nat => lb_common::mode::NAT,
+                config::Mode::Fullnat => lb_common::mode::FULLNAT,
+            },
+            flags: if svc.on_all_down == AllDownPolicy::Drop {
+                SERVICE_F_DROP_NO_BACKEND
+            } else {
+                0
+            },
+            ring: crate::maglev::build(&entries, RING_SIZE),
+        });
+    }
+    out
+}
+
+/// What one [`MapState::apply`] wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub backends_written: usize,
+    pub backends_removed: usize,
+    pub rings_flipped: usize,
+    pub ring_slots_written: usize,
+    pub services_written: usize,
+    pub services_removed: usize,
+    pub vips_changed: usize,
+    pub snat_written: usize,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+}
+
+impl std::fmt::Display for Changes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_empty() {
+            return f.write_str("no changes");
+        }
+        write!(
+            f,
+            "{} backend(s) written, {} removed; {} ring(s) flipped ({} slots written); {} service(s) \
+             written, {} removed; {} VIP change(s); {} full-NAT entries",
+            self.backends_written,
+            self.backends_removed,
+            self.rings_flipped,
+            self.ring_slots_written,
+            self.services_written,
+            self.services_removed,
+            self.vips_changed,
+            self.snat_written
+        )
+    }
+}
+
+/// What the controller knows the maps hold, so that applying a desired state writes only
+/// what differs: the backend entries and every ring's slots.
+#[derive(Debug, Default)]
+pub struct MapState {
+    backends: BTreeMap<u32, Backend>,
+    /// Ring index -> slots, filled on first use.
+    rings: HashMap<u32, Vec<u32>>,
+    /// The maps were created empty by us (rings are all zero), not adopted.
+    fresh: bool,
+}
+
+impl MapState {
+    /// For maps just created (every entry zero).
+    pub fn fresh() -> Self {
+        MapState {
+            fresh: true,
+            ..Default::default()
+        }
+    }
+
+    /// For maps someone else filled (an adopted director): read what they hold.
+    pub fn read(m: &Maps) -> Result<Self> {
+        let mut backends = BTreeMap::new();
+        for id in 0..MAX_BACKENDS {
+            let b = m.backends.get(&id, 0)?;
+            if b.flags & BACKEND_F_VALID != 0 {
+                backends.insert(id, b);
+            }
+        }
+        Ok(MapState {
+            backends,
+            rings: HashMap::new(),
+            fresh: false,
+        })
+    }
+
+    /// The ids, health and drains recorded in adopted maps.
+    pub fn recover(&self, m: &Maps) -> Result<(Ids, HashMap<BackendKey, Runtime>)> {
+        let mut ids = Ids::default();
+        let mut by_id: HashMap<u32, VipKey> = HashMap::new();
+        for (key, meta) in m.services.iter().filter_map(|r| r.ok()) {
+            ids.services.insert(key, meta.id);
+            by_id.insert(meta.id, key);
+        }
+        let mut runtime = HashMap::new();
+        for (&id, b) in &self.backends {
+            let Some(svc) = by_id.get(&b.service) else {
+                continue;
+            };
+            let (vip, port, proto) = key_endpoint(svc);
+            let key = BackendKey {
+                vip,
+                port,
+                proto,
+                address: addr_from_bytes(b.addr, b.family),
+            };
+            ids.backends.insert(key, id);
+            runtime.insert(
+                key,
+                Runtime {
+                    state: if b.flags & BACKEND_F_DOWN != 0 {
+                        State::Down
+                    } else {
+                        State::Up
+                    },
+                    drained: b.flags & BACKEND_F_DRAINED != 0,
+                },
+            );
+        }
+        // Continue allocating after the highest id in use.
+        ids.next_service = ids.services.values().max().map_or(0, |m| m + 1) % MAX_SERVICES;
+        ids.next_backend = ids.backends.values().max().map_or(0, |m| m + 1) % MAX_BACKENDS;
+        Ok((ids, runtime))
+    }
+
+    fn ring(&mut self, m: &Maps, ring: u32) -> Result<&mut Vec<u32>> {
+        if !self.rings.contains_key(&ring) {
+            let slots = if self.fresh {
+                vec![0; RING_SIZE as usize]
+            } else {
+                (0..RING_SIZE)
+                    .map(|s| m.rings.get(&(ring * RING_SIZE + s), 0))
+                    .collect::<std::result::Result<Vec<u32>, _>>()?
+            };
+            self.rings.insert(ring, slots);
+        }
+        Ok(self.rings.get_mut(&ring).expect("just inserted"))
+    }
+
+    /// Make the maps equal to `want`, in an order that never exposes a half state: the
+    /// full-NAT pool, then backends (a ring never points at an unset backend), then each
+    /// changed service's inactive ring (only the slots that differ) and the service entry
+    /// that flips to it; finally what is no longer wanted is removed.
+    pub fn apply(&mut self, m: &mut Maps, want: &Desired) -> Result<Changes> {
+        let mut ch = Changes::default();
+        for (i, a) in want.snat_pool.iter().enumerate() {
+            let v = SnatAddr { addr: *a };
+            if m.snat_pool.get(&(i as u32), 0)? != v {
+                m.snat_pool.set(i as u32, v, 0)?;
+                ch.snat_written += 1;
+            }
+        }
+        if m.snat_config.get(&0, 0)? != want.snat {
+            m.snat_config.set(0, want.snat, 0)?;
+            ch.snat_written += 1;
+        }
+        for (&id, b) in &want.backends {
+            if self.backends.get(&id) != Some(b) {
+                m.backends.set(id, *b, 0)?;
+                self.backends.insert(id, *b);
+                ch.backends_written += 1;
+            }
+        }
+        let current: HashMap<VipKey, ServiceMeta> =
+            m.services.iter().filter_map(|r| r.ok()).collect();
+        for svc in &want.services {
+            let first = svc.id * RINGS_PER_SERVICE;
+            let live = current.get(&svc.key).filter(|meta| meta.id == svc.id);
+            let live_ring_matches = match live {
+                Some(meta) => *self.ring(m, meta.ring)? == svc.ring,
+                None => false,
+            };
+            let ring = match live {
+                Some(meta) if live_ring_matches => meta.ring,
+                Some(meta) if meta.ring == first => first + 1,
+                _ => first,
+            };
+            if !live_ring_matches {
+                let cached = self.ring(m, ring)?;
+                let base = ring * RING_SIZE;
+                for (slot, (&id, old)) in svc.ring.iter().zip(cached.iter_mut()).enumerate() {
+                    if id != *old {
+                        m.rings.set(base + slot as u32, id, 0)?;
+                        *old = id;
+                        ch.ring_slots_written += 1;
+                    }
+                }
+                ch.rings_flipped += 1;
+            }
+            let meta = ServiceMeta {
+                id: svc.id,
+                ring,
+                mode: svc.mode,
+                flags: svc.flags,
+                _pad: [0; 2],
+            };
+            if current.get(&svc.key) != Some(&meta) {
+                m.services.insert(svc.key, meta, 0)?;
+                ch.services_written += 1;
+            }
+        }
+        for key in current.keys() {
+            if !want.services.iter().any(|s| s.key == *key) {
+                m.services.remove(key)?;
+                ch.services_removed += 1;
+            }
+        }
+        let old_vips: HashSet<VipAddr> = m.vips.keys().filter_map(|k| k.ok()).collect();
+        let new_vips: HashSet<VipAddr> = want.vips.iter().map(crate::dataplane::vip_addr).collect();
+        for v in new_vips.difference(&old_vips) {
+            m.vips.insert(*v, 1, 0)?;
+            ch.vips_changed += 1;
+        }
+        for v in old_vips.difference(&new_vips) {
+            m.vips.remove(v)?;
+            ch.vips_changed += 1;
+        }
+        let gone: Vec<u32> = self
+            .backends
+            .keys()
+            .filter(|id| !want.backends.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            m.backends.set(id, Backend::default(), 0)?;
+            self.backends.remove(&id);
+            ch.backends_removed += 1;
+        }
+        Ok(ch)
+    }
+
+    /// Backend ids whose established flows are to be removed from the flow table: flagged
+    /// for reset, or no longer configured (`valid` = ids of configured backends).
+    pub fn evicted(&self) -> HashSet<u32> {
+        self.backends
+            .iter()
+            .filter(|(_, b)| b.flags & BACKEND_F_RESET != 0)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    pub fn is_configured(&self, id: u32) -> bool {
+        self.backends.contains_key(&id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AnyHost, Config};
+
+    const BASE: &str = "interfaces: [{name: eth0}]\nservices:\n";
+
+    fn svc(name: &str, port: u16, backends: &[&str]) -> String {
+        let mut s = format!(
+            "  - name: {name}\n    vip: 198.18.0.100\n    port: {port}\n    protocol: tcp\n    mode: dr\n    backends:\n"
+        );
+        for b in backends {
+            s += &format!("      - {{address: {b}, mac: 02:00:00:00:00:01}}\n");
+        }
+        s
+    }
+
+    fn cfg(text: &str) -> Config {
+        Config::parse(text, &AnyHost).expect("valid")
+    }
+
+    #[test]
+    fn ids_survive_reloads_and_are_not_reused_at_once() {
+        let mut ids = Ids::default();
+        let a = cfg(&format!(
+            "{BASE}{}{}",
+            svc("web", 80, &["198.18.1.1", "198.18.1.2"]),
+            svc("api", 81, &["198.18.1.3"])
+        ));
+        let d1 = desired(&a, &mut ids, |_| [0; 6], |_| Runtime::default());
+        let id_of = |ids: &Ids, port: u16, addr: &str| {
+            ids.backends[&BackendKey {
+                vip: "198.18.0.100".parse().unwrap(),
+                port,
+                proto: 6,
+                address: addr.parse().unwrap(),
+            }]
+        };
+        let b2 = id_of(&ids, 80, "198.18.1.2");
+        let b3 = id_of(&ids, 81, "198.18.1.3");
+        // Remove web's first backend and the web service order changes: the others keep ids.
+        let b = cfg(&format!(
+            "{BASE}{}{}",
+            svc("api", 81, &["198.18.1.3", "198.18.1.4"]),
+            svc("web", 80, &["198.18.1.2"])
+        ));
+        let d2 = desired(&b, &mut ids, |_| [0; 6], |_| Runtime::default());
+        assert_eq!(id_of(&ids, 80, "198.18.1.2"), b2);
+        assert_eq!(id_of(&ids, 81, "198.18.1.3"), b3);
+        let new = id_of(&ids, 81, "198.18.1.4");
+        assert!(
+            !d1.backends.contains_key(&new),
+            "the freed id is not handed out at once"
+        );
+        assert_eq!(
+            d1.services
+                .iter()
+                .find(|s| s.key.port_be == 80u16.to_be())
+                .unwrap()
+                .id,
+            d2.services
+                .iter()
+                .find(|s| s.key.port_be == 80u16.to_be())
+                .unwrap()
+                .id,
+            "a service keeps its id when the order changes"
+        );
+    }
+
+    #[test]
+    fn down_pending_and_drained_backends_leave_the_ring() {
+        let mut ids = Ids::default();
+        let text = format!(
+            "{BASE}{}    on_backend_down: reset\n",
+            svc(
+                "web",
+                80,
+                &["198.18.1.1", "198.18.1.2", "198.18.1.3", "198.18.1.4"]
+            )
+        );
+        let c = cfg(&text);
+        let rt = |k: &BackendKey| match k.address.to_string().as_str() {
+            "198.18.1.1" => Runtime {
+                state: State::Down,
+                drained: false,
+            },
+            "198.18.1.2" => Runtime {
+                state: State::Pending,
+                drained: false,
+            },
+            "198.18.1.3" => Runtime {
+                state: State::Up,
+                drained: true,
+            },
+            _ => Runtime::default(),
+        };
+        let d = desired(&c, &mut ids, |_| [0; 6], rt);
+        let only: BTreeSet<u32> = d.services[0].ring.iter().copied().collect();
+        let b4 = ids
+            .backends
+            .iter()
+            .find(|(k, _)| k.address.to_string() == "198.18.1.4")
+            .unwrap()
+            .1;
+        assert_eq!(only, BTreeSet::from([*b4]));
+        let b1 = ids
+            .backends
+            .iter()
+            .find(|(k, _)| k.address.to_string() == "198.18.1.1")
+            .unwrap()
+            .1;
+        assert_eq!(
+            d.backends[b1].flags,
+            BACKEND_F_VALID | BACKEND_F_DOWN | BACKEND_F_RESET
+        );
+        assert_eq!(d.services[0].flags, SERVICE_F_DROP_NO_BACKEND);
+    }
+}
