@@ -187,6 +187,9 @@ pub const BACKEND_F_DOWN: u8 = 4;
 /// `Backend::flags` bit: drained by `xdplb drain` (out of the ring, flows finish). Kept in
 /// the map so the drain survives a controller restart; the data plane ignores it.
 pub const BACKEND_F_DRAINED: u8 = 8;
+/// `Backend::flags` bit: removed from the config; kept (out of the ring) only so its
+/// established flows can finish. Informational, like [`BACKEND_F_DOWN`].
+pub const BACKEND_F_RETIRED: u8 = 16;
 
 /// `ServiceMeta::flags` bit: when no backend is usable, drop new packets (counted as
 /// `drop_no_backend`) instead of passing them to the kernel.

@@ -964,19 +964,17 @@ fn validate_check(s: &Service, hc: &HealthCheck, p: &str, err: &mut impl FnMut(S
             );
         }
     }
-    let only = |field: &str,
-                present: bool,
-                for_kind: CheckKind,
-                err: &mut dyn FnMut(String, String)| {
-        if present && kind != for_kind {
-            err(
-                format!("{p}.{field}"),
-                format!(
+    let only =
+        |field: &str, present: bool, for_kind: CheckKind, err: &mut dyn FnMut(String, String)| {
+            if present && kind != for_kind {
+                err(
+                    format!("{p}.{field}"),
+                    format!(
                     "`{field}` only applies to `kind: {for_kind}` checks (this one is `{kind}`)"
                 ),
-            );
-        }
-    };
+                );
+            }
+        };
     only("path", hc.path.is_some(), CheckKind::Http, err);
     only(
         "expect_status",

@@ -507,8 +507,13 @@ impl Director {
         self.state.evicted()
     }
 
+    /// The entry last written for backend `id`.
+    pub fn backend_entry(&self, id: u32) -> Option<Backend> {
+        self.state.backend(id).copied()
+    }
+
     /// Remove ended flows (see [`sweep`]).
-    pub fn sweep(&mut self, idle: std::time::Duration) -> Result<usize> {
+    pub fn sweep(&mut self, idle: std::time::Duration) -> Result<Swept> {
         let evict = self.state.evicted();
         let state = &self.state;
         sweep(&mut self.maps, idle, &evict, |id| state.is_configured(id))
@@ -575,19 +580,28 @@ pub fn attach_xdp(
 /// ports). The data plane already treats such flows as ended; this reclaims the entries of
 /// flows that never send again. Walks the tables with syscalls: O(table) per call.
 pub fn sweep_idle_udp(m: &mut Maps, idle: std::time::Duration) -> Result<usize> {
-    sweep(m, idle, &Default::default(), |_| true)
+    Ok(sweep(m, idle, &Default::default(), |_| true)?.removed)
+}
+
+/// What a [`sweep`] did and saw.
+#[derive(Debug, Default)]
+pub struct Swept {
+    /// Flows removed.
+    pub removed: usize,
+    /// Flows left, per backend id.
+    pub live: std::collections::HashMap<u32, usize>,
 }
 
 /// Remove ended flows and their NAT state: UDP flows idle for longer than `idle`, flows
 /// of a backend in `evict` (down with `on_backend_down: reset`: the data plane already
 /// reschedules them), and flows of backends that are no longer configured (`configured`
-/// says which ids are). Returns how many flows were removed.
+/// says which ids are).
 pub fn sweep(
     m: &mut Maps,
     idle: std::time::Duration,
     evict: &std::collections::HashSet<u32>,
     configured: impl Fn(u32) -> bool,
-) -> Result<usize> {
+) -> Result<Swept> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -596,19 +610,21 @@ pub fn sweep(
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
     let idle = idle.as_nanos() as u64;
-    let expired: std::collections::HashSet<FlowKey> = m
-        .flows
-        .iter()
-        .filter_map(|r| r.ok())
-        .filter(|(k, v)| {
-            (k.proto == lb_common::IPPROTO_UDP && now.saturating_sub(v.last_seen_ns) > idle)
-                || evict.contains(&v.backend)
-                || !configured(v.backend)
-        })
-        .map(|(k, _)| k)
-        .collect();
+    let mut swept = Swept::default();
+    let mut expired = std::collections::HashSet::new();
+    for (k, v) in m.flows.iter().filter_map(|r| r.ok()) {
+        if (k.proto == lb_common::IPPROTO_UDP && now.saturating_sub(v.last_seen_ns) > idle)
+            || evict.contains(&v.backend)
+            || !configured(v.backend)
+        {
+            expired.insert(k);
+        } else {
+            *swept.live.entry(v.backend).or_default() += 1;
+        }
+    }
+    swept.removed = expired.len();
     if expired.is_empty() {
-        return Ok(0);
+        return Ok(swept);
     }
     let replies: Vec<FlowKey> = m
         .nat_replies
@@ -623,7 +639,7 @@ pub fn sweep(
     for k in &expired {
         let _ = m.flows.remove(k);
     }
-    Ok(expired.len())
+    Ok(swept)
 }
 
 /// What the data plane needs about an interface: its MAC and, for TUN, the outer sources.

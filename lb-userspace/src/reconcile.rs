@@ -13,8 +13,8 @@ use std::{
 
 use lb_common::{
     Backend, ServiceMeta, SnatAddr, VipAddr, VipKey, BACKEND_F_DOWN, BACKEND_F_DRAINED,
-    BACKEND_F_RESET, BACKEND_F_VALID, MAX_BACKENDS, MAX_SERVICES, RINGS_PER_SERVICE, RING_SIZE,
-    SERVICE_F_DROP_NO_BACKEND,
+    BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID, MAX_BACKENDS, MAX_SERVICES,
+    RINGS_PER_SERVICE, RING_SIZE, SERVICE_F_DROP_NO_BACKEND,
 };
 
 use crate::{
@@ -103,6 +103,8 @@ pub struct Runtime {
     pub state: State,
     /// Drained at run time (`xdplb drain`).
     pub drained: bool,
+    /// Removed from the config, kept while its flows finish.
+    pub retired: bool,
 }
 
 impl Default for Runtime {
@@ -110,6 +112,7 @@ impl Default for Runtime {
         Runtime {
             state: State::Up,
             drained: false,
+            retired: false,
         }
     }
 }
@@ -157,6 +160,9 @@ pub fn desired(
             }
             if rt.drained {
                 flags |= BACKEND_F_DRAINED;
+            }
+            if rt.retired {
+                flags |= BACKEND_F_RETIRED;
             }
             let (addr, family) = addr_bytes(b.address);
             out.backends.insert(
@@ -311,6 +317,7 @@ impl MapState {
                         State::Up
                     },
                     drained: b.flags & BACKEND_F_DRAINED != 0,
+                    retired: b.flags & BACKEND_F_RETIRED != 0,
                 },
             );
         }
@@ -439,6 +446,11 @@ impl MapState {
     pub fn is_configured(&self, id: u32) -> bool {
         self.backends.contains_key(&id)
     }
+
+    /// The entry last written for backend `id`.
+    pub fn backend(&self, id: u32) -> Option<&Backend> {
+        self.backends.get(&id)
+    }
 }
 
 #[cfg(test)]
@@ -525,15 +537,15 @@ mod tests {
         let rt = |k: &BackendKey| match k.address.to_string().as_str() {
             "198.18.1.1" => Runtime {
                 state: State::Down,
-                drained: false,
+                ..Runtime::default()
             },
             "198.18.1.2" => Runtime {
                 state: State::Pending,
-                drained: false,
+                ..Runtime::default()
             },
             "198.18.1.3" => Runtime {
-                state: State::Up,
                 drained: true,
+                ..Runtime::default()
             },
             _ => Runtime::default(),
         };

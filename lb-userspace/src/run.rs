@@ -33,6 +33,11 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(20);
 /// How often the config file is compared with what was last read.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a backend removed from the config keeps serving its established flows (of a
+/// `keep` service) at most: IPVS's established-TCP timeout. It goes earlier once no flow
+/// entry points at it. (DR sees only client packets, so it cannot tell a finished TCP flow
+/// from an idle one: entries of finished flows linger until the LRU evicts them.)
+const RETIRE_MAX: Duration = Duration::from_secs(15 * 60);
 
 /// Where the controller of the director pinned at `pin_dir` keeps its lock and control
 /// socket: `/run/xdplb/<pin dir name>.{lock,sock}`.
@@ -159,6 +164,10 @@ struct Controller {
     runtime: HashMap<BackendKey, Runtime>,
     macs: HashMap<IpAddr, [u8; 6]>,
     checks: HashMap<BackendKey, Check>,
+    /// Backends removed from the config whose established flows may finish on them
+    /// (services with `on_backend_down: keep`): weight 0, not checked, until [`RETIRE_MAX`]
+    /// or until no flow points at them.
+    retired: HashMap<BackendKey, (crate::config::Backend, Instant)>,
     last_report: HashMap<BackendKey, Report>,
     reports: mpsc::UnboundedSender<Report>,
     nl: Netlink,
@@ -177,13 +186,32 @@ impl Controller {
         }
     }
 
+    /// The config plus retired backends (weight 0: no new flows).
+    fn effective(&self) -> Config {
+        let mut cfg = self.cfg.clone();
+        for (key, (b, _)) in &self.retired {
+            if let Some(svc) = cfg
+                .services
+                .iter_mut()
+                .find(|s| BackendKey::new(s.endpoint(), key.address) == *key)
+            {
+                svc.backends.push(crate::config::Backend {
+                    weight: 0,
+                    ..b.clone()
+                });
+            }
+        }
+        cfg
+    }
+
     /// Desired state from config + health + drains, written as a diff.
     fn reconcile(&mut self, why: &str) -> anyhow::Result<()> {
         let started = Instant::now();
         let runtime = &self.runtime;
+        let retired = &self.retired;
         let macs = &self.macs;
         let want = reconcile::desired(
-            &self.cfg,
+            &self.effective(),
             &mut self.ids,
             |b| {
                 b.mac()
@@ -191,7 +219,16 @@ impl Controller {
                     .or_else(|| macs.get(&b.address).copied())
                     .unwrap_or_default()
             },
-            |k| runtime.get(k).copied().unwrap_or_default(),
+            |k| {
+                let mut rt = runtime.get(k).copied().unwrap_or_default();
+                if retired.contains_key(k) {
+                    rt = Runtime {
+                        retired: true,
+                        ..Runtime::default()
+                    };
+                }
+                rt
+            },
         );
         let changes = self.director.apply(&want)?;
         if changes.is_empty() {
@@ -266,7 +303,7 @@ impl Controller {
             // otherwise; a new one waits for its first check.
             let rt = self.runtime.entry(key).or_insert(Runtime {
                 state: State::Pending,
-                drained: false,
+                ..Runtime::default()
             });
             let task = health::spawn(key, spec.0.clone(), spec.1, rt.state, self.reports.clone());
             self.checks.insert(key, Check { spec, task });
@@ -384,6 +421,7 @@ impl Controller {
         }
         self.macs = macs;
         let old_ifaces: Vec<String> = self.cfg.interfaces.iter().map(|i| i.name.clone()).collect();
+        self.retire(&new);
         self.cfg = new;
         self.generation += 1;
         self.sync_checks();
@@ -411,6 +449,79 @@ impl Controller {
         );
         log::info!("reload ({why}): {msg}");
         Ok(msg)
+    }
+
+    /// Backends that `new` removes from a `keep` service that stays: retire them (their
+    /// flows finish); backends `new` lists are not retired.
+    fn retire(&mut self, new: &Config) {
+        let now = Instant::now();
+        for old in &self.cfg.services {
+            let Some(svc) = new.services.iter().find(|s| s.endpoint() == old.endpoint()) else {
+                continue;
+            };
+            if svc.on_backend_down != crate::config::DownPolicy::Keep {
+                continue;
+            }
+            for b in &old.backends {
+                if !svc.backends.iter().any(|n| n.address == b.address) {
+                    let key = BackendKey::new(old.endpoint(), b.address);
+                    log::info!(
+                        "backend {key} removed: no new flows; its established flows may finish (at most {RETIRE_MAX:?})"
+                    );
+                    self.retired.insert(key, (b.clone(), now));
+                }
+            }
+        }
+        // Forget retirements of backends the new config lists again, or whose service is gone.
+        self.retired.retain(|key, _| {
+            new.services.iter().any(|s| {
+                BackendKey::new(s.endpoint(), key.address) == *key
+                    && !s.backends.iter().any(|b| b.address == key.address)
+            })
+        });
+    }
+
+    /// After adopting a director: backends its maps hold that the config no longer lists
+    /// (removed while no controller ran, or retired before a restart) are retired, so their
+    /// established flows finish as after a reload.
+    fn adopt_removed(&mut self) {
+        let cfg = self.cfg.clone();
+        let known: Vec<(BackendKey, u32)> =
+            self.ids.backends.iter().map(|(k, v)| (*k, *v)).collect();
+        for (key, id) in known {
+            let Some(svc) = cfg
+                .services
+                .iter()
+                .find(|s| BackendKey::new(s.endpoint(), key.address) == key)
+            else {
+                continue;
+            };
+            if svc.backends.iter().any(|b| b.address == key.address)
+                || svc.on_backend_down != crate::config::DownPolicy::Keep
+            {
+                continue;
+            }
+            let Some(entry) = self.director.backend_entry(id) else {
+                continue;
+            };
+            let m = entry.mac;
+            let port = u16::from_be(entry.port_be);
+            let backend = crate::config::Backend {
+                address: key.address,
+                weight: 0,
+                mac: (svc.mode == Mode::Dr).then(|| {
+                    format!(
+                        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                        m[0], m[1], m[2], m[3], m[4], m[5]
+                    )
+                }),
+                port: (port != 0).then_some(port),
+            };
+            log::info!(
+                "backend {key} is not in the config: kept while its established flows finish"
+            );
+            self.retired.insert(key, (backend, Instant::now()));
+        }
     }
 
     /// `xdplb drain` / `undrain`: SERVICE is the service name, BACKEND its address.
@@ -462,12 +573,38 @@ impl Controller {
         }
     }
 
-    /// Removed flows of reset or removed backends, idle UDP flows.
+    /// Remove flows of reset or removed backends and idle UDP flows; let retired backends
+    /// go once no flow points at them (or after [`RETIRE_MAX`]).
     fn sweep(&mut self) {
-        match self.director.sweep(self.cfg.udp_idle_timeout()) {
-            Ok(0) => {}
-            Ok(n) => log::debug!("removed {n} ended flow(s)"),
-            Err(e) => log::warn!("sweeping ended flows: {e}"),
+        let swept = match self.director.sweep(self.cfg.udp_idle_timeout()) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("sweeping ended flows: {e}");
+                return;
+            }
+        };
+        if swept.removed > 0 {
+            log::debug!("removed {} ended flow(s)", swept.removed);
+        }
+        let before = self.retired.len();
+        let ids = &self.ids;
+        self.retired.retain(|key, (_, since)| {
+            let flows = ids
+                .backends
+                .get(key)
+                .and_then(|id| swept.live.get(id))
+                .copied()
+                .unwrap_or(0);
+            let keep = flows > 0 && since.elapsed() < RETIRE_MAX;
+            if !keep {
+                log::info!("removed backend {key} is gone ({flows} flow(s) left)");
+            }
+            keep
+        });
+        if self.retired.len() != before {
+            if let Err(e) = self.reconcile("retired backends") {
+                log::error!("{e:#}");
+            }
         }
     }
 }
@@ -559,6 +696,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         runtime,
         macs,
         checks: HashMap::new(),
+        retired: HashMap::new(),
         last_report: HashMap::new(),
         reports: tx,
         nl,
@@ -581,6 +719,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
             }
         });
     }
+    c.adopt_removed();
     c.sync_checks();
     c.first_results(&mut rx).await;
     let fresh = c.director.origin == Origin::Fresh;

@@ -20,6 +20,8 @@ pub struct BackendReport {
     pub address: std::net::IpAddr,
     pub mac: [u8; 6],
     pub weight: u32,
+    /// `BACKEND_F_*` bits as the controller last wrote them.
+    pub flags: u8,
     pub active_flows: u64,
     pub counters: Counters,
 }
@@ -66,12 +68,32 @@ pub fn collect(maps: &Maps) -> Result<Vec<ServiceReport>> {
                 address: addr_from_bytes(b.addr, b.family),
                 mac: b.mac,
                 weight: b.weight,
+                flags: b.flags,
                 active_flows: flows_per_backend.get(&id).copied().unwrap_or(0),
                 counters: Maps::sum_counters(&maps.backend_stats, id)?,
             });
         }
     }
     Ok(services)
+}
+
+impl BackendReport {
+    /// `up`, `down`, `drained` (by `xdplb drain`), `down,drained`, `removed` (gone from
+    /// the config, established flows finishing); weight 0 in the config shows as `up` with
+    /// weight 0.
+    pub fn state(&self) -> &'static str {
+        if self.flags & lb_common::BACKEND_F_RETIRED != 0 {
+            return "removed";
+        }
+        let down = self.flags & lb_common::BACKEND_F_DOWN != 0;
+        let drained = self.flags & lb_common::BACKEND_F_DRAINED != 0;
+        match (down, drained) {
+            (false, false) => "up",
+            (true, false) => "down",
+            (false, true) => "drained",
+            (true, true) => "down,drained",
+        }
+    }
 }
 
 #[derive(Tabled)]
@@ -82,6 +104,8 @@ struct Row {
     mode: String,
     #[tabled(rename = "Weight")]
     weight: String,
+    #[tabled(rename = "State")]
+    state: String,
     #[tabled(rename = "ActiveFlows")]
     flows: String,
     #[tabled(rename = "NewFlows")]
@@ -105,6 +129,7 @@ pub fn render_status(services: &[ServiceReport]) -> String {
                 m => format!("mode {m}"),
             },
             weight: String::new(),
+            state: String::new(),
             flows: String::new(),
             new_flows: s.counters.new_flows,
             packets: s.counters.packets,
@@ -119,6 +144,7 @@ pub fn render_status(services: &[ServiceReport]) -> String {
                 ),
                 mode: String::new(),
                 weight: b.weight.to_string(),
+                state: b.state().to_string(),
                 flows: b.active_flows.to_string(),
                 new_flows: b.counters.new_flows,
                 packets: b.counters.packets,
@@ -151,6 +177,7 @@ pub fn render_stats(maps: &Maps, json: bool) -> Result<String> {
                     "backends": s.backends.iter().map(|b| serde_json::json!({
                         "address": b.address.to_string(),
                         "weight": b.weight,
+                        "state": b.state(),
                         "packets": b.counters.packets,
                         "bytes": b.counters.bytes,
                         "new_flows": b.counters.new_flows,

@@ -488,6 +488,31 @@ impl Topology {
         child.wait().map(|s| s.success()).unwrap_or(false)
     }
 
+    /// SIGKILL the director's controller (the pinned data plane stays).
+    pub fn kill_director(&mut self) {
+        let idx = self.director.take().expect("director started");
+        let child = &mut self.children[idx];
+        child.kill().expect("SIGKILL the controller");
+        let _ = child.wait();
+    }
+
+    /// Send `signal` to the running controller.
+    pub fn signal_director(&self, signal: i32) {
+        let idx = self.director.expect("director started");
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.children[idx].id() as i32, signal) };
+    }
+
+    /// Wait until the director's log holds `needle` at least `count` times.
+    pub fn wait_log(&self, needle: &str, count: usize, timeout: Duration) {
+        let log = self.director_log.clone();
+        wait_for(
+            &format!("{count}× `{needle}` in the director's log"),
+            timeout,
+            || log.lock().expect("log").matches(needle).count() >= count,
+        );
+    }
+
     /// Start `xdplb run` in namespace `host` with extra arguments; returns the child's index.
     pub fn spawn_in(&mut self, host: &str, program: &Path, args: &[&str]) -> usize {
         let child = Command::new("nsenter")

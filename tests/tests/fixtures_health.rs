@@ -72,8 +72,14 @@ impl Lab {
     }
 
     fn set(&mut self, port: u16, addr: &str, state: State, drained: bool) -> Changes {
-        self.runtime
-            .insert(self.key(port, addr), Runtime { state, drained });
+        self.runtime.insert(
+            self.key(port, addr),
+            Runtime {
+                state,
+                drained,
+                retired: false,
+            },
+        );
         self.apply()
     }
 
