@@ -30,6 +30,9 @@ pub struct Ids {
     pub backends: BTreeMap<BackendKey, u32>,
     next_service: u32,
     next_backend: u32,
+    /// Last Maglev table per service id and the entries it was built from: a reconcile
+    /// rebuilds only the tables whose backends changed.
+    tables: HashMap<u32, (Vec<crate::maglev::Entry>, Vec<u32>)>,
 }
 
 fn take_free(used: &BTreeSet<u32>, cursor: &mut u32, max: u32) -> u32 {
@@ -205,10 +208,25 @@ pub fn desired(
             } else {
                 0
             },
-            ring: crate::maglev::build(&entries, RING_SIZE),
+            ring: ids.table(sid, entries),
         });
     }
+    let live: HashSet<u32> = ids.services.values().copied().collect();
+    ids.tables.retain(|sid, _| live.contains(sid));
     out
+}
+
+impl Ids {
+    fn table(&mut self, sid: u32, entries: Vec<crate::maglev::Entry>) -> Vec<u32> {
+        match self.tables.get(&sid) {
+            Some((e, t)) if *e == entries => t.clone(),
+            _ => {
+                let t = crate::maglev::build(&entries, RING_SIZE);
+                self.tables.insert(sid, (entries, t.clone()));
+                t
+            }
+        }
+    }
 }
 
 /// What one [`MapState::apply`] wrote.

@@ -31,8 +31,9 @@ const NEIGHBOUR_TIMEOUT: Duration = Duration::from_secs(3);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// How often routed backends are poked so their next hop stays resolved.
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(20);
-/// How often the config file is compared with what was last read.
-const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the config file's metadata is compared with what was last seen (the file is
+/// read only when size, mtime or inode changed: editors and deploy tools replace it).
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a backend removed from the config keeps serving its established flows (of a
 /// `keep` service) at most: IPVS's established-TCP timeout. It goes earlier once no flow
 /// entry points at it. (DR sees only client packets, so it cannot tell a finished TCP flow
@@ -159,6 +160,8 @@ struct Controller {
     cfg: Config,
     /// The file's text as last read (valid or not), to notice edits.
     seen_text: String,
+    /// The file's metadata when last looked at ([`file_stamp`]).
+    seen_stamp: Option<(u64, i64, i64, u64)>,
     director: Director,
     ids: Ids,
     runtime: HashMap<BackendKey, Runtime>,
@@ -609,6 +612,13 @@ impl Controller {
     }
 }
 
+/// (inode, mtime s, mtime ns, size) of a file, to notice a change without reading it.
+fn file_stamp(path: &Path) -> Option<(u64, i64, i64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
+}
+
 /// Holds `/run/xdplb/<name>.lock` for the controller's lifetime: one controller per director.
 struct Lock {
     _file: std::fs::File,
@@ -690,6 +700,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
     let mut c = Controller {
         config_path: opts.config.to_path_buf(),
         cfg,
+        seen_stamp: file_stamp(opts.config),
         seen_text,
         director,
         ids,
@@ -790,9 +801,13 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
             }
             _ = hup.recv() => { let _ = c.reload("SIGHUP").await; }
             _ = watch.tick() => {
-                if let Ok(text) = std::fs::read_to_string(&c.config_path) {
-                    if text != c.seen_text {
-                        let _ = c.reload("config file changed").await;
+                let stamp = file_stamp(&c.config_path);
+                if stamp != c.seen_stamp {
+                    c.seen_stamp = stamp;
+                    if let Ok(text) = std::fs::read_to_string(&c.config_path) {
+                        if text != c.seen_text {
+                            let _ = c.reload("config file changed").await;
+                        }
                     }
                 }
             }

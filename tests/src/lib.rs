@@ -2,6 +2,7 @@
 //! `BPF_PROG_TEST_RUN` fixtures, and network-namespace guards for end-to-end tests.
 //! Everything here needs root; tests call [`require_root`] first.
 
+pub mod control_bench;
 pub mod load;
 pub mod netns;
 

@@ -18,9 +18,26 @@ fn bench_quick_runs_every_path_and_reports() {
     );
     let rows: Vec<&str> = stdout
         .lines()
+        .skip_while(|l| !l.starts_with("| path"))
+        .take_while(|l| l.starts_with('|'))
         .filter(|l| l.starts_with("| ") && !l.starts_with("| path"))
         .collect();
     assert_eq!(rows.len(), 10, "one row per path:\n{stdout}");
+    let control: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("| control plane"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert_eq!(control.len(), 4, "control-plane rows:\n{stdout}");
+    for row in control {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let ms: f64 = cells[2]
+            .trim_end_matches(" ms")
+            .parse()
+            .unwrap_or_else(|_| panic!("median in {row}"));
+        assert!(ms >= 0.0, "{row}");
+    }
     for row in rows {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         let ns: f64 = cells[2]

@@ -132,7 +132,10 @@ fn main() {
     let args = Args::parse();
     lb_tests::require_root();
     let lab = FibLab::new("bench");
-    let report = lab.run(move || bench(args.quick));
+    let quick = args.quick;
+    let mut report = lab.run(move || bench(quick));
+    drop(lab);
+    report += &lb_tests::control_bench::report(args.quick);
     print!("{report}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).expect("target/bench");
