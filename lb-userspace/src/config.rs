@@ -938,7 +938,8 @@ impl Config {
 
 fn validate_check(s: &Service, hc: &HealthCheck, p: &str, err: &mut impl FnMut(String, String)) {
     let kind = hc.kind;
-    if !(CHECK_INTERVAL_MIN..=CHECK_INTERVAL_MAX).contains(&hc.interval) {
+    let interval_ok = (CHECK_INTERVAL_MIN..=CHECK_INTERVAL_MAX).contains(&hc.interval);
+    if !interval_ok {
         err(
             format!("{p}.interval"),
             format!(
@@ -947,7 +948,7 @@ fn validate_check(s: &Service, hc: &HealthCheck, p: &str, err: &mut impl FnMut(S
             ),
         );
     }
-    if hc.timeout.is_zero() || hc.timeout > hc.interval {
+    if interval_ok && (hc.timeout.is_zero() || hc.timeout > hc.interval) {
         err(
             format!("{p}.timeout"),
             format!(
@@ -1192,6 +1193,123 @@ services:
         assert_eq!(e.path, "services[0].backends[0].weight");
         assert_eq!(e.line, Some(12));
         assert!(e.message.contains("out of range"), "{e}");
+    }
+
+    /// GOOD with `extra` (indented lines) added to services[0] after `mode: dr` (line 9).
+    fn with_web(extra: &str) -> String {
+        GOOD.replacen("    mode: dr\n", &format!("    mode: dr\n{extra}"), 1)
+    }
+
+    #[test]
+    fn health_checks_parse_with_defaults_and_policies() {
+        let c = Config::parse(
+            &with_web(
+                "    on_backend_down: reset\n    on_all_down: pass\n    health_check:\n      kind: http\n      path: /healthz\n",
+            ),
+            &AnyHost,
+        )
+        .unwrap();
+        let s = &c.services[0];
+        let hc = s.health_check.as_ref().unwrap();
+        assert_eq!(hc.kind, CheckKind::Http);
+        assert_eq!(
+            (hc.interval, hc.timeout, hc.rise, hc.fall),
+            (Duration::from_secs(1), Duration::from_millis(500), 2, 3)
+        );
+        assert_eq!(s.on_backend_down, DownPolicy::Reset);
+        assert_eq!(s.on_all_down, AllDownPolicy::Pass);
+        assert_eq!(c.services[1].on_backend_down, DownPolicy::Keep);
+        assert_eq!(c.services[1].on_all_down, AllDownPolicy::Drop);
+        for kind in ["tcp", "udp", "none"] {
+            Config::parse(
+                &with_web(&format!("    health_check: {{kind: {kind}}}\n")),
+                &AnyHost,
+            )
+            .unwrap_or_else(|e| panic!("{kind}: {e:?}"));
+        }
+        Config::parse(
+            &with_web("    health_check: {kind: exec, command: [/bin/true, '{address}']}\n"),
+            &AnyHost,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn bad_health_checks_name_field_and_line() {
+        let cases: &[(&str, &str, usize, &str)] = &[
+            (
+                "    health_check:\n      kind: tcp\n      interval: 10ms\n",
+                "services[0].health_check.interval",
+                12,
+                "out of range",
+            ),
+            (
+                "    health_check:\n      interval: 1s\n      timeout: 2s\n",
+                "services[0].health_check.timeout",
+                12,
+                "at most the interval",
+            ),
+            (
+                "    health_check:\n      fall: 0\n",
+                "services[0].health_check.fall",
+                11,
+                "out of range",
+            ),
+            (
+                "    health_check:\n      kind: tcp\n      path: /x\n",
+                "services[0].health_check.path",
+                12,
+                "only applies to `kind: http`",
+            ),
+            (
+                "    health_check:\n      kind: exec\n",
+                "services[0].health_check.command",
+                10,
+                "needs a command",
+            ),
+            (
+                "    health_check:\n      kind: http\n      path: healthz\n",
+                "services[0].health_check.path",
+                12,
+                "absolute URL path",
+            ),
+            (
+                "    health_check:\n      kind: http\n      expect_status: 42\n",
+                "services[0].health_check.expect_status",
+                12,
+                "not an HTTP status",
+            ),
+            (
+                "    health_check:\n      kind: udp\n      expect: pong\n      command: [x]\n",
+                "services[0].health_check.command",
+                13,
+                "only applies to `kind: exec`",
+            ),
+        ];
+        for (extra, path, line, msg) in cases {
+            let e = one_error(&with_web(extra));
+            assert_eq!(e.path, *path, "{extra}");
+            assert_eq!(e.line, Some(*line), "{extra}: {e}");
+            assert!(e.message.contains(msg), "{extra}: {e}");
+        }
+        // Unknown kind / policy values and unknown keys are syntax-level errors with a line.
+        for extra in [
+            "    health_check: {kind: icmp}\n",
+            "    on_backend_down: maybe\n",
+            "    on_all_down: sorry\n",
+            "    health_check: {kind: tcp, retries: 3}\n",
+        ] {
+            let e = one_error(&with_web(extra));
+            assert_eq!(e.line, Some(10), "{extra}: {e}");
+        }
+        // A service on every port needs a port to check.
+        let e = one_error(&GOOD.replacen(
+            "    protocol: udp\n",
+            "    protocol: udp\n    health_check: {kind: udp}\n",
+            1,
+        ));
+        assert_eq!(e.path, "services[1].health_check.port");
+        assert!(e.message.contains("needs a `port`"), "{e}");
     }
 
     #[test]

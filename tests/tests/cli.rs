@@ -189,3 +189,27 @@ fn one_armed_nat_with_a_routed_backend_is_rejected_by_check() {
     let (code, err) = check("198.18.0.11");
     assert_eq!(code, 0, "an on-link backend is fine: {err}");
 }
+
+#[test]
+fn drain_and_reload_without_a_controller_say_what_to_do() {
+    let pin = format!("/sys/fs/bpf/xdplb-cli-none-{}", std::process::id());
+    for args in [
+        vec!["--pin-dir", pin.as_str(), "drain", "web", "198.18.0.11"],
+        vec![
+            "--pin-dir",
+            pin.as_str(),
+            "drain",
+            "--undo",
+            "web",
+            "198.18.0.11",
+        ],
+        vec!["--pin-dir", pin.as_str(), "reload"],
+    ] {
+        let (code, _, err) = xdplb(&args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(
+            err.contains("no controller is running") && err.contains("xdplb run --config"),
+            "{args:?}: {err}"
+        );
+    }
+}

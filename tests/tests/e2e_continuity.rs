@@ -370,6 +370,21 @@ fn program_upgrade_replaces_the_program_atomically_under_load() {
         String::from_utf8_lossy(&bad.stderr).contains("has no backend 198.18.9.9"),
         "{bad:?}"
     );
+    // A second controller for the same director is refused (and changes nothing).
+    let second = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.topo.ns("dir")))
+        .arg(&lab.xdplb)
+        .arg("--pin-dir")
+        .arg(&lab.topo.pin_dir)
+        .args(["run", "--config"])
+        .arg(lab.config.path())
+        .output()
+        .expect("second xdplb run");
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another `xdplb run`"),
+        "{second:?}"
+    );
     let report = load.stop();
     assert_clean("upgrade", &report);
     assert!(
