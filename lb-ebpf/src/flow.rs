@@ -1,6 +1,7 @@
 //! The connection table: an established flow keeps its backend whatever the rings say.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap, Global};
+use aya_ebpf::btf_maps::LruHashMap as BtfLruHashMap;
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_map, Global};
 use lb_common::{
     reason, FlowKey, FlowValue, ServiceMeta, BPF_F_NO_COMMON_LRU, FLOW_TABLE_CAPACITY,
     FLOW_TOUCH_NS, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
@@ -12,9 +13,13 @@ use lb_ebpf::STATUS_OK;
 /// LRU hash with per-CPU LRU lists: RSS keeps a flow on one CPU, so eviction bookkeeping
 /// needs no cross-CPU lock, while the entries stay visible to every CPU. Capacity is set
 /// at load time by the controller (`flow_table_size`).
-#[map]
-static FLOWS: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(FLOW_TABLE_CAPACITY, BPF_F_NO_COMMON_LRU);
+#[btf_map]
+static FLOWS: BtfLruHashMap<
+    FlowKey,
+    FlowValue,
+    { FLOW_TABLE_CAPACITY as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = BtfLruHashMap::new();
 
 /// The table entry of an established flow, to update in place (NAT state).
 #[inline(always)]

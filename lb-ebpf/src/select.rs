@@ -1,28 +1,27 @@
 //! Service lookup and backend selection: the VIP table, the Maglev rings, the backends.
 
-use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap},
-};
+use aya_ebpf::btf_maps::{Array as BtfArray, HashMap as BtfHashMap};
+use aya_ebpf::macros::btf_map;
 use lb_common::{
     flow_hash, reason, Backend, FlowKey, ServiceMeta, VipAddr, VipKey, BACKEND_F_RESET,
     BACKEND_F_VALID, MAX_BACKENDS, MAX_SERVICES, MAX_VIPS, NO_BACKEND, RINGS_PER_SERVICE,
     RING_SIZE,
 };
 
-#[map]
-static SERVICES: HashMap<VipKey, ServiceMeta> = HashMap::with_max_entries(MAX_SERVICES, 0);
+#[btf_map]
+static SERVICES: BtfHashMap<VipKey, ServiceMeta, { MAX_SERVICES as usize }> = BtfHashMap::new();
 
 /// All rings back to back: ring `r` is slots `r * RING_SIZE .. (r + 1) * RING_SIZE`.
-#[map]
-static RINGS: Array<u32> = Array::with_max_entries(MAX_SERVICES * RINGS_PER_SERVICE * RING_SIZE, 0);
+#[btf_map]
+static RINGS: BtfArray<u32, { (MAX_SERVICES * RINGS_PER_SERVICE * RING_SIZE) as usize }> =
+    BtfArray::new();
 
-#[map]
-static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+#[btf_map]
+static BACKENDS: BtfArray<Backend, { MAX_BACKENDS as usize }> = BtfArray::new();
 
 /// Every VIP address (of any service): ICMP echo to one is answered by the director.
-#[map]
-static VIPS: HashMap<VipAddr, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
+#[btf_map]
+static VIPS: BtfHashMap<VipAddr, u32, { MAX_VIPS as usize }> = BtfHashMap::new();
 
 #[inline(always)]
 pub fn is_vip(addr: [u8; 16], family: u8) -> bool {
@@ -56,8 +55,8 @@ pub fn service(key: &FlowKey) -> Result<ServiceMeta, u32> {
 
 /// Controller bookkeeping (layout and program version); never read here, but it lives in
 /// the object so it is created and pinned with the other maps.
-#[map]
-static META: Array<u64> = Array::with_max_entries(lb_common::meta::COUNT, 0);
+#[btf_map]
+static META: BtfArray<u64, { lb_common::meta::COUNT as usize }> = BtfArray::new();
 
 /// A usable backend by id: `None` if the slot was removed, or if its flows must be
 /// rescheduled (down with `on_backend_down: reset`).

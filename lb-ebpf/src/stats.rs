@@ -1,16 +1,17 @@
 //! Per-CPU counters: per service, per backend, and one slot per action/reason.
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
+use aya_ebpf::btf_maps::PerCpuArray as BtfPerCpuArray;
+use aya_ebpf::macros::btf_map;
 use lb_common::{reason, Counters, MAX_BACKENDS, MAX_SERVICES};
 
-#[map]
-static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+#[btf_map]
+static SERVICE_STATS: BtfPerCpuArray<Counters, { MAX_SERVICES as usize }> = BtfPerCpuArray::new();
 
-#[map]
-static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+#[btf_map]
+static BACKEND_STATS: BtfPerCpuArray<Counters, { MAX_BACKENDS as usize }> = BtfPerCpuArray::new();
 
-#[map]
-static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+#[btf_map]
+static REASONS: BtfPerCpuArray<u64, { reason::COUNT as usize }> = BtfPerCpuArray::new();
 
 #[inline(always)]
 pub fn reason(slot: u32) {

@@ -97,6 +97,39 @@ fn dr_balances_real_tcp_and_udp_for_ipv4_and_ipv6() {
         assert!(inspect.contains(expected), "`{expected}` in:\n{inspect}");
     }
 
+    // Every pinned map carries BTF: bpftool prints named fields. (Not TX_PORTS: the loader
+    // creates the devmap without BTF; it maps an ifindex to itself.)
+    for name in lb_common::maps::ALL
+        .into_iter()
+        .filter(|&n| n != lb_common::maps::TX_PORTS)
+    {
+        let path = topo.pin_dir.join(name);
+        let show: serde_json::Value = serde_json::from_str(&netns::sh(&[
+            "bpftool",
+            "-j",
+            "map",
+            "show",
+            "pinned",
+            path.to_str().unwrap(),
+        ]))
+        .expect("bpftool json");
+        assert!(
+            show["btf_id"].as_u64().unwrap_or(0) > 0,
+            "{name} has no BTF: {show}"
+        );
+    }
+    for (name, field) in [
+        ("SERVICES", "\"port_be\""),
+        ("BACKENDS", "\"weight\""),
+        ("FLOWS", "\"dport_be\""),
+        ("SERVICE_STATS", "\"new_flows\""),
+        ("IFACES", "\"src4_entropy_bits\""),
+    ] {
+        let path = topo.pin_dir.join(name);
+        let dump = netns::sh(&["bpftool", "map", "dump", "pinned", path.to_str().unwrap()]);
+        assert!(dump.contains(field), "{field} in bpftool's dump of {name}:\n{dump}");
+    }
+
     // SIGTERM detaches the program and removes every pin.
     assert!(topo.stop_director(), "xdplb run exits 0 on SIGTERM");
     assert!(!topo.pin_dir.exists(), "pins removed on exit");

@@ -5,27 +5,27 @@ pub mod dr;
 pub mod nat;
 pub mod tun;
 
+use aya_ebpf::btf_maps::{DevMapHash as BtfDevMapHash, HashMap as BtfHashMap};
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibLookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::bpf_fib_lookup,
-    macros::map,
-    maps::{DevMapHash, HashMap},
+    macros::btf_map,
     programs::XdpContext,
 };
 use lb_common::{reason, IfaceInfo, AF_INET6, MAX_IFACES};
 
 /// ifindex -> what we know of the interface (its MAC, TUN outer sources), filled by the
 /// controller when it attaches.
-#[map]
-static IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(MAX_IFACES, 0);
+#[btf_map]
+static IFACES: BtfHashMap<u32, IfaceInfo, { MAX_IFACES as usize }> = BtfHashMap::new();
 
 /// Egress ports for `XDP_REDIRECT` when the FIB picks another interface than the ingress
 /// one, keyed by ifindex; the controller adds every interface it attaches to.
-#[map]
-static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
+#[btf_map]
+static TX_PORTS: BtfDevMapHash<{ MAX_IFACES as usize }> = BtfDevMapHash::new();
 
 #[inline(always)]
 pub fn iface(ifindex: u32) -> Option<&'static IfaceInfo> {

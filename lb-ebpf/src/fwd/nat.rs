@@ -5,11 +5,8 @@
 //! incrementally (RFC 1624); TTL / hop limit drops by one as in any router. TCP FIN in both
 //! directions (then the last ACK) or RST ends the flow and its NAT state.
 
-use aya_ebpf::{
-    macros::map,
-    maps::{Array, LruHashMap},
-    programs::XdpContext,
-};
+use aya_ebpf::btf_maps::{Array as BtfArray, LruHashMap as BtfLruHashMap};
+use aya_ebpf::{macros::btf_map, programs::XdpContext};
 use lb_common::{
     flow_hash, reason, Backend, FlowKey, NatReply, SnatAddr, SnatConfig, AF_INET,
     FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_SNAT, FLOW_TABLE_CAPACITY, IPPROTO_TCP,
@@ -29,16 +26,16 @@ use crate::{
 
 /// Reply 5-tuple (as it arrives from the backend) -> what to restore. One LRU with a common
 /// list: replies may arrive on any CPU. Sized like the flow table by the controller.
-#[map]
-static NAT_REPLIES: LruHashMap<FlowKey, NatReply> =
-    LruHashMap::with_max_entries(FLOW_TABLE_CAPACITY, 0);
+#[btf_map]
+static NAT_REPLIES: BtfLruHashMap<FlowKey, NatReply, { FLOW_TABLE_CAPACITY as usize }> =
+    BtfLruHashMap::new();
 
 /// Full-NAT source addresses (IPv4 first, then IPv6; see `SnatConfig`).
-#[map]
-static SNAT_POOL: Array<SnatAddr> = Array::with_max_entries(MAX_SNAT_ADDRS, 0);
+#[btf_map]
+static SNAT_POOL: BtfArray<SnatAddr, { MAX_SNAT_ADDRS as usize }> = BtfArray::new();
 
-#[map]
-static SNAT_CONFIG: Array<SnatConfig> = Array::with_max_entries(1, 0);
+#[btf_map]
+static SNAT_CONFIG: BtfArray<SnatConfig, 1> = BtfArray::new();
 
 /// Candidate source ports tried for a new full-NAT flow before giving up.
 const SNAT_TRIES: u32 = 8;
