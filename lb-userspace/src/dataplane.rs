@@ -326,7 +326,7 @@ impl Director {
                 }
                 let flows = aya::maps::MapInfo::from_pin(dir.join(maps::FLOWS))?.max_entries();
                 if flows != opts.flow_table_size {
-                    log::warn!(
+                    tracing::warn!(
                         "the running director's flow table holds {flows} entries; flow_table_size {} \
                          takes effect only after `xdplb detach` and a new start (which drops connections)",
                         opts.flow_table_size
@@ -402,7 +402,7 @@ impl Director {
             let prog: &mut Xdp = self.ebpf.program_mut(PROGRAM).expect("loaded").try_into()?;
             // The program keeps this link's fd; the pin keeps the link itself.
             prog.attach_to_link(link)?;
-            log::info!("{iface}: running program replaced atomically");
+            tracing::info!("{iface}: running program replaced atomically");
         }
         self.pin_program(dir)
     }
@@ -470,12 +470,12 @@ impl Director {
             let link = prog.take_link(link_id)?;
             let fd: FdLink = link.try_into()?;
             fd.pin(&path)?;
-            log::info!(
+            tracing::info!(
                 "attached to {iface} (ifindex {ifindex}), link pinned at {}",
                 path.display()
             );
         } else {
-            log::info!("attached to {iface} (ifindex {ifindex})");
+            tracing::info!("attached to {iface} (ifindex {ifindex})");
         }
         Ok(())
     }
@@ -492,7 +492,7 @@ impl Director {
         let path = dir.join(format!("link_{iface}"));
         if path.exists() {
             drop(PinnedLink::from_pin(&path)?.unpin()?);
-            log::info!("detached from {iface}");
+            tracing::info!("detached from {iface}");
         }
         Ok(())
     }
@@ -569,7 +569,7 @@ pub fn attach_xdp(
         config::XdpMode::Auto => match prog.attach(iface, XdpMode::Driver) {
             Ok(id) => id,
             Err(e) => {
-                log::warn!("native XDP unavailable on {iface} ({e}); using generic (skb) mode");
+                tracing::warn!("native XDP unavailable on {iface} ({e}); using generic (skb) mode");
                 prog.attach(iface, XdpMode::Skb)?
             }
         },

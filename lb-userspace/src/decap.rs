@@ -112,7 +112,7 @@ pub async fn run(iface: &str, vips: &[IpAddr], mode: config::XdpMode) -> anyhow:
     let mut decap = Decap::load(vips)?;
     decap.set_local_addrs(&nl.local_addrs().await?)?;
     decap.attach(iface, mode)?;
-    log::info!(
+    tracing::info!(
         "decapsulating IP-in-IP on {iface} (inner destinations: {})",
         if vips.is_empty() {
             "any".to_string()
@@ -136,6 +136,6 @@ pub async fn run(iface: &str, vips: &[IpAddr], mode: config::XdpMode) -> anyhow:
         .zip(&counts)
         .map(|(n, c)| format!("{n}={c}"))
         .collect();
-    log::info!("detached from {iface}: {}", summary.join(" "));
+    tracing::info!("detached from {iface}: {}", summary.join(" "));
     Ok(())
 }

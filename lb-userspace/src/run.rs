@@ -71,7 +71,7 @@ impl ReplyWatch {
         if let Some((fwd, back)) = self.last {
             let (sent, returned) = (now.0 - fwd, now.1 - back);
             if sent >= Self::THRESHOLD && returned == 0 && !self.warned {
-                log::warn!(
+                tracing::warn!(
                     "NAT: {sent} packets went to backends in the last {SWEEP_INTERVAL:?} and no reply came back \
                      through the director (if this service expects replies: NAT backends must route them via it, as \
                      their default gateway, or use mode: fullnat)"
@@ -144,7 +144,7 @@ async fn prepare_routes(nl: &Netlink, cfg: &Config) {
     // NAT backends are usually on a directly attached subnet: wait for them to resolve.
     for b in backends_of(cfg, &[Mode::Nat, Mode::Fullnat]) {
         if let Err(e) = nl.resolve(b, NEIGHBOUR_TIMEOUT).await {
-            log::warn!("{e:#}; its first packets go through the kernel until it answers");
+            tracing::warn!("{e:#}; its first packets go through the kernel until it answers");
         }
     }
 }
@@ -235,11 +235,13 @@ impl Controller {
         );
         let changes = self.director.apply(&want)?;
         if changes.is_empty() {
-            log::debug!("reconcile ({why}): no changes");
+            tracing::debug!(why, "reconcile: no changes");
         } else {
-            log::info!(
-                "reconcile ({why}): {changes} in {:.1} ms",
-                started.elapsed().as_secs_f64() * 1e3
+            tracing::info!(
+                why,
+                generation = self.generation,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "reconcile: {changes}"
             );
         }
         for svc in &self.cfg.services {
@@ -252,7 +254,7 @@ impl Controller {
                 })
                 .count();
             if up == 0 {
-                log::warn!(
+                tracing::warn!(
                     "service {}: no backend takes new flows (all down or drained); new packets are {}",
                     svc.name,
                     match svc.on_all_down {
@@ -339,13 +341,13 @@ impl Controller {
                 State::Pending => "pending",
             };
             if r.state == State::Down {
-                log::warn!("backend {} is {how}: {}", r.key, r.detail);
+                tracing::warn!(backend = %r.key, state = how, check = %r.detail, "backend is {how}");
             } else {
-                log::info!("backend {} is {how} ({})", r.key, r.detail);
+                tracing::info!(backend = %r.key, state = how, check = %r.detail, "backend is {how}");
             }
             rt.state = r.state;
         } else if !r.ok {
-            log::debug!("check of {} failed: {}", r.key, r.detail);
+            tracing::debug!(backend = %r.key, check = %r.detail, "check failed");
         }
         self.last_report.insert(r.key, r);
         changed
@@ -384,12 +386,14 @@ impl Controller {
                     errors: errs,
                 }
                 .to_string();
-                log::error!("reload ({why}) rejected, the running configuration stays:\n{report}");
+                tracing::error!(
+                    "reload ({why}) rejected, the running configuration stays:\n{report}"
+                );
                 return Err(report);
             }
         };
         if new == self.cfg {
-            log::info!("reload ({why}): configuration unchanged");
+            tracing::info!("reload ({why}): configuration unchanged");
             return Ok("configuration unchanged".into());
         }
         // Everything that can fail comes before anything changes.
@@ -408,7 +412,7 @@ impl Controller {
         }
         prepare_routes(&self.nl, &new).await;
         if new.flow_table_size() != self.cfg.flow_table_size() {
-            log::warn!(
+            tracing::warn!(
                 "flow_table_size changes only with `xdplb detach` and a new start (which drops connections); \
                  keeping the current table"
             );
@@ -450,7 +454,7 @@ impl Controller {
             self.generation,
             self.cfg.services.len()
         );
-        log::info!("reload ({why}): {msg}");
+        tracing::info!("reload ({why}): {msg}");
         Ok(msg)
     }
 
@@ -468,7 +472,7 @@ impl Controller {
             for b in &old.backends {
                 if !svc.backends.iter().any(|n| n.address == b.address) {
                     let key = BackendKey::new(old.endpoint(), b.address);
-                    log::info!(
+                    tracing::info!(
                         "backend {key} removed: no new flows; its established flows may finish (at most {RETIRE_MAX:?})"
                     );
                     self.retired.insert(key, (b.clone(), now));
@@ -520,7 +524,7 @@ impl Controller {
                 }),
                 port: (port != 0).then_some(port),
             };
-            log::info!(
+            tracing::info!(
                 "backend {key} is not in the config: kept while its established flows finish"
             );
             self.retired.insert(key, (backend, Instant::now()));
@@ -555,7 +559,7 @@ impl Controller {
         self.runtime.entry(key).or_default().drained = on;
         let what = if on { "drained" } else { "undrained" };
         self.reconcile(what).map_err(|e| format!("{e:#}"))?;
-        log::info!("backend {key} {what}");
+        tracing::info!(backend = %key, "backend {what}");
         Ok(format!(
             "{key} {what}: {}",
             if on {
@@ -582,12 +586,12 @@ impl Controller {
         let swept = match self.director.sweep(self.cfg.udp_idle_timeout()) {
             Ok(s) => s,
             Err(e) => {
-                log::warn!("sweeping ended flows: {e}");
+                tracing::warn!("sweeping ended flows: {e}");
                 return;
             }
         };
         if swept.removed > 0 {
-            log::debug!("removed {} ended flow(s)", swept.removed);
+            tracing::debug!("removed {} ended flow(s)", swept.removed);
         }
         let before = self.retired.len();
         let ids = &self.ids;
@@ -600,13 +604,13 @@ impl Controller {
                 .unwrap_or(0);
             let keep = flows > 0 && since.elapsed() < RETIRE_MAX;
             if !keep {
-                log::info!("removed backend {key} is gone ({flows} flow(s) left)");
+                tracing::info!(backend = %key, flows, "removed backend is gone");
             }
             keep
         });
         if self.retired.len() != before {
             if let Err(e) = self.reconcile("retired backends") {
-                log::error!("{e:#}");
+                tracing::error!("{e:#}");
             }
         }
     }
@@ -683,7 +687,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         Origin::Fresh => Default::default(),
         Origin::Adopted { program_replaced } => {
             let (ids, runtime) = director.recover()?;
-            log::info!(
+            tracing::info!(
                 "adopted the director pinned under {} ({} backend(s), flow table kept); program {}",
                 opts.pin_dir.display(),
                 ids.backends.len(),
@@ -715,7 +719,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         generation: 1,
     };
     if opts.debug_log {
-        log::warn!("per-packet debug logging is on: expect a much slower data plane");
+        tracing::warn!("per-packet debug logging is on: expect a much slower data plane");
         let logger = c.director.logger(log::logger())?;
         // SAFETY: the logger owns its ring buffer fd, which stays open and unchanged for as
         // long as the AsyncFd (which owns the logger) lives.
@@ -757,7 +761,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         }
         return Err(e);
     }
-    log::info!(
+    tracing::info!(
         "xdplb running: {} service(s), {} backend(s) on {}",
         c.cfg.services.len(),
         c.ids.backends.len(),
@@ -795,7 +799,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
                 }
                 if changed {
                     if let Err(e) = c.reconcile("health") {
-                        log::error!("applying health changes: {e:#}");
+                        tracing::error!("applying health changes: {e:#}");
                     }
                 }
             }
@@ -841,7 +845,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&sock_path);
     if opts.keep_attached {
-        log::info!(
+        tracing::info!(
             "exiting; director left attached and pinned under {}",
             opts.pin_dir.display()
         );
@@ -849,7 +853,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         std::mem::forget(c.director);
     } else {
         c.director.unpin()?;
-        log::info!("detached and unpinned");
+        tracing::info!("detached and unpinned");
     }
     Ok(())
 }

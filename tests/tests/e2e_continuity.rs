@@ -175,6 +175,13 @@ fn failed_backend_leaves_within_fall_times_interval_and_comes_back() {
     std::thread::sleep(deadline);
     let frozen = lab.new_flows(1);
     assert_eq!(lab.state(1), "down");
+    // The controller's log is structured: the transition carries the backend and the check.
+    let down = format!(
+        "backend is DOWN backend={VIP4}:{ECHO_PORT}/tcp -> {} state=\"DOWN\" check=connect",
+        netns::backend4(1)
+    );
+    let log = lab.topo.director_log.lock().unwrap().clone();
+    assert!(log.contains(&down), "`{down}` in:\n{log}");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         lab.new_flows(1),

@@ -127,7 +127,10 @@ fn dr_balances_real_tcp_and_udp_for_ipv4_and_ipv6() {
     ] {
         let path = topo.pin_dir.join(name);
         let dump = netns::sh(&["bpftool", "map", "dump", "pinned", path.to_str().unwrap()]);
-        assert!(dump.contains(field), "{field} in bpftool's dump of {name}:\n{dump}");
+        assert!(
+            dump.contains(field),
+            "{field} in bpftool's dump of {name}:\n{dump}"
+        );
     }
 
     // SIGTERM detaches the program and removes every pin.
