@@ -152,6 +152,9 @@ pub struct NatReply {
     pub _pad: [u8; 3],
     /// The forward flow, so a FIN/RST from the backend can end it.
     pub flow: FlowKey,
+    /// Service and backend ids of the flow, to count replies.
+    pub service: u32,
+    pub backend: u32,
 }
 
 /// Full-NAT source addresses (`SNAT_POOL`, an array); `SNAT_CONFIG` says how many of each
@@ -251,9 +254,13 @@ pub struct VipAddr {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Counters {
+    /// Client -> backend packets and bytes (as received).
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// Backend -> client packets and bytes, where the mode sees them (NAT, full-NAT).
+    pub out_packets: u64,
+    pub out_bytes: u64,
 }
 
 /// Slots of the per-CPU `REASONS` array: what the program did with each packet and why.
@@ -426,8 +433,9 @@ pub mod meta {
 
 /// Version of the maps' meaning. Bump it whenever a map's key or value changes meaning
 /// without changing size (a size change is caught by the typed map wrappers anyway): a
-/// controller refuses to adopt pinned maps of another layout.
-pub const LAYOUT_VERSION: u64 = 1;
+/// controller refuses to adopt pinned maps of another layout. History: 2 = reply counters
+/// (`Counters::out_*`, `NatReply::{service, backend}`).
+pub const LAYOUT_VERSION: u64 = 2;
 
 /// Flow hash used to pick a ring slot on a miss. Deterministic across directors (same
 /// 5-tuple -> same slot), so identical rings on several directors pick the same backend.

@@ -53,7 +53,7 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
             Icmp::Steer(mode, id) => {
                 let backend = select::backend(id).ok_or(reason::PASS_NO_BACKEND)?;
                 (
-                    forward(ctx, &pkt, mode, backend, false)?.0,
+                    forward(ctx, &pkt, mode, backend, id, false)?.0,
                     reason::ICMP_ERROR_STEERED,
                 )
             }
@@ -86,7 +86,7 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
         Err(slot) => return Err(slot),
     };
     let backend = select::backend(choice.id).ok_or(reason::PASS_NO_BACKEND)?;
-    let (action, slot) = forward(ctx, &pkt, svc.mode, backend, choice.new)?;
+    let (action, slot) = forward(ctx, &pkt, svc.mode, backend, choice.id, choice.new)?;
     stats::forwarded(svc.id, choice.id, pkt.len, choice.new);
     stats::reason(slot);
     if DEBUG_LOG.load() != 0 {
@@ -102,6 +102,7 @@ fn forward(
     pkt: &parse::Parsed,
     mode: u8,
     backend: &Backend,
+    id: u32,
     new: bool,
 ) -> Result<(u32, u32), u32> {
     match mode {
@@ -111,11 +112,11 @@ fn forward(
             fwd::tun::Tun::TooBig(mtu) => icmp::too_big(ctx, pkt, mtu),
         },
         mode::NAT => Ok((
-            fwd::nat::forward(ctx, pkt, backend, false, new)?,
+            fwd::nat::forward(ctx, pkt, backend, id, false, new)?,
             reason::FWD_NAT,
         )),
         mode::FULLNAT => Ok((
-            fwd::nat::forward(ctx, pkt, backend, true, new)?,
+            fwd::nat::forward(ctx, pkt, backend, id, true, new)?,
             reason::FWD_NAT,
         )),
         _ => Err(reason::PASS_NO_BACKEND),

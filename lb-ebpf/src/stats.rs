@@ -36,3 +36,19 @@ pub fn forwarded(service: u32, backend: u32, bytes: u64, new: bool) {
     add(SERVICE_STATS.get_ptr_mut(service), bytes, new);
     add(BACKEND_STATS.get_ptr_mut(backend), bytes, new);
 }
+
+/// Count a backend's reply (NAT modes) against its service and backend.
+#[inline(always)]
+pub fn replied(service: u32, backend: u32, bytes: u64) {
+    for c in [
+        SERVICE_STATS.get_ptr_mut(service),
+        BACKEND_STATS.get_ptr_mut(backend),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let c = unsafe { &mut *c };
+        c.out_packets += 1;
+        c.out_bytes += bytes;
+    }
+}

@@ -28,9 +28,9 @@ pub struct Config {
     /// Capacity of the connection table (default [`FLOW_TABLE_CAPACITY`]).
     #[serde(default)]
     pub flow_table_size: Option<u32>,
-    /// Reserved for the Prometheus endpoint; rejected until it exists.
+    /// The Prometheus endpoint.
     #[serde(default)]
-    pub metrics: Option<serde_yaml::Value>,
+    pub metrics: Option<Metrics>,
     /// Source addresses and ports for `fullnat` services.
     #[serde(default)]
     pub fullnat: Option<FullNat>,
@@ -38,6 +38,14 @@ pub struct Config {
     /// value is reported on its own line.
     #[serde(default)]
     pub udp_idle_timeout: Option<String>,
+}
+
+/// `metrics:`: serve `/metrics` (Prometheus text format) on `listen`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// e.g. `127.0.0.1:9100` or `[::1]:9100`.
+    pub listen: std::net::SocketAddr,
 }
 
 /// The full-NAT source pool: the backend sees one of these addresses (of its family) and a
@@ -711,12 +719,6 @@ impl Config {
                     );
                 }
             }
-        }
-        if self.metrics.is_some() {
-            err(
-                "metrics".into(),
-                "the metrics endpoint is not available in this version; remove `metrics`".into(),
-            );
         }
         if self.services.is_empty() {
             err("services".into(), "at least one service is required".into());

@@ -130,6 +130,8 @@ impl Maps {
             packets: a.packets + c.packets,
             bytes: a.bytes + c.bytes,
             new_flows: a.new_flows + c.new_flows,
+            out_packets: a.out_packets + c.out_packets,
+            out_bytes: a.out_bytes + c.out_bytes,
         }))
     }
 

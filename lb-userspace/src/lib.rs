@@ -6,6 +6,7 @@ pub mod dataplane;
 pub mod decap;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod netlink;
 pub mod reconcile;
 pub mod run;

@@ -48,12 +48,33 @@ enum Cmd {
         #[arg(long)]
         no_host_checks: bool,
     },
-    /// Services and backends of the running director, with counters (like `ipvsadm -Ln`).
-    Status,
-    /// Every counter, including why packets were passed to the kernel.
+    /// Services and backends with health, last check, active flows and rates (like
+    /// `ipvsadm -Ln --rate`); rates come from two snapshots of the counters.
+    #[command(
+        after_help = "Examples:\n  xdplb status\n  xdplb status --interval 5s --json | jq '.services[].backends[] | {address, state, rates}'"
+    )]
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Time between the two counter snapshots the rates come from.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+    },
+    /// Every counter, including why packets were passed to the kernel or dropped, globally
+    /// and per service and backend.
+    #[command(
+        after_help = "Examples:\n  xdplb stats\n  xdplb stats --json\n  xdplb stats --watch 2s"
+    )]
     Stats {
         #[arg(long)]
         json: bool,
+        /// Print again every INTERVAL with per-second rates, until Ctrl-C (or --count).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        watch: Option<std::time::Duration>,
+        /// With --watch: stop after this many reports.
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
     },
     /// Backend side of TUN mode: unwrap IP-in-IP packets addressed to this host (no ipip
     /// device needed) until SIGINT/SIGTERM.
@@ -151,16 +172,46 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Status => {
+        Cmd::Status { json, interval } => {
             let maps = Maps::from_pins(&cli.pin_dir)?;
-            print!("{}", status::render_status(&status::collect(&maps)?));
-            println!();
+            // The controller adds names, health and last checks; without it, maps only.
+            let view = run::request(&cli.pin_dir, "view")
+                .ok()
+                .and_then(|a| a.strip_prefix("ok: ").map(str::to_string))
+                .and_then(|j| serde_json::from_str::<status::View>(&j).ok());
+            let st = status::status(&maps, view, interval)?;
+            if json {
+                println!("{}", status::status_json(&st));
+            } else {
+                println!("{}", status::render_status(&st));
+            }
             Ok(())
         }
-        Cmd::Stats { json } => {
+        Cmd::Stats { json, watch, count } => {
             let maps = Maps::from_pins(&cli.pin_dir)?;
-            print!("{}", status::render_stats(&maps, json)?);
-            Ok(())
+            let Some(every) = watch else {
+                print!("{}", status::render_stats(&maps, json)?);
+                return Ok(());
+            };
+            let mut prev: Option<status::ReasonSnapshot> = None;
+            let mut n = 0u64;
+            loop {
+                let text = status::render_stats_since(&maps, json, prev.as_ref())?;
+                if !json && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    // Clear the screen and home the cursor, like watch(1).
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{text}");
+                if !json {
+                    println!();
+                }
+                prev = Some((maps.reason_totals()?, std::time::Instant::now()));
+                n += 1;
+                if count.is_some_and(|c| n >= c) {
+                    return Ok(());
+                }
+                std::thread::sleep(every);
+            }
         }
         Cmd::Decap {
             iface,

@@ -176,6 +176,14 @@ struct Controller {
     nl: Netlink,
     debug_log: bool,
     generation: u64,
+    /// What `xdplb status` and `/metrics` see of the controller.
+    view: std::sync::Arc<std::sync::Mutex<crate::status::View>>,
+    last_reconcile_unix: f64,
+    reconcile_errors: u64,
+    /// Flow entries per backend id at the last sweep (`None` before the first).
+    active: Option<HashMap<u32, usize>>,
+    metrics: Option<(std::net::SocketAddr, JoinHandle<()>)>,
+    pin_dir: PathBuf,
 }
 
 impl Controller {
@@ -209,6 +217,95 @@ impl Controller {
 
     /// Desired state from config + health + drains, written as a diff.
     fn reconcile(&mut self, why: &str) -> anyhow::Result<()> {
+        let r = self.reconcile_inner(why);
+        match &r {
+            Ok(()) => self.last_reconcile_unix = unix_now(),
+            Err(_) => self.reconcile_errors += 1,
+        }
+        self.refresh_view();
+        r
+    }
+
+    /// Publish names, health, last checks and flow counts for `status` and `/metrics`.
+    fn refresh_view(&self) {
+        use crate::status::{BackendView, CheckView, ServiceView, View};
+        let eff = self.effective();
+        let services = eff
+            .services
+            .iter()
+            .map(|s| ServiceView {
+                name: s.name.clone(),
+                vip: s.vip,
+                port: s.port,
+                protocol: s.protocol.to_string(),
+                mode: s.mode.to_string(),
+                scheduler: format!("{:?}", s.scheduler).to_lowercase(),
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let key = BackendKey::new(s.endpoint(), b.address);
+                        let rt = self.runtime.get(&key).copied().unwrap_or_default();
+                        BackendView {
+                            address: b.address,
+                            weight: b.weight,
+                            health: match rt.state {
+                                State::Up => "up",
+                                State::Down => "down",
+                                State::Pending => "pending",
+                            }
+                            .into(),
+                            drained: rt.drained,
+                            retired: self.retired.contains_key(&key),
+                            last_check: self.last_report.get(&key).map(|r| CheckView {
+                                ok: r.ok,
+                                detail: r.detail.clone(),
+                                at_unix: r
+                                    .at
+                                    .duration_since(std::time::UNIX_EPOCH)
+                                    .map(|d| d.as_secs_f64())
+                                    .unwrap_or(0.0),
+                            }),
+                            active_flows: self.active.as_ref().map(|a| {
+                                self.ids
+                                    .backends
+                                    .get(&key)
+                                    .and_then(|id| a.get(id))
+                                    .map_or(0, |&n| n as u64)
+                            }),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        let view = View {
+            generation: self.generation,
+            last_reconcile_unix: self.last_reconcile_unix,
+            reconcile_errors: self.reconcile_errors,
+            config: self.config_path.display().to_string(),
+            services,
+        };
+        *self.view.lock().expect("view") = view;
+    }
+
+    /// (Re)start the metrics endpoint when `metrics.listen` changed.
+    fn sync_metrics(&mut self) -> anyhow::Result<()> {
+        let want = self.cfg.metrics.as_ref().map(|m| m.listen);
+        if self.metrics.as_ref().map(|(a, _)| *a) == want {
+            return Ok(());
+        }
+        if let Some((_, task)) = self.metrics.take() {
+            task.abort();
+        }
+        if let Some(addr) = want {
+            let task = crate::metrics::serve(addr, self.pin_dir.clone(), self.view.clone())?;
+            tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
+            self.metrics = Some((addr, task));
+        }
+        Ok(())
+    }
+
+    fn reconcile_inner(&mut self, why: &str) -> anyhow::Result<()> {
         let started = Instant::now();
         let runtime = &self.runtime;
         let retired = &self.retired;
@@ -350,6 +447,9 @@ impl Controller {
             tracing::debug!(backend = %r.key, check = %r.detail, "check failed");
         }
         self.last_report.insert(r.key, r);
+        if !changed {
+            self.refresh_view();
+        }
         changed
     }
 
@@ -433,6 +533,7 @@ impl Controller {
         self.generation += 1;
         self.sync_checks();
         self.reconcile(why).map_err(|e| format!("{e:#}"))?;
+        self.sync_metrics().map_err(|e| format!("{e:#}"))?;
         for (iface, mac) in self.cfg.interfaces.iter().zip(&iface_macs) {
             self.director
                 .attach(
@@ -576,6 +677,9 @@ impl Controller {
             ["drain", svc, backend] => self.drain(svc, backend, true),
             ["undrain", svc, backend] => self.drain(svc, backend, false),
             ["reload"] => self.reload("xdplb reload").await,
+            ["view"] => {
+                serde_json::to_string(&*self.view.lock().expect("view")).map_err(|e| e.to_string())
+            }
             _ => Err(format!("unknown request `{line}`")),
         }
     }
@@ -593,6 +697,7 @@ impl Controller {
         if swept.removed > 0 {
             tracing::debug!("removed {} ended flow(s)", swept.removed);
         }
+        self.active = Some(swept.live.clone());
         let before = self.retired.len();
         let ids = &self.ids;
         self.retired.retain(|key, (_, since)| {
@@ -612,8 +717,17 @@ impl Controller {
             if let Err(e) = self.reconcile("retired backends") {
                 tracing::error!("{e:#}");
             }
+        } else {
+            self.refresh_view();
         }
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// (inode, mtime s, mtime ns, size) of a file, to notice a change without reading it.
@@ -717,6 +831,12 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         nl,
         debug_log: opts.debug_log,
         generation: 1,
+        view: Default::default(),
+        last_reconcile_unix: 0.0,
+        reconcile_errors: 0,
+        active: None,
+        metrics: None,
+        pin_dir: opts.pin_dir.to_path_buf(),
     };
     if opts.debug_log {
         tracing::warn!("per-packet debug logging is on: expect a much slower data plane");
@@ -773,6 +893,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
             .join(", ")
     );
 
+    c.sync_metrics()?;
     let sock_path = control_path(opts.pin_dir, "sock");
     let _ = std::fs::remove_file(&sock_path);
     let control = tokio::net::UnixListener::bind(&sock_path)

@@ -69,6 +69,11 @@ struct Lab {
 
 impl Lab {
     fn new(tag: &str, backends: &[usize]) -> Lab {
+        Lab::with(tag, backends, "")
+    }
+
+    /// With `extra` top-level config lines (e.g. `metrics:`).
+    fn with(tag: &str, backends: &[usize], extra: &str) -> Lab {
         lb_tests::require_root();
         let xdplb = netns::xdplb_binary();
         let prefix = format!("{tag}{}", std::process::id());
@@ -82,7 +87,7 @@ impl Lab {
                 )
             })
             .collect();
-        let config = ConfigFile::new(&prefix, &config(backends, ""));
+        let config = ConfigFile::new(&prefix, &config(backends, extra));
         topo.start_director(&xdplb, config.path());
         topo.wait_log("xdplb running", 1, Duration::from_secs(20));
         Lab {
@@ -165,7 +170,7 @@ fn assert_clean(what: &str, r: &LoadReport) {
 #[test]
 fn failed_backend_leaves_within_fall_times_interval_and_comes_back() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::new("xf", &[0, 1, 2]);
+    let lab = Lab::with("xf", &[0, 1, 2], "metrics:\n  listen: 127.0.0.1:9100\n");
     let load = lab.load();
     std::thread::sleep(Duration::from_secs(1));
 
@@ -182,6 +187,7 @@ fn failed_backend_leaves_within_fall_times_interval_and_comes_back() {
     );
     let log = lab.topo.director_log.lock().unwrap().clone();
     assert!(log.contains(&down), "`{down}` in:\n{log}");
+    operator_views_show_the_failure(&lab);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         lab.new_flows(1),
@@ -222,6 +228,106 @@ fn failed_backend_leaves_within_fall_times_interval_and_comes_back() {
         "b2 takes new connections again after it recovered: {:?}",
         report.served_since(t1)
     );
+}
+
+/// `xdplb status` (table and JSON), `xdplb stats --watch` and `/metrics` while b2 is down
+/// under load.
+fn operator_views_show_the_failure(lab: &Lab) {
+    let out = lab.xdplb(&["status", "--json", "--interval", "500ms"]);
+    assert!(out.status.success(), "{out:?}");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    let svc = &st["services"][0];
+    assert_eq!(svc["name"], "echo", "{st}");
+    assert_eq!(svc["scheduler"], "maglev");
+    assert!(
+        svc["rates"]["conn_per_s"].as_f64().unwrap() > 5.0,
+        "50 conn/s of load: {st}"
+    );
+    let backend = |i: usize| {
+        svc["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == netns::backend4(i).as_str())
+            .cloned()
+            .unwrap_or_else(|| panic!("backend {i} in {st}"))
+    };
+    let b2 = backend(1);
+    assert_eq!(b2["state"], "down", "{b2}");
+    assert_eq!(b2["last_check"]["ok"], false, "{b2}");
+    assert!(
+        b2["last_check"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("refused"),
+        "{b2}"
+    );
+    assert_eq!(b2["rates"]["conn_per_s"].as_f64(), Some(0.0), "{b2}");
+    let b1 = backend(0);
+    assert_eq!(
+        (b1["state"].as_str(), b1["health"].as_str()),
+        (Some("up"), Some("up"))
+    );
+    assert!(b1["rates"]["packets_per_s"].as_f64().unwrap() > 0.0, "{b1}");
+    assert!(st["controller"]["generation"].as_u64() == Some(1), "{st}");
+
+    let table = String::from_utf8(lab.xdplb(&["status", "--interval", "200ms"]).stdout).unwrap();
+    for expected in [
+        "maglev (echo)",
+        "LastCheck",
+        "FAIL",
+        "refused",
+        "ok ",
+        "CPS",
+        "config generation 1",
+    ] {
+        assert!(table.contains(expected), "`{expected}` in:\n{table}");
+    }
+
+    let watch = lab.xdplb(&["stats", "--watch", "300ms", "--count", "2"]);
+    let text = String::from_utf8_lossy(&watch.stdout);
+    assert!(watch.status.success(), "{watch:?}");
+    assert_eq!(text.matches("fwd_dr").count(), 2, "two reports:\n{text}");
+    assert!(text.contains("/s"), "rates in the second report:\n{text}");
+
+    // Prometheus: scrape from inside the director's namespace and parse.
+    let body = netns::in_netns(&lab.topo.ns("dir"), || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9100").expect("connect to /metrics");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    })
+    .join()
+    .unwrap();
+    let (head, body) = body.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("exposition format parses");
+    let value = |name: &str, label: Option<(&str, &str)>| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("{name} {label:?} in:\n{body}"))
+    };
+    let b2addr = netns::backend4(1);
+    let b1addr = netns::backend4(0);
+    assert_eq!(value("xdplb_backend_up", Some(("backend", &b2addr))), 0.0);
+    assert_eq!(value("xdplb_backend_up", Some(("backend", &b1addr))), 1.0);
+    assert!(value("xdplb_backend_flows_total", Some(("backend", &b1addr))) > 0.0);
+    assert!(value("xdplb_service_packets_total", Some(("service", "echo"))) > 0.0);
+    assert!(value("xdplb_packets_total", Some(("reason", "fwd_dr"))) > 0.0);
+    assert_eq!(value("xdplb_config_generation", None), 1.0);
+    assert!(value("xdplb_last_reconcile_timestamp_seconds", None) > 1.0e9);
 }
 
 #[test]

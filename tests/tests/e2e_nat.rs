@@ -57,6 +57,16 @@ fn nat_end_to_end(fullnat: bool) {
         reasons["nat_flow_closed"].as_u64().unwrap() >= CONNECTIONS as u64,
         "TCP closes end NAT flows: {stats}"
     );
+    // Replies are counted per service and backend: the 10 MiB downloads came back through
+    // the director, and every backend answered.
+    let mut reply_bytes = 0;
+    for svc in stats["services"].as_array().unwrap() {
+        for b in svc["backends"].as_array().unwrap() {
+            assert!(b["out_packets"].as_u64().unwrap() > 0, "replies of {b}");
+        }
+        reply_bytes += svc["out_bytes"].as_u64().unwrap();
+    }
+    assert!(reply_bytes >= 2 * TEN_MIB as u64, "{stats}");
     assert!(topo.stop_director(), "xdplb run exits 0 on SIGTERM");
 }
 

@@ -26,6 +26,9 @@ use crate::{
 
 /// Reply 5-tuple (as it arrives from the backend) -> what to restore. One LRU with a common
 /// list: replies may arrive on any CPU. Sized like the flow table by the controller.
+/// `how` word of the NAT forward path: bit 0 full-NAT, bit 1 new flow, the backend id above.
+const HOW_ID_SHIFT: u32 = 8;
+
 #[btf_map]
 static NAT_REPLIES: BtfLruHashMap<FlowKey, NatReply, { FLOW_TABLE_CAPACITY as usize }> =
     BtfLruHashMap::new();
@@ -276,16 +279,18 @@ pub fn forward(
     ctx: &XdpContext,
     pkt: &Parsed,
     backend: &Backend,
+    id: u32,
     fullnat: bool,
     new: bool,
 ) -> Result<u32, u32> {
     // out = XDP action
     let mut out = 0u32;
+    // Five arguments at most for a BPF call: flags and backend id share a word.
     match forward_out(
         ctx,
         pkt,
         backend,
-        u32::from(fullnat) | (u32::from(new) << 1),
+        u32::from(fullnat) | (u32::from(new) << 1) | (id << HOW_ID_SHIFT),
         &mut out,
     ) {
         STATUS_OK => Ok(out),
@@ -296,7 +301,7 @@ pub fn forward(
 /// Out of line (stack budget); plain types only (see `STATUS_OK`).
 #[inline(never)]
 fn forward_out(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, how: u32, out: &mut u32) -> u32 {
-    match forward_inner(ctx, pkt, backend, how & 1 != 0, how & 2 != 0) {
+    match forward_inner(ctx, pkt, backend, how) {
         Ok(action) => {
             *out = action;
             STATUS_OK
@@ -306,20 +311,9 @@ fn forward_out(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, how: u32, out:
 }
 
 #[inline(always)]
-fn forward_inner(
-    ctx: &XdpContext,
-    pkt: &Parsed,
-    backend: &Backend,
-    fullnat: bool,
-    new: bool,
-) -> Result<u32, u32> {
+fn forward_inner(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, how: u32) -> Result<u32, u32> {
     let mut rw = Rewrite::default();
-    step(prepare_out(
-        pkt,
-        backend,
-        u32::from(fullnat) | (u32::from(new) << 1),
-        &mut rw,
-    ))?;
+    step(prepare_out(pkt, backend, how, &mut rw))?;
     let flags = tcp_flags(ctx, pkt);
     step(rewrite_out(ctx, pkt, &rw))?;
     let mut action = 0;
@@ -338,7 +332,7 @@ fn forward_inner(
 #[inline(always)]
 fn prepare_out(pkt: &Parsed, backend: &Backend, how: u32, rw: &mut Rewrite) -> u32 {
     let key = &pkt.key;
-    let (fullnat, new) = (how & 1 != 0, how & 2 != 0);
+    let (fullnat, new, id) = (how & 1 != 0, how & 2 != 0, how >> HOW_ID_SHIFT);
     let dport_be = if backend.port_be != 0 {
         backend.port_be
     } else {
@@ -363,6 +357,8 @@ fn prepare_out(pkt: &Parsed, backend: &Backend, how: u32, rw: &mut Rewrite) -> u
             fullnat: u8::from(fullnat),
             _pad: [0; 3],
             flow: *key,
+            service: backend.service,
+            backend: id,
         };
         let _ = NAT_REPLIES.insert(&reply_key, &reply, 0);
     }
@@ -469,12 +465,14 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
         rw.dst = pkt.key.dst;
     }
     let family = u32::from(r.flow.family);
+    let (service, backend) = (r.service, r.backend);
     if pkt.key.proto == IPPROTO_TCP {
         lifecycle_backend(&pkt.key, tcp_flags(ctx, pkt));
     }
     step(rewrite_out(ctx, pkt, &rw))?;
     let mut action = 0;
     step(route_and_send_out(ctx, family, &rw.dst, &mut action))?;
+    crate::stats::replied(service, backend, pkt.len);
     Ok(action)
 }
 
