@@ -61,6 +61,8 @@ pub struct Topology {
     pub director_log: Arc<std::sync::Mutex<String>>,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
+    /// Per backend: whether its TCP name server accepts ([`Topology::set_serving`]).
+    serving: Vec<Arc<AtomicBool>>,
     pub pin_dir: PathBuf,
     pub backends: usize,
 }
@@ -116,6 +118,7 @@ impl Topology {
             director_log: Arc::default(),
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
+            serving: Vec::new(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/xdplb-{prefix}")),
             backends,
         }
@@ -539,21 +542,40 @@ impl Topology {
             .unwrap_or_else(|e| panic!("stats --json is not JSON ({e}): {out}"))
     }
 
-    /// TCP and UDP servers in every backend that answer with the backend's name.
+    /// TCP and UDP servers in every backend that answer with the backend's name. The TCP
+    /// name server listens on the wildcard address (dual-stack `[::]`), so it answers on the
+    /// VIPs held on `lo` and on the backend's own address, where health checks go; UDP stays
+    /// bound to the VIPs (a wildcard UDP socket would answer from another source address).
     pub fn start_servers(&mut self) {
-        self.start_servers_on(|_| [VIP4.to_string(), VIP6.to_string()]);
+        self.start_servers_with(|_| [VIP4.to_string(), VIP6.to_string()], true);
     }
 
     /// Servers on the given addresses of backend `i` (NAT backends see their own address).
     pub fn start_servers_on(&mut self, addrs: impl Fn(usize) -> [String; 2]) {
+        self.start_servers_with(addrs, false);
+    }
+
+    fn start_servers_with(&mut self, addrs: impl Fn(usize) -> [String; 2], wildcard_tcp: bool) {
         for i in 0..self.backends {
             let name = Self::backend_name(i);
+            let serving = Arc::new(AtomicBool::new(true));
+            self.serving.push(serving.clone());
+            let tcp_addrs: Vec<IpAddr> = if wildcard_tcp {
+                vec![Ipv6Addr::UNSPECIFIED.into()]
+            } else {
+                addrs(i)
+                    .iter()
+                    .map(|a| a.parse().expect("address"))
+                    .collect()
+            };
+            for addr in tcp_addrs {
+                let (stop, n, on) = (self.stop.clone(), name.clone(), serving.clone());
+                self.servers.push(in_netns(&self.ns(&name), move || {
+                    tcp_server(SocketAddr::new(addr, TCP_PORT), &n, &stop, &on)
+                }));
+            }
             for vip in addrs(i) {
                 let vip: IpAddr = vip.parse().expect("address");
-                let (stop, n) = (self.stop.clone(), name.clone());
-                self.servers.push(in_netns(&self.ns(&name), move || {
-                    tcp_server(SocketAddr::new(vip, TCP_PORT), &n, &stop)
-                }));
                 let (stop, n) = (self.stop.clone(), name.clone());
                 self.servers.push(in_netns(&self.ns(&name), move || {
                     udp_server(SocketAddr::new(vip, UDP_PORT), &n, &stop)
@@ -564,6 +586,13 @@ impl Topology {
                 }));
             }
         }
+    }
+
+    /// Stop (false) or restart (true) backend `i`'s TCP name server, as a crashed or
+    /// restarted service would: its listening socket closes, new connections are refused.
+    pub fn set_serving(&self, i: usize, on: bool) {
+        self.serving[i].store(on, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(30));
     }
 }
 
@@ -603,10 +632,20 @@ pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
-fn tcp_server(addr: SocketAddr, name: &str, stop: &AtomicBool) {
-    let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-    l.set_nonblocking(true).expect("nonblocking");
+fn tcp_server(addr: SocketAddr, name: &str, stop: &AtomicBool, serving: &AtomicBool) {
+    let bind = || {
+        let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        l.set_nonblocking(true).expect("nonblocking");
+        l
+    };
+    let mut listener = Some(bind());
     while !stop.load(Ordering::SeqCst) {
+        if !serving.load(Ordering::SeqCst) {
+            listener = None;
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        let l = listener.get_or_insert_with(bind);
         match l.accept() {
             Ok((mut s, _)) => {
                 let _ = s.set_nonblocking(false);

@@ -6,7 +6,7 @@ use std::process::Command;
 fn demo_runs_for_its_duration_and_cleans_up() {
     lb_tests::require_root();
     let out = Command::new(env!("CARGO_BIN_EXE_demo"))
-        .args(["--duration", "2", "--rate", "30"])
+        .args(["--duration", "9", "--rate", "30"])
         .output()
         .expect("run the demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -18,7 +18,29 @@ fn demo_runs_for_its_duration_and_cleans_up() {
     for b in ["b1", "b2", "b3"] {
         assert!(stdout.contains(b), "backend {b} answered: {stdout}");
     }
-    assert!(stdout.contains("failed: 0"), "{stdout}");
+    // The failover act: b2 stops, the director's checks take it out, it comes back.
+    for event in [
+        "stopped b2's web server",
+        "director: b2 is down",
+        "restarted b2's web server",
+        "director: b2 is up",
+    ] {
+        assert!(stdout.contains(event), "`{event}` in:\n{stdout}");
+    }
+    let last_frame = stdout
+        .rsplit("xdplb demo")
+        .next()
+        .expect("at least one frame");
+    for b in ["b1", "b2", "b3"] {
+        let row = last_frame
+            .lines()
+            .find(|l| l.starts_with(b))
+            .unwrap_or_else(|| panic!("{b} row in {last_frame}"));
+        assert!(
+            row.trim_end().ends_with("up"),
+            "{b} healthy at the end: {row}"
+        );
+    }
     assert!(
         stdout.contains("198.18.100.100:80/tcp"),
         "status shown at the end: {stdout}"
