@@ -14,7 +14,17 @@ use lb_userspace::{
 #[command(
     name = "xdplb",
     version,
-    about = "L4 load balancer (LVS-style director) on XDP"
+    about = "L4 load balancer (LVS-style director) on XDP",
+    after_help = "Examples:
+  xdplb check --config /etc/xdplb/xdplb.yaml        validate (every error with field and line)
+  xdplb run --config /etc/xdplb/xdplb.yaml --keep-attached
+  xdplb status                                       services, backends, health, rates
+  xdplb drain web 198.18.0.12                        no new flows to a backend
+  xdplb reload                                       re-read the config now
+  xdplb completions bash > /etc/bash_completion.d/xdplb
+
+Sample configs per mode: examples/{dr,tun,nat,fullnat}.yaml; a systemd unit:
+packaging/xdplb.service."
 )]
 struct Cli {
     /// Where the running director's maps, program and links are pinned.
@@ -26,8 +36,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Load and attach the director, fill its maps from the config; stop with SIGINT/SIGTERM.
-    #[command(after_help = "Example: xdplb run --config /etc/xdplb/xdplb.yaml")]
+    /// Load and attach the director (or adopt the one already pinned), fill its maps from the
+    /// config, run health checks, reload on SIGHUP or file change; stop with SIGINT/SIGTERM.
+    #[command(after_help = "Examples:
+  xdplb run --config /etc/xdplb/xdplb.yaml
+  xdplb run --config /etc/xdplb/xdplb.yaml --keep-attached   # a restart keeps forwarding
+  RUST_LOG=debug xdplb run --config my.yaml                  # every check result")]
     Run {
         #[arg(long, short)]
         config: PathBuf,
@@ -106,8 +120,19 @@ enum Cmd {
     },
     /// Make the running controller re-read its config file (as SIGHUP does) and report the
     /// result; an invalid file is rejected and changes nothing.
+    #[command(
+        after_help = "Example: xdplb reload   (same as: kill -HUP $(cat /run/xdplb/xdplb.lock))"
+    )]
     Reload,
+    /// Print a shell completion script for xdplb.
+    #[command(after_help = "Examples:
+  xdplb completions bash > /etc/bash_completion.d/xdplb
+  xdplb completions zsh > /usr/local/share/zsh/site-functions/_xdplb")]
+    Completions { shell: clap_complete::Shell },
     /// Detach a director left attached (`--keep-attached`, or a killed controller) and remove its pins.
+    #[command(
+        after_help = "Example: xdplb detach   (drops every established connection through it)"
+    )]
     Detach,
     /// Test helper: attach a pass-through XDP program until SIGINT/SIGTERM, so that `XDP_TX`
     /// frames from the peer of this veth are delivered.
@@ -239,6 +264,11 @@ fn main() -> anyhow::Result<()> {
             ),
         ),
         Cmd::Reload => control(&cli.pin_dir, "reload"),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "xdplb", &mut std::io::stdout());
+            Ok(())
+        }
         Cmd::Detach => {
             if !cli.pin_dir.exists() {
                 println!("nothing pinned under {}", cli.pin_dir.display());

@@ -48,6 +48,7 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "iproute2",
     "util-linux", // nsenter
+    "systemd",    // systemd-analyze verifies packaging/xdplb.service
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
