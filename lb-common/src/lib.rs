@@ -89,8 +89,58 @@ pub struct ServiceMeta {
     pub mode: u8,
     /// [`SERVICE_F_DROP_NO_BACKEND`].
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// One of [`sched`]: how the live ring is read for a new flow.
+    pub scheduler: u8,
+    /// [`hash`] bits: which 5-tuple fields a hashing scheduler uses; 0 = all five.
+    pub hash_fields: u8,
+    /// Round robin: length of the sequence in the live ring (`<= RING_SIZE`).
+    pub rr_len: u32,
+    /// Persistence timeout in seconds (LVS `-p`); 0 = off.
+    pub persist_s: u32,
 }
+
+/// `ServiceMeta::scheduler`: how a new flow picks its slot of the live ring.
+pub mod sched {
+    /// Hash of the flow (`hash_fields`) into a (weighted) Maglev table. Also `sh` (source
+    /// address only) and `lc`/`wlc` (the controller writes the table with shares derived
+    /// from active-flow counts).
+    pub const HASH: u8 = 0;
+    /// The next slot of a smooth weighted round-robin sequence (`rr_len` long), advanced by
+    /// a per-CPU cursor.
+    pub const ROUND_ROBIN: u8 = 1;
+}
+
+/// `ServiceMeta::hash_fields` bits (0 = every field).
+pub mod hash {
+    pub const SRC_IP: u8 = 1;
+    pub const SRC_PORT: u8 = 2;
+    pub const DST_IP: u8 = 4;
+    pub const DST_PORT: u8 = 8;
+    pub const PROTO: u8 = 16;
+    pub const ALL: u8 = SRC_IP | SRC_PORT | DST_IP | DST_PORT | PROTO;
+}
+
+/// Key of `PERSIST` (LVS persistence templates): a client of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct PersistKey {
+    /// Client address; IPv4 in the first four bytes.
+    pub client: [u8; 16],
+    pub service: u32,
+}
+
+/// Value of `PERSIST`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PersistValue {
+    pub backend: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the client's last new flow.
+    pub last_ns: u64,
+}
+
+/// Capacity of `PERSIST` (clients with a live template, LRU beyond).
+pub const PERSIST_CAPACITY: u32 = 1 << 18;
 
 /// Key of `FLOWS`: the connection's 5-tuple as seen on the wire (client -> VIP).
 /// 8-aligned so the data plane copies and hashes it in whole words.
@@ -135,6 +185,8 @@ pub const FLOW_F_FIN_CLIENT: u32 = 1;
 pub const FLOW_F_FIN_BACKEND: u32 = 2;
 /// `FlowValue::flags`: `snat_*` hold the flow's full-NAT source.
 pub const FLOW_F_SNAT: u32 = 4;
+/// `FlowValue::flags`: the flow's end was counted (`BACKEND_ACTIVE` decremented once).
+pub const FLOW_F_ENDED: u32 = 8;
 
 /// Key of `NAT_REPLIES`: a reply's 5-tuple as it arrives from the backend (`FlowKey`
 /// layout: src = backend, dst = client or full-NAT source). Value: what to restore.
@@ -401,8 +453,11 @@ pub mod maps {
     pub const SNAT_POOL: &str = "SNAT_POOL";
     pub const SNAT_CONFIG: &str = "SNAT_CONFIG";
     pub const META: &str = "META";
+    pub const PERSIST: &str = "PERSIST";
+    pub const BACKEND_ACTIVE: &str = "BACKEND_ACTIVE";
+    pub const RR_CURSOR: &str = "RR_CURSOR";
     /// Every map the director pins, in a stable order.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 17] = [
         SERVICES,
         RINGS,
         BACKENDS,
@@ -417,6 +472,9 @@ pub mod maps {
         SNAT_POOL,
         SNAT_CONFIG,
         META,
+        PERSIST,
+        BACKEND_ACTIVE,
+        RR_CURSOR,
     ];
 }
 
@@ -434,15 +492,46 @@ pub mod meta {
 /// Version of the maps' meaning. Bump it whenever a map's key or value changes meaning
 /// without changing size (a size change is caught by the typed map wrappers anyway): a
 /// controller refuses to adopt pinned maps of another layout. History: 2 = reply counters
-/// (`Counters::out_*`, `NatReply::{service, backend}`).
-pub const LAYOUT_VERSION: u64 = 2;
+/// (`Counters::out_*`, `NatReply::{service, backend}`); 3 = schedulers (`ServiceMeta`
+/// grew), persistence, active-flow counts.
+pub const LAYOUT_VERSION: u64 = 3;
 
 /// Flow hash used to pick a ring slot on a miss. Deterministic across directors (same
 /// 5-tuple -> same slot), so identical rings on several directors pick the same backend.
 /// A word-wise multiply-xorshift mix; kept here so tests and tools can compute it too.
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey) -> u32 {
-    let words: &[u32; 10] = bytemuck::cast_ref(key);
+    hash_words(bytemuck::cast_ref(key))
+}
+
+/// [`flow_hash`] over the fields `fields` selects ([`hash`] bits; 0 = all): the others are
+/// zeroed first, so e.g. source-only hashing maps every flow of a client to one slot.
+#[inline(always)]
+pub fn flow_hash_fields(key: &FlowKey, fields: u8) -> u32 {
+    if fields == 0 || fields == hash::ALL {
+        return flow_hash(key);
+    }
+    let mut k = *key;
+    if fields & hash::SRC_IP == 0 {
+        k.src = [0; 16];
+    }
+    if fields & hash::DST_IP == 0 {
+        k.dst = [0; 16];
+    }
+    if fields & hash::SRC_PORT == 0 {
+        k.sport_be = 0;
+    }
+    if fields & hash::DST_PORT == 0 {
+        k.dport_be = 0;
+    }
+    if fields & hash::PROTO == 0 {
+        k.proto = 0;
+    }
+    hash_words(bytemuck::cast_ref(&k))
+}
+
+#[inline(always)]
+fn hash_words(words: &[u32; 10]) -> u32 {
     let mut h: u32 = 0x9e37_79b9;
     let mut i = 0;
     // Fixed bound so the verifier sees a finite loop (it is unrolled anyway).
@@ -467,6 +556,8 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::IfaceInfo {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::PersistKey {}
+    unsafe impl aya::Pod for super::PersistValue {}
     unsafe impl aya::Pod for super::VipAddr {}
     unsafe impl aya::Pod for super::NatReply {}
     unsafe impl aya::Pod for super::SnatAddr {}

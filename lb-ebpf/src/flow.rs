@@ -3,8 +3,8 @@
 use aya_ebpf::btf_maps::LruHashMap as BtfLruHashMap;
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_map, Global};
 use lb_common::{
-    reason, FlowKey, FlowValue, ServiceMeta, BPF_F_NO_COMMON_LRU, FLOW_TABLE_CAPACITY,
-    FLOW_TOUCH_NS, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
+    reason, FlowKey, FlowValue, ServiceMeta, BPF_F_NO_COMMON_LRU, FLOW_F_ENDED,
+    FLOW_TABLE_CAPACITY, FLOW_TOUCH_NS, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
 };
 
 use crate::select;
@@ -30,6 +30,12 @@ pub fn entry(key: &FlowKey) -> Option<*mut FlowValue> {
 /// End a flow (NAT close, RST): the next packet of this 5-tuple is a new flow.
 #[inline(always)]
 pub fn forget(key: &FlowKey) {
+    if let Some(v) = FLOWS.get_ptr_mut(key) {
+        let v = unsafe { &*v };
+        if v.flags & FLOW_F_ENDED == 0 {
+            select::active_add(v.backend, -1);
+        }
+    }
     let _ = FLOWS.remove(key);
 }
 
@@ -43,9 +49,14 @@ pub struct Choice {
 
 /// The flow's backend: from the table, or scheduled now (and, with `record`, remembered).
 #[inline(always)]
-pub fn lookup_or_schedule(svc: &ServiceMeta, key: &FlowKey, record: bool) -> Result<Choice, u32> {
+pub fn lookup_or_schedule(
+    svc: &ServiceMeta,
+    key: &FlowKey,
+    record: bool,
+    ending: bool,
+) -> Result<Choice, u32> {
     let mut out = Choice::default();
-    match lookup_out(svc, key, record, &mut out) {
+    match lookup_out(svc, key, record, ending, &mut out) {
         STATUS_OK => Ok(out),
         slot => Err(slot),
     }
@@ -54,8 +65,14 @@ pub fn lookup_or_schedule(svc: &ServiceMeta, key: &FlowKey, record: bool) -> Res
 /// Out of line: its temporaries (hash words, the new entry) stay off the caller's frame,
 /// which must leave room for the forwarding call (the BPF stack is 512 bytes per chain).
 #[inline(never)]
-fn lookup_out(svc: &ServiceMeta, key: &FlowKey, record: bool, out: &mut Choice) -> u32 {
-    match lookup(svc, key, record) {
+fn lookup_out(
+    svc: &ServiceMeta,
+    key: &FlowKey,
+    record: bool,
+    ending: bool,
+    out: &mut Choice,
+) -> u32 {
+    match lookup(svc, key, record, ending) {
         Ok(c) => {
             *out = c;
             STATUS_OK
@@ -69,7 +86,7 @@ fn lookup_out(svc: &ServiceMeta, key: &FlowKey, record: bool, out: &mut Choice) 
 static UDP_IDLE_NS: Global<u64> = Global::new(UDP_IDLE_DEFAULT_NS);
 
 #[inline(always)]
-fn lookup(svc: &ServiceMeta, key: &FlowKey, record: bool) -> Result<Choice, u32> {
+fn lookup(svc: &ServiceMeta, key: &FlowKey, record: bool, ending: bool) -> Result<Choice, u32> {
     // The clock is read only where it is needed: UDP hits (idle timeout) and new flows.
     if let Some(v) = FLOWS.get_ptr_mut(key) {
         let v = unsafe { &mut *v };
@@ -84,13 +101,23 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, record: bool) -> Result<Choice, u32>
             if age > FLOW_TOUCH_NS {
                 v.last_seen_ns += age;
             }
+            // The client ends the connection (FIN/RST, DR/TUN): it no longer counts as
+            // active for its backend (once).
+            if ending && v.flags & FLOW_F_ENDED == 0 {
+                v.flags |= FLOW_F_ENDED;
+                select::active_add(v.backend, -1);
+            }
             return Ok(Choice {
                 id: v.backend,
                 new: false,
             });
         }
+        // Rescheduled below: the old backend loses the flow.
+        if record && v.flags & FLOW_F_ENDED == 0 {
+            select::active_add(v.backend, -1);
+        }
     }
-    let id = select::schedule(svc, key)?;
+    let id = select::choose(svc, key)?;
     select::backend(id).ok_or(reason::PASS_NO_BACKEND)?;
     if record {
         let value = FlowValue {
@@ -101,6 +128,8 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, record: bool) -> Result<Choice, u32>
         };
         if FLOWS.insert(key, &value, 0).is_err() {
             crate::stats::reason(reason::FLOW_INSERT_FAILED);
+        } else {
+            select::active_add(id, 1);
         }
     }
     Ok(Choice { id, new: true })

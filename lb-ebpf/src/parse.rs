@@ -47,6 +47,8 @@ pub struct Parsed {
     pub tos: u8,
     /// IPv4 "don't fragment" (always true for IPv6, which routers never fragment).
     pub df: bool,
+    /// TCP with FIN or RST: the client is ending the connection.
+    pub tcp_end: bool,
 }
 /// Offset of the IP header: 14, or 18 behind one VLAN tag (for code that gets only `ctx`).
 #[inline(always)]
@@ -88,6 +90,7 @@ pub fn parse(ctx: &XdpContext, out: &mut Parsed) -> Result<(), u32> {
             }
             key.sport_be = u16::from_ne_bytes(unsafe { (*tcp).source });
             key.dport_be = u16::from_ne_bytes(unsafe { (*tcp).dest });
+            out.tcp_end = unsafe { (*tcp).fin() != 0 || (*tcp).rst() != 0 };
         }
         IPPROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(reason::PASS_MALFORMED)?;

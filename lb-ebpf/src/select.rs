@@ -1,10 +1,14 @@
 //! Service lookup and backend selection: the VIP table, the Maglev rings, the backends.
 
-use aya_ebpf::btf_maps::{Array as BtfArray, HashMap as BtfHashMap};
-use aya_ebpf::macros::btf_map;
+use aya_ebpf::btf_maps::{
+    Array as BtfArray, HashMap as BtfHashMap, LruHashMap as BtfLruHashMap,
+    PerCpuArray as BtfPerCpuArray,
+};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_map};
 use lb_common::{
-    flow_hash, reason, Backend, FlowKey, ServiceMeta, VipAddr, VipKey, BACKEND_F_RESET,
-    BACKEND_F_VALID, MAX_BACKENDS, MAX_SERVICES, MAX_VIPS, NO_BACKEND, RINGS_PER_SERVICE,
+    flow_hash_fields, reason, sched, Backend, FlowKey, PersistKey, PersistValue, ServiceMeta,
+    VipAddr, VipKey, BACKEND_F_DOWN, BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID,
+    MAX_BACKENDS, MAX_SERVICES, MAX_VIPS, NO_BACKEND, PERSIST_CAPACITY, RINGS_PER_SERVICE,
     RING_SIZE,
 };
 
@@ -69,12 +73,99 @@ pub fn backend(id: u32) -> Option<&'static Backend> {
     Some(b)
 }
 
-/// Maglev: the flow hash picks a slot of the service's live ring.
+/// Round robin: each CPU's position in its service's sequence. Per CPU, so advancing it
+/// needs no atomic and no cache line bounces; every CPU walks the same smooth sequence, so
+/// each CPU's split follows the weights on its own.
+#[btf_map]
+static RR_CURSOR: BtfPerCpuArray<u32, { MAX_SERVICES as usize }> = BtfPerCpuArray::new();
+
+/// Persistence templates (LVS `-p`): client of a service -> backend, last use. A common
+/// LRU list: a client's flows can arrive on any CPU.
+#[btf_map]
+static PERSIST: BtfLruHashMap<PersistKey, PersistValue, { PERSIST_CAPACITY as usize }> =
+    BtfLruHashMap::new();
+
+/// Active flows per backend (for `lc`/`wlc` and `status`): +1 when a flow is recorded, -1
+/// when it ends (FIN/RST, NAT close, rescheduling); the controller corrects it from the
+/// flow table for flows the LRU evicted. Per CPU, so no atomics: a flow may start on one
+/// CPU and end on another, so a CPU's value can be negative; the sum over CPUs is the count.
+#[btf_map]
+static BACKEND_ACTIVE: BtfPerCpuArray<i64, { MAX_BACKENDS as usize }> = BtfPerCpuArray::new();
+
+/// Add `delta` to a backend's active-flow count on this CPU.
+#[inline(always)]
+pub fn active_add(id: u32, delta: i64) {
+    if let Some(p) = BACKEND_ACTIVE.get_ptr_mut(id) {
+        // SAFETY: this CPU's slot.
+        unsafe { *p += delta };
+    }
+}
+
+/// A new flow's backend by the service's scheduler: a hash of the chosen fields into the
+/// live ring, or the next slot of the round-robin sequence.
 #[inline(always)]
 pub fn schedule(svc: &ServiceMeta, key: &FlowKey) -> Result<u32, u32> {
-    let slot = svc.ring * RING_SIZE + flow_hash(key) % RING_SIZE;
-    match RINGS.get(slot) {
+    let pos = if svc.scheduler == sched::ROUND_ROBIN {
+        let cursor = RR_CURSOR
+            .get_ptr_mut(svc.id)
+            .ok_or(reason::PASS_NO_BACKEND)?;
+        // SAFETY: this CPU's slot; no other CPU touches it.
+        let c = unsafe { *cursor };
+        unsafe { *cursor = c.wrapping_add(1) };
+        // checked_rem: a runtime `%` would bring a panic path the verifier rejects; an
+        // empty sequence (rr_len 0) means no backend.
+        c.checked_rem(svc.rr_len).ok_or(reason::PASS_NO_BACKEND)?
+    } else {
+        flow_hash_fields(key, svc.hash_fields) % RING_SIZE
+    };
+    match RINGS.get(svc.ring * RING_SIZE + pos) {
         Some(&id) if id != NO_BACKEND => Ok(id),
         _ => Err(reason::PASS_NO_BACKEND),
+    }
+}
+
+/// [`schedule`] behind the service's persistence: a client seen within `persist_s` gets
+/// the backend of its template (unless that backend is down, reset or removed); otherwise
+/// it is scheduled and the template (re)written.
+#[inline(always)]
+pub fn choose(svc: &ServiceMeta, key: &FlowKey) -> Result<u32, u32> {
+    if svc.persist_s == 0 {
+        return schedule(svc, key);
+    }
+    let pk = PersistKey {
+        client: key.src,
+        service: svc.id,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout = u64::from(svc.persist_s) * 1_000_000_000;
+    if let Some(t) = PERSIST.get_ptr_mut(&pk) {
+        // SAFETY: a live map value; racing writers only move `last_ns` forward.
+        let t = unsafe { &mut *t };
+        let id = t.backend;
+        if now.saturating_sub(t.last_ns) <= timeout && persistent_target(id) {
+            t.last_ns = now;
+            return Ok(id);
+        }
+    }
+    let id = schedule(svc, key)?;
+    let t = PersistValue {
+        backend: id,
+        _pad: 0,
+        last_ns: now,
+    };
+    let _ = PERSIST.insert(&pk, &t, 0);
+    Ok(id)
+}
+
+/// A template's backend still takes its clients: configured, not down, not being reset,
+/// not removed. (Drained backends keep their persistent clients, as in LVS.)
+#[inline(always)]
+fn persistent_target(id: u32) -> bool {
+    match BACKENDS.get(id) {
+        Some(b) => {
+            b.flags & (BACKEND_F_VALID | BACKEND_F_RESET | BACKEND_F_DOWN | BACKEND_F_RETIRED)
+                == BACKEND_F_VALID
+        }
+        None => false,
     }
 }

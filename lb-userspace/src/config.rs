@@ -225,6 +225,46 @@ pub enum Scheduler {
     Wlc,
 }
 
+/// A field of the 5-tuple, for `hash_fields`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum HashField {
+    SrcIp,
+    SrcPort,
+    DstIp,
+    DstPort,
+    Proto,
+}
+
+impl HashField {
+    pub fn bit(self) -> u8 {
+        match self {
+            HashField::SrcIp => lb_common::hash::SRC_IP,
+            HashField::SrcPort => lb_common::hash::SRC_PORT,
+            HashField::DstIp => lb_common::hash::DST_IP,
+            HashField::DstPort => lb_common::hash::DST_PORT,
+            HashField::Proto => lb_common::hash::PROTO,
+        }
+    }
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scheduler::Maglev => "maglev",
+            Scheduler::Rr => "rr",
+            Scheduler::Wrr => "wrr",
+            Scheduler::Sh => "sh",
+            Scheduler::Lc => "lc",
+            Scheduler::Wlc => "wlc",
+        })
+    }
+}
+
+/// Bounds of `persistence` (when not 0s).
+pub const PERSISTENCE_MIN: Duration = Duration::from_secs(1);
+pub const PERSISTENCE_MAX: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
@@ -236,6 +276,12 @@ pub struct Service {
     pub mode: Mode,
     #[serde(default)]
     pub scheduler: Scheduler,
+    /// `maglev` only: the 5-tuple fields to hash (default all five), e.g. `[src_ip]` for
+    /// UDP protocols that change ports.
+    #[serde(default)]
+    pub hash_fields: Option<Vec<HashField>>,
+    /// Source-address affinity (LVS `-p`): a client's new connections within this time of
+    /// its last one go to the same backend. 0s = off.
     #[serde(default, deserialize_with = "duration")]
     pub persistence: Duration,
     pub backends: Vec<Backend>,
@@ -793,17 +839,57 @@ impl Config {
                     _ => {}
                 }
             }
-            if s.scheduler != Scheduler::Maglev {
-                err(
-                    format!("{p}.scheduler"),
-                    "only `maglev` is available in this version".into(),
-                );
+            if let Some(fields) = &s.hash_fields {
+                if s.scheduler != Scheduler::Maglev {
+                    err(
+                        format!("{p}.hash_fields"),
+                        format!(
+                            "`hash_fields` applies to `scheduler: maglev` (`{}` {})",
+                            s.scheduler,
+                            if s.scheduler == Scheduler::Sh {
+                                "always hashes the source address: use maglev with hash_fields: [src_ip, ...] for other choices"
+                            } else {
+                                "does not hash"
+                            }
+                        ),
+                    );
+                } else if fields.is_empty() {
+                    err(
+                        format!("{p}.hash_fields"),
+                        "an empty list hashes nothing (every flow would land on one backend); list fields or leave it out".into(),
+                    );
+                } else if fields.iter().collect::<HashSet<_>>().len() != fields.len() {
+                    err(format!("{p}.hash_fields"), "a field is listed twice".into());
+                }
             }
             if !s.persistence.is_zero() {
-                err(
-                    format!("{p}.persistence"),
-                    "persistence is not available in this version; use 0s".into(),
-                );
+                if !(PERSISTENCE_MIN..=PERSISTENCE_MAX).contains(&s.persistence) {
+                    err(
+                        format!("{p}.persistence"),
+                        format!(
+                            "{:?} is out of range {PERSISTENCE_MIN:?}..={PERSISTENCE_MAX:?} (0s = off)",
+                            s.persistence
+                        ),
+                    );
+                } else if s.scheduler == Scheduler::Sh {
+                    err(
+                        format!("{p}.persistence"),
+                        "`sh` already sends every flow of a client to one backend while the backend set is \
+                         stable; persistence on top of it only adds state — use one or the other"
+                            .into(),
+                    );
+                } else if s
+                    .hash_fields
+                    .as_ref()
+                    .is_some_and(|f| f.iter().all(|h| *h == HashField::SrcIp))
+                {
+                    err(
+                        format!("{p}.persistence"),
+                        "hashing on the source address only is already client-sticky; persistence on top \
+                         of it only adds state — use one or the other"
+                            .into(),
+                    );
+                }
             }
             if let Some(hc) = &s.health_check {
                 validate_check(s, hc, &format!("{p}.health_check"), &mut err);
@@ -1376,11 +1462,11 @@ services:
     fn every_error_is_reported_at_once() {
         let text = GOOD.replace("weight: 100", "weight: 70000").replace(
             "mode: dr\n    backends:\n      - address: 2001",
-            "mode: dr\n    scheduler: wlc\n    backends:\n      - address: 2001",
+            "mode: dr\n    persistence: 3d\n    backends:\n      - address: 2001",
         );
         let e = errors(&text);
         assert_eq!(e.len(), 2, "{e:?}");
-        assert_eq!(e[1].path, "services[1].scheduler");
+        assert_eq!(e[1].path, "services[1].persistence");
     }
 
     #[test]

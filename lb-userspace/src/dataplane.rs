@@ -173,7 +173,12 @@ pub struct DesiredService {
     pub mode: u8,
     /// `ServiceMeta::flags`.
     pub flags: u8,
-    /// Maglev table: backend id per slot.
+    /// `ServiceMeta::{scheduler, hash_fields, rr_len, persist_s}`.
+    pub scheduler: u8,
+    pub hash_fields: u8,
+    pub rr_len: u32,
+    pub persist_s: u32,
+    /// Maglev table (or, round robin, the sequence then `NO_BACKEND`): backend id per slot.
     pub ring: Vec<u32>,
 }
 

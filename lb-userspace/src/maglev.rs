@@ -114,6 +114,66 @@ pub fn is_prime(n: u32) -> bool {
     true
 }
 
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Weights of a round-robin sequence: reduced by their gcd and, if their sum exceeds `max`,
+/// scaled down proportionally (every backend keeps at least 1).
+fn rr_weights(entries: &[Entry], max: usize) -> Vec<u64> {
+    let mut w: Vec<u64> = entries.iter().map(|e| u64::from(e.weight)).collect();
+    let g = w.iter().copied().fold(0, gcd);
+    if g > 1 {
+        w.iter_mut().for_each(|x| *x /= g);
+    }
+    let total: u64 = w.iter().sum();
+    if total > max as u64 {
+        w.iter_mut()
+            .for_each(|x| *x = (*x * max as u64 / total).max(1));
+        // The floors of max/total ≥ 1 may still overshoot by the number of entries raised
+        // to 1; trim the largest until it fits.
+        while w.iter().sum::<u64>() > max as u64 {
+            let i = (0..w.len())
+                .max_by_key(|&i| (w[i], usize::MAX - i))
+                .expect("not empty");
+            w[i] -= 1;
+        }
+    }
+    w
+}
+
+/// Length of the sequence [`smooth_wrr`] writes (0 without entries).
+pub fn smooth_wrr_len(entries: &[Entry], max: usize) -> usize {
+    rr_weights(entries, max).iter().sum::<u64>() as usize
+}
+
+/// A smooth weighted round-robin sequence (nginx's algorithm: every step each entry gains
+/// its weight, the richest is chosen and pays the total), so 3:1 gives a a b a, not a a a b.
+/// The sequence fills the first [`smooth_wrr_len`] slots of a `size`-slot table, the rest
+/// holds [`NO_BACKEND`]. Deterministic (ties go to the earlier entry).
+pub fn smooth_wrr(entries: &[Entry], size: usize) -> Vec<u32> {
+    let w = rr_weights(entries, size);
+    let total: i64 = w.iter().sum::<u64>() as i64;
+    let mut current = vec![0i64; w.len()];
+    let mut out = vec![NO_BACKEND; size];
+    for slot in out.iter_mut().take(total as usize) {
+        let mut best = 0;
+        for i in 0..w.len() {
+            current[i] += w[i] as i64;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        *slot = entries[best].id;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +260,87 @@ mod tests {
     fn ring_size_is_prime() {
         assert!(is_prime(RING_SIZE));
         assert!(!is_prime(65536));
+    }
+
+    #[test]
+    fn smooth_wrr_interleaves_and_keeps_exact_shares() {
+        let e = |id: u32, weight: u32| Entry {
+            identity: format!("b{id}"),
+            weight,
+            id,
+        };
+        let seq = smooth_wrr(&[e(0, 3), e(1, 1)], 11);
+        assert_eq!(&seq[..4], &[0, 0, 1, 0], "smooth, not blocks: {seq:?}");
+        assert_eq!(&seq[4..], &[NO_BACKEND; 7]);
+        assert_eq!(
+            smooth_wrr_len(&[e(0, 300), e(1, 100)], 11),
+            4,
+            "reduced by gcd"
+        );
+        // 5:3:2 — exact counts per period and no backend twice in a row more than needed.
+        let seq = smooth_wrr(&[e(0, 5), e(1, 3), e(2, 2)], 10);
+        let count = |id| seq.iter().filter(|&&x| x == id).count();
+        assert_eq!((count(0), count(1), count(2)), (5, 3, 2));
+        assert!(
+            !seq.windows(3).any(|w| w[0] == w[1] && w[1] == w[2]),
+            "{seq:?}"
+        );
+    }
+
+    #[test]
+    fn smooth_wrr_property_shares_within_one_per_prefix() {
+        // For random weights, every prefix of the sequence is within one pick of the exact
+        // proportional share of each entry (the property that makes it "smooth").
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for _ in 0..50 {
+            let n = 1 + (next() % 6) as usize;
+            let entries: Vec<Entry> = (0..n)
+                .map(|i| Entry {
+                    identity: format!("b{i}"),
+                    weight: 1 + (next() % 20) as u32,
+                    id: i as u32,
+                })
+                .collect();
+            let len = smooth_wrr_len(&entries, 65537);
+            let seq = smooth_wrr(&entries, 65537);
+            let total: f64 = entries.iter().map(|e| f64::from(e.weight)).sum();
+            let mut counts = vec![0f64; n];
+            for (k, &id) in seq[..len].iter().enumerate() {
+                counts[id as usize] += 1.0;
+                for (i, e) in entries.iter().enumerate() {
+                    let ideal = (k + 1) as f64 * f64::from(e.weight) / total;
+                    assert!(
+                        (counts[i] - ideal).abs() <= 1.0 + 1e-9,
+                        "entry {i} after {} picks: {} vs {ideal:.2} ({entries:?})",
+                        k + 1,
+                        counts[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn smooth_wrr_scales_huge_weights_into_the_table() {
+        let entries: Vec<Entry> = (0..10)
+            .map(|i| Entry {
+                identity: format!("b{i}"),
+                weight: 65_535 - i,
+                id: i,
+            })
+            .collect();
+        let len = smooth_wrr_len(&entries, 65537);
+        assert!(len <= 65537 && len > 60_000, "{len}");
+        let seq = smooth_wrr(&entries, 65537);
+        for id in 0..10 {
+            let c = seq[..len].iter().filter(|&&x| x == id).count() as f64;
+            assert!((c / len as f64 - 0.1).abs() < 0.001, "{id}: {c}");
+        }
     }
 }

@@ -18,7 +18,7 @@ use lb_common::{
 };
 
 use crate::{
-    config::{self, AllDownPolicy, DownPolicy},
+    config::{self, AllDownPolicy, DownPolicy, Scheduler},
     dataplane::{addr_bytes, addr_from_bytes, Desired, DesiredService, Maps, Result},
     health::{BackendKey, State},
 };
@@ -32,7 +32,7 @@ pub struct Ids {
     next_backend: u32,
     /// Last Maglev table per service id and the entries it was built from: a reconcile
     /// rebuilds only the tables whose backends changed.
-    tables: HashMap<u32, (Vec<crate::maglev::Entry>, Vec<u32>)>,
+    tables: HashMap<u32, (bool, Vec<crate::maglev::Entry>, Vec<u32>)>,
 }
 
 fn take_free(used: &BTreeSet<u32>, cursor: &mut u32, max: u32) -> u32 {
@@ -108,6 +108,8 @@ pub struct Runtime {
     pub drained: bool,
     /// Removed from the config, kept while its flows finish.
     pub retired: bool,
+    /// Active flows (for `lc`/`wlc`).
+    pub active: u64,
 }
 
 impl Default for Runtime {
@@ -116,6 +118,7 @@ impl Default for Runtime {
             state: State::Up,
             drained: false,
             retired: false,
+            active: 0,
         }
     }
 }
@@ -185,7 +188,7 @@ pub fn desired(
             if rt.state == State::Up && !rt.drained && b.weight > 0 {
                 entries.push(crate::maglev::Entry {
                     identity: b.address.to_string(),
-                    weight: b.weight,
+                    weight: table_weight(svc.scheduler, b.weight, rt.active),
                     id,
                 });
             }
@@ -208,7 +211,23 @@ pub fn desired(
             } else {
                 0
             },
-            ring: ids.table(sid, entries),
+            scheduler: match svc.scheduler {
+                Scheduler::Rr | Scheduler::Wrr => lb_common::sched::ROUND_ROBIN,
+                _ => lb_common::sched::HASH,
+            },
+            hash_fields: match (svc.scheduler, &svc.hash_fields) {
+                (Scheduler::Sh, _) => lb_common::hash::SRC_IP,
+                (_, Some(f)) => f.iter().fold(0, |a, h| a | h.bit()),
+                _ => 0,
+            },
+            rr_len: match svc.scheduler {
+                Scheduler::Rr | Scheduler::Wrr => {
+                    crate::maglev::smooth_wrr_len(&entries, RING_SIZE as usize) as u32
+                }
+                _ => 0,
+            },
+            persist_s: svc.persistence.as_secs() as u32,
+            ring: ids.table(sid, svc.scheduler, entries),
         });
     }
     let live: HashSet<u32> = ids.services.values().copied().collect();
@@ -217,14 +236,40 @@ pub fn desired(
 }
 
 impl Ids {
-    fn table(&mut self, sid: u32, entries: Vec<crate::maglev::Entry>) -> Vec<u32> {
+    fn table(
+        &mut self,
+        sid: u32,
+        scheduler: Scheduler,
+        entries: Vec<crate::maglev::Entry>,
+    ) -> Vec<u32> {
+        let rr = matches!(scheduler, Scheduler::Rr | Scheduler::Wrr);
         match self.tables.get(&sid) {
-            Some((e, t)) if *e == entries => t.clone(),
+            Some((r, e, t)) if *e == entries && *r == rr => t.clone(),
             _ => {
-                let t = crate::maglev::build(&entries, RING_SIZE);
-                self.tables.insert(sid, (entries, t.clone()));
+                let t = if rr {
+                    crate::maglev::smooth_wrr(&entries, RING_SIZE as usize)
+                } else {
+                    crate::maglev::build(&entries, RING_SIZE)
+                };
+                self.tables.insert(sid, (rr, entries, t.clone()));
                 t
             }
+        }
+    }
+}
+
+/// The weight a backend gets in its service's table: the configured one (maglev, sh, wrr),
+/// 1 for every backend (rr), or (lc, wlc) one that shrinks with its active flows, so the
+/// least loaded backends take most new flows until the next update.
+pub fn table_weight(s: Scheduler, weight: u32, active: u64) -> u32 {
+    /// Resolution of the load-derived weights.
+    const SCALE: u64 = 1000;
+    match s {
+        Scheduler::Maglev | Scheduler::Sh | Scheduler::Wrr => weight,
+        Scheduler::Rr => 1,
+        Scheduler::Lc => (SCALE / (active + 1)).max(1) as u32,
+        Scheduler::Wlc => {
+            (u64::from(weight) * SCALE / (active + 1)).clamp(1, u64::from(u32::MAX)) as u32
         }
     }
 }
@@ -336,6 +381,7 @@ impl MapState {
                     },
                     drained: b.flags & BACKEND_F_DRAINED != 0,
                     retired: b.flags & BACKEND_F_RETIRED != 0,
+                    active: 0,
                 },
             );
         }
@@ -414,7 +460,10 @@ impl MapState {
                 ring,
                 mode: svc.mode,
                 flags: svc.flags,
-                _pad: [0; 2],
+                scheduler: svc.scheduler,
+                hash_fields: svc.hash_fields,
+                rr_len: svc.rr_len,
+                persist_s: svc.persist_s,
             };
             if current.get(&svc.key) != Some(&meta) {
                 m.services.insert(svc.key, meta, 0)?;

@@ -77,7 +77,7 @@ impl Lab {
             Runtime {
                 state,
                 drained,
-                retired: false,
+                ..Runtime::default()
             },
         );
         self.apply()
