@@ -78,7 +78,7 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
     };
     // In DR and TUN only the client's side is seen: its FIN/RST ends the flow's count.
     let ending = pkt.tcp_end && (svc.mode == mode::DR || svc.mode == mode::TUN);
-    let choice = match flow::lookup_or_schedule(&svc, &pkt.key, true, ending) {
+    let choice = match flow::lookup_or_schedule(svc, &pkt.key, true, ending) {
         Ok(c) => c,
         // Every backend is down or drained, and the service prefers a drop to the kernel.
         Err(reason::PASS_NO_BACKEND) if svc.flags & SERVICE_F_DROP_NO_BACKEND != 0 => {

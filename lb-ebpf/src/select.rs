@@ -40,7 +40,9 @@ pub fn is_vip(addr: [u8; 16], family: u8) -> bool {
 /// The service this flow's destination belongs to: exact port first, then the port-0
 /// wildcard entry of the VIP.
 #[inline(always)]
-pub fn service(key: &FlowKey) -> Result<ServiceMeta, u32> {
+/// A reference into the map, not a copy: the caller's frame stays small (the BPF stack is
+/// 512 bytes per call chain), and map values stay valid for the program's run (RCU).
+pub fn service(key: &FlowKey) -> Result<&'static ServiceMeta, u32> {
     let mut vip = VipKey {
         addr: key.dst,
         port_be: key.dport_be,
@@ -48,11 +50,11 @@ pub fn service(key: &FlowKey) -> Result<ServiceMeta, u32> {
         family: key.family,
     };
     if let Some(svc) = unsafe { SERVICES.get(&vip) } {
-        return Ok(*svc);
+        return Ok(svc);
     }
     vip.port_be = 0;
     match unsafe { SERVICES.get(&vip) } {
-        Some(svc) => Ok(*svc),
+        Some(svc) => Ok(svc),
         None => Err(reason::PASS_NON_VIP),
     }
 }
@@ -124,11 +126,33 @@ pub fn schedule(svc: &ServiceMeta, key: &FlowKey) -> Result<u32, u32> {
     }
 }
 
-/// [`schedule`] behind the service's persistence: a client seen within `persist_s` gets
-/// the backend of its template (unless that backend is down, reset or removed); otherwise
-/// it is scheduled and the template (re)written.
+/// [`schedule`] behind the service's persistence (see [`choose_inner`]).
 #[inline(always)]
 pub fn choose(svc: &ServiceMeta, key: &FlowKey) -> Result<u32, u32> {
+    let mut id = 0;
+    match choose_out(svc, key, &mut id) {
+        lb_ebpf::STATUS_OK => Ok(id),
+        slot => Err(slot),
+    }
+}
+
+/// Out of line: the masked key, the template key and value stay off the caller's frame (the
+/// BPF stack is 512 bytes per call chain); plain types only (see `STATUS_OK`).
+#[inline(never)]
+fn choose_out(svc: &ServiceMeta, key: &FlowKey, out: &mut u32) -> u32 {
+    match choose_inner(svc, key) {
+        Ok(id) => {
+            *out = id;
+            lb_ebpf::STATUS_OK
+        }
+        Err(slot) => slot,
+    }
+}
+
+/// A client seen within `persist_s` gets the backend of its template (unless that backend
+/// is down, reset or removed); otherwise it is scheduled and the template (re)written.
+#[inline(always)]
+fn choose_inner(svc: &ServiceMeta, key: &FlowKey) -> Result<u32, u32> {
     if svc.persist_s == 0 {
         return schedule(svc, key);
     }

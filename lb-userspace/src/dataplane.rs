@@ -88,6 +88,9 @@ pub struct Maps {
     pub snat_pool: Array<MapData, SnatAddr>,
     pub snat_config: Array<MapData, SnatConfig>,
     pub meta: Array<MapData, u64>,
+    pub persist: HashMap<MapData, lb_common::PersistKey, lb_common::PersistValue>,
+    pub backend_active: PerCpuArray<MapData, i64>,
+    pub rr_cursor: PerCpuArray<MapData, u32>,
 }
 
 impl Maps {
@@ -107,6 +110,9 @@ impl Maps {
             snat_pool: get(maps::SNAT_POOL)?.try_into()?,
             snat_config: get(maps::SNAT_CONFIG)?.try_into()?,
             meta: get(maps::META)?.try_into()?,
+            persist: get(maps::PERSIST)?.try_into()?,
+            backend_active: get(maps::BACKEND_ACTIVE)?.try_into()?,
+            rr_cursor: get(maps::RR_CURSOR)?.try_into()?,
         })
     }
 
@@ -133,6 +139,24 @@ impl Maps {
             out_packets: a.out_packets + c.out_packets,
             out_bytes: a.out_bytes + c.out_bytes,
         }))
+    }
+
+    /// Active flows of backend `id` (the data plane's count, summed over CPUs).
+    pub fn active_flows(&self, id: u32) -> Result<u64> {
+        let per_cpu = self.backend_active.get(&id, 0)?;
+        Ok(per_cpu.iter().sum::<i64>().max(0) as u64)
+    }
+
+    /// Set backend `id`'s active-flow count (the controller's correction from the flow
+    /// table): all of it on the first CPU. Increments racing with this write are lost; the
+    /// next correction catches them.
+    pub fn set_active_flows(&mut self, id: u32, n: u64) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Io(e))?;
+        let mut v = vec![0i64; cpus];
+        v[0] = n as i64;
+        self.backend_active
+            .set(id, aya::maps::PerCpuValues::try_from(v)?, 0)?;
+        Ok(())
     }
 
     pub fn reason_totals(&self) -> Result<Vec<u64>> {
@@ -595,7 +619,7 @@ pub fn sweep_idle_udp(m: &mut Maps, idle: std::time::Duration) -> Result<usize> 
 pub struct Swept {
     /// Flows removed.
     pub removed: usize,
-    /// Flows left, per backend id.
+    /// Flows left that have not ended (FIN/RST seen), per backend id.
     pub live: std::collections::HashMap<u32, usize>,
 }
 
@@ -625,7 +649,7 @@ pub fn sweep(
             || !configured(v.backend)
         {
             expired.insert(k);
-        } else {
+        } else if v.flags & lb_common::FLOW_F_ENDED == 0 {
             *swept.live.entry(v.backend).or_default() += 1;
         }
     }

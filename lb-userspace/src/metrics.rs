@@ -163,9 +163,7 @@ impl Collector for DirectorCollector {
                     b.flags & lb_common::BACKEND_F_DOWN == 0 && bv.is_none_or(|x| x.health == "up");
                 up_rows.push((bl.clone(), if up { 1.0 } else { 0.0 }));
                 weight_rows.push((bl.clone(), f64::from(b.weight)));
-                if let Some(n) = bv.and_then(|x| x.active_flows) {
-                    flow_rows.push((bl, n as f64));
-                }
+                flow_rows.push((bl, b.active_flows as f64));
             }
         }
         let names = [
@@ -207,7 +205,7 @@ impl Collector for DirectorCollector {
         gauge(
             &mut enc,
             "xdplb_backend_active_flows",
-            "Flow-table entries pointing at the backend at the controller's last sweep.",
+            "Active flows (the data plane's count: +1 per new flow, -1 at FIN/RST/close; corrected from the flow table every 5 s).",
             &flow_rows,
         )?;
         Ok(())

@@ -27,6 +27,9 @@ use crate::{
 
 /// How long to wait for a backend's MAC to appear in the neighbour table.
 const NEIGHBOUR_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often `lc`/`wlc` tables are recomputed from the active-flow counts. New flows in
+/// between follow the last table, so the balance is approximate at this time scale.
+const LC_INTERVAL: Duration = Duration::from_secs(1);
 /// How often ended flows (idle UDP, flows of reset or removed backends) are removed.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// How often routed backends are poked so their next hop stays resolved.
@@ -239,7 +242,7 @@ impl Controller {
                 port: s.port,
                 protocol: s.protocol.to_string(),
                 mode: s.mode.to_string(),
-                scheduler: format!("{:?}", s.scheduler).to_lowercase(),
+                scheduler: s.scheduler.to_string(),
                 backends: s
                     .backends
                     .iter()
@@ -632,6 +635,36 @@ impl Controller {
         }
     }
 
+    /// `lc`/`wlc`: turn the data plane's active-flow counts into table shares.
+    fn least_connections(&mut self) {
+        let mut changed = false;
+        for svc in &self.cfg.services {
+            if !matches!(
+                svc.scheduler,
+                crate::config::Scheduler::Lc | crate::config::Scheduler::Wlc
+            ) {
+                continue;
+            }
+            for b in &svc.backends {
+                let key = BackendKey::new(svc.endpoint(), b.address);
+                let Some(&id) = self.ids.backends.get(&key) else {
+                    continue;
+                };
+                let n = self.director.maps.active_flows(id).unwrap_or(0);
+                let rt = self.runtime.entry(key).or_default();
+                if rt.active != n {
+                    rt.active = n;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            if let Err(e) = self.reconcile("least connections") {
+                tracing::error!("{e:#}");
+            }
+        }
+    }
+
     /// `xdplb drain` / `undrain`: SERVICE is the service name, BACKEND its address.
     fn drain(&mut self, service: &str, backend: &str, on: bool) -> Result<String, String> {
         let svc = self
@@ -698,6 +731,14 @@ impl Controller {
             tracing::debug!("removed {} ended flow(s)", swept.removed);
         }
         self.active = Some(swept.live.clone());
+        // Correct the data plane's per-backend counts from the table (flows the LRU evicted
+        // were never counted down).
+        for &id in self.ids.backends.values() {
+            let n = swept.live.get(&id).copied().unwrap_or(0) as u64;
+            if let Err(e) = self.director.maps.set_active_flows(id, n) {
+                tracing::warn!("correcting active flows of backend {id}: {e}");
+            }
+        }
         let before = self.retired.len();
         let ids = &self.ids;
         self.retired.retain(|key, (_, since)| {
@@ -907,6 +948,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
+    let mut lc = tokio::time::interval(LC_INTERVAL);
     let mut replies = ReplyWatch::default();
     loop {
         tokio::select! {
@@ -950,6 +992,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
                 let _ = write.write_all(reply.as_bytes()).await;
                 let _ = write.shutdown().await;
             }
+            _ = lc.tick() => c.least_connections(),
             _ = refresh.tick() => backends_of(&c.cfg, &[Mode::Tun, Mode::Nat, Mode::Fullnat])
                 .into_iter()
                 .for_each(crate::netlink::poke),

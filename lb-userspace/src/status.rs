@@ -115,8 +115,8 @@ pub fn endpoint(key: &VipKey) -> String {
     }
 }
 
-/// Everything the maps say. Active flows are counted by walking `FLOWS` only when
-/// `count_flows` (O(table) syscalls; the controller's view has them from its sweep).
+/// Everything the maps say. Active flows come from the data plane's per-backend counts, or,
+/// with `count_flows`, from walking `FLOWS` (exact, O(table) syscalls).
 pub fn collect_with(maps: &Maps, count_flows: bool) -> Result<Vec<ServiceReport>> {
     let mut flows_per_backend: BTreeMap<u32, u64> = BTreeMap::new();
     if count_flows {
@@ -147,7 +147,11 @@ pub fn collect_with(maps: &Maps, count_flows: bool) -> Result<Vec<ServiceReport>
                 mac: b.mac,
                 weight: b.weight,
                 flags: b.flags,
-                active_flows: flows_per_backend.get(&id).copied().unwrap_or(0),
+                active_flows: if count_flows {
+                    flows_per_backend.get(&id).copied().unwrap_or(0)
+                } else {
+                    maps.active_flows(id)?
+                },
                 counters: Maps::sum_counters(&maps.backend_stats, id)?,
             });
         }
@@ -155,9 +159,9 @@ pub fn collect_with(maps: &Maps, count_flows: bool) -> Result<Vec<ServiceReport>
     Ok(services)
 }
 
-/// [`collect_with`], counting flows.
+/// [`collect_with`] with the data plane's active-flow counts.
 pub fn collect(maps: &Maps) -> Result<Vec<ServiceReport>> {
-    collect_with(maps, true)
+    collect_with(maps, false)
 }
 
 impl BackendReport {
@@ -213,17 +217,10 @@ pub struct Status {
 
 /// Read the maps twice, `interval` apart, for rates; `view` from the controller if it runs.
 pub fn status(maps: &Maps, view: Option<View>, interval: Duration) -> Result<Status> {
-    // The controller counts flows at its sweep (every 5 s); walk the table only without it.
-    let count_flows = view.as_ref().is_none_or(|v| {
-        v.services
-            .iter()
-            .flat_map(|s| &s.backends)
-            .any(|b| b.active_flows.is_none())
-    });
     let first = collect_with(maps, false)?;
     let started = std::time::Instant::now();
     std::thread::sleep(interval);
-    let mut services = collect_with(maps, count_flows)?;
+    let services = collect_with(maps, false)?;
     let dt = started.elapsed();
     let mut rates = BTreeMap::new();
     for s in &services {
@@ -235,22 +232,6 @@ pub fn status(maps: &Maps, view: Option<View>, interval: Duration) -> Result<Sta
                         (s.id, Some(b.id)),
                         Rates::between(&ab.counters, &b.counters, dt),
                     );
-                }
-            }
-        }
-    }
-    if let Some(v) = &view {
-        for s in &mut services {
-            if let Some(sv) = v.service(&s.key).filter(|_| !count_flows) {
-                for b in &mut s.backends {
-                    if let Some(n) = sv
-                        .backends
-                        .iter()
-                        .find(|x| x.address == b.address)
-                        .and_then(|x| x.active_flows)
-                    {
-                        b.active_flows = n;
-                    }
                 }
             }
         }
