@@ -1,0 +1,325 @@
+//! Schedulers and persistence through BPF_PROG_TEST_RUN: rr/wrr splits per CPU, sh and
+//! hash_fields stickiness, lc/wlc steering from active-flow counts, the data plane's
+//! active-flow counting, persistence across ring changes and its expiry.
+
+use std::collections::{BTreeMap, HashMap};
+
+use lb_tests::{Harness, Pkt, TCP_FIN, XDP_TX};
+use lb_userspace::{
+    health::{BackendKey, State},
+    reconcile::{self, Ids, Runtime},
+};
+
+const CONFIG: &str = "
+interfaces:
+  - name: lo
+flow_table_size: 65536
+services:
+  - name: wrr
+    vip: 198.18.0.100
+    port: 80
+    protocol: tcp
+    mode: dr
+    scheduler: wrr
+    backends:
+      - { address: 198.18.1.11, mac: '02:00:00:00:01:0b', weight: 300 }
+      - { address: 198.18.1.12, mac: '02:00:00:00:01:0c', weight: 100 }
+  - name: rr
+    vip: 198.18.0.100
+    port: 81
+    protocol: tcp
+    mode: dr
+    scheduler: rr
+    backends:
+      - { address: 198.18.1.21, mac: '02:00:00:00:01:15', weight: 900 }
+      - { address: 198.18.1.22, mac: '02:00:00:00:01:16', weight: 100 }
+      - { address: 198.18.1.23, mac: '02:00:00:00:01:17', weight: 100 }
+  - name: sh
+    vip: 198.18.0.100
+    port: 82
+    protocol: udp
+    mode: dr
+    scheduler: sh
+    backends:
+      - { address: 198.18.1.31, mac: '02:00:00:00:01:1f' }
+      - { address: 198.18.1.32, mac: '02:00:00:00:01:20' }
+      - { address: 198.18.1.33, mac: '02:00:00:00:01:21' }
+  - name: srcport
+    vip: 198.18.0.100
+    port: 83
+    protocol: udp
+    mode: dr
+    hash_fields: [src_ip, dst_port]
+    backends:
+      - { address: 198.18.1.41, mac: '02:00:00:00:01:29' }
+      - { address: 198.18.1.42, mac: '02:00:00:00:01:2a' }
+      - { address: 198.18.1.43, mac: '02:00:00:00:01:2b' }
+  - name: wlc
+    vip: 198.18.0.100
+    port: 84
+    protocol: tcp
+    mode: dr
+    scheduler: wlc
+    backends:
+      - { address: 198.18.1.51, mac: '02:00:00:00:01:33' }
+      - { address: 198.18.1.52, mac: '02:00:00:00:01:34' }
+      - { address: 198.18.1.53, mac: '02:00:00:00:01:35' }
+  - name: sticky
+    vip: 198.18.0.100
+    port: 85
+    protocol: tcp
+    mode: dr
+    persistence: 2s
+    backends:
+      - { address: 198.18.1.61, mac: '02:00:00:00:01:3d' }
+      - { address: 198.18.1.62, mac: '02:00:00:00:01:3e' }
+      - { address: 198.18.1.63, mac: '02:00:00:00:01:3f' }
+";
+
+const VIP: &str = "198.18.0.100";
+
+struct Lab {
+    h: Harness,
+    ids: Ids,
+    runtime: HashMap<BackendKey, Runtime>,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let mut lab = Lab {
+            h: Harness::new(CONFIG),
+            ids: Ids::default(),
+            runtime: HashMap::new(),
+        };
+        lab.apply();
+        lab
+    }
+
+    fn key(port: u16, proto: u8, addr: &str) -> BackendKey {
+        BackendKey {
+            vip: VIP.parse().unwrap(),
+            port,
+            proto,
+            address: addr.parse().unwrap(),
+        }
+    }
+
+    fn apply(&mut self) {
+        let rt = self.runtime.clone();
+        let want = reconcile::desired(
+            &self.h.config,
+            &mut self.ids,
+            |b| b.mac().map(|m| m.0).unwrap_or_default(),
+            |k| rt.get(k).copied().unwrap_or_default(),
+        );
+        self.h.director.apply(&want).expect("apply");
+    }
+
+    /// The backend (last octet of its address, from the MAC) a packet was sent to.
+    fn send(&self, p: &Pkt) -> u8 {
+        let (verdict, out) = self.h.run(&p.build());
+        assert_eq!(verdict, XDP_TX, "{p:?}");
+        out[5]
+    }
+
+    fn active(&self, addr: &str, port: u16, proto: u8) -> u64 {
+        let id = self.ids.backends[&Lab::key(port, proto, addr)];
+        self.h.director.maps.active_flows(id).expect("active")
+    }
+}
+
+/// Pin this thread to one CPU (BPF_PROG_TEST_RUN runs on the calling CPU).
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pin to CPU {cpu}"
+        );
+    }
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[test]
+fn wrr_splits_new_flows_by_weight_on_every_cpu_and_interleaves() {
+    let lab = Lab::new();
+    let mut sport = 10_000u16;
+    for cpu in 0..cpus() {
+        pin_to(cpu);
+        let mut seq = Vec::new();
+        for _ in 0..1000 {
+            sport += 1;
+            seq.push(lab.send(&Pkt::tcp("198.18.2.1", VIP, sport, 80)));
+        }
+        let a = seq.iter().filter(|&&b| b == 0x0b).count() as f64 / 1000.0;
+        assert!(
+            (a - 0.75).abs() <= 0.02,
+            "CPU {cpu}: 3:1 split gave {a:.3} to the heavier backend"
+        );
+        // Smooth: never more than three in a row for 3:1.
+        let longest = seq.chunk_by(|x, y| x == y).map(<[u8]>::len).max().unwrap();
+        assert!(
+            longest <= 3,
+            "CPU {cpu}: a run of {longest}: {:?}",
+            &seq[..16]
+        );
+    }
+    // Established flows stay put whatever the cursor does.
+    let first = lab.send(&Pkt::tcp("198.18.2.1", VIP, 10_001, 80));
+    for _ in 0..5 {
+        assert_eq!(lab.send(&Pkt::tcp("198.18.2.1", VIP, 10_001, 80)), first);
+    }
+}
+
+#[test]
+fn rr_ignores_weights() {
+    let lab = Lab::new();
+    pin_to(0);
+    let mut counts: BTreeMap<u8, usize> = BTreeMap::new();
+    for sport in 0..300u16 {
+        *counts
+            .entry(lab.send(&Pkt::tcp("198.18.2.2", VIP, 20_000 + sport, 81)))
+            .or_default() += 1;
+    }
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        vec![100, 100, 100]
+    );
+}
+
+#[test]
+fn sh_and_source_hash_fields_keep_a_client_on_one_backend() {
+    let lab = Lab::new();
+    for port in [82u16, 83] {
+        let mut seen: BTreeMap<u8, usize> = BTreeMap::new();
+        for client in 1..=60u8 {
+            let src = format!("198.18.3.{client}");
+            let first = lab.send(&Pkt::udp(&src, VIP, 30_000, port));
+            for sport in 30_001..30_010u16 {
+                assert_eq!(
+                    lab.send(&Pkt::udp(&src, VIP, sport, port)),
+                    first,
+                    "port {port}: client {src} changed backend with its source port"
+                );
+            }
+            *seen.entry(first).or_default() += 1;
+        }
+        assert_eq!(seen.len(), 3, "port {port}: clients spread: {seen:?}");
+        assert!(seen.values().all(|&n| n >= 8), "port {port}: {seen:?}");
+    }
+}
+
+#[test]
+fn data_plane_counts_active_flows_and_wlc_steers_away_from_the_busy_backend() {
+    let mut lab = Lab::new();
+    let (a, b, c) = ("198.18.1.51", "198.18.1.52", "198.18.1.53");
+    // 90 long-lived connections: count what the data plane counted.
+    let mut owner = HashMap::new();
+    for sport in 0..90u16 {
+        let p = Pkt::tcp("198.18.4.1", VIP, 40_000 + sport, 84);
+        owner.insert(sport, lab.send(&p));
+    }
+    let total: u64 = [a, b, c].iter().map(|x| lab.active(x, 84, 6)).sum();
+    assert_eq!(total, 90, "one count per new flow");
+    // A client FIN ends a DR flow's count once (a second FIN does not count again).
+    let mut fin = Pkt::tcp("198.18.4.1", VIP, 40_000, 84);
+    fin.tcp_flags = TCP_FIN;
+    lab.send(&fin);
+    lab.send(&fin);
+    let total: u64 = [a, b, c].iter().map(|x| lab.active(x, 84, 6)).sum();
+    assert_eq!(total, 89);
+
+    // The controller's view: `a` holds 200 long-lived connections, the others few.
+    for (addr, n) in [(a, 200u64), (b, 5), (c, 5)] {
+        lab.runtime.insert(
+            Lab::key(84, 6, addr),
+            Runtime {
+                state: State::Up,
+                active: n,
+                ..Runtime::default()
+            },
+        );
+    }
+    lab.apply();
+    let mut counts: BTreeMap<u8, usize> = BTreeMap::new();
+    for sport in 0..400u16 {
+        let p = Pkt::tcp("198.18.4.2", VIP, 50_000 + sport, 84);
+        *counts.entry(lab.send(&p)).or_default() += 1;
+    }
+    let to_a = counts.get(&0x33).copied().unwrap_or(0);
+    assert!(
+        to_a * 100 <= 400 * 5,
+        "new flows avoid the backend with many connections: {counts:?}"
+    );
+    // Established flows did not move.
+    for (sport, mac) in owner.iter().take(20) {
+        assert_eq!(
+            lab.send(&Pkt::tcp("198.18.4.1", VIP, 40_000 + sport, 84)),
+            *mac
+        );
+    }
+}
+
+#[test]
+fn persistence_holds_across_ring_changes_until_down_or_expired() {
+    let mut lab = Lab::new();
+    let client = "198.18.5.7";
+    let first = lab.send(&Pkt::tcp(client, VIP, 1000, 85));
+    let addr = format!("198.18.1.{first}");
+    // Without persistence the other ports would spread; with it they follow the first.
+    for sport in 1001..1040u16 {
+        assert_eq!(lab.send(&Pkt::tcp(client, VIP, sport, 85)), first);
+    }
+    // Drained (out of the ring): persistent clients still reach it, as in LVS.
+    lab.runtime.insert(
+        Lab::key(85, 6, &addr),
+        Runtime {
+            drained: true,
+            ..Runtime::default()
+        },
+    );
+    lab.apply();
+    for sport in 2000..2010u16 {
+        assert_eq!(
+            lab.send(&Pkt::tcp(client, VIP, sport, 85)),
+            first,
+            "template kept across the ring change"
+        );
+    }
+    // Another client never sees the drained backend.
+    for sport in 0..30u16 {
+        assert_ne!(
+            lab.send(&Pkt::tcp("198.18.5.8", VIP, 3000 + sport, 85)),
+            first
+        );
+    }
+    // Expiry: after the timeout (2 s) the client is scheduled afresh (not to the drained one).
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    let next = lab.send(&Pkt::tcp(client, VIP, 4000, 85));
+    assert_ne!(next, first, "expired template");
+    for sport in 4001..4010u16 {
+        assert_eq!(
+            lab.send(&Pkt::tcp(client, VIP, sport, 85)),
+            next,
+            "new template"
+        );
+    }
+    // Down: the template is not honoured.
+    let next_addr = format!("198.18.1.{next}");
+    lab.runtime.insert(
+        Lab::key(85, 6, &next_addr),
+        Runtime {
+            state: State::Down,
+            ..Runtime::default()
+        },
+    );
+    lab.apply();
+    let moved = lab.send(&Pkt::tcp(client, VIP, 5000, 85));
+    assert_ne!(moved, next, "a down backend loses its persistent clients");
+}
