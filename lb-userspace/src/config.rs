@@ -1401,6 +1401,91 @@ services:
     }
 
     #[test]
+    fn schedulers_and_persistence_parse_and_bad_ones_name_field_and_line() {
+        for sched in ["maglev", "rr", "wrr", "sh", "lc", "wlc"] {
+            let c = Config::parse(&with_web(&format!("    scheduler: {sched}\n")), &AnyHost)
+                .unwrap_or_else(|e| panic!("{sched}: {e:?}"));
+            assert_eq!(c.services[0].scheduler.to_string(), sched);
+        }
+        let c = Config::parse(
+            &with_web("    hash_fields: [src_ip, dst_port]\n    persistence: 300s\n"),
+            &AnyHost,
+        )
+        .unwrap();
+        assert_eq!(
+            c.services[0].hash_fields,
+            Some(vec![HashField::SrcIp, HashField::DstPort])
+        );
+        assert_eq!(c.services[0].persistence, Duration::from_secs(300));
+        let cases: &[(&str, &str, usize, &str)] = &[
+            (
+                "    scheduler: rr\n    hash_fields: [src_ip]\n",
+                "services[0].hash_fields",
+                11,
+                "applies to `scheduler: maglev`",
+            ),
+            (
+                "    hash_fields: []\n",
+                "services[0].hash_fields",
+                10,
+                "empty list",
+            ),
+            (
+                "    hash_fields: [src_ip, src_ip]\n",
+                "services[0].hash_fields",
+                10,
+                "listed twice",
+            ),
+            (
+                "    persistence: 500ms\n",
+                "services[0].persistence",
+                10,
+                "out of range",
+            ),
+            (
+                "    persistence: 2d\n",
+                "services[0].persistence",
+                10,
+                "out of range",
+            ),
+            (
+                "    scheduler: sh\n    persistence: 60s\n",
+                "services[0].persistence",
+                11,
+                "`sh` already sends",
+            ),
+            (
+                "    hash_fields: [src_ip]\n    persistence: 60s\n",
+                "services[0].persistence",
+                11,
+                "already client-sticky",
+            ),
+        ];
+        for (extra, path, line, msg) in cases {
+            let e = one_error(&with_web(extra));
+            assert_eq!(e.path, *path, "{extra}");
+            assert_eq!(e.line, Some(*line), "{extra}: {e}");
+            assert!(e.message.contains(msg), "{extra}: {e}");
+        }
+        // Unknown scheduler / field: one syntax-level error with its line.
+        for extra in ["    scheduler: fastest\n", "    hash_fields: [src_mac]\n"] {
+            let e = one_error(&with_web(extra));
+            assert_eq!(e.line, Some(10), "{extra}: {e}");
+        }
+        // Weights that sum to zero stay an error for every scheduler.
+        let e = one_error(
+            &with_web("    scheduler: wrr\n")
+                .replace("weight: 100", "weight: 0")
+                .replacen(
+                    "      - address: 198.18.1.12\n",
+                    "      - address: 198.18.1.12\n        weight: 0\n",
+                    1,
+                ),
+        );
+        assert!(e.message.contains("weight 0"), "{e}");
+    }
+
+    #[test]
     fn duplicate_service_is_rejected() {
         let text = GOOD.replace(
             "vip: 2001:db8::100\n    port: 0\n    protocol: udp",
