@@ -52,6 +52,46 @@ services:
     backends:
       - address: 198.18.5.21
         port: 8080
+  - name: wrr
+    vip: 198.18.0.100
+    port: 81
+    protocol: tcp
+    mode: dr
+    scheduler: wrr
+    backends:
+      - { address: 198.18.1.11, mac: '02:00:00:00:01:0b', weight: 300 }
+      - { address: 198.18.1.12, mac: '02:00:00:00:01:0c', weight: 100 }
+      - { address: 198.18.1.13, mac: '02:00:00:00:01:0d', weight: 100 }
+  - name: sh
+    vip: 198.18.0.100
+    port: 82
+    protocol: tcp
+    mode: dr
+    scheduler: sh
+    backends:
+      - { address: 198.18.1.11, mac: '02:00:00:00:01:0b' }
+      - { address: 198.18.1.12, mac: '02:00:00:00:01:0c' }
+      - { address: 198.18.1.13, mac: '02:00:00:00:01:0d' }
+  - name: wlc
+    vip: 198.18.0.100
+    port: 84
+    protocol: tcp
+    mode: dr
+    scheduler: wlc
+    backends:
+      - { address: 198.18.1.11, mac: '02:00:00:00:01:0b' }
+      - { address: 198.18.1.12, mac: '02:00:00:00:01:0c' }
+      - { address: 198.18.1.13, mac: '02:00:00:00:01:0d' }
+  - name: persistent
+    vip: 198.18.0.100
+    port: 85
+    protocol: tcp
+    mode: dr
+    persistence: 300s
+    backends:
+      - { address: 198.18.1.11, mac: '02:00:00:00:01:0b' }
+      - { address: 198.18.1.12, mac: '02:00:00:00:01:0c' }
+      - { address: 198.18.1.13, mac: '02:00:00:00:01:0d' }
   - name: tun
     vip: 198.18.0.110
     port: 80
@@ -198,7 +238,18 @@ fn bench(quick: bool) -> String {
         Row::new("floor behind the driver restoring a 128-byte packet", true),
         Row::new("NAT forward (flow hit), IPv4 TCP", true),
         Row::new("NAT reply, IPv4 TCP", true),
+        Row::new("DR new flow (table full), wrr (per-CPU cursor)", true),
+        Row::new("DR new flow (table full), sh (source hash)", true),
+        Row::new("DR new flow (table full), wlc (load-weighted table)", true),
+        Row::new(
+            "DR new flow (table full), maglev + persistence (new client: template written)",
+            true,
+        ),
     ];
+    let sched_pkts: Vec<Vec<u8>> = [81u16, 82, 84, 85]
+        .iter()
+        .map(|&port| Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, port).build())
+        .collect();
     // 128-byte client packet and the backend's reply, for the restoring driver.
     let mut nat_client = Pkt::tcp("198.18.2.1", "198.18.0.120", 40000, 80);
     nat_client.payload = vec![0x5a; TEMPLATE_LEN - 54];
@@ -308,6 +359,20 @@ fn bench(quick: bool) -> String {
             u64::from(repeat),
             "every reply run translated"
         );
+
+        // New-flow selection cost per scheduler: the driver gives every run a new 5-tuple.
+        cfg.set(0, NEW_FLOW, 0).unwrap();
+        for (i, pkt) in sched_pkts.iter().enumerate() {
+            let before = counters(&h);
+            rows[10 + i].samples.push(driven(&h, pkt, repeat, 1));
+            let after = counters(&h);
+            assert_eq!(
+                after.1 - before.1,
+                u64::from(repeat),
+                "{}: every run created a flow",
+                rows[10 + i].path
+            );
+        }
     }
 
     let floor = rows[0].median();
