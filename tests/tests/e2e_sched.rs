@@ -103,6 +103,40 @@ fn schedulers_distribute_stick_persist_and_steer_end_to_end() {
         "sh keeps one client on one backend: {answers:?}"
     );
 
+    // rr ignores the weights; maglev on the source address only behaves like sh, while
+    // plain maglev spreads the same client's exchanges.
+    write(
+        &file,
+        &config(
+            "    scheduler: rr\n",
+            "    hash_fields: [src_ip]\n",
+            "    scheduler: lc\n",
+            &[0],
+        ),
+    );
+    topo.wait_log("configuration 2 applied", 1, Duration::from_secs(5));
+    let (answers, failures) = netns::tcp_clients(&cl, VIP4, TCP_PORT, 300);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(
+        shares(&answers)
+            .iter()
+            .all(|s| (s - 1.0 / 3.0).abs() < 0.05),
+        "rr: {answers:?}"
+    );
+    let (answers, _) = netns::udp_clients(&cl, VIP4, UDP_PORT, 30);
+    assert_eq!(answers.len(), 1, "hash_fields [src_ip]: {answers:?}");
+    write(
+        &file,
+        &config("    scheduler: rr\n", "", "    scheduler: lc\n", &[0]),
+    );
+    topo.wait_log("configuration 3 applied", 1, Duration::from_secs(5));
+    let (answers, _) = netns::udp_clients(&cl, VIP4, UDP_PORT, 60);
+    assert_eq!(
+        answers.len(),
+        3,
+        "maglev over the 5-tuple spreads: {answers:?}"
+    );
+
     // Persistence on web (maglev would spread this client's connections over all three).
     write(
         &file,
@@ -113,7 +147,7 @@ fn schedulers_distribute_stick_persist_and_steer_end_to_end() {
             &[0],
         ),
     );
-    topo.wait_log("configuration 2 applied", 1, Duration::from_secs(5));
+    topo.wait_log("configuration 4 applied", 1, Duration::from_secs(5));
     let (answers, failures) = netns::tcp_clients(&cl, VIP4, TCP_PORT, 40);
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(
@@ -161,7 +195,7 @@ fn schedulers_distribute_stick_persist_and_steer_end_to_end() {
             &[0, 1, 2],
         ),
     );
-    topo.wait_log("configuration 3 applied", 1, Duration::from_secs(5));
+    topo.wait_log("configuration 5 applied", 1, Duration::from_secs(5));
     // Two least-connection updates (every second).
     std::thread::sleep(Duration::from_millis(2200));
     let from = load.now();
