@@ -45,7 +45,7 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
-    let mut pkt = parse::Parsed::default();
+    let mut pkt = parse::Parsed::new();
     parse::parse(ctx, &mut pkt)?;
     if pkt.key.proto == IPPROTO_ICMP || pkt.key.proto == IPPROTO_ICMPV6 {
         let (action, slot) = match icmp::handle(ctx, &pkt)? {
