@@ -45,15 +45,20 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
-    let mut pkt = parse::Parsed::new();
-    parse::parse(ctx, &mut pkt)?;
+    let mut slot = core::mem::MaybeUninit::<parse::Parsed>::uninit();
+    // SAFETY: `init` writes every field of the slot, which lives for this whole function.
+    let pkt: &mut parse::Parsed = unsafe {
+        parse::Parsed::init(slot.as_mut_ptr());
+        &mut *slot.as_mut_ptr()
+    };
+    parse::parse(ctx, pkt)?;
     if pkt.key.proto == IPPROTO_ICMP || pkt.key.proto == IPPROTO_ICMPV6 {
-        let (action, slot) = match icmp::handle(ctx, &pkt)? {
+        let (action, slot) = match icmp::handle(ctx, pkt)? {
             Icmp::Done(action, slot) => (action, slot),
             Icmp::Steer(mode, id) => {
                 let backend = select::backend(id).ok_or(reason::PASS_NO_BACKEND)?;
                 (
-                    forward(ctx, &pkt, mode, backend, id, false)?.0,
+                    forward(ctx, pkt, mode, backend, id, false)?.0,
                     reason::ICMP_ERROR_STEERED,
                 )
             }
@@ -65,7 +70,7 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
         Ok(svc) => svc,
         // Not for a VIP: perhaps a backend's reply to a NAT flow.
         Err(slot) => {
-            let action = fwd::nat::reply(ctx, &pkt).map_err(|e| {
+            let action = fwd::nat::reply(ctx, pkt).map_err(|e| {
                 if e == reason::PASS_NON_VIP {
                     slot
                 } else {
@@ -88,7 +93,7 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
         Err(slot) => return Err(slot),
     };
     let backend = select::backend(choice.id).ok_or(reason::PASS_NO_BACKEND)?;
-    let (action, slot) = forward(ctx, &pkt, svc.mode, backend, choice.id, choice.new)?;
+    let (action, slot) = forward(ctx, pkt, svc.mode, backend, choice.id, choice.new)?;
     stats::forwarded(svc.id, choice.id, pkt.len, choice.new);
     stats::reason(slot);
     if DEBUG_LOG.load() != 0 {

@@ -50,26 +50,27 @@ pub struct Parsed {
     pub tcp_end: bool,
 }
 impl Parsed {
-    /// A zeroed summary, without `Default`: bpf-linker has LLVM leave memset to an
+    /// Zero the summary in place, without `Default`: bpf-linker has LLVM leave memset to an
     /// out-of-line byte loop (`--bpf-expand-memcpy-in-order`), which cost the fast path 67
-    /// one-byte stores per packet. Volatile word stores cannot be merged back into a memset.
+    /// one-byte stores per packet. Volatile stores cannot be merged back into a memset, and
+    /// initialising in place (no move out of a temporary) keeps LLVM from re-creating one.
+    ///
+    /// # Safety
+    /// `raw` must point to writable memory for a `Parsed`.
     #[inline(always)]
-    pub fn new() -> Parsed {
-        let mut p = core::mem::MaybeUninit::<Parsed>::uninit();
-        let raw = p.as_mut_ptr();
-        // SAFETY: every field is written before `assume_init`; FlowKey is 40 bytes, 8-aligned.
+    pub unsafe fn init(raw: *mut Parsed) {
+        use core::ptr::{addr_of_mut, write_volatile};
         unsafe {
-            let words = core::ptr::addr_of_mut!((*raw).key) as *mut u64;
+            let words = addr_of_mut!((*raw).key) as *mut u64;
             for i in 0..5 {
-                core::ptr::write_volatile(words.add(i), 0);
+                write_volatile(words.add(i), 0);
             }
-            core::ptr::addr_of_mut!((*raw).len).write(0);
-            core::ptr::addr_of_mut!((*raw).l3).write(0);
-            core::ptr::addr_of_mut!((*raw).l4).write(0);
-            core::ptr::addr_of_mut!((*raw).tos).write(0);
-            core::ptr::addr_of_mut!((*raw).df).write(false);
-            core::ptr::addr_of_mut!((*raw).tcp_end).write(false);
-            p.assume_init()
+            write_volatile(addr_of_mut!((*raw).len), 0);
+            write_volatile(addr_of_mut!((*raw).l3), 0);
+            write_volatile(addr_of_mut!((*raw).l4), 0);
+            write_volatile(addr_of_mut!((*raw).tos), 0);
+            write_volatile(addr_of_mut!((*raw).df), false);
+            write_volatile(addr_of_mut!((*raw).tcp_end), false);
         }
     }
 }
