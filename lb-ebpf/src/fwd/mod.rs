@@ -55,7 +55,16 @@ pub enum Route {
 /// No route, blackhole, forwarding disabled: `PASS_FIB_FAILED`.
 #[inline(always)]
 pub fn route(ctx: &XdpContext, family: u8, dst: &[u8; 16], tot_len: usize) -> Result<Route, u32> {
-    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+    // Zeroed with volatile word stores: `mem::zeroed()` becomes a call to an out-of-line
+    // byte loop (64 one-byte stores per packet; see `Parsed::init`).
+    let mut slot = core::mem::MaybeUninit::<FibLookup>::uninit();
+    let fib: &mut FibLookup = unsafe {
+        let words = slot.as_mut_ptr() as *mut u64;
+        for i in 0..core::mem::size_of::<FibLookup>() / 8 {
+            core::ptr::write_volatile(words.add(i), 0);
+        }
+        &mut *slot.as_mut_ptr()
+    };
     fib.ifindex = ctx.ingress_ifindex() as u32;
     fib.__bindgen_anon_1.tot_len = tot_len as u16;
     if family == AF_INET6 {
@@ -68,7 +77,7 @@ pub fn route(ctx: &XdpContext, family: u8, dst: &[u8; 16], tot_len: usize) -> Re
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
-            &mut fib,
+            fib,
             core::mem::size_of::<FibLookup>() as i32,
             0,
         )

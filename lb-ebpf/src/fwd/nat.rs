@@ -67,7 +67,6 @@ fn tcp_flags(ctx: &XdpContext, pkt: &Parsed) -> u8 {
 }
 
 /// New source and/or destination for [`rewrite`] (`set`: 1 = source, 2 = destination).
-#[derive(Default)]
 struct Rewrite {
     src: [u8; 16],
     dst: [u8; 16],
@@ -78,6 +77,20 @@ struct Rewrite {
 
 const SET_SRC: u32 = 1;
 const SET_DST: u32 = 2;
+
+impl Rewrite {
+    /// Zero in place with volatile word stores (no memset call; see `Parsed::init`).
+    ///
+    /// # Safety
+    /// `raw` must point to writable memory for a `Rewrite`.
+    #[inline(always)]
+    unsafe fn init(raw: *mut Rewrite) {
+        let words = raw as *mut u32;
+        for i in 0..core::mem::size_of::<Rewrite>() / 4 {
+            unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        }
+    }
+}
 
 /// Inline: an out-of-line function taking the XDP context let LLVM merge the `data` and
 /// `data_end` loads into one 64-bit load, which the verifier rejects.
@@ -312,10 +325,15 @@ fn forward_out(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, how: u32, out:
 
 #[inline(always)]
 fn forward_inner(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, how: u32) -> Result<u32, u32> {
-    let mut rw = Rewrite::default();
-    step(prepare_out(pkt, backend, how, &mut rw))?;
+    let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();
+    // SAFETY: `init` writes the whole slot, which lives for this function.
+    let rw: &mut Rewrite = unsafe {
+        Rewrite::init(slot.as_mut_ptr());
+        &mut *slot.as_mut_ptr()
+    };
+    step(prepare_out(pkt, backend, how, rw))?;
     let flags = tcp_flags(ctx, pkt);
-    step(rewrite_out(ctx, pkt, &rw))?;
+    step(rewrite_out(ctx, pkt, rw))?;
     let mut action = 0;
     step(route_and_send_out(
         ctx,
@@ -323,7 +341,7 @@ fn forward_inner(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, how: u32) ->
         &backend.addr,
         &mut action,
     ))?;
-    lifecycle_client(&pkt.key, backend, &rw, flags);
+    lifecycle_client(&pkt.key, backend, rw, flags);
     Ok(action)
 }
 
@@ -451,12 +469,15 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
         return Err(reason::PASS_NON_VIP);
     }
     let r = unsafe { NAT_REPLIES.get(&pkt.key) }.ok_or(reason::PASS_NON_VIP)?;
-    let mut rw = Rewrite {
-        src: r.vip,
-        sport_be: r.vip_port_be,
-        set: SET_SRC,
-        ..Rewrite::default()
+    let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();
+    // SAFETY: `init` writes the whole slot, which lives for this function.
+    let rw: &mut Rewrite = unsafe {
+        Rewrite::init(slot.as_mut_ptr());
+        &mut *slot.as_mut_ptr()
     };
+    rw.src = r.vip;
+    rw.sport_be = r.vip_port_be;
+    rw.set = SET_SRC;
     if r.fullnat != 0 {
         rw.dst = r.client;
         rw.dport_be = r.client_port_be;
@@ -469,7 +490,7 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     if pkt.key.proto == IPPROTO_TCP {
         lifecycle_backend(&pkt.key, tcp_flags(ctx, pkt));
     }
-    step(rewrite_out(ctx, pkt, &rw))?;
+    step(rewrite_out(ctx, pkt, rw))?;
     let mut action = 0;
     step(route_and_send_out(ctx, family, &rw.dst, &mut action))?;
     crate::stats::replied(service, backend, pkt.len);
