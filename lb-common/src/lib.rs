@@ -273,6 +273,12 @@ pub struct Backend {
 /// `IfaceInfo::flags` bits.
 pub const IFACE_F_SRC4: u8 = 1;
 pub const IFACE_F_SRC6: u8 = 2;
+/// `IfaceInfo::flags`: the slot of `IFACE_SLOTS` holds an interface (set by the controller).
+pub const IFACE_F_PRESENT: u8 = 4;
+
+/// Interfaces with an ifindex below this are also kept in `IFACE_SLOTS`, an array indexed
+/// by ifindex: an array lookup costs a few instructions, a hash lookup (`IFACES`) a hash.
+pub const IFACE_SLOTS: u32 = 4096;
 
 /// Value of `IFACES`, keyed by ifindex (u32): what the program needs about an interface it
 /// is attached to.
@@ -456,8 +462,9 @@ pub mod maps {
     pub const PERSIST: &str = "PERSIST";
     pub const BACKEND_ACTIVE: &str = "BACKEND_ACTIVE";
     pub const RR_CURSOR: &str = "RR_CURSOR";
+    pub const IFACE_SLOTS: &str = "IFACE_SLOTS";
     /// Every map the director pins, in a stable order.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         SERVICES,
         RINGS,
         BACKENDS,
@@ -475,6 +482,7 @@ pub mod maps {
         PERSIST,
         BACKEND_ACTIVE,
         RR_CURSOR,
+        IFACE_SLOTS,
     ];
 }
 
@@ -493,8 +501,8 @@ pub mod meta {
 /// without changing size (a size change is caught by the typed map wrappers anyway): a
 /// controller refuses to adopt pinned maps of another layout. History: 2 = reply counters
 /// (`Counters::out_*`, `NatReply::{service, backend}`); 3 = schedulers (`ServiceMeta`
-/// grew), persistence, active-flow counts.
-pub const LAYOUT_VERSION: u64 = 3;
+/// grew), persistence, active-flow counts; 4 = `IFACE_SLOTS`.
+pub const LAYOUT_VERSION: u64 = 4;
 
 /// Flow hash used to pick a ring slot on a miss. Deterministic across directors (same
 /// 5-tuple -> same slot), so identical rings on several directors pick the same backend.

@@ -91,6 +91,7 @@ pub struct Maps {
     pub persist: HashMap<MapData, lb_common::PersistKey, lb_common::PersistValue>,
     pub backend_active: PerCpuArray<MapData, i64>,
     pub rr_cursor: PerCpuArray<MapData, u32>,
+    pub iface_slots: Array<MapData, IfaceInfo>,
 }
 
 impl Maps {
@@ -113,6 +114,7 @@ impl Maps {
             persist: get(maps::PERSIST)?.try_into()?,
             backend_active: get(maps::BACKEND_ACTIVE)?.try_into()?,
             rr_cursor: get(maps::RR_CURSOR)?.try_into()?,
+            iface_slots: get(maps::IFACE_SLOTS)?.try_into()?,
         })
     }
 
@@ -139,6 +141,27 @@ impl Maps {
             out_packets: a.out_packets + c.out_packets,
             out_bytes: a.out_bytes + c.out_bytes,
         }))
+    }
+
+    /// Register an interface (`IFACES`, and `IFACE_SLOTS` for small ifindexes).
+    pub fn set_iface(&mut self, ifindex: u32, info: IfaceInfo) -> Result<()> {
+        self.ifaces.insert(ifindex, info, 0)?;
+        if ifindex < lb_common::IFACE_SLOTS {
+            let slot = IfaceInfo {
+                flags: info.flags | lb_common::IFACE_F_PRESENT,
+                ..info
+            };
+            self.iface_slots.set(ifindex, slot, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Forget an interface.
+    pub fn remove_iface(&mut self, ifindex: u32) {
+        let _ = self.ifaces.remove(&ifindex);
+        if ifindex < lb_common::IFACE_SLOTS {
+            let _ = self.iface_slots.set(ifindex, IfaceInfo::default(), 0);
+        }
     }
 
     /// Active flows of backend `id` (the data plane's count, summed over CPUs).
@@ -481,7 +504,7 @@ impl Director {
     pub fn attach(&mut self, iface: &str, mode: config::XdpMode, info: IfaceInfo) -> Result<()> {
         let ifindex = crate::netlink::ifindex(iface)
             .ok_or_else(|| std::io::Error::other(format!("interface {iface} does not exist")))?;
-        self.maps.ifaces.insert(ifindex, info, 0)?;
+        self.maps.set_iface(ifindex, info)?;
         // A redirect target for TUN packets the FIB sends out of this interface.
         self.maps
             .tx_ports
@@ -517,7 +540,7 @@ impl Director {
             return Ok(());
         };
         if let Some(ifindex) = crate::netlink::ifindex(iface) {
-            let _ = self.maps.ifaces.remove(&ifindex);
+            self.maps.remove_iface(ifindex);
             let _ = self.maps.tx_ports.remove(ifindex);
         }
         let path = dir.join(format!("link_{iface}"));

@@ -66,11 +66,9 @@ impl Harness {
         director.apply(&desired).expect("fill maps");
         director
             .maps
-            .ifaces
-            .insert(
+            .set_iface(
                 1,
                 dataplane::iface_info(&config.interfaces[0], DIRECTOR_MAC),
-                0,
             )
             .expect("register ifindex 1");
         Harness {

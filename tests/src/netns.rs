@@ -912,7 +912,7 @@ impl FibLab {
     pub fn register_up0(h: &mut crate::Harness) {
         let up0 = lb_userspace::netlink::ifindex("up0").expect("up0 in the lab namespace");
         let info = lb_userspace::dataplane::iface_info(&h.config.interfaces[0], UP_MAC);
-        h.director.maps.ifaces.insert(up0, info, 0).expect("IFACES");
+        h.director.maps.set_iface(up0, info).expect("IFACES");
         h.director
             .maps
             .tx_ports

@@ -79,7 +79,7 @@ fn harness() -> Harness {
     let mut h = Harness::new(CONFIG);
     let up0 = ifindex("up0");
     let info = dataplane::iface_info(&h.config.interfaces[0], UP_MAC);
-    h.director.maps.ifaces.insert(up0, info, 0).expect("IFACES");
+    h.director.maps.set_iface(up0, info).expect("IFACES");
     h.director
         .maps
         .tx_ports

@@ -5,7 +5,7 @@ pub mod dr;
 pub mod nat;
 pub mod tun;
 
-use aya_ebpf::btf_maps::{DevMapHash as BtfDevMapHash, HashMap as BtfHashMap};
+use aya_ebpf::btf_maps::{Array as BtfArray, DevMapHash as BtfDevMapHash, HashMap as BtfHashMap};
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibLookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
@@ -15,7 +15,7 @@ use aya_ebpf::{
     macros::btf_map,
     programs::XdpContext,
 };
-use lb_common::{reason, IfaceInfo, AF_INET6, MAX_IFACES};
+use lb_common::{reason, IfaceInfo, AF_INET6, IFACE_F_PRESENT, IFACE_SLOTS, MAX_IFACES};
 
 /// ifindex -> what we know of the interface (its MAC, TUN outer sources), filled by the
 /// controller when it attaches.
@@ -29,8 +29,18 @@ static TX_PORTS: BtfDevMapHash<{ MAX_IFACES as usize }> = BtfDevMapHash::new();
 
 #[inline(always)]
 pub fn iface(ifindex: u32) -> Option<&'static IfaceInfo> {
+    // Fast path: small ifindexes live in an array too (no hash per packet).
+    if let Some(i) = IFACE_SLOTS_MAP.get(ifindex) {
+        if i.flags & IFACE_F_PRESENT != 0 {
+            return Some(i);
+        }
+    }
     unsafe { IFACES.get(&ifindex) }
 }
+
+/// `IFACES` again, as an array indexed by ifindex (< `IFACE_SLOTS`).
+#[btf_map(name = "IFACE_SLOTS")]
+static IFACE_SLOTS_MAP: BtfArray<IfaceInfo, { IFACE_SLOTS as usize }> = BtfArray::new();
 
 // Address families as the kernel FIB helper wants them (not our AF_INET/AF_INET6 tags).
 const FIB_AF_INET: u8 = 2;
