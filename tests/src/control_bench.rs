@@ -253,14 +253,49 @@ fn controller_rows(rounds: usize) -> Vec<Stat> {
     vec![edit, failover]
 }
 
+/// Maglev table build time (weighted, distinct identities) for a few sizes.
+fn maglev_rows(rounds: usize) -> Vec<Stat> {
+    let mut rows = Vec::new();
+    for size in [65_537u32, 655_373] {
+        for n in [10usize, 100, 1000] {
+            let entries: Vec<lb_userspace::maglev::Entry> = (0..n)
+                .map(|i| lb_userspace::maglev::Entry {
+                    identity: format!("198.18.{}.{}", i / 250, 1 + i % 250),
+                    weight: 100 + (i % 3) as u32,
+                    id: i as u32,
+                })
+                .collect();
+            let mut stat = Stat {
+                what: format!("Maglev build, {n} backends, {size} slots"),
+                samples: Vec::new(),
+                unit: "ms",
+                note: if size == 65_537 && n == 100 {
+                    "target ≤ 5 ms".into()
+                } else {
+                    String::new()
+                },
+            };
+            for _ in 0..rounds {
+                let started = Instant::now();
+                let t = lb_userspace::maglev::build(&entries, size);
+                stat.samples.push(started.elapsed().as_secs_f64() * 1e3);
+                assert_eq!(t.len(), size as usize);
+            }
+            rows.push(stat);
+        }
+    }
+    rows
+}
+
 /// The control-plane table (markdown).
 pub fn report(quick: bool) -> String {
     let rounds = if quick { 2 } else { 5 };
     let mut out = String::from(
         "\n| control plane | median | min–max | samples | notes |\n|---|---:|---:|---:|---|\n",
     );
-    for s in reconcile_rows(rounds * 4)
+    for s in maglev_rows(rounds)
         .into_iter()
+        .chain(reconcile_rows(rounds * 4))
         .chain(controller_rows(rounds))
     {
         out.push_str(&s.row());

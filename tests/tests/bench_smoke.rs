@@ -29,7 +29,7 @@ fn bench_quick_runs_every_path_and_reports() {
         .skip(2)
         .take_while(|l| l.starts_with('|'))
         .collect();
-    assert_eq!(control.len(), 4, "control-plane rows:\n{stdout}");
+    assert_eq!(control.len(), 10, "control-plane rows:\n{stdout}");
     for row in control {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         let ms: f64 = cells[2]
