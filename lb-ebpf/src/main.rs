@@ -190,7 +190,7 @@ const BENCH_TEMPLATE_LEN: usize = 128;
 static BENCH_TEMPLATE: Array<[u8; BENCH_TEMPLATE_LEN]> = Array::with_max_entries(1, 0);
 
 #[map]
-static BENCH_CFG: Array<u32> = Array::with_max_entries(1, 0);
+static BENCH_CFG: Array<u32> = Array::with_max_entries(2, 0);
 
 /// Benchmark driver: `BPF_PROG_TEST_RUN` with `repeat` reuses one packet buffer, so paths
 /// that rewrite the packet would measure themselves on their own output. Before tail-calling
@@ -234,8 +234,12 @@ pub fn xdplb_bench_driver(ctx: XdpContext) -> u32 {
         let Some(seq) = BENCH_SEQ.get_ptr_mut(0) else {
             return xdp_action::XDP_ABORTED;
         };
+        // `BENCH_CFG[1]` > 0: cycle through that many 5-tuples (flow-hit rows with N
+        // established flows); 0: a new one every run.
+        let cycle = BENCH_CFG.get(1).copied().unwrap_or(0);
         let seq = unsafe {
-            *seq = (*seq).wrapping_add(1);
+            let next = (*seq).wrapping_add(1);
+            *seq = next.checked_rem(cycle).unwrap_or(next);
             *seq
         };
         // Ethernet (14) + IPv4 source address at 12; transport source port right after the

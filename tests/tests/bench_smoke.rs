@@ -22,7 +22,7 @@ fn bench_quick_runs_every_path_and_reports() {
         .take_while(|l| l.starts_with('|'))
         .filter(|l| l.starts_with("| ") && !l.starts_with("| path"))
         .collect();
-    assert_eq!(rows.len(), 14, "one row per path:\n{stdout}");
+    assert_eq!(rows.len(), 18, "one row per path:\n{stdout}");
     let control: Vec<&str> = stdout
         .lines()
         .skip_while(|l| !l.starts_with("| control plane"))

@@ -183,6 +183,66 @@ fn main() {
     println!("\nwritten to target/bench/report.md");
 }
 
+/// Flow hits with N established flows: a director with a 4M-entry table, the driver cycling
+/// through N 5-tuples (`BENCH_CFG[1]`), warmed up so every measured run is a hit.
+fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
+    let big = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 4194304");
+    let mut h = Harness::new(&big);
+    let director_fd = h
+        .director
+        .director_program()
+        .fd()
+        .unwrap()
+        .try_clone()
+        .unwrap();
+    h.director.program(dataplane::BENCH_DRIVER_PROGRAM).unwrap();
+    let mut next: ProgramArray<MapData> = h
+        .director
+        .ebpf_mut()
+        .take_map("BENCH_NEXT")
+        .expect("BENCH_NEXT")
+        .try_into()
+        .expect("program array");
+    let mut cfg: Array<MapData, u32> = h
+        .director
+        .ebpf_mut()
+        .take_map("BENCH_CFG")
+        .expect("BENCH_CFG")
+        .try_into()
+        .expect("array");
+    next.set(0, &director_fd, 0).unwrap();
+    cfg.set(0, NEW_FLOW, 0).unwrap();
+    let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build();
+    let mut rows = Vec::new();
+    for n in [1u32, 1_000, 100_000, 1_000_000] {
+        let mut row = Row::new(
+            match n {
+                1 => "DR flow hit, 1 established flow (driver cycles)",
+                1_000 => "DR flow hit, 1k established flows (driver cycles)",
+                100_000 => "DR flow hit, 100k established flows (driver cycles)",
+                _ => "DR flow hit, 1M established flows (driver cycles)",
+            },
+            true,
+        );
+        cfg.set(1, n, 0).unwrap();
+        // Warm up: every one of the N flows is created once.
+        driven(&h, &v4, n.max(1), 1);
+        for _ in 0..runs {
+            let before = counters(&h);
+            row.samples.push(driven(&h, &v4, repeat, 1));
+            let after = counters(&h);
+            assert_eq!(
+                after.1, before.1,
+                "{}: every measured run hit an established flow",
+                row.path
+            );
+            assert_eq!(after.0 - before.0, u64::from(repeat), "{}", row.path);
+        }
+        rows.push(row);
+    }
+    rows
+}
+
 fn bench(quick: bool) -> String {
     let (repeat, runs) = if quick {
         (100_000u32, 3)
@@ -227,7 +287,7 @@ fn bench(quick: bool) -> String {
         .try_into()
         .expect("array");
 
-    let mut rows = [
+    let mut rows = vec![
         Row::new("floor: MAC swap + XDP_TX", false),
         Row::new("DR flow hit, IPv4 TCP", false),
         Row::new("DR flow hit, IPv6 TCP", false),
@@ -375,6 +435,7 @@ fn bench(quick: bool) -> String {
         }
     }
 
+    rows.extend(flow_count_rows(repeat, runs));
     let floor = rows[0].median();
     let driver_floor = rows[3].median();
     let restore_floor = rows[7].median();
