@@ -14,7 +14,7 @@ mod stats;
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, ProgramArray},
+    maps::{Array, PerCpuArray, ProgramArray},
     programs::XdpContext,
     Global,
 };
@@ -166,6 +166,25 @@ pub fn xdplb_floor(ctx: XdpContext) -> u32 {
         }
         None => xdp_action::XDP_PASS,
     }
+}
+
+/// End-to-end benchmark receiver: counts every frame (per CPU) and drops it.
+#[map]
+static SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[xdp]
+pub fn xdplb_sink(_ctx: XdpContext) -> u32 {
+    if let Some(c) = SINK.get_ptr_mut(0) {
+        unsafe { *c += 1 };
+    }
+    xdp_action::XDP_DROP
+}
+
+/// End-to-end benchmark generator tail: transmit the frame as it is (live-frames mode sends
+/// `XDP_TX` out of the interface given as ingress).
+#[xdp]
+pub fn xdplb_tx(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
 }
 
 /// Program under test for [`xdplb_bench_new_flow`] (slot 0), set by the benchmark.

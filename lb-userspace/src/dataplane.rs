@@ -25,6 +25,9 @@ pub const PROGRAM: &str = "xdplb";
 pub const PASS_PROGRAM: &str = "xdplb_pass";
 /// MAC-swap `XDP_TX` program: the benchmark floor.
 pub const FLOOR_PROGRAM: &str = "xdplb_floor";
+/// End-to-end benchmark receiver (count and drop) and generator tail (`XDP_TX` as is).
+pub const SINK_PROGRAM: &str = "xdplb_sink";
+pub const TX_PROGRAM: &str = "xdplb_tx";
 /// Benchmark driver: optionally strips an outer header and/or makes a new 5-tuple per run
 /// (`BENCH_CFG`), then tail-calls `BENCH_NEXT[0]`.
 pub const BENCH_DRIVER_PROGRAM: &str = "xdplb_bench_driver";

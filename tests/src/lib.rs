@@ -5,6 +5,7 @@
 pub mod control_bench;
 pub mod load;
 pub mod netns;
+pub mod pps_bench;
 
 use std::net::IpAddr;
 

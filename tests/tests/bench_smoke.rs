@@ -30,6 +30,17 @@ fn bench_quick_runs_every_path_and_reports() {
         .take_while(|l| l.starts_with('|'))
         .collect();
     assert_eq!(control.len(), 10, "control-plane rows:\n{stdout}");
+    let e2e: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("| end to end"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert_eq!(e2e.len(), 4, "end-to-end rows:\n{stdout}");
+    for row in &e2e {
+        let mpps: f64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
+        assert!(mpps > 0.0, "frames came back through the director: {row}");
+    }
     for row in control {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         let ms: f64 = cells[2]

@@ -176,6 +176,7 @@ fn main() {
     let mut report = lab.run(move || bench(quick));
     drop(lab);
     report += &lb_tests::control_bench::report(args.quick);
+    report += &lb_tests::pps_bench::report(args.quick);
     print!("{report}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).expect("target/bench");

@@ -1,0 +1,285 @@
+//! End-to-end packets per second on veth, for `cargo xtask bench`: a generator namespace
+//! sends frames with `BPF_PROG_TEST_RUN` in live-frames mode (XDP_TX out of its veth) to
+//! the director's namespace, whose XDP program sends them back out (DR: XDP_TX toward the
+//! backend's MAC on the same segment); an XDP sink on the generator's veth counts what comes
+//! back. The ceiling is the same path with a plain MAC-swap XDP_TX program in the director's
+//! place.
+
+use std::{
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{Array, MapData, PerCpuArray, ProgramArray},
+    programs::{ProgramFd, TestRun, TestRunAttrs, TestRunOptions},
+};
+use lb_userspace::{
+    config::{AnyHost, Config, XdpMode},
+    dataplane::{self, Director},
+};
+
+use crate::{
+    netns::{in_netns, sh, TempNs},
+    Pkt,
+};
+
+const VIP: &str = "198.18.8.100";
+/// Frame size of the generator's template (as the bench driver's RESTORE expects).
+const FRAME: usize = 128;
+
+struct Lab {
+    gen: TempNs,
+    dir: TempNs,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let tag = std::process::id();
+        let gen = TempNs::new(&format!("xpg{tag}"));
+        let dir = TempNs::new(&format!("xpd{tag}"));
+        sh(&[
+            "ip", "-n", &gen.0, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+            "netns", &dir.0,
+        ]);
+        for (ns, addr) in [(&gen, "198.18.8.1/24"), (&dir, "198.18.8.2/24")] {
+            ns.ip(&["addr", "add", addr, "dev", "eth0"]);
+            ns.ip(&["link", "set", "eth0", "up"]);
+            ns.ip(&["link", "set", "lo", "up"]);
+        }
+        Lab { gen, dir }
+    }
+
+    fn mac(&self, ns: &TempNs) -> [u8; 6] {
+        let out = sh(&["ip", "-n", &ns.0, "-j", "link", "show", "eth0"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
+        let s = v[0]["address"].as_str().expect("address");
+        let mut mac = [0u8; 6];
+        for (i, b) in s.split(':').enumerate() {
+            mac[i] = u8::from_str_radix(b, 16).expect("hex");
+        }
+        mac
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Target {
+    /// MAC swap + XDP_TX.
+    Ceiling,
+    /// The director in DR mode.
+    Dr,
+}
+
+fn dr_config(gen_mac: [u8; 6]) -> String {
+    let m = gen_mac;
+    let mac = format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    );
+    // The "backends" share the segment with the generator: their frames come back to it.
+    format!(
+        "interfaces: [{{name: eth0, xdp_mode: native}}]\nflow_table_size: 65536\nservices:\n  - name: web\n    vip: {VIP}\n    port: 80\n    protocol: tcp\n    mode: dr\n    backends:\n      - {{address: 198.18.8.11, mac: '{mac}'}}\n      - {{address: 198.18.8.12, mac: '{mac}'}}\n      - {{address: 198.18.8.13, mac: '{mac}'}}\n"
+    )
+}
+
+/// Run the director side (`target` attached to eth0 of `dir`) until told to stop.
+fn serve(
+    dir: &str,
+    target: Target,
+    gen_mac: [u8; 6],
+) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    let handle = in_netns(dir, move || {
+        let cfg = Config::parse(&dr_config(gen_mac), &AnyHost).expect("bench config");
+        let mut d = Director::load(&dataplane::LoadOptions {
+            flow_table_size: cfg.flow_table_size(),
+            ..Default::default()
+        })
+        .expect("load");
+        match target {
+            Target::Ceiling => d
+                .attach_program(dataplane::FLOOR_PROGRAM, "eth0")
+                .expect("attach floor"),
+            Target::Dr => {
+                let want = dataplane::desired(&cfg, |b| b.mac().map(|m| m.0).unwrap_or_default());
+                d.apply(&want).expect("maps");
+                let mac = {
+                    let out = sh(&["ip", "-j", "link", "show", "eth0"]);
+                    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
+                    let s = v[0]["address"].as_str().expect("address").to_string();
+                    let mut mac = [0u8; 6];
+                    for (i, b) in s.split(':').enumerate() {
+                        mac[i] = u8::from_str_radix(b, 16).expect("hex");
+                    }
+                    mac
+                };
+                d.attach(
+                    "eth0",
+                    XdpMode::Native,
+                    dataplane::iface_info(&cfg.interfaces[0], mac),
+                )
+                .expect("attach director");
+            }
+        }
+        ready_tx.send(()).expect("ready");
+        let _ = stop_rx.recv();
+        drop(d);
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("director side ready");
+    (stop_tx, handle)
+}
+
+/// Send `count` frames over `flows` distinct 5-tuples; (sent pps, delivered pps).
+fn generate(gen: &str, dir_mac: [u8; 6], gen_mac: [u8; 6], flows: u32, count: u32) -> (f64, f64) {
+    let gen = gen.to_string();
+    in_netns(&gen, move || {
+        let mut d = Director::load(&dataplane::LoadOptions {
+            flow_table_size: lb_userspace::config::FLOW_TABLE_MIN,
+            ..Default::default()
+        })
+        .expect("load generator object");
+        d.attach_program(dataplane::SINK_PROGRAM, "eth0")
+            .expect("sink");
+        let tx_fd: ProgramFd = d
+            .program(dataplane::TX_PROGRAM)
+            .expect("tx")
+            .fd()
+            .expect("fd")
+            .try_clone()
+            .expect("fd");
+        d.program(dataplane::BENCH_DRIVER_PROGRAM).expect("driver");
+        let mut next: ProgramArray<MapData> = d
+            .ebpf_mut()
+            .take_map("BENCH_NEXT")
+            .expect("BENCH_NEXT")
+            .try_into()
+            .expect("program array");
+        next.set(0, &tx_fd, 0).expect("tail");
+        let mut cfg: Array<MapData, u32> = d
+            .ebpf_mut()
+            .take_map("BENCH_CFG")
+            .expect("BENCH_CFG")
+            .try_into()
+            .expect("cfg");
+        // Restore the template every run (live frames reuse pages), then a 5-tuple from
+        // the cycle of `flows`.
+        cfg.set(0, 4 | 2, 0).expect("cfg");
+        cfg.set(1, flows, 0).expect("cycle");
+        let mut p = Pkt::tcp("198.18.9.1", VIP, 40000, 80).with_macs(gen_mac, dir_mac);
+        p.payload = vec![0x5a; FRAME - 54];
+        let frame = p.build();
+        let mut template: Array<MapData, [u8; FRAME]> = d
+            .ebpf_mut()
+            .take_map("BENCH_TEMPLATE")
+            .expect("BENCH_TEMPLATE")
+            .try_into()
+            .expect("template");
+        template
+            .set(
+                0,
+                <[u8; FRAME]>::try_from(&frame[..]).expect("128 bytes"),
+                0,
+            )
+            .expect("template");
+        let sink: PerCpuArray<MapData, u64> = d
+            .ebpf_mut()
+            .take_map("SINK")
+            .expect("SINK")
+            .try_into()
+            .expect("sink");
+        let received = || -> u64 { sink.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+        let ifindex = lb_userspace::netlink::ifindex("eth0").expect("eth0");
+        let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
+            .iter()
+            .flat_map(|w: &u32| w.to_ne_bytes())
+            .collect();
+        let before = received();
+        let prog = d.loaded(dataplane::BENCH_DRIVER_PROGRAM).expect("driver");
+        let started = Instant::now();
+        prog.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            ctx_in: Some(&ctx),
+            repeat: count,
+            attrs: TestRunAttrs::new().xdp_live_frames(64),
+            ..Default::default()
+        })
+        .expect("live frames");
+        let sent_s = started.elapsed().as_secs_f64();
+        // Let the last frames arrive.
+        std::thread::sleep(Duration::from_millis(200));
+        let got = received() - before;
+        (f64::from(count) / sent_s, got as f64 / sent_s)
+    })
+    .join()
+    .expect("generator")
+}
+
+pub struct PpsRow {
+    pub what: String,
+    pub delivered_mpps: Vec<f64>,
+}
+
+/// Delivered Mpps for the ceiling and DR at 1 and 10k flows (`runs` each).
+pub fn rows(quick: bool) -> Vec<PpsRow> {
+    let lab = Lab::new();
+    let (gen_mac, dir_mac) = (lab.mac(&lab.gen), lab.mac(&lab.dir));
+    let (runs, count) = if quick { (2, 200_000) } else { (5, 2_000_000) };
+    let mut out = Vec::new();
+    for (target, name) in [
+        (Target::Ceiling, "ceiling: MAC swap + XDP_TX"),
+        (Target::Dr, "xdplb DR"),
+    ] {
+        let (stop, handle) = serve(&lab.dir.0, target, gen_mac);
+        for flows in [1u32, 10_000] {
+            let mut row = PpsRow {
+                what: format!("{name}, {} flow(s)", flows),
+                delivered_mpps: Vec::new(),
+            };
+            for _ in 0..runs {
+                let (_, delivered) = generate(&lab.gen.0, dir_mac, gen_mac, flows, count);
+                row.delivered_mpps.push(delivered / 1e6);
+            }
+            out.push(row);
+        }
+        let _ = stop.send(());
+        handle.join().expect("director side");
+    }
+    out
+}
+
+/// The end-to-end table (markdown), with each row's ratio to the ceiling at the same flows.
+pub fn report(quick: bool) -> String {
+    let rows = rows(quick);
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut out = String::from(
+        "\n| end to end on veth (delivered) | Mpps (median) | min–max | × ceiling |\n|---|---:|---:|---:|\n",
+    );
+    for r in &rows {
+        let flows = r.what.rsplit(", ").next().unwrap_or("");
+        let ceiling = rows
+            .iter()
+            .find(|c| c.what.starts_with("ceiling") && c.what.ends_with(flows))
+            .map(|c| median(&c.delivered_mpps))
+            .unwrap_or(f64::NAN);
+        let m = median(&r.delivered_mpps);
+        let min = r
+            .delivered_mpps
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+        let max = r.delivered_mpps.iter().copied().fold(0.0, f64::max);
+        out.push_str(&format!(
+            "| {} | {m:.2} | {min:.2}–{max:.2} | {:.2} |\n",
+            r.what,
+            m / ceiling
+        ));
+    }
+    out
+}
