@@ -136,6 +136,10 @@ fn dr_balances_real_tcp_and_udp_for_ipv4_and_ipv6() {
     // SIGTERM detaches the program and removes every pin.
     assert!(topo.stop_director(), "xdplb run exits 0 on SIGTERM");
     assert!(!topo.pin_dir.exists(), "pins removed on exit");
+    for ext in ["lock", "sock"] {
+        let f = lb_userspace::run::control_path(&topo.pin_dir, ext);
+        assert!(!f.exists(), "{} removed on exit", f.display());
+    }
     let link = netns::sh(&["ip", "-n", &topo.ns("dir"), "-d", "link", "show", "eth0"]);
     assert!(
         !link.contains("prog/xdp"),
