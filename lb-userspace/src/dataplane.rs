@@ -559,11 +559,6 @@ impl Director {
         self.pin_dir.as_deref()
     }
 
-    /// Backend ids whose flows the controller removes (see [`sweep`]).
-    pub fn evicted(&self) -> std::collections::HashSet<u32> {
-        self.state.evicted()
-    }
-
     /// The entry last written for backend `id`.
     pub fn backend_entry(&self, id: u32) -> Option<Backend> {
         self.state.backend(id).copied()

@@ -108,7 +108,7 @@ impl Collector for DirectorCollector {
         let Ok(maps) = Maps::from_pins(&self.pin_dir) else {
             return Ok(());
         };
-        let Ok(services) = status::collect_with(&maps, false) else {
+        let Ok(services) = status::collect(&maps) else {
             return Ok(());
         };
         if let Ok(totals) = maps.reason_totals() {

@@ -181,10 +181,10 @@ struct Controller {
     generation: u64,
     /// What `xdplb status` and `/metrics` see of the controller.
     view: std::sync::Arc<std::sync::Mutex<crate::status::View>>,
+    /// Check results arrived since `view` was last rebuilt.
+    view_stale: bool,
     last_reconcile_unix: f64,
     reconcile_errors: u64,
-    /// Flow entries per backend id at the last sweep (`None` before the first).
-    active: Option<HashMap<u32, usize>>,
     metrics: Option<(std::net::SocketAddr, JoinHandle<()>)>,
     pin_dir: PathBuf,
 }
@@ -229,8 +229,9 @@ impl Controller {
         r
     }
 
-    /// Publish names, health, last checks and flow counts for `status` and `/metrics`.
-    fn refresh_view(&self) {
+    /// Publish names, health and last checks for `status` and `/metrics`.
+    fn refresh_view(&mut self) {
+        self.view_stale = false;
         use crate::status::{BackendView, CheckView, ServiceView, View};
         let eff = self.effective();
         let services = eff
@@ -268,13 +269,6 @@ impl Controller {
                                     .duration_since(std::time::UNIX_EPOCH)
                                     .map(|d| d.as_secs_f64())
                                     .unwrap_or(0.0),
-                            }),
-                            active_flows: self.active.as_ref().map(|a| {
-                                self.ids
-                                    .backends
-                                    .get(&key)
-                                    .and_then(|id| a.get(id))
-                                    .map_or(0, |&n| n as u64)
                             }),
                         }
                     })
@@ -450,9 +444,9 @@ impl Controller {
             tracing::debug!(backend = %r.key, check = %r.detail, "check failed");
         }
         self.last_report.insert(r.key, r);
-        if !changed {
-            self.refresh_view();
-        }
+        // Published on the next watch tick (or `view` request), not per check result:
+        // with thousands of backends, rebuilding the view per result is quadratic.
+        self.view_stale = true;
         changed
     }
 
@@ -711,6 +705,9 @@ impl Controller {
             ["undrain", svc, backend] => self.drain(svc, backend, false),
             ["reload"] => self.reload("xdplb reload").await,
             ["view"] => {
+                if self.view_stale {
+                    self.refresh_view();
+                }
                 serde_json::to_string(&*self.view.lock().expect("view")).map_err(|e| e.to_string())
             }
             _ => Err(format!("unknown request `{line}`")),
@@ -730,7 +727,6 @@ impl Controller {
         if swept.removed > 0 {
             tracing::debug!("removed {} ended flow(s)", swept.removed);
         }
-        self.active = Some(swept.live.clone());
         // Correct the data plane's per-backend counts from the table (flows the LRU evicted
         // were never counted down).
         for &id in self.ids.backends.values() {
@@ -758,8 +754,6 @@ impl Controller {
             if let Err(e) = self.reconcile("retired backends") {
                 tracing::error!("{e:#}");
             }
-        } else {
-            self.refresh_view();
         }
     }
 }
@@ -877,9 +871,9 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         debug_log: opts.debug_log,
         generation: 1,
         view: Default::default(),
+        view_stale: false,
         last_reconcile_unix: 0.0,
         reconcile_errors: 0,
-        active: None,
         metrics: None,
         pin_dir: opts.pin_dir.to_path_buf(),
     };
@@ -972,6 +966,9 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
             }
             _ = hup.recv() => { let _ = c.reload("SIGHUP").await; }
             _ = watch.tick() => {
+                if c.view_stale {
+                    c.refresh_view();
+                }
                 let stamp = file_stamp(&c.config_path);
                 if stamp != c.seen_stamp {
                     c.seen_stamp = stamp;

@@ -62,8 +62,6 @@ pub struct BackendView {
     pub retired: bool,
     /// The latest check, if the service has checks.
     pub last_check: Option<CheckView>,
-    /// Flow entries pointing at the backend at the controller's last sweep (every 5 s).
-    pub active_flows: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -115,15 +113,8 @@ pub fn endpoint(key: &VipKey) -> String {
     }
 }
 
-/// Everything the maps say. Active flows come from the data plane's per-backend counts, or,
-/// with `count_flows`, from walking `FLOWS` (exact, O(table) syscalls).
-pub fn collect_with(maps: &Maps, count_flows: bool) -> Result<Vec<ServiceReport>> {
-    let mut flows_per_backend: BTreeMap<u32, u64> = BTreeMap::new();
-    if count_flows {
-        for (_, v) in maps.flows.iter().filter_map(|r| r.ok()) {
-            *flows_per_backend.entry(v.backend).or_default() += 1;
-        }
-    }
+/// Everything the maps say; active flows are the data plane's per-backend counts.
+pub fn collect(maps: &Maps) -> Result<Vec<ServiceReport>> {
     let mut services: Vec<ServiceReport> = Vec::new();
     for (key, meta) in maps.services.iter().filter_map(|r| r.ok()) {
         services.push(ServiceReport {
@@ -147,21 +138,12 @@ pub fn collect_with(maps: &Maps, count_flows: bool) -> Result<Vec<ServiceReport>
                 mac: b.mac,
                 weight: b.weight,
                 flags: b.flags,
-                active_flows: if count_flows {
-                    flows_per_backend.get(&id).copied().unwrap_or(0)
-                } else {
-                    maps.active_flows(id)?
-                },
+                active_flows: maps.active_flows(id)?,
                 counters: Maps::sum_counters(&maps.backend_stats, id)?,
             });
         }
     }
     Ok(services)
-}
-
-/// [`collect_with`] with the data plane's active-flow counts.
-pub fn collect(maps: &Maps) -> Result<Vec<ServiceReport>> {
-    collect_with(maps, false)
 }
 
 impl BackendReport {
@@ -217,10 +199,10 @@ pub struct Status {
 
 /// Read the maps twice, `interval` apart, for rates; `view` from the controller if it runs.
 pub fn status(maps: &Maps, view: Option<View>, interval: Duration) -> Result<Status> {
-    let first = collect_with(maps, false)?;
+    let first = collect(maps)?;
     let started = std::time::Instant::now();
     std::thread::sleep(interval);
-    let services = collect_with(maps, false)?;
+    let services = collect(maps)?;
     let dt = started.elapsed();
     let mut rates = BTreeMap::new();
     for s in &services {
