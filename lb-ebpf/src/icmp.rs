@@ -49,16 +49,10 @@ pub enum Icmp {
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, pkt: &Parsed) -> Result<Icmp, u32> {
     // out = [steer?, action or mode, slot or backend id]
-    // Zeroed without a memset call (see `Parsed::new`).
-    let mut out = core::mem::MaybeUninit::<[u32; 3]>::uninit();
-    let mut out = unsafe {
-        let p = out.as_mut_ptr() as *mut u32;
-        for i in 0..3 {
-            core::ptr::write_volatile(p.add(i), 0);
-        }
-        out.assume_init()
-    };
-    match handle_out(ctx, pkt, &mut out) {
+    let mut slot = core::mem::MaybeUninit::<[u32; 3]>::uninit();
+    // SAFETY: zeros are valid u32s.
+    let out = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
+    match handle_out(ctx, pkt, out) {
         STATUS_OK if out[0] != 0 => Ok(Icmp::Steer(out[1] as u8, out[2])),
         STATUS_OK => Ok(Icmp::Done(out[1], out[2])),
         slot => Err(slot),

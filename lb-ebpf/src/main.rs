@@ -46,11 +46,8 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
     let mut slot = core::mem::MaybeUninit::<parse::Parsed>::uninit();
-    // SAFETY: `init` writes every field of the slot, which lives for this whole function.
-    let pkt: &mut parse::Parsed = unsafe {
-        parse::Parsed::init(slot.as_mut_ptr());
-        &mut *slot.as_mut_ptr()
-    };
+    // SAFETY: all zeros is a valid summary (72 bytes, 8-aligned).
+    let pkt = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
     parse::parse(ctx, pkt)?;
     if pkt.key.proto == IPPROTO_ICMP || pkt.key.proto == IPPROTO_ICMPV6 {
         let (action, slot) = match icmp::handle(ctx, pkt)? {

@@ -49,34 +49,8 @@ pub struct Parsed {
     /// TCP with FIN or RST: the client is ending the connection.
     pub tcp_end: bool,
 }
-impl Parsed {
-    /// Zero the summary in place, without `Default`: bpf-linker has LLVM leave memset to an
-    /// out-of-line byte loop (`--bpf-expand-memcpy-in-order`), which cost the fast path 67
-    /// one-byte stores per packet. Volatile stores cannot be merged back into a memset, and
-    /// initialising in place (no move out of a temporary) keeps LLVM from re-creating one.
-    ///
-    /// # Safety
-    /// `raw` must point to writable memory for a `Parsed`.
-    #[inline(always)]
-    pub unsafe fn init(raw: *mut Parsed) {
-        use core::ptr::{addr_of_mut, write_volatile};
-        unsafe {
-            let words = addr_of_mut!((*raw).key) as *mut u64;
-            for i in 0..5 {
-                write_volatile(words.add(i), 0);
-            }
-            write_volatile(addr_of_mut!((*raw).len), 0);
-            write_volatile(addr_of_mut!((*raw).l3), 0);
-            write_volatile(addr_of_mut!((*raw).l4), 0);
-            write_volatile(addr_of_mut!((*raw).tos), 0);
-            write_volatile(addr_of_mut!((*raw).df), false);
-            write_volatile(addr_of_mut!((*raw).tcp_end), false);
-        }
-    }
-}
-
 /// Copy a 16-byte address as two words (an array assignment becomes a memmove call, see
-/// [`Parsed::new`]).
+/// [`lb_ebpf::zeroed_in_place`]).
 #[inline(always)]
 pub fn copy16(dst: &mut [u8; 16], src: &[u8; 16]) {
     let (s, d) = (src.as_ptr() as *const u64, dst.as_mut_ptr() as *mut u64);

@@ -16,7 +16,7 @@ pub fn forward(ctx: &XdpContext, backend: &Backend) -> Result<u32, u32> {
     let (dst, src) = (backend.mac, iface.mac);
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::PASS_MALFORMED)?;
     // Three 16-bit stores per address: an array assignment would be a memmove call (an
-    // out-of-line byte loop, see `Parsed::new`). Ethernet headers are 2-aligned.
+    // out-of-line byte loop, see `lb_ebpf::zeroed_in_place`). Ethernet headers are 2-aligned.
     let w = eth as *mut u16;
     unsafe {
         for i in 0..3 {

@@ -65,16 +65,9 @@ pub enum Route {
 /// No route, blackhole, forwarding disabled: `PASS_FIB_FAILED`.
 #[inline(always)]
 pub fn route(ctx: &XdpContext, family: u8, dst: &[u8; 16], tot_len: usize) -> Result<Route, u32> {
-    // Zeroed with volatile word stores: `mem::zeroed()` becomes a call to an out-of-line
-    // byte loop (64 one-byte stores per packet; see `Parsed::init`).
     let mut slot = core::mem::MaybeUninit::<FibLookup>::uninit();
-    let fib: &mut FibLookup = unsafe {
-        let words = slot.as_mut_ptr() as *mut u64;
-        for i in 0..core::mem::size_of::<FibLookup>() / 8 {
-            core::ptr::write_volatile(words.add(i), 0);
-        }
-        &mut *slot.as_mut_ptr()
-    };
+    // SAFETY: the kernel's parameter struct is plain data (64 bytes, 4-aligned).
+    let fib = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
     fib.ifindex = ctx.ingress_ifindex() as u32;
     fib.__bindgen_anon_1.tot_len = tot_len as u16;
     if family == AF_INET6 {

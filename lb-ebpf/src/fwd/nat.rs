@@ -78,20 +78,6 @@ struct Rewrite {
 const SET_SRC: u32 = 1;
 const SET_DST: u32 = 2;
 
-impl Rewrite {
-    /// Zero in place with volatile word stores (no memset call; see `Parsed::init`).
-    ///
-    /// # Safety
-    /// `raw` must point to writable memory for a `Rewrite`.
-    #[inline(always)]
-    unsafe fn init(raw: *mut Rewrite) {
-        let words = raw as *mut u32;
-        for i in 0..core::mem::size_of::<Rewrite>() / 4 {
-            unsafe { core::ptr::write_volatile(words.add(i), 0) };
-        }
-    }
-}
-
 /// Inline: an out-of-line function taking the XDP context let LLVM merge the `data` and
 /// `data_end` loads into one 64-bit load, which the verifier rejects.
 #[inline(always)]
@@ -326,11 +312,8 @@ fn forward_out(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, how: u32, out:
 #[inline(always)]
 fn forward_inner(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, how: u32) -> Result<u32, u32> {
     let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();
-    // SAFETY: `init` writes the whole slot, which lives for this function.
-    let rw: &mut Rewrite = unsafe {
-        Rewrite::init(slot.as_mut_ptr());
-        &mut *slot.as_mut_ptr()
-    };
+    // SAFETY: all zeros is a valid rewrite (nothing set); 40 bytes, 4-aligned.
+    let rw = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
     step(prepare_out(pkt, backend, how, rw))?;
     let flags = tcp_flags(ctx, pkt);
     step(rewrite_out(ctx, pkt, rw))?;
@@ -470,11 +453,8 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     }
     let r = unsafe { NAT_REPLIES.get(&pkt.key) }.ok_or(reason::PASS_NON_VIP)?;
     let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();
-    // SAFETY: `init` writes the whole slot, which lives for this function.
-    let rw: &mut Rewrite = unsafe {
-        Rewrite::init(slot.as_mut_ptr());
-        &mut *slot.as_mut_ptr()
-    };
+    // SAFETY: all zeros is a valid rewrite (nothing set); 40 bytes, 4-aligned.
+    let rw = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
     rw.src = r.vip;
     rw.sport_be = r.vip_port_be;
     rw.set = SET_SRC;
