@@ -16,7 +16,7 @@ use lb_userspace::{
 
 use crate::{
     load::{EchoServer, Load, ECHO_PORT},
-    netns::{self, Topology, VIP4},
+    netns::{self, ConfigFile, Topology, VIP4},
 };
 
 struct Stat {
@@ -168,14 +168,8 @@ fn controller_rows(rounds: usize) -> Vec<Stat> {
             )
         })
         .collect();
-    let path = std::env::temp_dir().join(format!("xdplb-{prefix}.yaml"));
-    let write = |text: &str| {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).expect("write config");
-        std::fs::rename(&tmp, &path).expect("replace config");
-    };
-    write(&config(&[0, 1], INTERVAL_MS, FALL));
-    topo.start_director(&xdplb, &path);
+    let file = ConfigFile::new(&prefix, &config(&[0, 1], INTERVAL_MS, FALL));
+    topo.start_director(&xdplb, file.path());
     topo.wait_log("xdplb running", 1, Duration::from_secs(20));
 
     // File edit -> the new backend's entry is in the pinned map.
@@ -188,17 +182,17 @@ fn controller_rows(rounds: usize) -> Vec<Stat> {
     let b3: IpAddr = netns::backend4(2).parse().unwrap();
     for _ in 0..rounds {
         let started = Instant::now();
-        write(&config(&[0, 1, 2], INTERVAL_MS, FALL));
+        file.write(&config(&[0, 1, 2], INTERVAL_MS, FALL));
         netns::wait_for("b3 in the maps", Duration::from_secs(5), || {
             backend_present(&topo.pin_dir, b3)
         });
         edit.samples.push(started.elapsed().as_secs_f64() * 1e3);
-        write(&config(&[0, 1], INTERVAL_MS, FALL));
+        file.write(&config(&[0, 1], INTERVAL_MS, FALL));
         netns::wait_for("b3 out of the maps", Duration::from_secs(5), || {
             !backend_present(&topo.pin_dir, b3)
         });
     }
-    write(&config(&[0, 1, 2], INTERVAL_MS, FALL));
+    file.write(&config(&[0, 1, 2], INTERVAL_MS, FALL));
     netns::wait_for("b3 back", Duration::from_secs(5), || {
         backend_present(&topo.pin_dir, b3)
     });
@@ -249,7 +243,7 @@ fn controller_rows(rounds: usize) -> Vec<Stat> {
     );
     drop(topo);
     drop(servers);
-    let _ = std::fs::remove_file(&path);
+    drop(file);
     vec![edit, failover]
 }
 

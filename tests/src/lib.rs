@@ -36,6 +36,31 @@ pub fn require_root() {
     );
 }
 
+/// The benchmark driver (`xdplb_bench_driver`) of a loaded object: loads it and takes its
+/// tail-call slot (`BENCH_NEXT`) and its settings (`BENCH_CFG`).
+pub fn bench_driver(
+    d: &mut Director,
+) -> (
+    aya::maps::ProgramArray<aya::maps::MapData>,
+    aya::maps::Array<aya::maps::MapData, u32>,
+) {
+    d.program(dataplane::BENCH_DRIVER_PROGRAM)
+        .expect("load the bench driver");
+    let next = d
+        .ebpf_mut()
+        .take_map("BENCH_NEXT")
+        .expect("BENCH_NEXT")
+        .try_into()
+        .expect("program array");
+    let cfg = d
+        .ebpf_mut()
+        .take_map("BENCH_CFG")
+        .expect("BENCH_CFG")
+        .try_into()
+        .expect("array");
+    (next, cfg)
+}
+
 /// A director loaded (not attached) with maps filled from a YAML config, for fixtures.
 pub struct Harness {
     pub director: Director,

@@ -621,6 +621,36 @@ impl Drop for Topology {
     }
 }
 
+/// A config file a test owns (removed on drop). `write` replaces it atomically (write a
+/// temporary, rename), as an editor or a deployment tool would, so a watching controller
+/// never reads half a file.
+pub struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    pub fn new(tag: &str, text: &str) -> ConfigFile {
+        let f = ConfigFile(std::env::temp_dir().join(format!("xdplb-{tag}.yaml")));
+        f.write(text);
+        f
+    }
+
+    pub fn write(&self, text: &str) {
+        let tmp = self.0.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write config");
+        std::fs::rename(&tmp, &self.0).expect("replace config");
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(self.0.with_extension("tmp"));
+    }
+}
+
 pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ok() {

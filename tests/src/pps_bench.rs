@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, MapData, PerCpuArray, ProgramArray},
+    maps::{Array, MapData, PerCpuArray},
     programs::{ProgramFd, TestRun, TestRunAttrs, TestRunOptions},
 };
 use lb_userspace::{
@@ -49,17 +49,22 @@ impl Lab {
         }
         Lab { gen, dir }
     }
+}
 
-    fn mac(&self, ns: &TempNs) -> [u8; 6] {
-        let out = sh(&["ip", "-n", &ns.0, "-j", "link", "show", "eth0"]);
-        let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
-        let s = v[0]["address"].as_str().expect("address");
-        let mut mac = [0u8; 6];
-        for (i, b) in s.split(':').enumerate() {
-            mac[i] = u8::from_str_radix(b, 16).expect("hex");
-        }
-        mac
+/// The MAC of `eth0` in namespace `ns` (`None`: the calling thread's namespace).
+fn eth0_mac(ns: Option<&str>) -> [u8; 6] {
+    let mut args = vec!["ip"];
+    if let Some(ns) = ns {
+        args.extend(["-n", ns]);
     }
+    args.extend(["-j", "link", "show", "eth0"]);
+    let v: serde_json::Value = serde_json::from_str(&sh(&args)).expect("ip -j");
+    let s = v[0]["address"].as_str().expect("address");
+    let mut mac = [0u8; 6];
+    for (i, b) in s.split(':').enumerate() {
+        mac[i] = u8::from_str_radix(b, 16).expect("hex");
+    }
+    mac
 }
 
 #[derive(Clone, Copy)]
@@ -104,16 +109,7 @@ fn serve(
             Target::Dr => {
                 let want = dataplane::desired(&cfg, |b| b.mac().map(|m| m.0).unwrap_or_default());
                 d.apply(&want).expect("maps");
-                let mac = {
-                    let out = sh(&["ip", "-j", "link", "show", "eth0"]);
-                    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
-                    let s = v[0]["address"].as_str().expect("address").to_string();
-                    let mut mac = [0u8; 6];
-                    for (i, b) in s.split(':').enumerate() {
-                        mac[i] = u8::from_str_radix(b, 16).expect("hex");
-                    }
-                    mac
-                };
+                let mac = eth0_mac(None);
                 d.attach(
                     "eth0",
                     XdpMode::Native,
@@ -150,20 +146,8 @@ fn generate(gen: &str, dir_mac: [u8; 6], gen_mac: [u8; 6], flows: u32, count: u3
             .expect("fd")
             .try_clone()
             .expect("fd");
-        d.program(dataplane::BENCH_DRIVER_PROGRAM).expect("driver");
-        let mut next: ProgramArray<MapData> = d
-            .ebpf_mut()
-            .take_map("BENCH_NEXT")
-            .expect("BENCH_NEXT")
-            .try_into()
-            .expect("program array");
+        let (mut next, mut cfg) = crate::bench_driver(&mut d);
         next.set(0, &tx_fd, 0).expect("tail");
-        let mut cfg: Array<MapData, u32> = d
-            .ebpf_mut()
-            .take_map("BENCH_CFG")
-            .expect("BENCH_CFG")
-            .try_into()
-            .expect("cfg");
         // Restore the template every run (live frames reuse pages), then a 5-tuple from
         // the cycle of `flows`.
         cfg.set(0, 4 | 2, 0).expect("cfg");
@@ -225,7 +209,7 @@ pub struct PpsRow {
 /// Delivered Mpps for the ceiling and DR at 1 and 10k flows (`runs` each).
 pub fn rows(quick: bool) -> Vec<PpsRow> {
     let lab = Lab::new();
-    let (gen_mac, dir_mac) = (lab.mac(&lab.gen), lab.mac(&lab.dir));
+    let (gen_mac, dir_mac) = (eth0_mac(Some(&lab.gen.0)), eth0_mac(Some(&lab.dir.0)));
     let (runs, count) = if quick { (2, 200_000) } else { (5, 2_000_000) };
     let mut out = Vec::new();
     for (target, name) in [

@@ -3,16 +3,11 @@
 //! connection every 20 ms, while backends fail, the config changes, and the controller is
 //! killed or upgraded.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::Mutex,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Mutex, time::Duration};
 
 use lb_tests::{
     load::{EchoServer, Load, LoadReport, ECHO_PORT},
-    netns::{self, Topology, VIP4},
+    netns::{self, ConfigFile, Topology, VIP4},
 };
 
 /// The scenarios share the machine's two CPUs: one at a time.
@@ -29,35 +24,6 @@ fn config(backends: &[usize], extra: &str) -> String {
         s += &format!("      - address: {}\n", netns::backend4(i));
     }
     s
-}
-
-/// A config file the test owns (removed on drop); `write` replaces it atomically, as an
-/// editor or a deployment tool would.
-struct ConfigFile(PathBuf);
-
-impl ConfigFile {
-    fn new(tag: &str, text: &str) -> ConfigFile {
-        let f = ConfigFile(std::env::temp_dir().join(format!("xdplb-{tag}.yaml")));
-        f.write(text);
-        f
-    }
-
-    fn write(&self, text: &str) {
-        let tmp = self.0.with_extension("tmp");
-        std::fs::write(&tmp, text).expect("write config");
-        std::fs::rename(&tmp, &self.0).expect("replace config");
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-        let _ = std::fs::remove_file(self.0.with_extension("tmp"));
-    }
 }
 
 struct Lab {

@@ -2,11 +2,11 @@
 //! across a drain and its expiry, and wlc steering new connections away from a backend
 //! that holds many long-lived ones. The scheduler changes by hot reload between phases.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use lb_tests::{
     load::{EchoServer, Load, ECHO_PORT},
-    netns::{self, Topology, TCP_PORT, UDP_PORT, VIP4},
+    netns::{self, ConfigFile, Topology, TCP_PORT, UDP_PORT, VIP4},
 };
 
 fn config(web: &str, dns: &str, echo: &str, echo_backends: &[usize]) -> String {
@@ -35,19 +35,6 @@ fn config(web: &str, dns: &str, echo: &str, echo_backends: &[usize]) -> String {
     )
 }
 
-struct File(PathBuf);
-impl Drop for File {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn write(f: &File, text: &str) {
-    let tmp = f.0.with_extension("tmp");
-    std::fs::write(&tmp, text).expect("write config");
-    std::fs::rename(&tmp, &f.0).expect("replace config");
-}
-
 fn shares(answers: &BTreeMap<String, usize>) -> Vec<f64> {
     let total: usize = answers.values().sum();
     (1..=3)
@@ -71,9 +58,8 @@ fn schedulers_distribute_stick_persist_and_steer_end_to_end() {
             )
         })
         .collect();
-    let file = File(std::env::temp_dir().join(format!("xdplb-{prefix}.yaml")));
-    write(
-        &file,
+    let file = ConfigFile::new(
+        &prefix,
         &config(
             "    scheduler: wrr\n",
             "    scheduler: sh\n",
@@ -81,7 +67,7 @@ fn schedulers_distribute_stick_persist_and_steer_end_to_end() {
             &[0],
         ),
     );
-    topo.start_director(&xdplb, &file.0);
+    topo.start_director(&xdplb, file.path());
     topo.wait_log("xdplb running", 1, Duration::from_secs(20));
     let cl = topo.ns("cl");
 
@@ -105,15 +91,12 @@ fn schedulers_distribute_stick_persist_and_steer_end_to_end() {
 
     // rr ignores the weights; maglev on the source address only behaves like sh, while
     // plain maglev spreads the same client's exchanges.
-    write(
-        &file,
-        &config(
-            "    scheduler: rr\n",
-            "    hash_fields: [src_ip]\n",
-            "    scheduler: lc\n",
-            &[0],
-        ),
-    );
+    file.write(&config(
+        "    scheduler: rr\n",
+        "    hash_fields: [src_ip]\n",
+        "    scheduler: lc\n",
+        &[0],
+    ));
     topo.wait_log("configuration 2 applied", 1, Duration::from_secs(5));
     let (answers, failures) = netns::tcp_clients(&cl, VIP4, TCP_PORT, 300);
     assert!(failures.is_empty(), "{failures:?}");
@@ -125,10 +108,12 @@ fn schedulers_distribute_stick_persist_and_steer_end_to_end() {
     );
     let (answers, _) = netns::udp_clients(&cl, VIP4, UDP_PORT, 30);
     assert_eq!(answers.len(), 1, "hash_fields [src_ip]: {answers:?}");
-    write(
-        &file,
-        &config("    scheduler: rr\n", "", "    scheduler: lc\n", &[0]),
-    );
+    file.write(&config(
+        "    scheduler: rr\n",
+        "",
+        "    scheduler: lc\n",
+        &[0],
+    ));
     topo.wait_log("configuration 3 applied", 1, Duration::from_secs(5));
     let (answers, _) = netns::udp_clients(&cl, VIP4, UDP_PORT, 60);
     assert_eq!(
@@ -138,15 +123,12 @@ fn schedulers_distribute_stick_persist_and_steer_end_to_end() {
     );
 
     // Persistence on web (maglev would spread this client's connections over all three).
-    write(
-        &file,
-        &config(
-            "    persistence: 2s\n",
-            "    scheduler: sh\n",
-            "    scheduler: wlc\n",
-            &[0],
-        ),
-    );
+    file.write(&config(
+        "    persistence: 2s\n",
+        "    scheduler: sh\n",
+        "    scheduler: wlc\n",
+        &[0],
+    ));
     topo.wait_log("configuration 4 applied", 1, Duration::from_secs(5));
     let (answers, failures) = netns::tcp_clients(&cl, VIP4, TCP_PORT, 40);
     assert!(failures.is_empty(), "{failures:?}");
@@ -186,15 +168,12 @@ fn schedulers_distribute_stick_persist_and_steer_end_to_end() {
     let target = SocketAddr::new(VIP4.parse().unwrap(), ECHO_PORT);
     let load = Load::start(&cl, target, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(500));
-    write(
-        &file,
-        &config(
-            "    persistence: 2s\n",
-            "    scheduler: sh\n",
-            "    scheduler: wlc\n",
-            &[0, 1, 2],
-        ),
-    );
+    file.write(&config(
+        "    persistence: 2s\n",
+        "    scheduler: sh\n",
+        "    scheduler: wlc\n",
+        &[0, 1, 2],
+    ));
     topo.wait_log("configuration 5 applied", 1, Duration::from_secs(5));
     // Two least-connection updates (every second).
     std::thread::sleep(Duration::from_millis(2200));

@@ -5,7 +5,7 @@
 //! known routes.
 
 use aya::{
-    maps::{Array, MapData, ProgramArray},
+    maps::{Array, MapData},
     programs::Xdp,
 };
 use clap::Parser;
@@ -196,21 +196,7 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
         .unwrap()
         .try_clone()
         .unwrap();
-    h.director.program(dataplane::BENCH_DRIVER_PROGRAM).unwrap();
-    let mut next: ProgramArray<MapData> = h
-        .director
-        .ebpf_mut()
-        .take_map("BENCH_NEXT")
-        .expect("BENCH_NEXT")
-        .try_into()
-        .expect("program array");
-    let mut cfg: Array<MapData, u32> = h
-        .director
-        .ebpf_mut()
-        .take_map("BENCH_CFG")
-        .expect("BENCH_CFG")
-        .try_into()
-        .expect("array");
+    let (mut next, mut cfg) = lb_tests::bench_driver(&mut h.director);
     next.set(0, &director_fd, 0).unwrap();
     cfg.set(0, NEW_FLOW, 0).unwrap();
     let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build();
@@ -272,21 +258,7 @@ fn bench(quick: bool) -> String {
         .unwrap()
         .try_clone()
         .unwrap();
-    h.director.program(dataplane::BENCH_DRIVER_PROGRAM).unwrap();
-    let mut next: ProgramArray<MapData> = h
-        .director
-        .ebpf_mut()
-        .take_map("BENCH_NEXT")
-        .expect("BENCH_NEXT")
-        .try_into()
-        .expect("program array");
-    let mut cfg: Array<MapData, u32> = h
-        .director
-        .ebpf_mut()
-        .take_map("BENCH_CFG")
-        .expect("BENCH_CFG")
-        .try_into()
-        .expect("array");
+    let (mut next, mut cfg) = lb_tests::bench_driver(&mut h.director);
 
     let mut rows = vec![
         Row::new("floor: MAC swap + XDP_TX", false),
