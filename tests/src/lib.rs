@@ -36,6 +36,52 @@ pub fn require_root() {
     );
 }
 
+/// A [`Harness`] whose maps come from the reconciler: config plus a per-backend runtime
+/// state (health, drain, load) the test sets, as the controller would.
+pub struct Reconciled {
+    pub h: Harness,
+    pub ids: lb_userspace::reconcile::Ids,
+    pub runtime: std::collections::HashMap<
+        lb_userspace::health::BackendKey,
+        lb_userspace::reconcile::Runtime,
+    >,
+}
+
+impl Reconciled {
+    /// `yaml` must give every backend a `mac:`.
+    pub fn new(yaml: &str) -> Reconciled {
+        let mut r = Reconciled {
+            h: Harness::new(yaml),
+            ids: Default::default(),
+            runtime: Default::default(),
+        };
+        r.apply();
+        r
+    }
+
+    /// Write the desired state of config + `runtime` (a diff, as the controller does).
+    pub fn apply(&mut self) -> lb_userspace::reconcile::Changes {
+        let rt = &self.runtime;
+        let want = lb_userspace::reconcile::desired(
+            &self.h.config,
+            &mut self.ids,
+            |b| b.mac().map(|m| m.0).unwrap_or_default(),
+            |k| rt.get(k).copied().unwrap_or_default(),
+        );
+        self.h.director.apply(&want).expect("apply")
+    }
+
+    /// Backend `addr` of service `vip:port/proto`.
+    pub fn key(vip: &str, port: u16, proto: u8, addr: &str) -> lb_userspace::health::BackendKey {
+        lb_userspace::health::BackendKey {
+            vip: vip.parse().expect("vip"),
+            port,
+            proto,
+            address: addr.parse().expect("address"),
+        }
+    }
+}
+
 /// The benchmark driver (`xdplb_bench_driver`) of a loaded object: loads it and takes its
 /// tail-call slot (`BENCH_NEXT`) and its settings (`BENCH_CFG`).
 pub fn bench_driver(

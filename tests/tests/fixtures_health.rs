@@ -5,10 +5,10 @@
 use std::collections::HashMap;
 
 use lb_common::reason;
-use lb_tests::{Harness, Pkt, XDP_DROP, XDP_PASS, XDP_TX};
+use lb_tests::{Pkt, Reconciled, XDP_DROP, XDP_PASS, XDP_TX};
 use lb_userspace::{
     health::{BackendKey, State},
-    reconcile::{self, Changes, Ids, Runtime},
+    reconcile::{Changes, Runtime},
 };
 
 const CONFIG: &str = "
@@ -44,36 +44,35 @@ services:
       - { address: 198.18.1.31, mac: '02:00:00:00:01:1f' }
 ";
 
-struct Lab {
-    h: Harness,
-    ids: Ids,
-    runtime: HashMap<BackendKey, Runtime>,
+/// The reconciler's view of CONFIG applied to a loaded director.
+struct Lab(Reconciled);
+
+impl std::ops::Deref for Lab {
+    type Target = Reconciled;
+    fn deref(&self) -> &Reconciled {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Lab {
+    fn deref_mut(&mut self) -> &mut Reconciled {
+        &mut self.0
+    }
 }
 
 impl Lab {
     fn new() -> Lab {
-        let h = Harness::new(CONFIG);
-        let mut lab = Lab {
-            h,
-            ids: Ids::default(),
-            runtime: HashMap::new(),
-        };
-        lab.apply();
-        lab
+        Lab(Reconciled::new(CONFIG))
     }
 
     fn key(&self, port: u16, addr: &str) -> BackendKey {
-        BackendKey {
-            vip: "198.18.0.100".parse().unwrap(),
-            port,
-            proto: 6,
-            address: addr.parse().unwrap(),
-        }
+        Reconciled::key("198.18.0.100", port, 6, addr)
     }
 
     fn set(&mut self, port: u16, addr: &str, state: State, drained: bool) -> Changes {
+        let key = self.key(port, addr);
         self.runtime.insert(
-            self.key(port, addr),
+            key,
             Runtime {
                 state,
                 drained,
@@ -81,17 +80,6 @@ impl Lab {
             },
         );
         self.apply()
-    }
-
-    fn apply(&mut self) -> Changes {
-        let rt = self.runtime.clone();
-        let want = reconcile::desired(
-            &self.h.config,
-            &mut self.ids,
-            |b| b.mac().map(|m| m.0).unwrap_or_default(),
-            |k| rt.get(k).copied().unwrap_or_default(),
-        );
-        self.h.director.apply(&want).expect("apply")
     }
 
     /// (verdict, destination MAC's last byte) for one packet.

@@ -4,10 +4,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use lb_tests::{Harness, Pkt, TCP_FIN, XDP_TX};
+use lb_tests::{Pkt, Reconciled, TCP_FIN, XDP_TX};
 use lb_userspace::{
     health::{BackendKey, State},
-    reconcile::{self, Ids, Runtime},
+    reconcile::Runtime,
 };
 
 const CONFIG: &str = "
@@ -78,41 +78,29 @@ services:
 
 const VIP: &str = "198.18.0.100";
 
-struct Lab {
-    h: Harness,
-    ids: Ids,
-    runtime: HashMap<BackendKey, Runtime>,
+/// The reconciler's view of CONFIG applied to a loaded director.
+struct Lab(Reconciled);
+
+impl std::ops::Deref for Lab {
+    type Target = Reconciled;
+    fn deref(&self) -> &Reconciled {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Lab {
+    fn deref_mut(&mut self) -> &mut Reconciled {
+        &mut self.0
+    }
 }
 
 impl Lab {
     fn new() -> Lab {
-        let mut lab = Lab {
-            h: Harness::new(CONFIG),
-            ids: Ids::default(),
-            runtime: HashMap::new(),
-        };
-        lab.apply();
-        lab
+        Lab(Reconciled::new(CONFIG))
     }
 
     fn key(port: u16, proto: u8, addr: &str) -> BackendKey {
-        BackendKey {
-            vip: VIP.parse().unwrap(),
-            port,
-            proto,
-            address: addr.parse().unwrap(),
-        }
-    }
-
-    fn apply(&mut self) {
-        let rt = self.runtime.clone();
-        let want = reconcile::desired(
-            &self.h.config,
-            &mut self.ids,
-            |b| b.mac().map(|m| m.0).unwrap_or_default(),
-            |k| rt.get(k).copied().unwrap_or_default(),
-        );
-        self.h.director.apply(&want).expect("apply");
+        Reconciled::key(VIP, port, proto, addr)
     }
 
     /// The backend (last octet of its address, from the MAC) a packet was sent to.
