@@ -33,6 +33,18 @@ impl BackendKey {
     }
 }
 
+/// Every backend of `cfg`, in config order.
+pub fn backend_keys(cfg: &crate::config::Config) -> Vec<BackendKey> {
+    cfg.services
+        .iter()
+        .flat_map(|s| {
+            s.backends
+                .iter()
+                .map(|b| BackendKey::new(s.endpoint(), b.address))
+        })
+        .collect()
+}
+
 impl std::fmt::Display for BackendKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let proto = if self.proto == lb_common::IPPROTO_TCP {

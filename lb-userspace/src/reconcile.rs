@@ -52,15 +52,7 @@ impl Ids {
         // In config order, so a fresh director numbers things as the file lists them.
         let want_services: Vec<VipKey> = cfg.services.iter().map(vip_key).collect();
         self.services.retain(|k, _| want_services.contains(k));
-        let want_backends: Vec<BackendKey> = cfg
-            .services
-            .iter()
-            .flat_map(|s| {
-                s.backends
-                    .iter()
-                    .map(|b| BackendKey::new(s.endpoint(), b.address))
-            })
-            .collect();
+        let want_backends = crate::health::backend_keys(cfg);
         let wanted: HashSet<&BackendKey> = want_backends.iter().collect();
         self.backends.retain(|k, _| wanted.contains(k));
         let mut used: BTreeSet<u32> = self.services.values().copied().collect();

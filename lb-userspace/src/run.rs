@@ -407,16 +407,8 @@ impl Controller {
             let task = health::spawn(key, spec.0.clone(), spec.1, rt.state, self.reports.clone());
             self.checks.insert(key, Check { spec, task });
         }
-        let keys: std::collections::HashSet<BackendKey> = self
-            .cfg
-            .services
-            .iter()
-            .flat_map(|s| {
-                s.backends
-                    .iter()
-                    .map(|b| BackendKey::new(s.endpoint(), b.address))
-            })
-            .collect();
+        let keys: std::collections::HashSet<BackendKey> =
+            health::backend_keys(&self.cfg).into_iter().collect();
         self.runtime.retain(|k, _| keys.contains(k));
         self.last_report.retain(|k, _| keys.contains(k));
     }
