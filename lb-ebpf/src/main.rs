@@ -259,16 +259,21 @@ pub fn xdplb_bench_driver(ctx: XdpContext) -> u32 {
             *seq
         };
         // Ethernet (14) + IPv4 source address at 12; transport source port right after the
-        // 20-byte IPv4 header.
-        let (Some(src), Some(sport)) = (
-            lb_ebpf::ptr_at::<[u8; 2]>(&ctx, 14 + 14),
-            lb_ebpf::ptr_at::<[u8; 2]>(&ctx, 14 + 20),
-        ) else {
+        // 20-byte IPv4 header. Checksums (IPv4 header at 10, TCP at 16) follow the change,
+        // so the kernel's own path (the nftables peer) accepts the frames too.
+        let Some(h) = lb_ebpf::ptr_at::<[u8; 14 + 20 + 18]>(&ctx, 0) else {
             return xdp_action::XDP_ABORTED;
         };
-        unsafe {
-            *src = (seq as u16).to_be_bytes();
-            *sport = ((seq >> 16) as u16 | 1024).to_be_bytes();
+        let h = unsafe { &mut *h };
+        let word = |h: &[u8; 52], at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
+        let (old_src, old_port) = (word(h, 28), word(h, 34));
+        let (new_src, new_port) = (seq as u16, (seq >> 16) as u16 | 1024);
+        [h[28], h[29]] = new_src.to_be_bytes();
+        [h[34], h[35]] = new_port.to_be_bytes();
+        [h[24], h[25]] = csum::replace_word([h[24], h[25]], old_src, new_src);
+        if h[23] == lb_common::IPPROTO_TCP {
+            let c = csum::replace_word([h[50], h[51]], old_src, new_src);
+            [h[50], h[51]] = csum::replace_word(c, old_port, new_port);
         }
     }
     unsafe { BENCH_NEXT.tail_call(&ctx, 0) };

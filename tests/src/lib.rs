@@ -3,8 +3,10 @@
 //! Everything here needs root; tests call [`require_root`] first.
 
 pub mod control_bench;
+pub mod http_bench;
 pub mod load;
 pub mod netns;
+pub mod plot;
 pub mod pps_bench;
 
 use std::net::IpAddr;
@@ -251,6 +253,7 @@ pub struct Pkt {
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 impl Pkt {
     pub fn tcp(src: &str, dst: &str, sport: u16, dport: u16) -> Pkt {
@@ -331,6 +334,9 @@ impl Pkt {
                 }
                 if self.tcp_flags & TCP_RST != 0 {
                     tcp = tcp.rst();
+                }
+                if self.tcp_flags & TCP_ACK != 0 {
+                    tcp = tcp.ack(1);
                 }
                 tcp.write(&mut out, &self.payload)
             }

@@ -125,7 +125,7 @@ impl Topology {
     }
 
     /// `ip -n NS ARGS...`
-    fn ip(&self, host: &str, args: &[&str]) {
+    pub fn ip(&self, host: &str, args: &[&str]) {
         let ns = self.ns(host);
         let mut all = vec!["ip", "-n", ns.as_str()];
         all.extend_from_slice(args);
@@ -527,6 +527,14 @@ impl Topology {
             .expect("spawn");
         self.adopt(child);
         self.children.len() - 1
+    }
+
+    /// SIGTERM child `idx` (from [`Topology::spawn_in`]) and wait for it.
+    pub fn stop_child(&mut self, idx: usize) {
+        let child = &mut self.children[idx];
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
     }
 
     /// `xdplb stats --json` of the running director.

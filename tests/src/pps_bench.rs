@@ -47,6 +47,26 @@ impl Lab {
             ns.ip(&["link", "set", "eth0", "up"]);
             ns.ip(&["link", "set", "lo", "up"]);
         }
+        // TUN/NAT/nftables route to the backends on this segment; their neighbours are the
+        // generator's MAC, so every forwarded frame comes back to the generator's sink.
+        let gen_mac = eth0_mac(Some(&gen.0));
+        let mac = format!(
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            gen_mac[0], gen_mac[1], gen_mac[2], gen_mac[3], gen_mac[4], gen_mac[5]
+        );
+        for b in BACKENDS {
+            dir.ip(&[
+                "neigh", "replace", b, "lladdr", &mac, "dev", "eth0", "nud", "permanent",
+            ]);
+        }
+        dir.ip(&["route", "add", "198.18.9.0/24", "via", "198.18.8.1"]);
+        dir.sysctl(&[
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.eth0.send_redirects=0",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.eth0.rp_filter=0",
+        ]);
         Lab { gen, dir }
     }
 }
@@ -67,23 +87,90 @@ fn eth0_mac(ns: Option<&str>) -> [u8; 6] {
     mac
 }
 
-#[derive(Clone, Copy)]
-enum Target {
+/// What sits in the director's namespace.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Target {
     /// MAC swap + XDP_TX.
     Ceiling,
     /// The director in DR mode.
     Dr,
+    /// The director in TUN mode (IPIP to backends on the generator's segment).
+    Tun,
+    /// The director in NAT mode (DNAT, next hop from the FIB).
+    Nat,
+    /// The kernel peer: nftables DNAT with `numgen inc`, IP forwarding (a pass-through XDP
+    /// program on eth0 only so the generator's XDP_TX into the veth delivers).
+    Nft,
 }
 
-fn dr_config(gen_mac: [u8; 6]) -> String {
+impl Target {
+    pub const ALL: [Target; 5] = [
+        Target::Ceiling,
+        Target::Dr,
+        Target::Tun,
+        Target::Nat,
+        Target::Nft,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Ceiling => "ceiling: MAC swap + XDP_TX",
+            Target::Dr => "xdplb DR",
+            Target::Tun => "xdplb TUN",
+            Target::Nat => "xdplb NAT",
+            Target::Nft => "nftables DNAT (numgen)",
+        }
+    }
+
+    fn mode(self) -> Option<&'static str> {
+        match self {
+            Target::Dr => Some("dr"),
+            Target::Tun => Some("tun"),
+            Target::Nat => Some("nat"),
+            _ => None,
+        }
+    }
+}
+
+/// Backends "live" on the generator's segment: their frames (DR: the backend MAC is the
+/// generator's; TUN/NAT: permanent neighbours with the generator's MAC) come back to it.
+const BACKENDS: [&str; 3] = ["198.18.8.11", "198.18.8.12", "198.18.8.13"];
+
+fn director_config(mode: &str, gen_mac: [u8; 6]) -> String {
     let m = gen_mac;
     let mac = format!(
         "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         m[0], m[1], m[2], m[3], m[4], m[5]
     );
-    // The "backends" share the segment with the generator: their frames come back to it.
+    let tun = if mode == "tun" {
+        ", tun_source: [198.18.8.2]"
+    } else {
+        ""
+    };
+    let mut cfg = format!(
+        "interfaces: [{{name: eth0, xdp_mode: native{tun}}}]\nflow_table_size: 65536\nservices:\n  - name: web\n    vip: {VIP}\n    port: 80\n    protocol: tcp\n    mode: {mode}\n    backends:\n"
+    );
+    for b in BACKENDS {
+        if mode == "dr" {
+            cfg += &format!("      - {{address: {b}, mac: '{mac}'}}\n");
+        } else {
+            cfg += &format!("      - {{address: {b}}}\n");
+        }
+    }
+    cfg
+}
+
+/// The kernel peer's ruleset: DNAT round robin over the same backends.
+fn nft_ruleset() -> String {
+    let map: Vec<String> = BACKENDS
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("{i} : {b}"))
+        .collect();
     format!(
-        "interfaces: [{{name: eth0, xdp_mode: native}}]\nflow_table_size: 65536\nservices:\n  - name: web\n    vip: {VIP}\n    port: 80\n    protocol: tcp\n    mode: dr\n    backends:\n      - {{address: 198.18.8.11, mac: '{mac}'}}\n      - {{address: 198.18.8.12, mac: '{mac}'}}\n      - {{address: 198.18.8.13, mac: '{mac}'}}\n"
+        "table ip xdplb_bench {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n    ip daddr {VIP} tcp dport 80 dnat to numgen inc mod {} map {{ {} }}\n  }}\n}}\n",
+        BACKENDS.len(),
+        map.join(", ")
     )
 }
 
@@ -93,20 +180,42 @@ fn serve(
     target: Target,
     gen_mac: [u8; 6],
 ) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    if target == Target::Nft {
+        let path = std::env::temp_dir().join(format!("xdplb-bench-{}.nft", std::process::id()));
+        std::fs::write(&path, nft_ruleset()).expect("write ruleset");
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            dir,
+            "nft",
+            "-f",
+            path.to_str().expect("utf-8 path"),
+        ]);
+        let _ = std::fs::remove_file(&path);
+    }
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
     let handle = in_netns(dir, move || {
-        let cfg = Config::parse(&dr_config(gen_mac), &AnyHost).expect("bench config");
         let mut d = Director::load(&dataplane::LoadOptions {
-            flow_table_size: cfg.flow_table_size(),
+            flow_table_size: 65536,
             ..Default::default()
         })
         .expect("load");
-        match target {
-            Target::Ceiling => d
-                .attach_program(dataplane::FLOOR_PROGRAM, "eth0")
-                .expect("attach floor"),
-            Target::Dr => {
+        match target.mode() {
+            None => d
+                .attach_program(
+                    if target == Target::Ceiling {
+                        dataplane::FLOOR_PROGRAM
+                    } else {
+                        dataplane::PASS_PROGRAM
+                    },
+                    "eth0",
+                )
+                .expect("attach"),
+            Some(mode) => {
+                let cfg =
+                    Config::parse(&director_config(mode, gen_mac), &AnyHost).expect("config");
                 let want = dataplane::desired(&cfg, |b| b.mac().map(|m| m.0).unwrap_or_default());
                 d.apply(&want).expect("maps");
                 let mac = eth0_mac(None);
@@ -121,6 +230,9 @@ fn serve(
         ready_tx.send(()).expect("ready");
         let _ = stop_rx.recv();
         drop(d);
+        if target == Target::Nft {
+            sh(&["nft", "delete", "table", "ip", "xdplb_bench"]);
+        }
     });
     ready_rx
         .recv_timeout(Duration::from_secs(30))
@@ -154,6 +266,8 @@ fn generate(gen: &str, dir_mac: [u8; 6], gen_mac: [u8; 6], flows: u32, count: u3
         cfg.set(1, flows, 0).expect("cycle");
         let mut p = Pkt::tcp("198.18.9.1", VIP, 40000, 80).with_macs(gen_mac, dir_mac);
         p.payload = vec![0x5a; FRAME - 54];
+        // ACK: a segment conntrack (the nftables peer) picks up as an established stream.
+        p.tcp_flags = crate::TCP_ACK;
         let frame = p.build();
         let mut template: Array<MapData, [u8; FRAME]> = d
             .ebpf_mut()
@@ -202,24 +316,23 @@ fn generate(gen: &str, dir_mac: [u8; 6], gen_mac: [u8; 6], flows: u32, count: u3
 }
 
 pub struct PpsRow {
-    pub what: String,
+    pub target: Target,
+    pub flows: u32,
     pub delivered_mpps: Vec<f64>,
 }
 
-/// Delivered Mpps for the ceiling and DR at 1 and 10k flows (`runs` each).
+/// Delivered Mpps for every [`Target`] at 1 and 10k flows (`runs` each).
 pub fn rows(quick: bool) -> Vec<PpsRow> {
     let lab = Lab::new();
     let (gen_mac, dir_mac) = (eth0_mac(Some(&lab.gen.0)), eth0_mac(Some(&lab.dir.0)));
     let (runs, count) = if quick { (2, 200_000) } else { (5, 2_000_000) };
     let mut out = Vec::new();
-    for (target, name) in [
-        (Target::Ceiling, "ceiling: MAC swap + XDP_TX"),
-        (Target::Dr, "xdplb DR"),
-    ] {
+    for target in Target::ALL {
         let (stop, handle) = serve(&lab.dir.0, target, gen_mac);
         for flows in [1u32, 10_000] {
             let mut row = PpsRow {
-                what: format!("{name}, {} flow(s)", flows),
+                target,
+                flows,
                 delivered_mpps: Vec::new(),
             };
             for _ in 0..runs {
@@ -234,35 +347,45 @@ pub fn rows(quick: bool) -> Vec<PpsRow> {
     out
 }
 
-/// The end-to-end table (markdown), with each row's ratio to the ceiling at the same flows.
-pub fn report(quick: bool) -> String {
-    let rows = rows(quick);
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+/// Median of a non-empty sample set.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// (min, max) of a sample set.
+pub fn min_max(v: &[f64]) -> (f64, f64) {
+    (
+        v.iter().copied().fold(f64::INFINITY, f64::min),
+        v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    )
+}
+
+/// The end-to-end table (markdown): each row's ratio to the ceiling at the same flow count,
+/// and NAT's to the kernel's DNAT.
+pub fn report(rows: &[PpsRow]) -> String {
+    let at = |t: Target, flows: u32| {
+        rows.iter()
+            .find(|r| r.target == t && r.flows == flows)
+            .map(|r| median(&r.delivered_mpps))
+            .unwrap_or(f64::NAN)
     };
     let mut out = String::from(
-        "\n| end to end on veth (delivered) | Mpps (median) | min–max | × ceiling |\n|---|---:|---:|---:|\n",
+        "\n| end to end on veth (delivered) | flows | Mpps (median) | min–max | × ceiling | × nftables DNAT |\n|---|---:|---:|---:|---:|---:|\n",
     );
-    for r in &rows {
-        let flows = r.what.rsplit(", ").next().unwrap_or("");
-        let ceiling = rows
-            .iter()
-            .find(|c| c.what.starts_with("ceiling") && c.what.ends_with(flows))
-            .map(|c| median(&c.delivered_mpps))
-            .unwrap_or(f64::NAN);
+    for r in rows {
         let m = median(&r.delivered_mpps);
-        let min = r
-            .delivered_mpps
-            .iter()
-            .copied()
-            .fold(f64::INFINITY, f64::min);
-        let max = r.delivered_mpps.iter().copied().fold(0.0, f64::max);
+        let (min, max) = min_max(&r.delivered_mpps);
+        let vs_nft = match r.target {
+            Target::Nat | Target::Nft => format!("{:.2}", m / at(Target::Nft, r.flows)),
+            _ => String::new(),
+        };
         out.push_str(&format!(
-            "| {} | {m:.2} | {min:.2}–{max:.2} | {:.2} |\n",
-            r.what,
-            m / ceiling
+            "| {} | {} | {m:.2} | {min:.2}–{max:.2} | {:.2} | {vs_nft} |\n",
+            r.target.name(),
+            r.flows,
+            m / at(Target::Ceiling, r.flows)
         ));
     }
     out

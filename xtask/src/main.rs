@@ -49,6 +49,11 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux", // nsenter
     "systemd",    // systemd-analyze verifies packaging/xdplb.service
+    // The bench's peers and report (`cargo xtask bench`; its smoke test runs in `test`):
+    "nftables",          // nftables DNAT with numgen, the kernel's NAT peer
+    "haproxy",           // HAProxy `mode tcp`, the proxy peer
+    "wrk",               // HTTP requests/s through the VIP
+    "fonts-dejavu-core", // the font of the report's PNG plot
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 

@@ -18,6 +18,21 @@ struct Args {
     /// Fewer repetitions (smoke run).
     #[arg(long)]
     quick: bool,
+    /// Only these sections (default: all; the plot needs `e2e`).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Section {
+    /// ns/packet through BPF_PROG_TEST_RUN.
+    Packet,
+    /// Maglev builds, reconcile, config → maps, failover.
+    Control,
+    /// Delivered pps on veth: ceiling, DR, TUN, NAT, nftables.
+    E2e,
+    /// wrk requests/s: xdplb NAT, nftables, HAProxy.
+    Http,
 }
 
 const CONFIG: &str = "
@@ -171,17 +186,58 @@ fn loaded<'a>(h: &'a Harness, name: &str) -> &'a Xdp {
 fn main() {
     let args = Args::parse();
     lb_tests::require_root();
-    let lab = FibLab::new("bench");
     let quick = args.quick;
-    let mut report = lab.run(move || bench(quick));
-    drop(lab);
-    report += &lb_tests::control_bench::report(args.quick);
-    report += &lb_tests::pps_bench::report(args.quick);
-    print!("{report}");
+    let want = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    let mut report = format!("xdplb bench on {}\n", machine());
+    if want(Section::Packet) {
+        let lab = FibLab::new("bench");
+        report += &lab.run(move || bench(quick));
+        drop(lab);
+    }
+    if want(Section::Control) {
+        report += &lb_tests::control_bench::report(quick);
+    }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).expect("target/bench");
+    if want(Section::E2e) {
+        let pps = lb_tests::pps_bench::rows(quick);
+        report += &lb_tests::pps_bench::report(&pps);
+        lb_tests::plot::pps_png(
+            &pps,
+            &format!("xdplb end to end on veth, {}", machine()),
+            &dir.join("pps.png"),
+        )
+        .expect("plot");
+        report += "\n![delivered pps by mode](pps.png)\n";
+    }
+    if want(Section::Http) {
+        report += &lb_tests::http_bench::report(&lb_tests::http_bench::rows(quick));
+    }
+    print!("{report}");
     std::fs::write(dir.join("report.md"), &report).expect("write report");
-    println!("\nwritten to target/bench/report.md");
+    println!("\nwritten to target/bench/report.md and target/bench/pps.png");
+}
+
+/// The machine in one line: CPU model, CPUs, kernel.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_string())
+        .unwrap_or_default();
+    format!(
+        "{} CPUs ({cpu}), Linux {kernel}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    )
 }
 
 /// Flow hits with N established flows: a director with a 4M-entry table, the driver cycling
@@ -413,9 +469,8 @@ fn bench(quick: bool) -> String {
     let driver_floor = rows[3].median();
     let restore_floor = rows[7].median();
     let mut report = format!(
-        "xdplb bench ({runs} × {repeat} runs per path, BPF_PROG_TEST_RUN, {} CPUs)\n\n\
-         | path | ns/packet (median) | min–max | × floor | Mpps/core |\n|---|---:|---:|---:|---:|\n",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        "\nPer packet: {runs} × {repeat} runs per path, BPF_PROG_TEST_RUN\n\n\
+         | path | ns/packet (median) | min–max | × floor | Mpps/core |\n|---|---:|---:|---:|---:|\n"
     );
     for r in &rows {
         let base = match (
