@@ -197,6 +197,7 @@ static BENCH_SEQ: Array<u32> = Array::with_max_entries(1, 0);
 const BENCH_STRIP_OUTER: u32 = 1;
 const BENCH_NEW_FLOW: u32 = 2;
 const BENCH_RESTORE: u32 = 4;
+const BENCH_STRIP_OUTER6: u32 = 8;
 
 /// Bytes of the packet template `BENCH_RESTORE` writes back before each run.
 const BENCH_TEMPLATE_LEN: usize = 128;
@@ -211,7 +212,7 @@ static BENCH_CFG: Array<u32> = Array::with_max_entries(2, 0);
 /// Benchmark driver: `BPF_PROG_TEST_RUN` with `repeat` reuses one packet buffer, so paths
 /// that rewrite the packet would measure themselves on their own output. Before tail-calling
 /// the program under test (`BENCH_NEXT[0]`) this can
-/// - strip an outer IPv4 header (`BENCH_STRIP_OUTER`): the TUN path re-adds it, so every run
+/// - strip an outer IPv4 (`BENCH_STRIP_OUTER`) or IPv6 (`BENCH_STRIP_OUTER6`) header: the TUN path re-adds it, so every run
 ///   sees the same client packet (the strip's cost is included in what is measured);
 /// - write back a 128-byte template packet (`BENCH_RESTORE`): NAT rewrites in place;
 /// - give the packet a 5-tuple never seen before (`BENCH_NEW_FLOW`): the inner IPv4 source's
@@ -230,21 +231,11 @@ pub fn xdplb_bench_driver(ctx: XdpContext) -> u32 {
         };
         unsafe { *p = *t };
     }
-    if cfg & BENCH_STRIP_OUTER != 0 {
-        // Ethernet header moves forward over the outer IPv4 header, which is then cut.
-        let (Some(old), Some(new)) = (
-            lb_ebpf::ptr_at::<EthHdr>(&ctx, 0),
-            lb_ebpf::ptr_at::<EthHdr>(&ctx, 20),
-        ) else {
-            return xdp_action::XDP_ABORTED;
-        };
-        unsafe {
-            let eth = *old;
-            *new = eth;
-            if aya_ebpf::helpers::bpf_xdp_adjust_head(ctx.ctx, 20) != 0 {
-                return xdp_action::XDP_ABORTED;
-            }
-        }
+    if cfg & BENCH_STRIP_OUTER != 0 && strip_outer::<20>(&ctx).is_none() {
+        return xdp_action::XDP_ABORTED;
+    }
+    if cfg & BENCH_STRIP_OUTER6 != 0 && strip_outer::<40>(&ctx).is_none() {
+        return xdp_action::XDP_ABORTED;
     }
     if cfg & BENCH_NEW_FLOW != 0 {
         let Some(seq) = BENCH_SEQ.get_ptr_mut(0) else {
@@ -278,6 +269,18 @@ pub fn xdplb_bench_driver(ctx: XdpContext) -> u32 {
     }
     unsafe { BENCH_NEXT.tail_call(&ctx, 0) };
     xdp_action::XDP_ABORTED
+}
+
+/// Move the Ethernet header forward over an outer IP header of `N` bytes and cut it.
+#[inline(always)]
+fn strip_outer<const N: usize>(ctx: &XdpContext) -> Option<()> {
+    let old = lb_ebpf::ptr_at::<EthHdr>(ctx, 0)?;
+    let new = lb_ebpf::ptr_at::<EthHdr>(ctx, N)?;
+    unsafe {
+        let eth = *old;
+        *new = eth;
+        (aya_ebpf::helpers::bpf_xdp_adjust_head(ctx.ctx, N as i32) == 0).then_some(())
+    }
 }
 
 #[cfg(not(test))]

@@ -139,7 +139,7 @@ fn nft_ruleset() -> String {
 
 fn haproxy_config() -> String {
     let mut cfg = format!(
-        "global\n  maxconn 20000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend http\n  bind {VIP4}:{PORT}\n  default_backend servers\nbackend servers\n  balance roundrobin\n"
+        "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend http\n  bind {VIP4}:{PORT}\n  default_backend servers\nbackend servers\n  balance roundrobin\n"
     );
     for (i, b) in backends().iter().enumerate() {
         cfg += &format!("  server b{i} {b}:{PORT}\n");

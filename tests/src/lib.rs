@@ -251,6 +251,21 @@ pub struct Pkt {
     pub tcp_flags: u8,
 }
 
+/// Pin thread/process `pid` (0: the calling thread) to one CPU (BPF_PROG_TEST_RUN runs on
+/// the calling CPU).
+pub fn pin_to(pid: libc::pid_t, cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pin {pid} to CPU {cpu}"
+        );
+    }
+}
+
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;

@@ -5,7 +5,11 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use plotters::{prelude::*, style::FontStyle};
+use plotters::{
+    prelude::*,
+    style::text_anchor::{HPos, Pos, VPos},
+    style::FontStyle,
+};
 
 use crate::pps_bench::{median, min_max, PpsRow};
 
@@ -13,8 +17,15 @@ const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// Short x-axis name of a row.
 fn label(r: &PpsRow) -> String {
-    let mode = r.target.name().split([':', '(']).next().unwrap_or("").trim();
+    let mode = r
+        .target
+        .name()
+        .split([':', '('])
+        .next()
+        .unwrap_or("")
+        .trim();
     let mode = mode.strip_prefix("xdplb ").unwrap_or(mode);
+    let mode = mode.strip_suffix(" DNAT").unwrap_or(mode);
     let flows = if r.flows >= 1000 {
         format!("{}k", r.flows / 1000)
     } else {
@@ -46,10 +57,14 @@ pub fn pps_png(rows: &[PpsRow], title: &str, path: &Path) -> Result<()> {
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d((0u32..n).into_segmented(), 0.0..top.max(0.1))?;
+        .build_cartesian_2d(
+            (0u32..n.saturating_sub(1)).into_segmented(),
+            0.0..top.max(0.1),
+        )?;
     chart
         .configure_mesh()
         .disable_x_mesh()
+        .light_line_style(WHITE)
         .y_desc("delivered Mpps (median of runs; whisker: min–max)")
         .x_labels(n as usize)
         .x_label_formatter(&|v| match v {
@@ -87,12 +102,20 @@ pub fn pps_png(rows: &[PpsRow], title: &str, path: &Path) -> Result<()> {
         let x = SegmentValue::CenterOf(i as u32);
         PathElement::new(vec![(x.clone(), min), (x, max)], BLACK.stroke_width(2))
     }))?;
+    let above = ("sans-serif", 13)
+        .into_font()
+        .into_text_style(&root)
+        .pos(Pos::new(HPos::Center, VPos::Bottom));
     chart.draw_series(rows.iter().enumerate().map(|(i, r)| {
         let m = median(&r.delivered_mpps);
+        let top_of_whisker = min_max(&r.delivered_mpps).1;
         Text::new(
             format!("{m:.2}"),
-            (SegmentValue::CenterOf(i as u32), m + top * 0.03),
-            ("sans-serif", 13),
+            (
+                SegmentValue::CenterOf(i as u32),
+                top_of_whisker + top * 0.01,
+            ),
+            above.clone(),
         )
     }))?;
     chart

@@ -56,7 +56,15 @@ impl Lab {
         );
         for b in BACKENDS {
             dir.ip(&[
-                "neigh", "replace", b, "lladdr", &mac, "dev", "eth0", "nud", "permanent",
+                "neigh",
+                "replace",
+                b,
+                "lladdr",
+                &mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
             ]);
         }
         dir.ip(&["route", "add", "198.18.9.0/24", "via", "198.18.8.1"]);
@@ -194,6 +202,7 @@ fn serve(
         ]);
         let _ = std::fs::remove_file(&path);
     }
+    let before = napi_threads();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
     let handle = in_netns(dir, move || {
@@ -214,8 +223,7 @@ fn serve(
                 )
                 .expect("attach"),
             Some(mode) => {
-                let cfg =
-                    Config::parse(&director_config(mode, gen_mac), &AnyHost).expect("config");
+                let cfg = Config::parse(&director_config(mode, gen_mac), &AnyHost).expect("config");
                 let want = dataplane::desired(&cfg, |b| b.mac().map(|m| m.0).unwrap_or_default());
                 d.apply(&want).expect("maps");
                 let mac = eth0_mac(None);
@@ -237,13 +245,50 @@ fn serve(
     ready_rx
         .recv_timeout(Duration::from_secs(30))
         .expect("director side ready");
+    if cpus() > 1 {
+        // The director's receive path (veth NAPI, where its XDP program runs) gets a core
+        // of its own, as on a real director; the generator keeps CPU 0. (Attaching XDP
+        // created the device's NAPI; a thread of an earlier target's may linger.)
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            dir,
+            "sh",
+            "-c",
+            "echo 1 > /sys/class/net/eth0/threaded",
+        ]);
+        let ours: Vec<i32> = napi_threads().difference(&before).copied().collect();
+        assert!(!ours.is_empty(), "threaded NAPI started a kernel thread");
+        for pid in ours {
+            crate::pin_to(pid, 1);
+        }
+    }
     (stop_tx, handle)
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Pids of the kernel's threaded-NAPI pollers (`napi/<dev>-<id>`).
+fn napi_threads() -> std::collections::HashSet<i32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.starts_with("napi/"))
+                .unwrap_or(false)
+        })
+        .collect()
 }
 
 /// Send `count` frames over `flows` distinct 5-tuples; (sent pps, delivered pps).
 fn generate(gen: &str, dir_mac: [u8; 6], gen_mac: [u8; 6], flows: u32, count: u32) -> (f64, f64) {
     let gen = gen.to_string();
     in_netns(&gen, move || {
+        crate::pin_to(0, 0);
         let mut d = Director::load(&dataplane::LoadOptions {
             flow_table_size: lb_userspace::config::FLOW_TABLE_MIN,
             ..Default::default()

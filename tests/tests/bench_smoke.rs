@@ -22,7 +22,7 @@ fn bench_quick_runs_every_path_and_reports() {
         .take_while(|l| l.starts_with('|'))
         .filter(|l| l.starts_with("| ") && !l.starts_with("| path"))
         .collect();
-    assert_eq!(rows.len(), 18, "one row per path:\n{stdout}");
+    assert_eq!(rows.len(), 19, "one row per path:\n{stdout}");
     let control: Vec<&str> = stdout
         .lines()
         .skip_while(|l| !l.starts_with("| control plane"))
@@ -36,11 +36,40 @@ fn bench_quick_runs_every_path_and_reports() {
         .skip(2)
         .take_while(|l| l.starts_with('|'))
         .collect();
-    assert_eq!(e2e.len(), 4, "end-to-end rows:\n{stdout}");
+    assert_eq!(
+        e2e.len(),
+        10,
+        "end-to-end rows (ceiling, DR, TUN, NAT, nftables × 1 and 10k flows):\n{stdout}"
+    );
     for row in &e2e {
-        let mpps: f64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
+        let mpps: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap();
         assert!(mpps > 0.0, "frames came back through the director: {row}");
     }
+    let http: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("| HTTP through the VIP"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert_eq!(http.len(), 3, "xdplb, nftables, HAProxy:\n{stdout}");
+    for row in &http {
+        let rps: f64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
+        assert!(rps > 0.0, "wrk got answers: {row}");
+    }
+    // The same report on disk, with its plot: a PNG of the size the bench draws.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let report = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
+    assert!(
+        report.contains("| end to end on veth") && report.contains("](pps.png)"),
+        "report.md holds the tables and links the plot"
+    );
+    let png = std::fs::read(dir.join("pps.png")).expect("pps.png");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "PNG signature");
+    let (w, h) = (
+        u32::from_be_bytes(png[16..20].try_into().unwrap()),
+        u32::from_be_bytes(png[20..24].try_into().unwrap()),
+    );
+    assert_eq!((w, h), (1200, 600), "IHDR size");
     for row in control {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         let ms: f64 = cells[2]

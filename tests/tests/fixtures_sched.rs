@@ -116,20 +116,6 @@ impl Lab {
     }
 }
 
-/// Pin this thread to one CPU (BPF_PROG_TEST_RUN runs on the calling CPU).
-fn pin_to(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0,
-            "pin to CPU {cpu}"
-        );
-    }
-}
-
 fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -139,7 +125,7 @@ fn wrr_splits_new_flows_by_weight_on_every_cpu_and_interleaves() {
     let lab = Lab::new();
     let mut sport = 10_000u16;
     for cpu in 0..cpus() {
-        pin_to(cpu);
+        lb_tests::pin_to(0, cpu);
         let mut seq = Vec::new();
         for _ in 0..1000 {
             sport += 1;
@@ -168,7 +154,7 @@ fn wrr_splits_new_flows_by_weight_on_every_cpu_and_interleaves() {
 #[test]
 fn rr_ignores_weights() {
     let lab = Lab::new();
-    pin_to(0);
+    lb_tests::pin_to(0, 0);
     let mut counts: BTreeMap<u8, usize> = BTreeMap::new();
     for sport in 0..300u16 {
         *counts

@@ -116,12 +116,22 @@ services:
       - address: 198.18.5.11
       - address: 198.18.5.12
       - address: 198.18.5.13
+  - name: tun6
+    vip: 2001:db8::110
+    port: 80
+    protocol: tcp
+    mode: tun
+    backends:
+      - address: 2001:db8:5::11
+      - address: 2001:db8:5::12
+      - address: 2001:db8:5::13
 ";
 
 /// Driver settings (see `xdplb_bench_driver`).
 const STRIP_OUTER: u32 = 1;
 const NEW_FLOW: u32 = 2;
 const RESTORE: u32 = 4;
+const STRIP_OUTER6: u32 = 8;
 /// Size of the packets the NAT rows restore before every run (the driver's template).
 const TEMPLATE_LEN: usize = 128;
 
@@ -298,6 +308,7 @@ fn bench(quick: bool) -> String {
     let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build();
     let v6 = Pkt::tcp("2001:db8:2::1", "2001:db8::100", 40000, 80).build();
     let tun_plain = Pkt::tcp("198.18.2.1", "198.18.0.110", 40000, 80).build();
+    let tun6_plain = Pkt::tcp("2001:db8:2::1", "2001:db8::110", 40000, 80).build();
 
     let director_fd = h
         .director
@@ -324,6 +335,10 @@ fn bench(quick: bool) -> String {
         Row::new("DR new flow (table full), IPv4 TCP", true),
         Row::new("TUN flow hit, IPIP (driver strips the outer header)", true),
         Row::new("TUN new flow (table full), IPIP", true),
+        Row::new(
+            "TUN flow hit, IPv6-in-IPv6 (driver strips the outer header)",
+            true,
+        ),
         Row::new("floor behind the driver restoring a 128-byte packet", true),
         Row::new("NAT forward (flow hit), IPv4 TCP", true),
         Row::new("NAT reply, IPv4 TCP", true),
@@ -422,10 +437,24 @@ fn bench(quick: bool) -> String {
             "every TUN new-flow run created a flow"
         );
 
+        // TUN IPv6-in-IPv6: the same fixpoint with a 40-byte outer header.
+        let (verdict, tun6_wrapped) =
+            lb_tests::run_program_on(h.director.director_program(), &tun6_plain, up0);
+        assert_eq!(verdict, XDP_TX, "TUN v6 path to the lab's backends");
+        cfg.set(0, STRIP_OUTER6, 0).unwrap();
+        let before = counters(&h);
+        rows[7].samples.push(driven(&h, &tun6_wrapped, repeat, up0));
+        let after = counters(&h);
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            (u64::from(repeat), 0),
+            "TUN v6 hit runs: forwarded, no new flow"
+        );
+
         next.set(0, &floor_fd, 0).unwrap();
         cfg.set(0, RESTORE, 0).unwrap();
         template.set(0, as_template(&nat_client), 0).unwrap();
-        rows[7].samples.push(driven(&h, &nat_client, repeat, up0));
+        rows[8].samples.push(driven(&h, &nat_client, repeat, up0));
 
         next.set(0, &director_fd, 0).unwrap();
         // Open the NAT flow (and its reply mapping), then time both directions.
@@ -434,7 +463,7 @@ fn bench(quick: bool) -> String {
             XDP_TX
         );
         let fwd = h.reason(reason::FWD_NAT);
-        rows[8].samples.push(driven(&h, &nat_client, repeat, up0));
+        rows[9].samples.push(driven(&h, &nat_client, repeat, up0));
         assert_eq!(
             h.reason(reason::FWD_NAT) - fwd,
             u64::from(repeat),
@@ -442,7 +471,7 @@ fn bench(quick: bool) -> String {
         );
         template.set(0, as_template(&nat_reply), 0).unwrap();
         let back = h.reason(reason::FWD_NAT_REPLY);
-        rows[9].samples.push(driven(&h, &nat_reply, repeat, up0));
+        rows[10].samples.push(driven(&h, &nat_reply, repeat, up0));
         assert_eq!(
             h.reason(reason::FWD_NAT_REPLY) - back,
             u64::from(repeat),
@@ -453,13 +482,13 @@ fn bench(quick: bool) -> String {
         cfg.set(0, NEW_FLOW, 0).unwrap();
         for (i, pkt) in sched_pkts.iter().enumerate() {
             let before = counters(&h);
-            rows[10 + i].samples.push(driven(&h, pkt, repeat, 1));
+            rows[11 + i].samples.push(driven(&h, pkt, repeat, 1));
             let after = counters(&h);
             assert_eq!(
                 after.1 - before.1,
                 u64::from(repeat),
                 "{}: every run created a flow",
-                rows[10 + i].path
+                rows[11 + i].path
             );
         }
     }
@@ -467,7 +496,7 @@ fn bench(quick: bool) -> String {
     rows.extend(flow_count_rows(repeat, runs));
     let floor = rows[0].median();
     let driver_floor = rows[3].median();
-    let restore_floor = rows[7].median();
+    let restore_floor = rows[8].median();
     let mut report = format!(
         "\nPer packet: {runs} × {repeat} runs per path, BPF_PROG_TEST_RUN\n\n\
          | path | ns/packet (median) | min–max | × floor | Mpps/core |\n|---|---:|---:|---:|---:|\n"
