@@ -257,7 +257,7 @@ pub fn rows(quick: bool) -> Vec<HttpRow> {
     let haproxy = topo.spawn_in(
         "dir",
         Path::new("/usr/sbin/haproxy"),
-        &["-db", "-f", cfg.path().to_str().expect("utf-8")],
+        &["-q", "-db", "-f", cfg.path().to_str().expect("utf-8")],
     );
     out.push(measure(&topo, Peer::Haproxy, runs, seconds));
     topo.stop_child(haproxy);
