@@ -77,6 +77,17 @@ pub struct VipKey {
     pub family: u8,
 }
 
+/// Value of `SERVICE_SLOTS`, indexed by service id: the service's key and meta, so a packet
+/// of an established flow reaches its service from the flow's `service` id without hashing
+/// the VIP. The data plane checks the packet against `key` (an id may be reused); an empty
+/// slot is all zeros (family 0 matches no packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceSlot {
+    pub key: VipKey,
+    pub meta: ServiceMeta,
+}
+
 /// Value of `SERVICES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -463,8 +474,9 @@ pub mod maps {
     pub const BACKEND_ACTIVE: &str = "BACKEND_ACTIVE";
     pub const RR_CURSOR: &str = "RR_CURSOR";
     pub const IFACE_SLOTS: &str = "IFACE_SLOTS";
+    pub const SERVICE_SLOTS: &str = "SERVICE_SLOTS";
     /// Every map the director pins, in a stable order.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         SERVICES,
         RINGS,
         BACKENDS,
@@ -483,6 +495,7 @@ pub mod maps {
         BACKEND_ACTIVE,
         RR_CURSOR,
         IFACE_SLOTS,
+        SERVICE_SLOTS,
     ];
 }
 
@@ -501,8 +514,9 @@ pub mod meta {
 /// without changing size (a size change is caught by the typed map wrappers anyway): a
 /// controller refuses to adopt pinned maps of another layout. History: 2 = reply counters
 /// (`Counters::out_*`, `NatReply::{service, backend}`); 3 = schedulers (`ServiceMeta`
-/// grew), persistence, active-flow counts; 4 = `IFACE_SLOTS`.
-pub const LAYOUT_VERSION: u64 = 4;
+/// grew), persistence, active-flow counts; 4 = `IFACE_SLOTS`; 5 = `SERVICE_SLOTS` (flow hits
+/// skip the `SERVICES` hash).
+pub const LAYOUT_VERSION: u64 = 5;
 
 /// Flow hash used to pick a ring slot on a miss. Deterministic across directors (same
 /// 5-tuple -> same slot), so identical rings on several directors pick the same backend.
@@ -559,6 +573,7 @@ mod pod {
     // proves there are no padding bytes and every bit pattern is valid.
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::ServiceMeta {}
+    unsafe impl aya::Pod for super::ServiceSlot {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::Backend {}

@@ -3,7 +3,7 @@
 use aya_ebpf::btf_maps::LruHashMap as BtfLruHashMap;
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_map, Global};
 use lb_common::{
-    reason, FlowKey, FlowValue, ServiceMeta, BPF_F_NO_COMMON_LRU, FLOW_F_ENDED,
+    mode, reason, FlowKey, FlowValue, ServiceMeta, BPF_F_NO_COMMON_LRU, FLOW_F_ENDED,
     FLOW_TABLE_CAPACITY, FLOW_TOUCH_NS, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
 };
 
@@ -79,6 +79,40 @@ fn lookup_out(
         }
         Err(slot) => slot,
     }
+}
+
+/// The fast path: a packet of an established flow whose service (by the id the flow
+/// recorded, checked against the packet's destination) and backend are still usable — one
+/// hash lookup (this table) and array reads. `None` sends the packet the full way
+/// ([`crate::select::service`], then [`lookup_or_schedule`]): a miss, an idle UDP flow, a
+/// removed or reset backend, a removed service.
+#[inline(always)]
+pub fn established(key: &FlowKey, tcp_end: bool) -> Option<(&'static ServiceMeta, Choice)> {
+    let v = unsafe { &mut *FLOWS.get_ptr_mut(key)? };
+    let svc = select::service_by_id(v.service, key)?;
+    let age = if key.proto == IPPROTO_UDP {
+        unsafe { bpf_ktime_get_ns() }.saturating_sub(v.last_seen_ns)
+    } else {
+        0
+    };
+    if age > UDP_IDLE_NS.load() || select::backend(v.backend).is_none() {
+        return None;
+    }
+    if age > FLOW_TOUCH_NS {
+        v.last_seen_ns += age;
+    }
+    // In DR and TUN only the client's side is seen: its FIN/RST ends the flow's count (once).
+    if tcp_end && (svc.mode == mode::DR || svc.mode == mode::TUN) && v.flags & FLOW_F_ENDED == 0 {
+        v.flags |= FLOW_F_ENDED;
+        select::active_add(v.backend, -1);
+    }
+    Some((
+        svc,
+        Choice {
+            id: v.backend,
+            new: false,
+        },
+    ))
 }
 
 /// Idle timeout of UDP flows in ns, set at load time (`udp_idle_timeout`).

@@ -7,13 +7,45 @@ use aya_ebpf::btf_maps::{
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_map};
 use lb_common::{
     flow_hash_fields, reason, sched, Backend, FlowKey, PersistKey, PersistValue, ServiceMeta,
-    VipAddr, VipKey, BACKEND_F_DOWN, BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID,
-    MAX_BACKENDS, MAX_SERVICES, MAX_VIPS, NO_BACKEND, PERSIST_CAPACITY, RINGS_PER_SERVICE,
-    RING_SIZE,
+    ServiceSlot, VipAddr, VipKey, BACKEND_F_DOWN, BACKEND_F_RESET, BACKEND_F_RETIRED,
+    BACKEND_F_VALID, MAX_BACKENDS, MAX_SERVICES, MAX_VIPS, NO_BACKEND, PERSIST_CAPACITY,
+    RINGS_PER_SERVICE, RING_SIZE,
 };
 
 #[btf_map]
 static SERVICES: BtfHashMap<VipKey, ServiceMeta, { MAX_SERVICES as usize }> = BtfHashMap::new();
+
+/// `SERVICES` by service id (see [`ServiceSlot`]): an established flow's service without
+/// hashing the VIP.
+#[btf_map]
+static SERVICE_SLOTS: BtfArray<ServiceSlot, { MAX_SERVICES as usize }> = BtfArray::new();
+
+/// The service of an established flow, by the id the flow recorded, if that still is the
+/// service of the packet's destination (ids are reused; a removed service's slot is empty).
+#[inline(always)]
+pub fn service_by_id(id: u32, key: &FlowKey) -> Option<&'static ServiceMeta> {
+    let slot = SERVICE_SLOTS.get(id)?;
+    let k = &slot.key;
+    if k.family != key.family
+        || k.proto != key.proto
+        || (k.port_be != key.dport_be && k.port_be != 0)
+        || !eq16(&k.addr, &key.dst)
+    {
+        return None;
+    }
+    Some(&slot.meta)
+}
+
+/// 16-byte equality as two word compares (an array `==` becomes a `bcmp` call).
+#[inline(always)]
+fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let (a, b) = (a.as_ptr() as *const u64, b.as_ptr() as *const u64);
+    // SAFETY: 16 bytes each.
+    unsafe {
+        a.read_unaligned() == b.read_unaligned()
+            && a.add(1).read_unaligned() == b.add(1).read_unaligned()
+    }
+}
 
 /// All rings back to back: ring `r` is slots `r * RING_SIZE .. (r + 1) * RING_SIZE`.
 #[btf_map]

@@ -95,6 +95,7 @@ pub struct Maps {
     pub backend_active: PerCpuArray<MapData, i64>,
     pub rr_cursor: PerCpuArray<MapData, u32>,
     pub iface_slots: Array<MapData, IfaceInfo>,
+    pub service_slots: Array<MapData, lb_common::ServiceSlot>,
 }
 
 impl Maps {
@@ -118,6 +119,7 @@ impl Maps {
             backend_active: get(maps::BACKEND_ACTIVE)?.try_into()?,
             rr_cursor: get(maps::RR_CURSOR)?.try_into()?,
             iface_slots: get(maps::IFACE_SLOTS)?.try_into()?,
+            service_slots: get(maps::SERVICE_SLOTS)?.try_into()?,
         })
     }
 

@@ -12,9 +12,9 @@ use std::{
 };
 
 use lb_common::{
-    Backend, ServiceMeta, SnatAddr, VipAddr, VipKey, BACKEND_F_DOWN, BACKEND_F_DRAINED,
-    BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID, MAX_BACKENDS, MAX_SERVICES,
-    RINGS_PER_SERVICE, RING_SIZE, SERVICE_F_DROP_NO_BACKEND,
+    Backend, ServiceMeta, ServiceSlot, SnatAddr, VipAddr, VipKey, BACKEND_F_DOWN,
+    BACKEND_F_DRAINED, BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID, MAX_BACKENDS,
+    MAX_SERVICES, RINGS_PER_SERVICE, RING_SIZE, SERVICE_F_DROP_NO_BACKEND,
 };
 
 use crate::{
@@ -311,6 +311,8 @@ impl std::fmt::Display for Changes {
 #[derive(Debug, Default)]
 pub struct MapState {
     backends: BTreeMap<u32, Backend>,
+    /// Non-empty `SERVICE_SLOTS` entries, by service id.
+    service_slots: BTreeMap<u32, ServiceSlot>,
     /// Ring index -> slots, filled on first use.
     rings: HashMap<u32, Vec<u32>>,
     /// The maps were created empty by us (rings are all zero), not adopted.
@@ -335,8 +337,16 @@ impl MapState {
                 backends.insert(id, b);
             }
         }
+        let mut service_slots = BTreeMap::new();
+        for id in 0..MAX_SERVICES {
+            let slot = m.service_slots.get(&id, 0)?;
+            if slot != ServiceSlot::default() {
+                service_slots.insert(id, slot);
+            }
+        }
         Ok(MapState {
             backends,
+            service_slots,
             rings: HashMap::new(),
             fresh: false,
         })
@@ -461,12 +471,28 @@ impl MapState {
                 m.services.insert(svc.key, meta, 0)?;
                 ch.services_written += 1;
             }
+            let slot = ServiceSlot { key: svc.key, meta };
+            if self.service_slots.get(&svc.id) != Some(&slot) {
+                m.service_slots.set(svc.id, slot, 0)?;
+                self.service_slots.insert(svc.id, slot);
+            }
         }
         for key in current.keys() {
             if !want.services.iter().any(|s| s.key == *key) {
                 m.services.remove(key)?;
                 ch.services_removed += 1;
             }
+        }
+        // Slots of services that are gone: emptied (their flows take the full path and miss).
+        let gone: Vec<u32> = self
+            .service_slots
+            .keys()
+            .copied()
+            .filter(|id| !want.services.iter().any(|s| s.id == *id))
+            .collect();
+        for id in gone {
+            m.service_slots.set(id, ServiceSlot::default(), 0)?;
+            self.service_slots.remove(&id);
         }
         let old_vips: HashSet<VipAddr> = m.vips.keys().filter_map(|k| k.ok()).collect();
         let new_vips: HashSet<VipAddr> = want.vips.iter().map(crate::dataplane::vip_addr).collect();

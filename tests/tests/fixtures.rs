@@ -419,6 +419,69 @@ fn established_flows_stay_when_the_ring_changes() {
     check(&h, &f);
 }
 
+/// Flow hits take the fast path: the flow's service comes from `SERVICE_SLOTS` by the id
+/// the flow recorded (no `SERVICES` lookup), and only while the slot still describes the
+/// packet's destination; otherwise the full path decides.
+#[test]
+fn established_flows_reach_their_service_by_id() {
+    let mut h = Harness::new(CONFIG);
+    let old = Pkt::tcp("198.18.2.9", "198.18.0.100", 41100, 80);
+    check(
+        &h,
+        &forwarded(&h, "first packet schedules the flow", 0, old.clone()),
+    );
+    let owner = h.predicted_backend(0, &old.key());
+    let key = h.desired.services[0].key;
+    let id = h.desired.services[0].id;
+    let meta = h.director.maps.services.get(&key, 0).expect("service 0");
+
+    // Without its SERVICES entry, the established flow still reaches its backend; a new
+    // flow to the same VIP and port is no longer a VIP packet.
+    h.director.maps.services.remove(&key).expect("remove");
+    let (verdict, out) = h.run(&old.build());
+    assert_eq!(verdict, XDP_TX, "hit served from SERVICE_SLOTS");
+    assert_eq!(out[..6], h.backend_mac(owner));
+    let new = Pkt::tcp("198.18.2.9", "198.18.0.100", 41101, 80).build();
+    check(
+        &h,
+        &passed("new flow, service entry gone", new, reason::PASS_NON_VIP),
+    );
+
+    // A slot that now describes another VIP (a reused id) does not capture the flow: the
+    // full path misses SERVICES and passes it.
+    let mut slots = h.director.maps.service_slots.get(&id, 0).expect("slot");
+    slots.key.addr[3] ^= 1;
+    h.director
+        .maps
+        .service_slots
+        .set(id, slots, 0)
+        .expect("slot write");
+    check(
+        &h,
+        &passed(
+            "established flow, slot of another VIP",
+            old.build(),
+            reason::PASS_NON_VIP,
+        ),
+    );
+
+    // An emptied slot with the SERVICES entry back: the full path forwards the flow, still
+    // to its backend.
+    h.director
+        .maps
+        .service_slots
+        .set(id, lb_common::ServiceSlot::default(), 0)
+        .expect("slot clear");
+    h.director
+        .maps
+        .services
+        .insert(key, meta, 0)
+        .expect("service back");
+    let (verdict, out) = h.run(&old.build());
+    assert_eq!(verdict, XDP_TX, "full path");
+    assert_eq!(out[..6], h.backend_mac(owner), "same backend via FLOWS");
+}
+
 #[test]
 fn counters_count_packets_bytes_and_new_flows() {
     let h = Harness::new(CONFIG);

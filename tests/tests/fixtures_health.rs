@@ -208,3 +208,56 @@ fn all_down_drops_or_passes_new_packets_as_configured() {
     lab.set(82, "198.18.1.31", State::Up, false);
     assert_eq!(lab.send(50004, 82).0, XDP_TX);
 }
+
+/// The reconciler keeps `SERVICE_SLOTS` (the flow-hit path's view of services) in step
+/// with `SERVICES`: a changed service reaches its slot, a removed service's slot is emptied
+/// and its flows stop being forwarded.
+#[test]
+fn reconciler_keeps_service_slots_in_step() {
+    let mut lab = Lab::new();
+    let mirrors = |lab: &Lab| {
+        for (key, id) in &lab.ids.services {
+            let meta = lab.h.director.maps.services.get(key, 0).expect("service");
+            let slot = lab.h.director.maps.service_slots.get(id, 0).expect("slot");
+            assert_eq!(
+                (slot.key, slot.meta),
+                (*key, meta),
+                "slot {id} mirrors SERVICES"
+            );
+        }
+    };
+    mirrors(&lab);
+    let id_of = |lab: &Lab, port: u16| {
+        lab.ids
+            .services
+            .iter()
+            .find(|(k, _)| k.port_be == port.to_be())
+            .map(|(_, v)| *v)
+            .expect("service id")
+    };
+    let (keep, sorry) = (id_of(&lab, 80), id_of(&lab, 82));
+    assert_eq!(lab.send(45000, 82).0, XDP_TX);
+
+    // "keep" changes (on_all_down: pass), "sorry" (port 82) goes.
+    let changed = CONFIG[..CONFIG.find("  - name: sorry").unwrap()].replace(
+        "    mode: dr\n    backends:\n      - { address: 198.18.1.11",
+        "    mode: dr\n    on_all_down: pass\n    backends:\n      - { address: 198.18.1.11",
+    );
+    assert_ne!(changed, CONFIG[..CONFIG.find("  - name: sorry").unwrap()]);
+    lab.h.config =
+        lb_userspace::config::Config::parse(&changed, &lb_userspace::config::AnyHost).unwrap();
+    lab.apply();
+    mirrors(&lab);
+    let slot = |id: u32| lab.h.director.maps.service_slots.get(&id, 0).unwrap();
+    assert_eq!(slot(keep).meta.flags, 0, "keep's slot follows its change");
+    assert_eq!(
+        slot(sorry),
+        lb_common::ServiceSlot::default(),
+        "removed service's slot is empty"
+    );
+    assert_eq!(
+        lab.send(45000, 82).0,
+        XDP_PASS,
+        "its flows are not forwarded"
+    );
+}
