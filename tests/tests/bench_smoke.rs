@@ -56,6 +56,23 @@ fn bench_quick_runs_every_path_and_reports() {
         let rps: f64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
         assert!(rps > 0.0, "wrk got answers: {row}");
     }
+    let targets: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("| target"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert_eq!(
+        targets.len(),
+        9,
+        "issue 8's targets, each judged:\n{stdout}"
+    );
+    for row in &targets {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let measured: f64 = cells[3].parse().unwrap_or(f64::NAN);
+        assert!(measured.is_finite() && measured > 0.0, "{row}");
+        assert!(cells[4] == "yes" || cells[4] == "**no**", "{row}");
+    }
     // The same report on disk, with its plot: a PNG of the size the bench draws.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let report = std::fs::read_to_string(dir.join("report.md")).expect("report.md");

@@ -199,17 +199,56 @@ fn main() {
     let quick = args.quick;
     let want = |s: Section| args.only.is_empty() || args.only.contains(&s);
     let mut report = format!("xdplb bench on {}\n", machine());
+    let mut targets = Vec::new();
     if want(Section::Packet) {
         let lab = FibLab::new("bench");
-        report += &lab.run(move || bench(quick));
+        let (table, ratios) = lab.run(move || bench(quick));
         drop(lab);
+        report += &table;
+        let ratio = |path: &str| {
+            ratios
+                .iter()
+                .find(|(p, _)| *p == path)
+                .map_or(f64::NAN, |r| r.1)
+        };
+        for (what, path, bound) in [
+            ("DR flow hit (IPv4) × floor", "DR flow hit, IPv4 TCP", 2.5),
+            (
+                "TUN flow hit (IPIP) × floor",
+                "TUN flow hit, IPIP (driver strips the outer header)",
+                2.5,
+            ),
+            (
+                "TUN flow hit (IPv6-in-IPv6) × floor",
+                "TUN flow hit, IPv6-in-IPv6 (driver strips the outer header)",
+                2.5,
+            ),
+            (
+                "DR new flow (table full) × floor",
+                "DR new flow (table full), IPv4 TCP",
+                6.0,
+            ),
+        ] {
+            targets.push(Target {
+                what,
+                measured: ratio(path),
+                bound: (bound, true),
+            });
+        }
     }
     if want(Section::Control) {
-        report += &lb_tests::control_bench::report(quick);
+        let (table, maglev_100) = lb_tests::control_bench::report(quick);
+        report += &table;
+        targets.push(Target {
+            what: "Maglev build, 100 backends, 65,537 slots (ms)",
+            measured: maglev_100,
+            bound: (5.0, true),
+        });
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).expect("target/bench");
     if want(Section::E2e) {
+        use lb_tests::pps_bench::{median, Target as T};
         let pps = lb_tests::pps_bench::rows(quick);
         report += &lb_tests::pps_bench::report(&pps);
         lb_tests::plot::pps_png(
@@ -219,9 +258,40 @@ fn main() {
         )
         .expect("plot");
         report += "\n![delivered pps by mode](pps.png)\n";
+        let at = |t: T, flows: u32| {
+            pps.iter()
+                .find(|r| r.target == t && r.flows == flows)
+                .map_or(f64::NAN, |r| median(&r.delivered_mpps))
+        };
+        for (flows, dr_what, nat_what) in [
+            (
+                1,
+                "end to end, DR × ceiling, 1 flow",
+                "end to end, NAT × nftables DNAT, 1 flow",
+            ),
+            (
+                10_000,
+                "end to end, DR × ceiling, 10k flows",
+                "end to end, NAT × nftables DNAT, 10k flows",
+            ),
+        ] {
+            targets.push(Target {
+                what: dr_what,
+                measured: at(T::Dr, flows) / at(T::Ceiling, flows),
+                bound: (0.85, false),
+            });
+            targets.push(Target {
+                what: nat_what,
+                measured: at(T::Nat, flows) / at(T::Nft, flows),
+                bound: (5.0, false),
+            });
+        }
     }
     if want(Section::Http) {
         report += &lb_tests::http_bench::report(&lb_tests::http_bench::rows(quick));
+    }
+    if !targets.is_empty() {
+        report += &targets_table(&targets);
     }
     print!("{report}");
     std::fs::write(dir.join("report.md"), &report).expect("write report");
@@ -296,7 +366,38 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     rows
 }
 
-fn bench(quick: bool) -> String {
+/// Issue 8's targets for this VM, each a ratio (or a time) with its bound.
+struct Target {
+    what: &'static str,
+    measured: f64,
+    /// `(bound, at_most)`: met when `measured <= bound` (or `>=` when not `at_most`).
+    bound: (f64, bool),
+}
+
+fn targets_table(targets: &[Target]) -> String {
+    let mut out = String::from(
+        "\n| target (issue 8, this VM) | goal | measured | met |\n|---|---:|---:|---|\n",
+    );
+    for t in targets {
+        let (bound, at_most) = t.bound;
+        let met = if at_most {
+            t.measured <= bound
+        } else {
+            t.measured >= bound
+        };
+        out.push_str(&format!(
+            "| {} | {} {bound} | {:.2} | {} |\n",
+            t.what,
+            if at_most { "≤" } else { "≥" },
+            t.measured,
+            if met { "yes" } else { "**no**" }
+        ));
+    }
+    out
+}
+
+/// The per-packet table and each row's (path, ratio to its floor).
+fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
     let (repeat, runs) = if quick {
         (100_000u32, 3)
     } else {
@@ -497,6 +598,7 @@ fn bench(quick: bool) -> String {
     let floor = rows[0].median();
     let driver_floor = rows[3].median();
     let restore_floor = rows[8].median();
+    let mut ratios = Vec::new();
     let mut report = format!(
         "\nPer packet: {runs} × {repeat} runs per path, BPF_PROG_TEST_RUN\n\n\
          | path | ns/packet (median) | min–max | × floor | Mpps/core |\n|---|---:|---:|---:|---:|\n"
@@ -513,6 +615,7 @@ fn bench(quick: bool) -> String {
         let min = r.samples.iter().copied().fold(f64::INFINITY, f64::min);
         let max = r.samples.iter().copied().fold(0.0, f64::max);
         let m = r.median();
+        ratios.push((r.path, m / base));
         report.push_str(&format!(
             "| {} | {m:.1} | {min:.1}–{max:.1} | {:.2} | {:.1} |\n",
             r.path,
@@ -521,5 +624,5 @@ fn bench(quick: bool) -> String {
         ));
     }
     report.push_str("\nRows behind the driver compare with the floor behind the same driver.\n");
-    report
+    (report, ratios)
 }
