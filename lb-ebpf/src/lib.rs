@@ -17,6 +17,17 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// 16-byte equality as two word compares (an array `==` becomes a `bcmp` call).
+#[inline(always)]
+pub fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let (a, b) = (a.as_ptr() as *const u64, b.as_ptr() as *const u64);
+    // SAFETY: 16 bytes each.
+    unsafe {
+        a.read_unaligned() == b.read_unaligned()
+            && a.add(1).read_unaligned() == b.add(1).read_unaligned()
+    }
+}
+
 /// Status of an out-of-line function that succeeded (its result is in its `out` argument);
 /// any other status is a `reason` slot. Out-of-line functions (kept off the fast path's
 /// 512-byte stack) take and return only plain types: a Rust enum such as `Result` in a BPF

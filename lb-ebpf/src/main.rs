@@ -117,7 +117,7 @@ fn forward(
 ) -> Result<(u32, u32), u32> {
     match mode {
         mode::DR => Ok((fwd::dr::forward(ctx, backend)?, reason::FWD_DR)),
-        mode::TUN => match fwd::tun::forward(ctx, pkt, backend)? {
+        mode::TUN => match fwd::tun::forward(ctx, pkt, backend, id)? {
             fwd::tun::Tun::Sent(action) => Ok((action, reason::FWD_TUN)),
             fwd::tun::Tun::TooBig(mtu) => icmp::too_big(ctx, pkt, mtu),
         },

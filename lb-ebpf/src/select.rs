@@ -29,22 +29,11 @@ pub fn service_by_id(id: u32, key: &FlowKey) -> Option<&'static ServiceMeta> {
     if k.family != key.family
         || k.proto != key.proto
         || (k.port_be != key.dport_be && k.port_be != 0)
-        || !eq16(&k.addr, &key.dst)
+        || !lb_ebpf::eq16(&k.addr, &key.dst)
     {
         return None;
     }
     Some(&slot.meta)
-}
-
-/// 16-byte equality as two word compares (an array `==` becomes a `bcmp` call).
-#[inline(always)]
-fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
-    let (a, b) = (a.as_ptr() as *const u64, b.as_ptr() as *const u64);
-    // SAFETY: 16 bytes each.
-    unsafe {
-        a.read_unaligned() == b.read_unaligned()
-            && a.add(1).read_unaligned() == b.add(1).read_unaligned()
-    }
 }
 
 /// All rings back to back: ring `r` is slots `r * RING_SIZE .. (r + 1) * RING_SIZE`.

@@ -597,3 +597,68 @@ fn decap_unwraps_tunnels_addressed_to_the_host() {
         assert_eq!(counters(&filtered)[decap_reason::PASS_NOT_VIP as usize], 1);
     });
 }
+
+/// TUN and NAT remember a backend's next hop per CPU for a second (`NEXT_HOPS`): a changed
+/// neighbour MAC reaches the packets once the entry is stale, and a cached hop never lets a
+/// packet past the route's MTU.
+#[test]
+fn next_hop_is_cached_per_backend_for_a_second() {
+    lb_tests::require_root();
+    let ns = FibLab::new("hop");
+    let lab = ns.0 .0.clone();
+    ns.run(move || {
+        // Per-CPU cache: stay on one CPU.
+        lb_tests::pin_to(0, 0);
+        let h = harness();
+        let up0 = ifindex("up0");
+        let p = Pkt::tcp("198.18.2.1", "198.18.0.100", 40100, 80);
+        let dst_mac = |h: &Harness, input: &[u8]| {
+            let (verdict, out) =
+                lb_tests::run_program_on(h.director.director_program(), input, up0);
+            assert_eq!(verdict, XDP_TX, "forwarded");
+            <[u8; 6]>::try_from(&out[..6]).unwrap()
+        };
+        assert_eq!(dst_mac(&h, &p.build()), GW_MAC, "the FIB's answer");
+
+        // The gateway's MAC changes: the cached hop serves the next packet...
+        let new_gw = "02:99:00:00:00:fd";
+        lb_tests::netns::sh(&[
+            "ip",
+            "-n",
+            &lab,
+            "neigh",
+            "replace",
+            "198.18.0.1",
+            "lladdr",
+            new_gw,
+            "dev",
+            "up0",
+            "nud",
+            "permanent",
+        ]);
+        assert_eq!(
+            dst_mac(&h, &p.build()),
+            GW_MAC,
+            "within the second the cached hop is used"
+        );
+        // ...but never one larger than the route's MTU: that asks the FIB (too big).
+        let mut big = p.clone();
+        big.payload = vec![0xab; 1500 - 40];
+        let mut hdrs = big.headers();
+        if let etherparse::IpHeaders::Ipv4(ref mut ip, _) = hdrs {
+            ip.dont_fragment = true;
+        }
+        let (verdict, _) =
+            lb_tests::run_program_on(h.director.director_program(), &big.build_with(hdrs), up0);
+        assert_eq!(verdict, XDP_TX, "ICMP frag-needed back to the client");
+        assert_eq!(h.reason(reason::ICMP_TOO_BIG_SENT), 1);
+
+        // After the TTL the FIB is asked again.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(
+            dst_mac(&h, &p.build()),
+            [0x02, 0x99, 0, 0, 0, 0xfd],
+            "a stale entry is refreshed from the FIB"
+        );
+    });
+}

@@ -5,17 +5,22 @@ pub mod dr;
 pub mod nat;
 pub mod tun;
 
-use aya_ebpf::btf_maps::{Array as BtfArray, DevMapHash as BtfDevMapHash, HashMap as BtfHashMap};
+use aya_ebpf::btf_maps::{
+    Array as BtfArray, DevMapHash as BtfDevMapHash, HashMap as BtfHashMap,
+    PerCpuArray as BtfPerCpuArray,
+};
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibLookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::bpf_fib_lookup,
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
     macros::btf_map,
     programs::XdpContext,
 };
-use lb_common::{reason, IfaceInfo, AF_INET6, IFACE_F_PRESENT, IFACE_SLOTS, MAX_IFACES};
+use lb_common::{
+    reason, IfaceInfo, AF_INET6, IFACE_F_PRESENT, IFACE_SLOTS, MAX_BACKENDS, MAX_IFACES,
+};
 
 /// ifindex -> what we know of the interface (its MAC, TUN outer sources), filled by the
 /// controller when it attaches.
@@ -51,6 +56,81 @@ pub struct NextHop {
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    /// The route's MTU (the kernel reports it on success too); 0 if unknown.
+    pub mtu: u32,
+}
+
+/// A backend's next hop as the FIB last answered it on this CPU (see [`route_to_backend`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CachedHop {
+    /// `bpf_ktime_get_coarse_ns` after which the entry is stale.
+    pub expires_ns: u64,
+    /// The destination and ingress interface the answer was for.
+    pub addr: [u8; 16],
+    pub ingress: u32,
+    pub ifindex: u32,
+    pub mtu: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// How long a cached next hop is used before the FIB is asked again: route, neighbour and
+/// MTU changes reach a backend's packets within this time.
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+
+/// Per CPU, by backend id: the FIB's last answer toward the backend, so most TUN and NAT
+/// packets skip `bpf_fib_lookup` (the largest cost of those paths). Not pinned: a program
+/// replacement starts with an empty cache.
+#[btf_map]
+static NEXT_HOPS: BtfPerCpuArray<CachedHop, { MAX_BACKENDS as usize }> = BtfPerCpuArray::new();
+
+/// [`route`] toward backend `id` (at `dst`), answered from [`NEXT_HOPS`] while fresh, for
+/// the same ingress interface and a packet within the cached MTU. Only complete answers are
+/// cached: a missing neighbour, a too-big packet or a failure asks the FIB every time.
+#[inline(always)]
+pub fn route_to_backend(
+    ctx: &XdpContext,
+    id: u32,
+    family: u8,
+    dst: &[u8; 16],
+    tot_len: usize,
+) -> Result<Route, u32> {
+    let Some(c) = NEXT_HOPS.get_ptr_mut(id) else {
+        return route(ctx, family, dst, tot_len);
+    };
+    let c = unsafe { &mut *c };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let ingress = ctx.ingress_ifindex() as u32;
+    if c.expires_ns > now
+        && c.ingress == ingress
+        && c.family == family
+        && tot_len as u32 <= c.mtu
+        && lb_ebpf::eq16(&c.addr, dst)
+    {
+        return Ok(Route::Via(NextHop {
+            ifindex: c.ifindex,
+            smac: c.smac,
+            dmac: c.dmac,
+            mtu: c.mtu,
+        }));
+    }
+    let r = route(ctx, family, dst, tot_len)?;
+    if let Route::Via(hop) = &r {
+        if hop.mtu != 0 {
+            c.expires_ns = now + NEXT_HOP_TTL_NS;
+            crate::parse::copy16(&mut c.addr, dst);
+            c.ingress = ingress;
+            c.ifindex = hop.ifindex;
+            c.mtu = hop.mtu;
+            c.smac = hop.smac;
+            c.dmac = hop.dmac;
+            c.family = family;
+        }
+    }
+    Ok(r)
 }
 
 pub enum Route {
@@ -89,6 +169,12 @@ pub fn route(ctx: &XdpContext, family: u8, dst: &[u8; 16], tot_len: usize) -> Re
         ifindex: fib.ifindex,
         smac: fib.smac,
         dmac: fib.dmac,
+        // On success the kernel stores the route's MTU where `tot_len` was.
+        mtu: if rc == BPF_FIB_LKUP_RET_SUCCESS {
+            u32::from(unsafe { fib.__bindgen_anon_1.mtu_result })
+        } else {
+            0
+        },
     };
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(Route::Via(hop)),

@@ -20,7 +20,7 @@ use network_types::{
 
 use crate::{
     csum, flow,
-    fwd::{route, send, Route},
+    fwd::{route, route_to_backend, send, Route},
     parse::Parsed,
 };
 
@@ -178,9 +178,15 @@ fn rewrite(
 
 /// [`route_and_send`] with a plain status (see `STATUS_OK`); inline like [`rewrite_out`].
 #[inline(always)]
-fn route_and_send_out(ctx: &XdpContext, family: u32, dst: &[u8; 16], out: &mut u32) -> u32 {
+fn route_and_send_out(
+    ctx: &XdpContext,
+    family: u32,
+    dst: &[u8; 16],
+    backend_id: u32,
+    out: &mut u32,
+) -> u32 {
     let ip_len = frame_len(ctx) - crate::parse::l3_offset(ctx);
-    match route_and_send(ctx, family as u8, dst, ip_len) {
+    match route_and_send(ctx, family as u8, dst, backend_id, ip_len) {
         Ok(action) => {
             *out = action;
             STATUS_OK
@@ -198,10 +204,25 @@ fn step(status: u32) -> Result<(), u32> {
     }
 }
 
-/// Route toward the packet's (new) destination, set the MACs, send.
+/// Not a backend: a reply's route to the client is asked of the FIB every time.
+const TO_CLIENT: u32 = u32::MAX;
+
+/// Route toward the packet's (new) destination — backend `backend_id` (next hop cached per
+/// CPU) or a client ([`TO_CLIENT`]) — set the MACs, send.
 #[inline(always)]
-fn route_and_send(ctx: &XdpContext, family: u8, dst: &[u8; 16], ip_len: usize) -> Result<u32, u32> {
-    let hop = match route(ctx, family, dst, ip_len)? {
+fn route_and_send(
+    ctx: &XdpContext,
+    family: u8,
+    dst: &[u8; 16],
+    backend_id: u32,
+    ip_len: usize,
+) -> Result<u32, u32> {
+    let found = if backend_id == TO_CLIENT {
+        route(ctx, family, dst, ip_len)?
+    } else {
+        route_to_backend(ctx, backend_id, family, dst, ip_len)?
+    };
+    let hop = match found {
         Route::Via(hop) => hop,
         // The rewritten packet goes to the kernel, which resolves the neighbour and forwards.
         Route::NoNeigh(_) => return Err(reason::PASS_NO_NEIGH),
@@ -322,6 +343,7 @@ fn forward_inner(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, how: u32) ->
         ctx,
         u32::from(backend.family),
         &backend.addr,
+        how >> HOW_ID_SHIFT,
         &mut action,
     ))?;
     lifecycle_client(&pkt.key, backend, rw, flags);
@@ -472,7 +494,13 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     }
     step(rewrite_out(ctx, pkt, rw))?;
     let mut action = 0;
-    step(route_and_send_out(ctx, family, &rw.dst, &mut action))?;
+    step(route_and_send_out(
+        ctx,
+        family,
+        &rw.dst,
+        TO_CLIENT,
+        &mut action,
+    ))?;
     crate::stats::replied(service, backend, pkt.len);
     Ok(action)
 }

@@ -16,7 +16,7 @@ use network_types::{
 
 use crate::{
     csum,
-    fwd::{iface, route, send, Route},
+    fwd::{iface, route_to_backend, send, Route},
     parse::Parsed,
 };
 
@@ -54,10 +54,10 @@ pub enum Tun {
 
 /// Encapsulate and send toward `backend`.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, pkt: &Parsed, backend: &Backend) -> Result<Tun, u32> {
+pub fn forward(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Result<Tun, u32> {
     // out = [XDP action or 0, inner MTU when too big]
     let mut out = [0u32; 2];
-    match forward_out(ctx, pkt, backend, &mut out) {
+    match forward_out(ctx, pkt, backend, id, &mut out) {
         STATUS_OK if out[1] != 0 => Ok(Tun::TooBig(out[1])),
         STATUS_OK => Ok(Tun::Sent(out[0])),
         slot => Err(slot),
@@ -66,8 +66,14 @@ pub fn forward(ctx: &XdpContext, pkt: &Parsed, backend: &Backend) -> Result<Tun,
 
 /// Out of line (stack budget); plain types only (see `STATUS_OK`).
 #[inline(never)]
-fn forward_out(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, out: &mut [u32; 2]) -> u32 {
-    match encapsulate(ctx, pkt, backend) {
+fn forward_out(
+    ctx: &XdpContext,
+    pkt: &Parsed,
+    backend: &Backend,
+    id: u32,
+    out: &mut [u32; 2],
+) -> u32 {
+    match encapsulate(ctx, pkt, backend, id) {
         Ok(Tun::Sent(action)) => *out = [action, 0],
         Ok(Tun::TooBig(mtu)) => *out = [0, mtu.max(1)],
         Err(slot) => return slot,
@@ -76,7 +82,7 @@ fn forward_out(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, out: &mut [u32
 }
 
 #[inline(always)]
-fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend) -> Result<Tun, u32> {
+fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Result<Tun, u32> {
     let ingress = ctx.ingress_ifindex() as u32;
     let inner_len = frame_len(ctx) - pkt.l3;
     let outer6 = backend.family == AF_INET6;
@@ -84,7 +90,7 @@ fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend) -> Result<Tun,
     let outer_len = inner_len + hdr_len;
 
     // Route to the backend; the kernel also compares the outer size with the path MTU.
-    let fib = match route(ctx, backend.family, &backend.addr, outer_len)? {
+    let fib = match route_to_backend(ctx, id, backend.family, &backend.addr, outer_len)? {
         Route::Via(hop) => (hop, false),
         Route::NoNeigh(hop) => (hop, true),
         Route::TooBig(mtu) => {
