@@ -90,21 +90,8 @@ fn lookup_out(
 pub fn established(key: &FlowKey, tcp_end: bool) -> Option<(&'static ServiceMeta, Choice)> {
     let v = unsafe { &mut *FLOWS.get_ptr_mut(key)? };
     let svc = select::service_by_id(v.service, key)?;
-    let age = if key.proto == IPPROTO_UDP {
-        unsafe { bpf_ktime_get_ns() }.saturating_sub(v.last_seen_ns)
-    } else {
-        0
-    };
-    if age > UDP_IDLE_NS.load() || select::backend(v.backend).is_none() {
+    if !still_live(v, key, client_ends(svc, tcp_end)) {
         return None;
-    }
-    if age > FLOW_TOUCH_NS {
-        v.last_seen_ns += age;
-    }
-    // In DR and TUN only the client's side is seen: its FIN/RST ends the flow's count (once).
-    if tcp_end && (svc.mode == mode::DR || svc.mode == mode::TUN) && v.flags & FLOW_F_ENDED == 0 {
-        v.flags |= FLOW_F_ENDED;
-        select::active_add(v.backend, -1);
     }
     Some((
         svc,
@@ -113,6 +100,36 @@ pub fn established(key: &FlowKey, tcp_end: bool) -> Option<(&'static ServiceMeta
             new: false,
         },
     ))
+}
+
+/// In DR and TUN only the client's side is seen: its FIN/RST (`tcp_end`) ends the flow.
+#[inline(always)]
+pub fn client_ends(svc: &ServiceMeta, tcp_end: bool) -> bool {
+    tcp_end && (svc.mode == mode::DR || svc.mode == mode::TUN)
+}
+
+/// Whether an established entry still holds: not an idle UDP flow, and its backend was
+/// neither removed from the config nor reset (those flows are rescheduled). If so, refresh
+/// the UDP clock (at most every `FLOW_TOUCH_NS`) and, when the client `ending` the
+/// connection, stop counting it as active for its backend (once).
+#[inline(always)]
+fn still_live(v: &mut FlowValue, key: &FlowKey, ending: bool) -> bool {
+    let age = if key.proto == IPPROTO_UDP {
+        unsafe { bpf_ktime_get_ns() }.saturating_sub(v.last_seen_ns)
+    } else {
+        0
+    };
+    if age > UDP_IDLE_NS.load() || select::backend(v.backend).is_none() {
+        return false;
+    }
+    if age > FLOW_TOUCH_NS {
+        v.last_seen_ns += age;
+    }
+    if ending && v.flags & FLOW_F_ENDED == 0 {
+        v.flags |= FLOW_F_ENDED;
+        select::active_add(v.backend, -1);
+    }
+    true
 }
 
 /// Idle timeout of UDP flows in ns, set at load time (`udp_idle_timeout`).
@@ -124,23 +141,7 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, record: bool, ending: bool) -> Resul
     // The clock is read only where it is needed: UDP hits (idle timeout) and new flows.
     if let Some(v) = FLOWS.get_ptr_mut(key) {
         let v = unsafe { &mut *v };
-        let age = if key.proto == IPPROTO_UDP {
-            unsafe { bpf_ktime_get_ns() }.saturating_sub(v.last_seen_ns)
-        } else {
-            0
-        };
-        // A backend removed from the config no longer owns its flows: reschedule them. An
-        // idle UDP flow has ended: its next packet starts a new one.
-        if age <= UDP_IDLE_NS.load() && select::backend(v.backend).is_some() {
-            if age > FLOW_TOUCH_NS {
-                v.last_seen_ns += age;
-            }
-            // The client ends the connection (FIN/RST, DR/TUN): it no longer counts as
-            // active for its backend (once).
-            if ending && v.flags & FLOW_F_ENDED == 0 {
-                v.flags |= FLOW_F_ENDED;
-                select::active_add(v.backend, -1);
-            }
+        if still_live(v, key, ending) {
             return Ok(Choice {
                 id: v.backend,
                 new: false,

@@ -82,8 +82,7 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
                     return Ok(action);
                 }
             };
-            // In DR and TUN only the client's side is seen: its FIN/RST ends the flow's count.
-            let ending = pkt.tcp_end && (svc.mode == mode::DR || svc.mode == mode::TUN);
+            let ending = flow::client_ends(svc, pkt.tcp_end);
             match flow::lookup_or_schedule(svc, &pkt.key, true, ending) {
                 Ok(c) => (svc, c),
                 // Every backend is down or drained, and the service prefers a drop to the kernel.
