@@ -601,17 +601,11 @@ impl Controller {
             let Some(entry) = self.director.backend_entry(id) else {
                 continue;
             };
-            let m = entry.mac;
             let port = u16::from_be(entry.port_be);
             let backend = crate::config::Backend {
                 address: key.address,
                 weight: 0,
-                mac: (svc.mode == Mode::Dr).then(|| {
-                    format!(
-                        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                        m[0], m[1], m[2], m[3], m[4], m[5]
-                    )
-                }),
+                mac: (svc.mode == Mode::Dr).then(|| crate::config::Mac(entry.mac).to_string()),
                 port: (port != 0).then_some(port),
             };
             tracing::info!(
