@@ -28,16 +28,13 @@ struct Stat {
 
 impl Stat {
     fn row(&self) -> String {
-        let mut v = self.samples.clone();
-        v.sort_by(f64::total_cmp);
-        let median = v[v.len() / 2];
+        let (min, max) = crate::min_max(&self.samples);
         format!(
-            "| {} | {median:.1} {} | {:.1}–{:.1} | {} | {} |\n",
+            "| {} | {:.1} {} | {min:.1}–{max:.1} | {} | {} |\n",
             self.what,
+            crate::median(&self.samples),
             self.unit,
-            v[0],
-            v[v.len() - 1],
-            v.len(),
+            self.samples.len(),
             self.note
         )
     }
@@ -295,7 +292,7 @@ pub fn report(quick: bool) -> (String, f64) {
         .chain(controller_rows(rounds))
     {
         if s.what == "Maglev build, 100 backends, 65537 slots" {
-            maglev_100 = crate::pps_bench::median(&s.samples);
+            maglev_100 = crate::median(&s.samples);
         }
         out.push_str(&s.row());
     }

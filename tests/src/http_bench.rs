@@ -12,8 +12,8 @@ use std::{
 };
 
 use crate::{
-    netns::{self, in_netns, sh, wait_for, ConfigFile, Topology, VIP4},
-    pps_bench::{median, min_max},
+    median, min_max,
+    netns::{self, in_netns, sh, wait_for, ConfigFile, NftDnat, Topology, VIP4},
 };
 
 const PORT: u16 = 80;
@@ -125,18 +125,6 @@ fn xdplb_config() -> String {
     cfg
 }
 
-fn nft_ruleset() -> String {
-    let map: Vec<String> = backends()
-        .iter()
-        .enumerate()
-        .map(|(i, b)| format!("{i} : {b}"))
-        .collect();
-    format!(
-        "table ip xdplb_bench_http {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n    ip daddr {VIP4} tcp dport {PORT} dnat to numgen inc mod 3 map {{ {} }}\n  }}\n}}\n",
-        map.join(", ")
-    )
-}
-
 fn haproxy_config() -> String {
     let mut cfg = format!(
         "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend http\n  bind {VIP4}:{PORT}\n  default_backend servers\nbackend servers\n  balance roundrobin\n"
@@ -218,7 +206,6 @@ pub fn rows(quick: bool) -> Vec<HttpRow> {
             HttpServer::start(&topo.ns(&name), &name)
         })
         .collect();
-    let dir = topo.ns("dir");
     let mut out = Vec::new();
 
     let file = ConfigFile::new(&prefix, &xdplb_config());
@@ -226,30 +213,11 @@ pub fn rows(quick: bool) -> Vec<HttpRow> {
     out.push(measure(&topo, Peer::Xdplb, runs, seconds));
     assert!(topo.stop_director(), "xdplb run exited cleanly");
 
-    let rules = std::env::temp_dir().join(format!("{prefix}.nft"));
-    std::fs::write(&rules, nft_ruleset()).expect("write ruleset");
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &dir,
-        "nft",
-        "-f",
-        rules.to_str().expect("utf-8"),
-    ]);
-    let _ = std::fs::remove_file(&rules);
+    let backends = backends();
+    let targets: Vec<&str> = backends.iter().map(String::as_str).collect();
+    let nft = NftDnat::new(&topo.ns("dir"), "xdplb_bench_http", VIP4, PORT, &targets);
     out.push(measure(&topo, Peer::Nft, runs, seconds));
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &dir,
-        "nft",
-        "delete",
-        "table",
-        "ip",
-        "xdplb_bench_http",
-    ]);
+    drop(nft);
 
     // HAProxy terminates TCP on the VIP: the director owns the address for this run.
     topo.ip("dir", &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);

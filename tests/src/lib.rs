@@ -251,6 +251,26 @@ pub struct Pkt {
     pub tcp_flags: u8,
 }
 
+/// Median of a non-empty sample set.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// (min, max) of a sample set.
+pub fn min_max(v: &[f64]) -> (f64, f64) {
+    (
+        v.iter().copied().fold(f64::INFINITY, f64::min),
+        v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    )
+}
+
+/// CPUs this process may run on.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Pin thread/process `pid` (0: the calling thread) to one CPU (BPF_PROG_TEST_RUN runs on
 /// the calling CPU).
 pub fn pin_to(pid: libc::pid_t, cpu: usize) {

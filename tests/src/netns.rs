@@ -940,6 +940,54 @@ impl Drop for TempNs {
     }
 }
 
+/// The benches' kernel peer: nftables DNAT of `vip:port/tcp` round robin over `backends`
+/// (`numgen inc`), as table `table` in namespace `ns`; the table is deleted on drop.
+pub struct NftDnat {
+    ns: String,
+    table: String,
+}
+
+impl NftDnat {
+    pub fn new(ns: &str, table: &str, vip: &str, port: u16, backends: &[&str]) -> NftDnat {
+        let map: Vec<String> = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| format!("{i} : {b}"))
+            .collect();
+        let rules = format!(
+            "table ip {table} {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n    ip daddr {vip} tcp dport {port} dnat to numgen inc mod {} map {{ {} }}\n  }}\n}}\n",
+            backends.len(),
+            map.join(", ")
+        );
+        let path = std::env::temp_dir().join(format!("{ns}-{table}.nft"));
+        std::fs::write(&path, rules).expect("write ruleset");
+        let loaded = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "-f"])
+            .arg(&path)
+            .output();
+        let _ = std::fs::remove_file(&path);
+        let out = loaded.expect("run nft");
+        assert!(
+            out.status.success(),
+            "nft -f: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        NftDnat {
+            ns: ns.to_string(),
+            table: table.to_string(),
+        }
+    }
+}
+
+impl Drop for NftDnat {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "nft", "delete", "table", "ip"])
+            .arg(&self.table)
+            .status();
+    }
+}
+
 /// MAC of `up0` in a [`FibLab`], and of its gateway (a permanent neighbour).
 pub const UP_MAC: [u8; 6] = [0x02, 0xd1, 0, 0, 0, 0x10];
 pub const GW_MAC: [u8; 6] = [0x02, 0x99, 0, 0, 0, 0xfe];

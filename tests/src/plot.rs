@@ -11,7 +11,7 @@ use plotters::{
     style::FontStyle,
 };
 
-use crate::pps_bench::{median, min_max, PpsRow};
+use crate::{median, min_max, pps_bench::PpsRow};
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 

@@ -15,12 +15,13 @@ use aya::{
     programs::{ProgramFd, TestRun, TestRunAttrs, TestRunOptions},
 };
 use lb_userspace::{
-    config::{AnyHost, Config, XdpMode},
+    config::{AnyHost, Config, Mac, XdpMode},
     dataplane::{self, Director},
 };
 
 use crate::{
-    netns::{in_netns, sh, TempNs},
+    median, min_max,
+    netns::{in_netns, sh, NftDnat, TempNs},
     Pkt,
 };
 
@@ -49,11 +50,7 @@ impl Lab {
         }
         // TUN/NAT/nftables route to the backends on this segment; their neighbours are the
         // generator's MAC, so every forwarded frame comes back to the generator's sink.
-        let gen_mac = eth0_mac(Some(&gen.0));
-        let mac = format!(
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            gen_mac[0], gen_mac[1], gen_mac[2], gen_mac[3], gen_mac[4], gen_mac[5]
-        );
+        let mac = Mac(eth0_mac(Some(&gen.0))).to_string();
         for b in BACKENDS {
             dir.ip(&[
                 "neigh",
@@ -88,11 +85,7 @@ fn eth0_mac(ns: Option<&str>) -> [u8; 6] {
     args.extend(["-j", "link", "show", "eth0"]);
     let v: serde_json::Value = serde_json::from_str(&sh(&args)).expect("ip -j");
     let s = v[0]["address"].as_str().expect("address");
-    let mut mac = [0u8; 6];
-    for (i, b) in s.split(':').enumerate() {
-        mac[i] = u8::from_str_radix(b, 16).expect("hex");
-    }
-    mac
+    s.parse::<Mac>().expect("MAC").0
 }
 
 /// What sits in the director's namespace.
@@ -145,11 +138,7 @@ impl Target {
 const BACKENDS: [&str; 3] = ["198.18.8.11", "198.18.8.12", "198.18.8.13"];
 
 fn director_config(mode: &str, gen_mac: [u8; 6]) -> String {
-    let m = gen_mac;
-    let mac = format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    );
+    let mac = Mac(gen_mac);
     let tun = if mode == "tun" {
         ", tun_source: [198.18.8.2]"
     } else {
@@ -168,40 +157,13 @@ fn director_config(mode: &str, gen_mac: [u8; 6]) -> String {
     cfg
 }
 
-/// The kernel peer's ruleset: DNAT round robin over the same backends.
-fn nft_ruleset() -> String {
-    let map: Vec<String> = BACKENDS
-        .iter()
-        .enumerate()
-        .map(|(i, b)| format!("{i} : {b}"))
-        .collect();
-    format!(
-        "table ip xdplb_bench {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n    ip daddr {VIP} tcp dport 80 dnat to numgen inc mod {} map {{ {} }}\n  }}\n}}\n",
-        BACKENDS.len(),
-        map.join(", ")
-    )
-}
-
 /// Run the director side (`target` attached to eth0 of `dir`) until told to stop.
 fn serve(
     dir: &str,
     target: Target,
     gen_mac: [u8; 6],
 ) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
-    if target == Target::Nft {
-        let path = std::env::temp_dir().join(format!("xdplb-bench-{}.nft", std::process::id()));
-        std::fs::write(&path, nft_ruleset()).expect("write ruleset");
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            dir,
-            "nft",
-            "-f",
-            path.to_str().expect("utf-8 path"),
-        ]);
-        let _ = std::fs::remove_file(&path);
-    }
+    let nft = (target == Target::Nft).then(|| NftDnat::new(dir, "xdplb_bench", VIP, 80, &BACKENDS));
     let before = napi_threads();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
@@ -238,14 +200,12 @@ fn serve(
         ready_tx.send(()).expect("ready");
         let _ = stop_rx.recv();
         drop(d);
-        if target == Target::Nft {
-            sh(&["nft", "delete", "table", "ip", "xdplb_bench"]);
-        }
+        drop(nft);
     });
     ready_rx
         .recv_timeout(Duration::from_secs(30))
         .expect("director side ready");
-    if cpus() > 1 {
+    if crate::cpus() > 1 {
         // The director's receive path (veth NAPI, where its XDP program runs) gets a core
         // of its own, as on a real director; the generator keeps CPU 0. (Attaching XDP
         // created the device's NAPI; a thread of an earlier target's may linger.)
@@ -265,10 +225,6 @@ fn serve(
         }
     }
     (stop_tx, handle)
-}
-
-fn cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Pids of the kernel's threaded-NAPI pollers (`napi/<dev>-<id>`).
@@ -390,21 +346,6 @@ pub fn rows(quick: bool) -> Vec<PpsRow> {
         handle.join().expect("director side");
     }
     out
-}
-
-/// Median of a non-empty sample set.
-pub fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// (min, max) of a sample set.
-pub fn min_max(v: &[f64]) -> (f64, f64) {
-    (
-        v.iter().copied().fold(f64::INFINITY, f64::min),
-        v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-    )
 }
 
 /// The end-to-end table (markdown): each row's ratio to the ceiling at the same flow count,

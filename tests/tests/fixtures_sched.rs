@@ -116,15 +116,11 @@ impl Lab {
     }
 }
 
-fn cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 #[test]
 fn wrr_splits_new_flows_by_weight_on_every_cpu_and_interleaves() {
     let lab = Lab::new();
     let mut sport = 10_000u16;
-    for cpu in 0..cpus() {
+    for cpu in 0..lb_tests::cpus() {
         lb_tests::pin_to(0, cpu);
         let mut seq = Vec::new();
         for _ in 0..1000 {

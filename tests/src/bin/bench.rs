@@ -158,9 +158,7 @@ impl Row {
         }
     }
     fn median(&self) -> f64 {
-        let mut s = self.samples.clone();
-        s.sort_by(f64::total_cmp);
-        s[s.len() / 2]
+        lb_tests::median(&self.samples)
     }
 }
 
@@ -248,7 +246,7 @@ fn main() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).expect("target/bench");
     if want(Section::E2e) {
-        use lb_tests::pps_bench::{median, Target as T};
+        use lb_tests::{median, pps_bench::Target as T};
         let pps = lb_tests::pps_bench::rows(quick);
         report += &lb_tests::pps_bench::report(&pps);
         lb_tests::plot::pps_png(
@@ -312,12 +310,7 @@ fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|k| k.trim().to_string())
         .unwrap_or_default();
-    format!(
-        "{} CPUs ({cpu}), Linux {kernel}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    )
+    format!("{} CPUs ({cpu}), Linux {kernel}", lb_tests::cpus())
 }
 
 /// Flow hits with N established flows: a director with a 4M-entry table, the driver cycling
@@ -612,8 +605,7 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
             (true, false) => driver_floor,
             (true, true) => restore_floor,
         };
-        let min = r.samples.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = r.samples.iter().copied().fold(0.0, f64::max);
+        let (min, max) = lb_tests::min_max(&r.samples);
         let m = r.median();
         ratios.push((r.path, m / base));
         report.push_str(&format!(
