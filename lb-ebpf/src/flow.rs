@@ -3,40 +3,71 @@
 use aya_ebpf::btf_maps::LruHashMap as BtfLruHashMap;
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_map, Global};
 use lb_common::{
-    mode, reason, FlowKey, FlowValue, ServiceMeta, BPF_F_NO_COMMON_LRU, FLOW_F_ENDED,
-    FLOW_TABLE_CAPACITY, FLOW_TOUCH_NS, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
+    mode, reason, FlowKey, FlowKey4, FlowValue, ServiceMeta, AF_INET, BPF_F_NO_COMMON_LRU,
+    FLOW_F_ENDED, FLOW_TABLE_CAPACITY, FLOW_TOUCH_NS, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
 };
 
 use crate::select;
 use lb_ebpf::STATUS_OK;
 
-/// LRU hash with per-CPU LRU lists: RSS keeps a flow on one CPU, so eviction bookkeeping
-/// needs no cross-CPU lock, while the entries stay visible to every CPU. Capacity is set
-/// at load time by the controller (`flow_table_size`).
+/// LRU hashes with per-CPU LRU lists: RSS keeps a flow on one CPU, so eviction bookkeeping
+/// needs no cross-CPU lock, while the entries stay visible to every CPU. One table per
+/// family, so IPv4 flows are hashed as 16-byte keys ([`FlowKey4`]) instead of 40. Capacity
+/// (each) is set at load time by the controller (`flow_table_size`).
 #[btf_map]
-static FLOWS: BtfLruHashMap<
+static FLOWS4: BtfLruHashMap<
+    FlowKey4,
+    FlowValue,
+    { FLOW_TABLE_CAPACITY as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = BtfLruHashMap::new();
+
+#[btf_map]
+static FLOWS6: BtfLruHashMap<
     FlowKey,
     FlowValue,
     { FLOW_TABLE_CAPACITY as usize },
     { BPF_F_NO_COMMON_LRU as usize },
 > = BtfLruHashMap::new();
 
+#[inline(always)]
+fn get(key: &FlowKey) -> Option<*mut FlowValue> {
+    if key.family == AF_INET {
+        FLOWS4.get_ptr_mut(&FlowKey4::of(key))
+    } else {
+        FLOWS6.get_ptr_mut(key)
+    }
+}
+
+#[inline(always)]
+fn insert(key: &FlowKey, value: &FlowValue) -> bool {
+    if key.family == AF_INET {
+        FLOWS4.insert(&FlowKey4::of(key), value, 0).is_ok()
+    } else {
+        FLOWS6.insert(key, value, 0).is_ok()
+    }
+}
+
 /// The table entry of an established flow, to update in place (NAT state).
 #[inline(always)]
 pub fn entry(key: &FlowKey) -> Option<*mut FlowValue> {
-    FLOWS.get_ptr_mut(key)
+    get(key)
 }
 
 /// End a flow (NAT close, RST): the next packet of this 5-tuple is a new flow.
 #[inline(always)]
 pub fn forget(key: &FlowKey) {
-    if let Some(v) = FLOWS.get_ptr_mut(key) {
+    if let Some(v) = get(key) {
         let v = unsafe { &*v };
         if v.flags & FLOW_F_ENDED == 0 {
             select::active_add(v.backend, -1);
         }
     }
-    let _ = FLOWS.remove(key);
+    let _ = if key.family == AF_INET {
+        FLOWS4.remove(&FlowKey4::of(key))
+    } else {
+        FLOWS6.remove(key)
+    };
 }
 
 #[derive(Default)]
@@ -88,7 +119,7 @@ fn lookup_out(
 /// removed or reset backend, a removed service.
 #[inline(always)]
 pub fn established(key: &FlowKey, tcp_end: bool) -> Option<(&'static ServiceMeta, Choice)> {
-    let v = unsafe { &mut *FLOWS.get_ptr_mut(key)? };
+    let v = unsafe { &mut *get(key)? };
     let svc = select::service_by_id(v.service, key)?;
     if !still_live(v, key, client_ends(svc, tcp_end)) {
         return None;
@@ -139,7 +170,7 @@ static UDP_IDLE_NS: Global<u64> = Global::new(UDP_IDLE_DEFAULT_NS);
 #[inline(always)]
 fn lookup(svc: &ServiceMeta, key: &FlowKey, record: bool, ending: bool) -> Result<Choice, u32> {
     // The clock is read only where it is needed: UDP hits (idle timeout) and new flows.
-    if let Some(v) = FLOWS.get_ptr_mut(key) {
+    if let Some(v) = get(key) {
         let v = unsafe { &mut *v };
         if still_live(v, key, ending) {
             return Ok(Choice {
@@ -161,7 +192,7 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, record: bool, ending: bool) -> Resul
             last_seen_ns: unsafe { bpf_ktime_get_ns() },
             ..FlowValue::default()
         };
-        if FLOWS.insert(key, &value, 0).is_err() {
+        if !insert(key, &value) {
             crate::stats::reason(reason::FLOW_INSERT_FAILED);
         } else {
             select::active_add(id, 1);

@@ -63,7 +63,7 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
         stats::reason(slot);
         return Ok(action);
     }
-    // Established flows first: one hash lookup (FLOWS) instead of two (SERVICES, FLOWS).
+    // Established flows first: one hash lookup (FLOWS4/6) instead of two (SERVICES, FLOWS).
     let (svc, choice) = match flow::established(&pkt.key, pkt.tcp_end) {
         Some(hit) => hit,
         None => {

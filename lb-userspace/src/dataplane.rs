@@ -11,7 +11,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maps, Backend, Counters, FlowKey, FlowValue, IfaceInfo, NatReply, ServiceMeta, SnatAddr,
+    maps, Backend, Counters, FlowKey, FlowKey4, FlowValue, IfaceInfo, NatReply, ServiceMeta, SnatAddr,
     SnatConfig, VipAddr, VipKey,
 };
 
@@ -80,7 +80,7 @@ pub struct Maps {
     pub services: HashMap<MapData, VipKey, ServiceMeta>,
     pub rings: Array<MapData, u32>,
     pub backends: Array<MapData, Backend>,
-    pub flows: HashMap<MapData, FlowKey, FlowValue>,
+    pub flows: Flows,
     pub ifaces: HashMap<MapData, u32, IfaceInfo>,
     pub service_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
@@ -98,13 +98,48 @@ pub struct Maps {
     pub service_slots: Array<MapData, lb_common::ServiceSlot>,
 }
 
+/// The connection table: the data plane keeps IPv4 flows (`FLOWS4`, 16-byte keys) and IPv6
+/// flows (`FLOWS6`) apart; the controller sees one table of [`FlowKey`]s.
+pub struct Flows {
+    pub v4: HashMap<MapData, FlowKey4, FlowValue>,
+    pub v6: HashMap<MapData, FlowKey, FlowValue>,
+}
+
+impl Flows {
+    pub fn get(&self, key: &FlowKey) -> Option<FlowValue> {
+        if key.family == lb_common::AF_INET {
+            self.v4.get(&FlowKey4::of(key), 0).ok()
+        } else {
+            self.v6.get(key, 0).ok()
+        }
+    }
+
+    pub fn remove(&mut self, key: &FlowKey) -> Result<()> {
+        if key.family == lb_common::AF_INET {
+            self.v4.remove(&FlowKey4::of(key))?;
+        } else {
+            self.v6.remove(key)?;
+        }
+        Ok(())
+    }
+
+    /// Every flow (entries that vanish during the walk are skipped).
+    pub fn iter(&self) -> impl Iterator<Item = (FlowKey, FlowValue)> + '_ {
+        let v4 = self.v4.iter().filter_map(|r| r.ok()).map(|(k, v)| (k.key(), v));
+        v4.chain(self.v6.iter().filter_map(|r| r.ok()))
+    }
+}
+
 impl Maps {
     fn open(mut get: impl FnMut(&'static str) -> Result<Map>) -> Result<Self> {
         Ok(Maps {
             services: get(maps::SERVICES)?.try_into()?,
             rings: get(maps::RINGS)?.try_into()?,
             backends: get(maps::BACKENDS)?.try_into()?,
-            flows: get(maps::FLOWS)?.try_into()?,
+            flows: Flows {
+                v4: get(maps::FLOWS4)?.try_into()?,
+                v6: get(maps::FLOWS6)?.try_into()?,
+            },
             ifaces: get(maps::IFACES)?.try_into()?,
             service_stats: get(maps::SERVICE_STATS)?.try_into()?,
             backend_stats: get(maps::BACKEND_STATS)?.try_into()?,
@@ -362,7 +397,8 @@ impl Director {
     pub fn load(opts: &LoadOptions<'_>) -> Result<Self> {
         let pin_dir = opts.pin_dir;
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(maps::FLOWS, opts.flow_table_size);
+        loader.map_max_entries(maps::FLOWS4, opts.flow_table_size);
+        loader.map_max_entries(maps::FLOWS6, opts.flow_table_size);
         // One reply mapping per NAT flow.
         loader.map_max_entries(maps::NAT_REPLIES, opts.flow_table_size);
         let debug_log = u8::from(opts.debug_log);
@@ -383,10 +419,10 @@ impl Director {
                         found: layout,
                     });
                 }
-                let flows = aya::maps::MapInfo::from_pin(dir.join(maps::FLOWS))?.max_entries();
+                let flows = aya::maps::MapInfo::from_pin(dir.join(maps::FLOWS4))?.max_entries();
                 if flows != opts.flow_table_size {
                     tracing::warn!(
-                        "the running director's flow table holds {flows} entries; flow_table_size {} \
+                        "the running director's flow tables hold {flows} entries each; flow_table_size {} \
                          takes effect only after `xdplb detach` and a new start (which drops connections)",
                         opts.flow_table_size
                     );
@@ -666,7 +702,7 @@ pub fn sweep(
     let idle = idle.as_nanos() as u64;
     let mut swept = Swept::default();
     let mut expired = std::collections::HashSet::new();
-    for (k, v) in m.flows.iter().filter_map(|r| r.ok()) {
+    for (k, v) in m.flows.iter() {
         if (k.proto == lb_common::IPPROTO_UDP && now.saturating_sub(v.last_seen_ns) > idle)
             || evict.contains(&v.backend)
             || !configured(v.backend)

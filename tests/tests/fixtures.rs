@@ -483,6 +483,36 @@ fn established_flows_reach_their_service_by_id() {
 }
 
 #[test]
+fn flows_are_kept_per_family_ipv4_in_16_byte_keys() {
+    let mut h = Harness::new(CONFIG);
+    let v4 = Pkt::tcp("198.18.2.9", "198.18.0.100", 41200, 80);
+    let v6 = Pkt::tcp("2001:db8:2::9", "2001:db8::100", 41200, 443);
+    check(&h, &forwarded(&h, "IPv4 flow scheduled", 0, v4.clone()));
+    check(&h, &forwarded(&h, "IPv6 flow scheduled", 2, v6.clone()));
+    let (k4, k6) = (v4.key(), v6.key());
+    let flows = &h.director.maps.flows;
+
+    // The IPv4 flow is in FLOWS4 under its 16-byte key, not in FLOWS6; the IPv6 one in FLOWS6.
+    let e4 = flows
+        .v4
+        .get(&lb_common::FlowKey4::of(&k4), 0)
+        .expect("IPv4 flow in FLOWS4");
+    assert_eq!(e4.backend, h.predicted_backend(0, &k4));
+    assert!(flows.v6.get(&k4, 0).is_err(), "IPv4 flow not in FLOWS6");
+    let e6 = flows.v6.get(&k6, 0).expect("IPv6 flow in FLOWS6");
+    assert_eq!(e6.backend, h.predicted_backend(2, &k6));
+
+    // The controller sees one table of family-independent keys.
+    let mut all: Vec<_> = flows.iter().map(|(k, v)| (k, v.backend)).collect();
+    all.sort_by_key(|(k, _)| k.family);
+    assert_eq!(all, vec![(k4, e4.backend), (k6, e6.backend)]);
+    assert_eq!(flows.get(&k4), Some(e4));
+    h.director.maps.flows.remove(&k4).expect("remove IPv4 flow");
+    assert_eq!(h.director.maps.flows.get(&k4), None);
+    assert_eq!(h.director.maps.flows.get(&k6), Some(e6), "IPv6 flow kept");
+}
+
+#[test]
 fn counters_count_packets_bytes_and_new_flows() {
     let h = Harness::new(CONFIG);
     let pkt = Pkt::udp("198.18.2.3", "198.18.0.100", 5353, 53);
