@@ -80,8 +80,9 @@ pub struct VipKey {
 /// Value of `SERVICE_SLOTS`, indexed by service id: the service's key and meta, so a packet
 /// of an established flow reaches its service from the flow's `service` id without hashing
 /// the VIP. The data plane checks the packet against `key` (an id may be reused); an empty
-/// slot is all zeros (family 0 matches no packet).
-#[repr(C)]
+/// slot is all zeros (family 0 matches no packet). 8-aligned (the size stays 40), so the
+/// data plane compares the VIP in two word loads, not sixteen byte loads.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct ServiceSlot {
     pub key: VipKey,
@@ -617,6 +618,7 @@ mod pod {
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::ServiceMeta {}
     unsafe impl aya::Pod for super::ServiceSlot {}
+    const _: () = assert!(core::mem::size_of::<super::ServiceSlot>() == 40);
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowKey4 {}
     unsafe impl aya::Pod for super::FlowValue {}

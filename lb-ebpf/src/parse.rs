@@ -6,6 +6,7 @@ use lb_common::{
     reason, FlowKey, AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
 };
 pub use lb_ebpf::ptr_at;
+use lb_ebpf::{load_u16, load_u32, load_u64};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -99,14 +100,20 @@ pub fn parse(ctx: &XdpContext, out: &mut Parsed) -> Result<(), u32> {
             if unsafe { (*tcp).doff() } < 5 {
                 return Err(reason::PASS_MALFORMED);
             }
-            key.sport_be = u16::from_ne_bytes(unsafe { (*tcp).source });
-            key.dport_be = u16::from_ne_bytes(unsafe { (*tcp).dest });
+            // SAFETY: bounds-checked above.
+            unsafe {
+                key.sport_be = load_u16(tcp as *const u8);
+                key.dport_be = load_u16((tcp as *const u8).add(2));
+            }
             out.tcp_end = unsafe { (*tcp).fin() != 0 || (*tcp).rst() != 0 };
         }
         IPPROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(reason::PASS_MALFORMED)?;
-            key.sport_be = u16::from_ne_bytes(unsafe { (*udp).src });
-            key.dport_be = u16::from_ne_bytes(unsafe { (*udp).dst });
+            // SAFETY: bounds-checked above.
+            unsafe {
+                key.sport_be = load_u16(udp as *const u8);
+                key.dport_be = load_u16((udp as *const u8).add(2));
+            }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             // Only ICMPv4 over IPv4 and ICMPv6 over IPv6 are ICMP to us.
@@ -152,8 +159,11 @@ fn parse_ipv4(
         return Err(reason::PASS_FRAGMENT);
     }
     key.family = AF_INET;
-    key.src[..4].copy_from_slice(&ip.src_addr);
-    key.dst[..4].copy_from_slice(&ip.dst_addr);
+    // SAFETY: the header was bounds-checked; `FlowKey` is 8-aligned (word stores are aligned).
+    unsafe {
+        (key.src.as_mut_ptr() as *mut u32).write(load_u32(ip.src_addr.as_ptr()));
+        (key.dst.as_mut_ptr() as *mut u32).write(load_u32(ip.dst_addr.as_ptr()));
+    }
     Ok((ip.proto, l3 + Ipv4Hdr::LEN, ip.tos, ip.frags[0] & 0x40 != 0))
 }
 
@@ -178,8 +188,18 @@ fn parse_ipv6(
         i += 1;
     }
     key.family = AF_INET6;
-    copy16(&mut key.src, &ip.src_addr);
-    copy16(&mut key.dst, &ip.dst_addr);
+    // SAFETY: the header was bounds-checked; `FlowKey` is 8-aligned (word stores are aligned).
+    unsafe {
+        let (s, d) = (
+            key.src.as_mut_ptr() as *mut u64,
+            key.dst.as_mut_ptr() as *mut u64,
+        );
+        let (a, b) = (ip.src_addr.as_ptr(), ip.dst_addr.as_ptr());
+        s.write(load_u64(a));
+        s.add(1).write(load_u64(a.add(8)));
+        d.write(load_u64(b));
+        d.add(1).write(load_u64(b.add(8)));
+    }
     let tclass = (ip.vcf[0] << 4) | (ip.vcf[1] >> 4);
     Ok((next, l3 + Ipv6Hdr::LEN, tclass, true))
 }

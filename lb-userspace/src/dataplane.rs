@@ -11,8 +11,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maps, Backend, Counters, FlowKey, FlowKey4, FlowValue, IfaceInfo, NatReply, ServiceMeta, SnatAddr,
-    SnatConfig, VipAddr, VipKey,
+    maps, Backend, Counters, FlowKey, FlowKey4, FlowValue, IfaceInfo, NatReply, ServiceMeta,
+    SnatAddr, SnatConfig, VipAddr, VipKey,
 };
 
 use crate::config;
@@ -125,7 +125,11 @@ impl Flows {
 
     /// Every flow (entries that vanish during the walk are skipped).
     pub fn iter(&self) -> impl Iterator<Item = (FlowKey, FlowValue)> + '_ {
-        let v4 = self.v4.iter().filter_map(|r| r.ok()).map(|(k, v)| (k.key(), v));
+        let v4 = self
+            .v4
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| (k.key(), v));
         v4.chain(self.v6.iter().filter_map(|r| r.ok()))
     }
 }
