@@ -565,9 +565,17 @@ pub const LAYOUT_VERSION: u64 = 6;
 /// Flow hash used to pick a ring slot on a miss. Deterministic across directors (same
 /// 5-tuple -> same slot), so identical rings on several directors pick the same backend.
 /// A word-wise multiply-xorshift mix; kept here so tests and tools can compute it too.
+/// IPv4 flows are mixed as their [`FlowKey4`] (four words), not all ten of [`FlowKey`] (six
+/// of them zero): the mix is a serial chain of multiplies, and the data plane runs it
+/// for every new flow and every TUN packet (outer source entropy, IPv6 flow label).
+/// (Changed with map layout 6: directors of older versions pick other slots for new flows.)
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey) -> u32 {
-    hash_words(bytemuck::cast_ref(key))
+    if key.family == AF_INET {
+        hash_words::<4>(bytemuck::cast_ref(&FlowKey4::of(key)))
+    } else {
+        hash_words::<10>(bytemuck::cast_ref(key))
+    }
 }
 
 /// [`flow_hash`] over the fields `fields` selects ([`hash`] bits; 0 = all): the others are
@@ -593,15 +601,15 @@ pub fn flow_hash_fields(key: &FlowKey, fields: u8) -> u32 {
     if fields & hash::PROTO == 0 {
         k.proto = 0;
     }
-    hash_words(bytemuck::cast_ref(&k))
+    flow_hash(&k)
 }
 
 #[inline(always)]
-fn hash_words(words: &[u32; 10]) -> u32 {
+fn hash_words<const N: usize>(words: &[u32; N]) -> u32 {
     let mut h: u32 = 0x9e37_79b9;
     let mut i = 0;
     // Fixed bound so the verifier sees a finite loop (it is unrolled anyway).
-    while i < 10 {
+    while i < N {
         h ^= words[i];
         h = h.wrapping_mul(0x85eb_ca6b);
         h ^= h >> 13;
@@ -655,5 +663,35 @@ mod tests {
         assert_eq!((k4.sport_be, k4.dport_be), (key.sport_be, key.dport_be));
         assert_eq!((k4.proto, k4._pad), (IPPROTO_TCP, [0; 3]));
         assert_eq!(k4.key(), key);
+    }
+
+    #[test]
+    fn ipv4_flows_hash_as_their_four_words() {
+        let mut key = FlowKey {
+            sport_be: 40000u16.to_be(),
+            dport_be: 80u16.to_be(),
+            proto: IPPROTO_TCP,
+            family: AF_INET,
+            ..FlowKey::default()
+        };
+        key.src[..4].copy_from_slice(&[198, 18, 2, 1]);
+        key.dst[..4].copy_from_slice(&[198, 18, 0, 100]);
+        let k4 = FlowKey4::of(&key);
+        assert_eq!(flow_hash(&key), hash_words::<4>(bytemuck::cast_ref(&k4)));
+        // Every field still counts.
+        let mut other = key;
+        other.sport_be ^= 1;
+        assert_ne!(flow_hash(&other), flow_hash(&key));
+        other = key;
+        other.proto = IPPROTO_UDP;
+        assert_ne!(flow_hash(&other), flow_hash(&key));
+        // Source-only hashing ignores the rest.
+        other = key;
+        other.dst[3] ^= 1;
+        other.dport_be ^= 1;
+        assert_eq!(
+            flow_hash_fields(&other, hash::SRC_IP),
+            flow_hash_fields(&key, hash::SRC_IP)
+        );
     }
 }

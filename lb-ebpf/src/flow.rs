@@ -78,16 +78,23 @@ pub struct Choice {
     pub new: bool,
 }
 
-/// The flow's backend: from the table, or scheduled now (and, with `record`, remembered).
+/// How [`lookup_or_schedule`] goes about it (bits; one argument, as a BPF function takes at
+/// most five).
+pub mod how {
+    /// Remember a newly scheduled flow (not for ICMP errors: they only look).
+    pub const RECORD: u32 = 1;
+    /// The client is ending the connection (see [`super::client_ends`]).
+    pub const ENDING: u32 = 2;
+    /// [`super::established`] just found no entry: do not look again.
+    pub const ABSENT: u32 = 4;
+}
+
+/// The flow's backend: from the table, or scheduled now (and, with [`how::RECORD`],
+/// remembered).
 #[inline(always)]
-pub fn lookup_or_schedule(
-    svc: &ServiceMeta,
-    key: &FlowKey,
-    record: bool,
-    ending: bool,
-) -> Result<Choice, u32> {
+pub fn lookup_or_schedule(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
     let mut out = Choice::default();
-    match lookup_out(svc, key, record, ending, &mut out) {
+    match lookup_out(svc, key, how, &mut out) {
         STATUS_OK => Ok(out),
         slot => Err(slot),
     }
@@ -96,14 +103,8 @@ pub fn lookup_or_schedule(
 /// Out of line: its temporaries (hash words, the new entry) stay off the caller's frame,
 /// which must leave room for the forwarding call (the BPF stack is 512 bytes per chain).
 #[inline(never)]
-fn lookup_out(
-    svc: &ServiceMeta,
-    key: &FlowKey,
-    record: bool,
-    ending: bool,
-    out: &mut Choice,
-) -> u32 {
-    match lookup(svc, key, record, ending) {
+fn lookup_out(svc: &ServiceMeta, key: &FlowKey, how: u32, out: &mut Choice) -> u32 {
+    match lookup(svc, key, how) {
         Ok(c) => {
             *out = c;
             STATUS_OK
@@ -112,25 +113,41 @@ fn lookup_out(
     }
 }
 
+/// What [`established`] found.
+pub enum Established {
+    /// A usable entry: the flow's service and backend.
+    Hit(&'static ServiceMeta, Choice),
+    /// No entry: a new flow.
+    Absent,
+    /// An entry that does not hold as it is (an idle UDP flow, a removed or reset backend, a
+    /// removed service): the full way decides.
+    Stale,
+}
+
 /// The fast path: a packet of an established flow whose service (by the id the flow
 /// recorded, checked against the packet's destination) and backend are still usable — one
-/// hash lookup (this table) and array reads. `None` sends the packet the full way
-/// ([`crate::select::service`], then [`lookup_or_schedule`]): a miss, an idle UDP flow, a
-/// removed or reset backend, a removed service.
+/// hash lookup (this table) and array reads. Otherwise the packet goes the full way
+/// ([`crate::select::service`], then [`lookup_or_schedule`]), told whether there was an
+/// entry at all, so a new flow is looked up once, not twice.
 #[inline(always)]
-pub fn established(key: &FlowKey, tcp_end: bool) -> Option<(&'static ServiceMeta, Choice)> {
-    let v = unsafe { &mut *get(key)? };
-    let svc = select::service_by_id(v.service, key)?;
+pub fn established(key: &FlowKey, tcp_end: bool) -> Established {
+    let Some(v) = get(key) else {
+        return Established::Absent;
+    };
+    let v = unsafe { &mut *v };
+    let Some(svc) = select::service_by_id(v.service, key) else {
+        return Established::Stale;
+    };
     if !still_live(v, key, client_ends(svc, tcp_end)) {
-        return None;
+        return Established::Stale;
     }
-    Some((
+    Established::Hit(
         svc,
         Choice {
             id: v.backend,
             new: false,
         },
-    ))
+    )
 }
 
 /// In DR and TUN only the client's side is seen: its FIN/RST (`tcp_end`) ends the flow.
@@ -168,9 +185,15 @@ fn still_live(v: &mut FlowValue, key: &FlowKey, ending: bool) -> bool {
 static UDP_IDLE_NS: Global<u64> = Global::new(UDP_IDLE_DEFAULT_NS);
 
 #[inline(always)]
-fn lookup(svc: &ServiceMeta, key: &FlowKey, record: bool, ending: bool) -> Result<Choice, u32> {
+fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
+    let (record, ending) = (how & how::RECORD != 0, how & how::ENDING != 0);
     // The clock is read only where it is needed: UDP hits (idle timeout) and new flows.
-    if let Some(v) = get(key) {
+    let entry = if how & how::ABSENT != 0 {
+        None
+    } else {
+        get(key)
+    };
+    if let Some(v) = entry {
         let v = unsafe { &mut *v };
         if still_live(v, key, ending) {
             return Ok(Choice {

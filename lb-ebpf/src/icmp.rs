@@ -153,7 +153,7 @@ fn steer(ctx: &XdpContext, pkt: &Parsed) -> Result<Icmp, u32> {
     key.dport_be = u16::from_ne_bytes([ports[0], ports[1]]);
     let svc = select::service(&key)?;
     // Only look: an error is no reason to create a flow.
-    let choice = flow::lookup_or_schedule(svc, &key, false, false)?;
+    let choice = flow::lookup_or_schedule(svc, &key, 0)?;
     Ok(Icmp::Steer(svc.mode, choice.id))
 }
 

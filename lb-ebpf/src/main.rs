@@ -65,8 +65,8 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
     }
     // Established flows first: one hash lookup (FLOWS4/6) instead of two (SERVICES, FLOWS).
     let (svc, choice) = match flow::established(&pkt.key, pkt.tcp_end) {
-        Some(hit) => hit,
-        None => {
+        flow::Established::Hit(svc, choice) => (svc, choice),
+        miss => {
             let svc = match select::service(&pkt.key) {
                 Ok(svc) => svc,
                 // Not for a VIP: perhaps a backend's reply to a NAT flow.
@@ -82,8 +82,14 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
                     return Ok(action);
                 }
             };
-            let ending = flow::client_ends(svc, pkt.tcp_end);
-            match flow::lookup_or_schedule(svc, &pkt.key, true, ending) {
+            let mut how = flow::how::RECORD;
+            if flow::client_ends(svc, pkt.tcp_end) {
+                how |= flow::how::ENDING;
+            }
+            if matches!(miss, flow::Established::Absent) {
+                how |= flow::how::ABSENT;
+            }
+            match flow::lookup_or_schedule(svc, &pkt.key, how) {
                 Ok(c) => (svc, c),
                 // Every backend is down or drained, and the service prefers a drop to the kernel.
                 Err(reason::PASS_NO_BACKEND) if svc.flags & SERVICE_F_DROP_NO_BACKEND != 0 => {
