@@ -645,9 +645,8 @@ mod pod {
 mod tests {
     use super::*;
 
-    #[test]
-    fn ipv4_flow_keys_round_trip_through_16_bytes() {
-        assert_eq!(core::mem::size_of::<FlowKey4>(), 16);
+    /// 198.18.2.1:40000 -> 198.18.0.100:80, TCP.
+    fn v4_key() -> FlowKey {
         let mut key = FlowKey {
             sport_be: 40000u16.to_be(),
             dport_be: 80u16.to_be(),
@@ -657,6 +656,13 @@ mod tests {
         };
         key.src[..4].copy_from_slice(&[198, 18, 2, 1]);
         key.dst[..4].copy_from_slice(&[198, 18, 0, 100]);
+        key
+    }
+
+    #[test]
+    fn ipv4_flow_keys_round_trip_through_16_bytes() {
+        assert_eq!(core::mem::size_of::<FlowKey4>(), 16);
+        let key = v4_key();
         let k4 = FlowKey4::of(&key);
         assert_eq!(k4.src, [198, 18, 2, 1]);
         assert_eq!(k4.dst, [198, 18, 0, 100]);
@@ -667,15 +673,7 @@ mod tests {
 
     #[test]
     fn ipv4_flows_hash_as_their_four_words() {
-        let mut key = FlowKey {
-            sport_be: 40000u16.to_be(),
-            dport_be: 80u16.to_be(),
-            proto: IPPROTO_TCP,
-            family: AF_INET,
-            ..FlowKey::default()
-        };
-        key.src[..4].copy_from_slice(&[198, 18, 2, 1]);
-        key.dst[..4].copy_from_slice(&[198, 18, 0, 100]);
+        let key = v4_key();
         let k4 = FlowKey4::of(&key);
         assert_eq!(flow_hash(&key), hash_words::<4>(bytemuck::cast_ref(&k4)));
         // Every field still counts.
