@@ -88,6 +88,41 @@ pub unsafe fn load_u16(p: *const u8) -> u16 {
     }
 }
 
+/// Store one word into the packet whatever its alignment (see [`load_u32`]); `v` is written
+/// in memory order as it is (convert with `to_be` for network order).
+///
+/// # Safety
+/// `p .. p + 4` must be writable (for packet data: bounds-checked against `data_end`).
+#[inline(always)]
+pub unsafe fn store_u32(p: *mut u8, v: u32) {
+    #[cfg(target_arch = "bpf")]
+    unsafe {
+        core::arch::asm!("*(u32 *)({p} + 0) = {v}", p = in(reg) p, v = in(reg) v as u64,
+            options(nostack, preserves_flags));
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe {
+        (p as *mut u32).write_unaligned(v)
+    }
+}
+
+/// See [`store_u32`].
+///
+/// # Safety
+/// `p .. p + 2` must be writable.
+#[inline(always)]
+pub unsafe fn store_u16(p: *mut u8, v: u16) {
+    #[cfg(target_arch = "bpf")]
+    unsafe {
+        core::arch::asm!("*(u16 *)({p} + 0) = {v}", p = in(reg) p, v = in(reg) v as u64,
+            options(nostack, preserves_flags));
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe {
+        (p as *mut u16).write_unaligned(v)
+    }
+}
+
 /// 16-byte equality as two word compares (an array `==` becomes a `bcmp` call).
 #[inline(always)]
 pub fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {

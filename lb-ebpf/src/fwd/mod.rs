@@ -32,6 +32,25 @@ static IFACES: BtfHashMap<u32, IfaceInfo, { MAX_IFACES as usize }> = BtfHashMap:
 #[btf_map]
 static TX_PORTS: BtfDevMapHash<{ MAX_IFACES as usize }> = BtfDevMapHash::new();
 
+/// Write the frame's Ethernet destination and source: one word and one half-word store
+/// each (an array assignment would be a byte-loop `memmove` call, see
+/// `lb_ebpf::zeroed_in_place`).
+#[inline(always)]
+pub fn set_macs(ctx: &XdpContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), u32> {
+    let eth = lb_ebpf::ptr_at::<[u8; 12]>(ctx, 0).ok_or(reason::PASS_MALFORMED)? as *mut u8;
+    // SAFETY: 12 bytes, bounds-checked.
+    unsafe {
+        lb_ebpf::store_u32(eth, u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]]));
+        lb_ebpf::store_u16(eth.add(4), u16::from_ne_bytes([dst[4], dst[5]]));
+        lb_ebpf::store_u32(
+            eth.add(6),
+            u32::from_ne_bytes([src[0], src[1], src[2], src[3]]),
+        );
+        lb_ebpf::store_u16(eth.add(10), u16::from_ne_bytes([src[4], src[5]]));
+    }
+    Ok(())
+}
+
 #[inline(always)]
 pub fn iface(ifindex: u32) -> Option<&'static IfaceInfo> {
     // Fast path: small ifindexes live in an array too (no hash per packet).

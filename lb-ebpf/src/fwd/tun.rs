@@ -8,7 +8,7 @@ use lb_common::{
     flow_hash, reason, Backend, IfaceInfo, AF_INET, AF_INET6, DEFAULT_TTL, IFACE_F_SRC4,
     IFACE_F_SRC6, IPPROTO_IPIP, IPPROTO_IPV6,
 };
-use lb_ebpf::{frame_len, ptr_at, STATUS_OK};
+use lb_ebpf::{frame_len, ptr_at, store_u16, store_u32, STATUS_OK};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -16,31 +16,43 @@ use network_types::{
 
 use crate::{
     csum,
-    fwd::{iface, route_to_backend, send, Route},
+    fwd::{iface, route_to_backend, send, set_macs, Route},
     parse::Parsed,
 };
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 
-/// Outer source address: the egress interface's, with its low `bits` bits taken from the
-/// flow hash when entropy is configured (so backend NICs spread tunnels over queues).
+/// Outer source address word: the last 32 bits of the egress interface's address, with its
+/// low `bits` bits taken from the flow hash when entropy is configured (so backend NICs
+/// spread tunnels over queues). Host-order value of big-endian bytes.
 #[inline(always)]
-fn source<const N: usize>(base: [u8; N], bits: u8, hash: u32) -> [u8; N] {
-    let mut out = base;
-    let bits = if bits > 32 { 32 } else { bits as u32 };
-    if bits == 0 {
-        return out;
-    }
-    let mask: u32 = if bits == 32 {
-        u32::MAX
-    } else {
-        (1u32 << bits) - 1
+fn source_tail(tail: u32, bits: u8, hash: u32) -> u32 {
+    let mask: u32 = match bits {
+        0 => 0,
+        1..=31 => (1u32 << bits) - 1,
+        _ => u32::MAX,
     };
-    let tail = u32::from_be_bytes([out[N - 4], out[N - 3], out[N - 2], out[N - 1]]);
-    let tail = (tail & !mask) | (hash & mask);
-    out[N - 4..].copy_from_slice(&tail.to_be_bytes());
-    out
+    (tail & !mask) | (hash & mask)
+}
+
+/// Big-endian word `i` of a 16-byte address (host-order value).
+#[inline(always)]
+fn word(a: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
+}
+
+/// Write host-order words as big-endian bytes at `p` (one store each).
+///
+/// # Safety
+/// `p .. p + 4 * N` must be bounds-checked packet memory.
+#[inline(always)]
+unsafe fn put_words<const N: usize>(p: *mut u8, words: &[u32; N]) {
+    let mut i = 0;
+    while i < N {
+        unsafe { store_u32(p.add(4 * i), words[i].to_be()) };
+        i += 1;
+    }
 }
 
 /// What became of a TUN packet that was not passed to the kernel.
@@ -118,7 +130,6 @@ fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Re
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
         return Err(reason::PASS_ADJUST_FAILED);
     }
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::PASS_MALFORMED)?;
     let (dst_mac, src_mac) = if no_neigh {
         // Hand the encapsulated packet to our own stack: it resolves the next hop (and
         // forwards the packet if forwarding is enabled).
@@ -127,67 +138,61 @@ fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Re
     } else {
         (fib.dmac, fib.smac)
     };
-    unsafe {
-        (*eth).dst_addr = dst_mac;
-        (*eth).src_addr = src_mac;
-        (*eth).ether_type = if outer6 { ETH_P_IPV6 } else { ETH_P_IP }.to_be();
-    }
+    set_macs(ctx, dst_mac, src_mac)?;
     let inner_proto = if pkt.key.family == AF_INET {
         IPPROTO_IPIP
     } else {
         IPPROTO_IPV6
     };
+    // Ether type and outer header, in word stores (built field by field in a byte array
+    // they cost a store, a load and a store per byte, and the checksum a load per byte).
+    let b = &backend.addr;
     if outer6 {
-        let ip: *mut Ipv6Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(reason::PASS_MALFORMED)?;
-        let label = hash & 0x000f_ffff;
-        let vcf: u32 = (6 << 28) | ((pkt.tos as u32) << 20) | label;
-        let mut dst = [0u8; 16];
-        dst.copy_from_slice(&backend.addr);
+        let h = ptr_at::<[u8; 2 + Ipv6Hdr::LEN]>(ctx, EthHdr::LEN - 2)
+            .ok_or(reason::PASS_MALFORMED)? as *mut u8;
+        let s6 = &egress.src6;
+        let tail = source_tail(word(s6, 3), egress.src6_entropy_bits, hash);
+        let words = [
+            (6 << 28) | ((pkt.tos as u32) << 20) | (hash & 0x000f_ffff),
+            ((inner_len as u32) << 16) | ((inner_proto as u32) << 8) | DEFAULT_TTL as u32,
+            word(s6, 0),
+            word(s6, 1),
+            word(s6, 2),
+            tail,
+            word(b, 0),
+            word(b, 1),
+            word(b, 2),
+            word(b, 3),
+        ];
+        // SAFETY: 42 bytes from offset 12, bounds-checked.
         unsafe {
-            (*ip).vcf = vcf.to_be_bytes();
-            (*ip).payload_len = (inner_len as u16).to_be_bytes();
-            (*ip).next_hdr = inner_proto;
-            (*ip).hop_limit = DEFAULT_TTL;
-            (*ip).src_addr = source(egress.src6, egress.src6_entropy_bits, hash);
-            (*ip).dst_addr = dst;
+            store_u16(h, ETH_P_IPV6.to_be());
+            put_words(h.add(2), &words);
         }
     } else {
-        let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(reason::PASS_MALFORMED)?;
-        let src = source(egress.src4, egress.src4_entropy_bits, hash);
-        let dst = [
-            backend.addr[0],
-            backend.addr[1],
-            backend.addr[2],
-            backend.addr[3],
+        let h = ptr_at::<[u8; 2 + Ipv4Hdr::LEN]>(ctx, EthHdr::LEN - 2)
+            .ok_or(reason::PASS_MALFORMED)? as *mut u8;
+        let src = source_tail(word(&egress.src4, 0), egress.src4_entropy_bits, hash);
+        // Version/IHL, TOS, length | id 0, DF | TTL, protocol, checksum | source | destination.
+        let mut words = [
+            0x4500_0000 | ((pkt.tos as u32) << 16) | outer_len as u32,
+            0x0000_4000,
+            ((DEFAULT_TTL as u32) << 24) | ((IPPROTO_IPIP as u32) << 16),
+            src,
+            word(b, 0),
         ];
-        let len = (outer_len as u16).to_be_bytes();
-        // Version/IHL, TOS, length, id 0, DF, TTL, protocol, checksum 0, source, destination.
-        let mut h: [u8; 20] = [
-            0x45,
-            pkt.tos,
-            len[0],
-            len[1],
-            0,
-            0,
-            0x40,
-            0,
-            DEFAULT_TTL,
-            IPPROTO_IPIP,
-            0,
-            0,
-            src[0],
-            src[1],
-            src[2],
-            src[3],
-            dst[0],
-            dst[1],
-            dst[2],
-            dst[3],
-        ];
-        let check = csum::finish(csum::add_words(0, &h));
-        h[10] = check[0];
-        h[11] = check[1];
-        unsafe { *(ip as *mut [u8; 20]) = h };
+        let mut sum = 0u32;
+        let mut i = 0;
+        while i < 5 {
+            sum += (words[i] >> 16) + (words[i] & 0xffff);
+            i += 1;
+        }
+        words[2] |= u32::from(u16::from_be_bytes(csum::finish(sum)));
+        // SAFETY: 22 bytes from offset 12, bounds-checked.
+        unsafe {
+            store_u16(h, ETH_P_IP.to_be());
+            put_words(h.add(2), &words);
+        }
     }
     if no_neigh {
         return Err(reason::PASS_NO_NEIGH);
