@@ -23,6 +23,20 @@ fn bench_quick_runs_every_path_and_reports() {
         .filter(|l| l.starts_with("| ") && !l.starts_with("| path"))
         .collect();
     assert_eq!(rows.len(), 19, "one row per path:\n{stdout}");
+    // The kernel's view of the program sizes: "director N insns, J B; floor M insns, K B."
+    let sizes = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Program sizes"))
+        .expect("program sizes line");
+    let numbers: Vec<u64> = sizes
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(numbers.len(), 4, "{sizes}");
+    assert!(
+        numbers.iter().all(|&n| n > 0) && numbers[0] > numbers[2],
+        "director larger than the floor: {sizes}"
+    );
     let control: Vec<&str> = stdout
         .lines()
         .skip_while(|l| !l.starts_with("| control plane"))

@@ -616,5 +616,18 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
         ));
     }
     report.push_str("\nRows behind the driver compare with the floor behind the same driver.\n");
+    // Program sizes as the kernel holds them (after the verifier's rewrites, before and
+    // after JIT): what `bpftool prog dump xlated` would list, for the whole program (every
+    // path, not just the one a row runs).
+    let size = |p: &Xdp| {
+        let info = p.info().expect("program info");
+        (info.size_translated().unwrap_or(0) / 8, info.size_jitted())
+    };
+    let (d_insns, d_jit) = size(h.director.director_program());
+    let (f_insns, f_jit) = size(loaded(&h, dataplane::FLOOR_PROGRAM));
+    report.push_str(&format!(
+        "Program sizes (kernel's translated instructions, JIT bytes): director {d_insns} insns, \
+         {d_jit} B; floor {f_insns} insns, {f_jit} B.\n"
+    ));
     (report, ratios)
 }
