@@ -435,3 +435,56 @@ fn idle_udp_flows_end_and_their_nat_state_goes() {
         );
     });
 }
+
+#[test]
+fn reply_route_to_the_client_is_cached_for_a_second() {
+    lb_tests::require_root();
+    let lab = FibLab::new("natcache");
+    let ns = lab.0 .0.clone();
+    lab.run(move || {
+        // Per-CPU cache: stay on one CPU.
+        lb_tests::pin_to(0, 0);
+        let (h, up0) = harness();
+        let client = Pkt::tcp("198.18.2.7", "198.18.0.100", 40300, 80);
+        assert_eq!(run(&h, up0, &client.build()).0, XDP_TX, "forward");
+        let reply = Pkt {
+            src: "198.18.5.11".parse().unwrap(),
+            dst: client.src,
+            sport: 8080,
+            dport: client.sport,
+            ..client.clone()
+        }
+        .with_macs(GW_MAC, UP_MAC);
+        let reply_mac = |h: &Harness| {
+            let (v, out) = run(h, up0, &reply.build());
+            assert_eq!(v, XDP_TX, "reply sent");
+            <[u8; 6]>::try_from(&out[..6]).unwrap()
+        };
+        assert_eq!(reply_mac(&h), GW_MAC, "the FIB's answer");
+
+        // The gateway toward the client changes its MAC: within the second the cached hop
+        // is used, after it the FIB's new answer.
+        let new_gw = "02:99:00:00:00:fc";
+        lb_tests::netns::sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "neigh",
+            "replace",
+            "198.18.0.1",
+            "lladdr",
+            new_gw,
+            "dev",
+            "up0",
+            "nud",
+            "permanent",
+        ]);
+        assert_eq!(reply_mac(&h), GW_MAC, "cached within the second");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(
+            reply_mac(&h),
+            [0x02, 0x99, 0, 0, 0, 0xfc],
+            "a stale entry is refreshed from the FIB"
+        );
+    });
+}

@@ -100,15 +100,19 @@ pub struct CachedHop {
 /// MTU changes reach a backend's packets within this time.
 pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 
-/// Per CPU, by backend id: the FIB's last answer toward the backend, so most TUN and NAT
-/// packets skip `bpf_fib_lookup` (the largest cost of those paths). Not pinned: a program
-/// replacement starts with an empty cache.
-#[btf_map]
-static NEXT_HOPS: BtfPerCpuArray<CachedHop, { MAX_BACKENDS as usize }> = BtfPerCpuArray::new();
+/// Slots of [`NEXT_HOPS`] for NAT replies' routes to clients, after the backends' ones; a
+/// client address picks one by hash (a collision only means another FIB lookup).
+const CLIENT_HOP_SLOTS: u32 = 1024;
 
-/// [`route`] toward backend `id` (at `dst`), answered from [`NEXT_HOPS`] while fresh, for
-/// the same ingress interface and a packet within the cached MTU. Only complete answers are
-/// cached: a missing neighbour, a too-big packet or a failure asks the FIB every time.
+/// Per CPU: the FIB's last answer toward each backend (by id) and toward recently seen
+/// clients (NAT replies; slots after the backends'), so most TUN and NAT packets skip
+/// `bpf_fib_lookup` (the largest cost of those paths). Not pinned: a program replacement
+/// starts with an empty cache.
+#[btf_map]
+static NEXT_HOPS: BtfPerCpuArray<CachedHop, { (MAX_BACKENDS + CLIENT_HOP_SLOTS) as usize }> =
+    BtfPerCpuArray::new();
+
+/// [`route`] toward backend `id` (at `dst`), from the cache (see [`route_cached`]).
 #[inline(always)]
 pub fn route_to_backend(
     ctx: &XdpContext,
@@ -117,7 +121,37 @@ pub fn route_to_backend(
     dst: &[u8; 16],
     tot_len: usize,
 ) -> Result<Route, u32> {
-    let Some(c) = NEXT_HOPS.get_ptr_mut(id) else {
+    route_cached(ctx, id, family, dst, tot_len)
+}
+
+/// [`route`] toward a client (a NAT reply's destination), from the cache slot its address
+/// hashes to (see [`route_cached`]).
+#[inline(always)]
+pub fn route_to_client(
+    ctx: &XdpContext,
+    family: u8,
+    dst: &[u8; 16],
+    tot_len: usize,
+) -> Result<Route, u32> {
+    let w =
+        |i: usize| u32::from_ne_bytes([dst[4 * i], dst[4 * i + 1], dst[4 * i + 2], dst[4 * i + 3]]);
+    let h = (w(0) ^ w(1) ^ w(2) ^ w(3)).wrapping_mul(0x9e37_79b9);
+    let slot = MAX_BACKENDS + (h >> 22) % CLIENT_HOP_SLOTS;
+    route_cached(ctx, slot, family, dst, tot_len)
+}
+
+/// [`route`] to `dst`, answered from [`NEXT_HOPS`] slot `slot` while fresh, for the same
+/// destination, ingress interface and a packet within the cached MTU. Only complete answers
+/// are cached: a missing neighbour, a too-big packet or a failure asks the FIB every time.
+#[inline(always)]
+fn route_cached(
+    ctx: &XdpContext,
+    slot: u32,
+    family: u8,
+    dst: &[u8; 16],
+    tot_len: usize,
+) -> Result<Route, u32> {
+    let Some(c) = NEXT_HOPS.get_ptr_mut(slot) else {
         return route(ctx, family, dst, tot_len);
     };
     let c = unsafe { &mut *c };

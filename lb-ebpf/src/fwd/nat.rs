@@ -13,14 +13,11 @@ use lb_common::{
     IPPROTO_UDP, MAX_SNAT_ADDRS,
 };
 use lb_ebpf::{frame_len, ptr_at, STATUS_OK};
-use network_types::{
-    eth::EthHdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
-};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     csum, flow,
-    fwd::{route, route_to_backend, send, Route},
+    fwd::{route_to_backend, route_to_client, send, set_macs, Route},
     parse::Parsed,
 };
 
@@ -204,11 +201,11 @@ fn step(status: u32) -> Result<(), u32> {
     }
 }
 
-/// Not a backend: a reply's route to the client is asked of the FIB every time.
+/// Not a backend: a reply, routed to the client.
 const TO_CLIENT: u32 = u32::MAX;
 
-/// Route toward the packet's (new) destination — backend `backend_id` (next hop cached per
-/// CPU) or a client ([`TO_CLIENT`]) — set the MACs, send.
+/// Route toward the packet's (new) destination — backend `backend_id` or a client
+/// ([`TO_CLIENT`]), next hops cached per CPU either way — set the MACs, send.
 #[inline(always)]
 fn route_and_send(
     ctx: &XdpContext,
@@ -218,7 +215,7 @@ fn route_and_send(
     ip_len: usize,
 ) -> Result<u32, u32> {
     let found = if backend_id == TO_CLIENT {
-        route(ctx, family, dst, ip_len)?
+        route_to_client(ctx, family, dst, ip_len)?
     } else {
         route_to_backend(ctx, backend_id, family, dst, ip_len)?
     };
@@ -229,11 +226,7 @@ fn route_and_send(
         // Larger than the egress MTU: the kernel fragments or answers "too big".
         Route::TooBig(_) => return Err(reason::PASS_TOO_BIG_NO_DF),
     };
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::PASS_MALFORMED)?;
-    unsafe {
-        (*eth).dst_addr = hop.dmac;
-        (*eth).src_addr = hop.smac;
-    }
+    set_macs(ctx, hop.dmac, hop.smac)?;
     send(ctx, hop.ifindex)
 }
 
