@@ -465,20 +465,7 @@ fn reply_route_to_the_client_is_cached_for_a_second() {
         // The gateway toward the client changes its MAC: within the second the cached hop
         // is used, after it the FIB's new answer.
         let new_gw = "02:99:00:00:00:fc";
-        lb_tests::netns::sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "neigh",
-            "replace",
-            "198.18.0.1",
-            "lladdr",
-            new_gw,
-            "dev",
-            "up0",
-            "nud",
-            "permanent",
-        ]);
+        lb_tests::netns::replace_up0_neighbour(&ns, "198.18.0.1", new_gw);
         assert_eq!(reply_mac(&h), GW_MAC, "cached within the second");
         std::thread::sleep(std::time::Duration::from_millis(1100));
         assert_eq!(

@@ -622,20 +622,7 @@ fn next_hop_is_cached_per_backend_for_a_second() {
 
         // The gateway's MAC changes: the cached hop serves the next packet...
         let new_gw = "02:99:00:00:00:fd";
-        lb_tests::netns::sh(&[
-            "ip",
-            "-n",
-            &lab,
-            "neigh",
-            "replace",
-            "198.18.0.1",
-            "lladdr",
-            new_gw,
-            "dev",
-            "up0",
-            "nud",
-            "permanent",
-        ]);
+        lb_tests::netns::replace_up0_neighbour(&lab, "198.18.0.1", new_gw);
         assert_eq!(
             dst_mac(&h, &p.build()),
             GW_MAC,
