@@ -48,6 +48,15 @@ fn insert(key: &FlowKey, value: &FlowValue) -> bool {
     }
 }
 
+#[inline(always)]
+fn remove(key: &FlowKey) {
+    let _ = if key.family == AF_INET {
+        FLOWS4.remove(&FlowKey4::of(key))
+    } else {
+        FLOWS6.remove(key)
+    };
+}
+
 /// The table entry of an established flow, to update in place (NAT state).
 #[inline(always)]
 pub fn entry(key: &FlowKey) -> Option<*mut FlowValue> {
@@ -63,11 +72,7 @@ pub fn forget(key: &FlowKey) {
             select::active_add(v.backend, -1);
         }
     }
-    let _ = if key.family == AF_INET {
-        FLOWS4.remove(&FlowKey4::of(key))
-    } else {
-        FLOWS6.remove(key)
-    };
+    remove(key);
 }
 
 #[derive(Default)]

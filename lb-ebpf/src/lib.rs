@@ -18,108 +18,81 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// Loads of packet bytes as one word, whatever their alignment (IP headers sit at 2-byte
-/// offsets). Rust's `read_unaligned` makes LLVM's BPF backend assemble the word from single
-/// bytes (an IPv4 address: 4 loads, 3 shifts, 3 ors; an IPv6 one: 30 instructions). The
-/// kernel allows misaligned packet loads on the architectures it has efficient unaligned
-/// access on (x86-64, arm64), so one load instruction does. (LLVM 22's
+/// Loads and stores of packet bytes as one word, whatever their alignment (IP headers sit at
+/// 2-byte offsets). Rust's `read_unaligned` makes LLVM's BPF backend assemble the word from
+/// single bytes (an IPv4 address: 4 loads, 3 shifts, 3 ors; an IPv6 one: 30 instructions).
+/// The kernel allows misaligned packet access on the architectures it has efficient
+/// unaligned access on (x86-64, arm64), so one instruction does. (LLVM 22's
 /// `allows-misaligned-mem-access` feature does this everywhere, but also for the stack,
 /// where the verifier rejects it.) Elsewhere (this crate is also built for the host) these
-/// are plain unaligned reads.
-///
-/// # Safety
-/// `p .. p + size` must be readable (for packet data: bounds-checked against `data_end`).
-#[inline(always)]
-pub unsafe fn load_u32(p: *const u8) -> u32 {
-    #[cfg(target_arch = "bpf")]
-    {
-        let v: u64;
-        unsafe {
-            core::arch::asm!("{v} = *(u32 *)({p} + 0)", p = in(reg) p, v = lateout(reg) v,
-                options(pure, readonly, nostack, preserves_flags));
+/// are plain unaligned reads and writes. Stores write `v` in memory order as it is (convert
+/// with `to_be` for network order).
+macro_rules! packet_load {
+    ($(($name:ident, $t:ty, $size:literal)),+) => {$(
+        #[doc = concat!("Load a `", stringify!($t), "` from packet memory (see `packet_load`).")]
+        ///
+        /// # Safety
+        /// The bytes at `p` must be readable (for packet data: bounds-checked against
+        /// `data_end`).
+        #[inline(always)]
+        pub unsafe fn $name(p: *const u8) -> $t {
+            #[cfg(target_arch = "bpf")]
+            {
+                let v: u64;
+                unsafe {
+                    core::arch::asm!(concat!("{v} = *(", $size, " *)({p} + 0)"),
+                        p = in(reg) p, v = lateout(reg) v,
+                        options(pure, readonly, nostack, preserves_flags));
+                }
+                v as $t
+            }
+            #[cfg(not(target_arch = "bpf"))]
+            unsafe {
+                (p as *const $t).read_unaligned()
+            }
         }
-        v as u32
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    unsafe {
-        (p as *const u32).read_unaligned()
-    }
+    )+};
 }
 
-/// See [`load_u32`].
-///
-/// # Safety
-/// As [`load_u32`].
-#[inline(always)]
-pub unsafe fn load_u64(p: *const u8) -> u64 {
-    #[cfg(target_arch = "bpf")]
-    {
-        let v: u64;
-        unsafe {
-            core::arch::asm!("{v} = *(u64 *)({p} + 0)", p = in(reg) p, v = lateout(reg) v,
-                options(pure, readonly, nostack, preserves_flags));
+/// The stores of [`packet_load`]'s kind.
+macro_rules! packet_store {
+    ($(($name:ident, $t:ty, $size:literal)),+) => {$(
+        #[doc = concat!("Store a `", stringify!($t), "` into packet memory (see `packet_load`).")]
+        ///
+        /// # Safety
+        /// The bytes at `p` must be writable (for packet data: bounds-checked against
+        /// `data_end`).
+        #[inline(always)]
+        pub unsafe fn $name(p: *mut u8, v: $t) {
+            #[cfg(target_arch = "bpf")]
+            unsafe {
+                core::arch::asm!(concat!("*(", $size, " *)({p} + 0) = {v}"),
+                    p = in(reg) p, v = in(reg) v as u64, options(nostack, preserves_flags));
+            }
+            #[cfg(not(target_arch = "bpf"))]
+            unsafe {
+                (p as *mut $t).write_unaligned(v)
+            }
         }
-        v
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    unsafe {
-        (p as *const u64).read_unaligned()
-    }
+    )+};
 }
 
-/// See [`load_u32`].
-///
-/// # Safety
-/// As [`load_u32`].
-#[inline(always)]
-pub unsafe fn load_u16(p: *const u8) -> u16 {
-    #[cfg(target_arch = "bpf")]
-    {
-        let v: u64;
-        unsafe {
-            core::arch::asm!("{v} = *(u16 *)({p} + 0)", p = in(reg) p, v = lateout(reg) v,
-                options(pure, readonly, nostack, preserves_flags));
-        }
-        v as u16
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    unsafe {
-        (p as *const u16).read_unaligned()
-    }
-}
+packet_load!(
+    (load_u16, u16, "u16"),
+    (load_u32, u32, "u32"),
+    (load_u64, u64, "u64")
+);
+packet_store!((store_u16, u16, "u16"), (store_u32, u32, "u32"));
 
-/// Store one word into the packet whatever its alignment (see [`load_u32`]); `v` is written
-/// in memory order as it is (convert with `to_be` for network order).
-///
-/// # Safety
-/// `p .. p + 4` must be writable (for packet data: bounds-checked against `data_end`).
+/// Copy a 16-byte address as two words (an array assignment becomes a memmove call, see
+/// [`zeroed_in_place`]).
 #[inline(always)]
-pub unsafe fn store_u32(p: *mut u8, v: u32) {
-    #[cfg(target_arch = "bpf")]
+pub fn copy16(dst: &mut [u8; 16], src: &[u8; 16]) {
+    let (s, d) = (src.as_ptr() as *const u64, dst.as_mut_ptr() as *mut u64);
+    // SAFETY: 16 bytes each; unaligned reads and writes, as packet data may be 2-aligned.
     unsafe {
-        core::arch::asm!("*(u32 *)({p} + 0) = {v}", p = in(reg) p, v = in(reg) v as u64,
-            options(nostack, preserves_flags));
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    unsafe {
-        (p as *mut u32).write_unaligned(v)
-    }
-}
-
-/// See [`store_u32`].
-///
-/// # Safety
-/// `p .. p + 2` must be writable.
-#[inline(always)]
-pub unsafe fn store_u16(p: *mut u8, v: u16) {
-    #[cfg(target_arch = "bpf")]
-    unsafe {
-        core::arch::asm!("*(u16 *)({p} + 0) = {v}", p = in(reg) p, v = in(reg) v as u64,
-            options(nostack, preserves_flags));
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    unsafe {
-        (p as *mut u16).write_unaligned(v)
+        d.write_unaligned(s.read_unaligned());
+        d.add(1).write_unaligned(s.add(1).read_unaligned());
     }
 }
 

@@ -50,18 +50,6 @@ pub struct Parsed {
     /// TCP with FIN or RST: the client is ending the connection.
     pub tcp_end: bool,
 }
-/// Copy a 16-byte address as two words (an array assignment becomes a memmove call, see
-/// [`lb_ebpf::zeroed_in_place`]).
-#[inline(always)]
-pub fn copy16(dst: &mut [u8; 16], src: &[u8; 16]) {
-    let (s, d) = (src.as_ptr() as *const u64, dst.as_mut_ptr() as *mut u64);
-    // SAFETY: 16 bytes each; unaligned reads and writes, as packet data may be 2-aligned.
-    unsafe {
-        d.write_unaligned(s.read_unaligned());
-        d.add(1).write_unaligned(s.add(1).read_unaligned());
-    }
-}
-
 /// Offset of the IP header: 14, or 18 behind one VLAN tag (for code that gets only `ctx`).
 #[inline(always)]
 pub fn l3_offset(ctx: &XdpContext) -> usize {

@@ -174,7 +174,7 @@ fn route_cached(
     if let Route::Via(hop) = &r {
         if hop.mtu != 0 {
             c.expires_ns = now + NEXT_HOP_TTL_NS;
-            crate::parse::copy16(&mut c.addr, dst);
+            lb_ebpf::copy16(&mut c.addr, dst);
             c.ingress = ingress;
             c.ifindex = hop.ifindex;
             c.mtu = hop.mtu;

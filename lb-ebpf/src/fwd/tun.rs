@@ -181,13 +181,7 @@ fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Re
             src,
             word(b, 0),
         ];
-        let mut sum = 0u32;
-        let mut i = 0;
-        while i < 5 {
-            sum += (words[i] >> 16) + (words[i] & 0xffff);
-            i += 1;
-        }
-        words[2] |= u32::from(u16::from_be_bytes(csum::finish(sum)));
+        words[2] |= u32::from(u16::from_be_bytes(csum::finish(csum::add_u32s(0, &words))));
         // SAFETY: 22 bytes from offset 12, bounds-checked.
         unsafe {
             store_u16(h, ETH_P_IP.to_be());
