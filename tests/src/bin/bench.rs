@@ -175,6 +175,14 @@ fn counters(h: &Harness) -> (u64, u64) {
     (fwd, new)
 }
 
+/// Run `measure` and say what it changed in [`counters`]: (forwarded, new flows).
+fn counted<T>(h: &Harness, measure: impl FnOnce() -> T) -> (T, (u64, u64)) {
+    let before = counters(h);
+    let out = measure();
+    let after = counters(h);
+    (out, (after.0 - before.0, after.1 - before.1))
+}
+
 /// Time `repeat` runs of the benchmark driver (and whatever it tail-calls) on `input`.
 fn driven(h: &Harness, input: &[u8], repeat: u32, ifindex: u32) -> f64 {
     time(
@@ -344,15 +352,14 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
         // Warm up: every one of the N flows is created once.
         driven(&h, &v4, n.max(1), 1);
         for _ in 0..runs {
-            let before = counters(&h);
-            row.samples.push(driven(&h, &v4, repeat, 1));
-            let after = counters(&h);
+            let (ns, (fwd, new)) = counted(&h, || driven(&h, &v4, repeat, 1));
+            row.samples.push(ns);
             assert_eq!(
-                after.1, before.1,
+                new, 0,
                 "{}: every measured run hit an established flow",
                 row.path
             );
-            assert_eq!(after.0 - before.0, u64::from(repeat), "{}", row.path);
+            assert_eq!(fwd, u64::from(repeat), "{}", row.path);
         }
         rows.push(row);
     }
@@ -476,20 +483,14 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
             .samples
             .push(time(loaded(&h, dataplane::FLOOR_PROGRAM), &v4, repeat, 1));
 
-        let before = counters(&h);
-        rows[1]
-            .samples
-            .push(time(h.director.director_program(), &v4, repeat, 1));
-        rows[2]
-            .samples
-            .push(time(h.director.director_program(), &v6, repeat, 1));
-        let after = counters(&h);
-        assert_eq!(
-            after.0 - before.0,
-            2 * u64::from(repeat),
-            "every hit-path run forwarded"
-        );
-        assert_eq!(after.1, before.1, "hit-path runs created no flow");
+        let ((hit4, hit6), (fwd, new)) = counted(&h, || {
+            let prog = h.director.director_program();
+            (time(prog, &v4, repeat, 1), time(prog, &v6, repeat, 1))
+        });
+        rows[1].samples.push(hit4);
+        rows[2].samples.push(hit6);
+        assert_eq!(fwd, 2 * u64::from(repeat), "every hit-path run forwarded");
+        assert_eq!(new, 0, "hit-path runs created no flow");
 
         next.set(0, &floor_fd, 0).unwrap();
         cfg.set(0, 0, 0).unwrap();
@@ -497,11 +498,10 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
 
         next.set(0, &director_fd, 0).unwrap();
         cfg.set(0, NEW_FLOW, 0).unwrap();
-        let before = counters(&h);
-        rows[4].samples.push(driven(&h, &v4, repeat, 1));
-        let after = counters(&h);
+        let (ns, (_, new)) = counted(&h, || driven(&h, &v4, repeat, 1));
+        rows[4].samples.push(ns);
         assert_eq!(
-            after.1 - before.1,
+            new,
             u64::from(repeat),
             "every DR new-flow run created a flow"
         );
@@ -512,21 +512,19 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
             XDP_TX
         );
         cfg.set(0, STRIP_OUTER, 0).unwrap();
-        let before = counters(&h);
-        rows[5].samples.push(driven(&h, &tun_wrapped, repeat, up0));
-        let after = counters(&h);
+        let (ns, delta) = counted(&h, || driven(&h, &tun_wrapped, repeat, up0));
+        rows[5].samples.push(ns);
         assert_eq!(
-            (after.0 - before.0, after.1 - before.1),
+            delta,
             (u64::from(repeat), 0),
             "TUN hit runs: forwarded, no new flow"
         );
 
         cfg.set(0, STRIP_OUTER | NEW_FLOW, 0).unwrap();
-        let before = counters(&h);
-        rows[6].samples.push(driven(&h, &tun_wrapped, repeat, up0));
-        let after = counters(&h);
+        let (ns, (_, new)) = counted(&h, || driven(&h, &tun_wrapped, repeat, up0));
+        rows[6].samples.push(ns);
         assert_eq!(
-            after.1 - before.1,
+            new,
             u64::from(repeat),
             "every TUN new-flow run created a flow"
         );
@@ -536,11 +534,10 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
             lb_tests::run_program_on(h.director.director_program(), &tun6_plain, up0);
         assert_eq!(verdict, XDP_TX, "TUN v6 path to the lab's backends");
         cfg.set(0, STRIP_OUTER6, 0).unwrap();
-        let before = counters(&h);
-        rows[7].samples.push(driven(&h, &tun6_wrapped, repeat, up0));
-        let after = counters(&h);
+        let (ns, delta) = counted(&h, || driven(&h, &tun6_wrapped, repeat, up0));
+        rows[7].samples.push(ns);
         assert_eq!(
-            (after.0 - before.0, after.1 - before.1),
+            delta,
             (u64::from(repeat), 0),
             "TUN v6 hit runs: forwarded, no new flow"
         );
@@ -575,11 +572,10 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
         // New-flow selection cost per scheduler: the driver gives every run a new 5-tuple.
         cfg.set(0, NEW_FLOW, 0).unwrap();
         for (i, pkt) in sched_pkts.iter().enumerate() {
-            let before = counters(&h);
-            rows[11 + i].samples.push(driven(&h, pkt, repeat, 1));
-            let after = counters(&h);
+            let (ns, (_, new)) = counted(&h, || driven(&h, pkt, repeat, 1));
+            rows[11 + i].samples.push(ns);
             assert_eq!(
-                after.1 - before.1,
+                new,
                 u64::from(repeat),
                 "{}: every run created a flow",
                 rows[11 + i].path
