@@ -22,6 +22,63 @@ pub const RING_SIZE: u32 = 65537;
 /// `ServiceMeta::ring`, so a packet never sees a half-written table.
 pub const RINGS_PER_SERVICE: u32 = 2;
 
+/// Ring slots per `RINGS` element ([`RingEntry`]).
+pub const RING_SLOTS_PER_ENTRY: u32 = 4;
+
+/// `RINGS` elements per ring: slot `i` of ring `r` is `slots[i % 4]` of element
+/// `r * RING_ENTRIES + i / 4` (the last element's three spare slots are never read).
+pub const RING_ENTRIES: u32 = RING_SIZE.div_ceil(RING_SLOTS_PER_ENTRY);
+
+/// Value of `RINGS`: four ring slots, backend ids as u16. The kernel rounds every array
+/// element up to 8 bytes, so one u32 id per element took 8 bytes a slot (67 MB for all
+/// rings); four u16 ids take 2 (17 MB), and one service's live ring is 128 KiB of cache
+/// footprint instead of 512 KiB for the slot read of every new flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct RingEntry {
+    pub slots: [u16; RING_SLOTS_PER_ENTRY as usize],
+}
+
+/// A [`RingEntry`] slot that holds no backend ([`NO_BACKEND`] in a ring as userspace
+/// builds it).
+pub const RING_NONE: u16 = u16::MAX;
+
+// Every backend id fits a ring slot, and none is mistaken for an empty one.
+const _: () = assert!(MAX_BACKENDS <= RING_NONE as u32);
+
+impl Default for RingEntry {
+    fn default() -> Self {
+        RingEntry {
+            slots: [RING_NONE; RING_SLOTS_PER_ENTRY as usize],
+        }
+    }
+}
+
+impl RingEntry {
+    /// Up to four slots of a ring as userspace builds it ([`NO_BACKEND`] for none); missing
+    /// slots (past the end of the ring) hold none.
+    pub fn pack(slots: &[u32]) -> RingEntry {
+        let mut e = RingEntry::default();
+        for (out, &id) in e.slots.iter_mut().zip(slots) {
+            *out = if id < MAX_BACKENDS {
+                id as u16
+            } else {
+                RING_NONE
+            };
+        }
+        e
+    }
+
+    /// Slot `i` (0..4) as a backend id, [`NO_BACKEND`] for none.
+    #[inline(always)]
+    pub fn slot(&self, i: u32) -> u32 {
+        match self.slots[(i % RING_SLOTS_PER_ENTRY) as usize] {
+            RING_NONE => NO_BACKEND,
+            id => u32::from(id),
+        }
+    }
+}
+
 /// Default capacity of the connection table (5-tuple -> backend). Overridable at load time
 /// (`flow_table_size` in the YAML). The map is an LRU hash with per-CPU LRU lists
 /// (`BPF_F_NO_COMMON_LRU`), so the kernel splits this capacity evenly between CPUs.
@@ -95,7 +152,7 @@ pub struct ServiceSlot {
 pub struct ServiceMeta {
     /// Index into `SERVICE_STATS`, `< MAX_SERVICES`.
     pub id: u32,
-    /// Which ring of `RINGS` is live: slots `ring * RING_SIZE ..`, `< MAX_SERVICES * RINGS_PER_SERVICE`.
+    /// Which ring of `RINGS` is live: elements `ring * RING_ENTRIES ..`, `< MAX_SERVICES * RINGS_PER_SERVICE`.
     pub ring: u32,
     /// One of [`mode`].
     pub mode: u8,
@@ -559,8 +616,9 @@ pub mod meta {
 /// controller refuses to adopt pinned maps of another layout. History: 2 = reply counters
 /// (`Counters::out_*`, `NatReply::{service, backend}`); 3 = schedulers (`ServiceMeta`
 /// grew), persistence, active-flow counts; 4 = `IFACE_SLOTS`; 5 = `SERVICE_SLOTS` (flow hits
-/// skip the `SERVICES` hash); 6 = `FLOWS` split into `FLOWS4` (16-byte keys) and `FLOWS6`.
-pub const LAYOUT_VERSION: u64 = 6;
+/// skip the `SERVICES` hash); 6 = `FLOWS` split into `FLOWS4` (16-byte keys) and `FLOWS6`;
+/// 7 = `RINGS` packs four u16 slots per element ([`RingEntry`]).
+pub const LAYOUT_VERSION: u64 = 7;
 
 /// Flow hash used to pick a ring slot on a miss. Deterministic across directors (same
 /// 5-tuple -> same slot), so identical rings on several directors pick the same backend.
@@ -626,6 +684,7 @@ mod pod {
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::ServiceMeta {}
     unsafe impl aya::Pod for super::ServiceSlot {}
+    unsafe impl aya::Pod for super::RingEntry {}
     const _: () = assert!(core::mem::size_of::<super::ServiceSlot>() == 40);
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowKey4 {}
@@ -669,6 +728,23 @@ mod tests {
         assert_eq!((k4.sport_be, k4.dport_be), (key.sport_be, key.dport_be));
         assert_eq!((k4.proto, k4._pad), (IPPROTO_TCP, [0; 3]));
         assert_eq!(k4.key(), key);
+    }
+
+    #[test]
+    fn ring_slots_pack_four_to_an_element() {
+        assert_eq!(core::mem::size_of::<RingEntry>(), 8);
+        assert_eq!(RING_ENTRIES * RING_SLOTS_PER_ENTRY, RING_SIZE + 3);
+        let e = RingEntry::pack(&[7, NO_BACKEND, MAX_BACKENDS - 1, 0]);
+        let slots: [u32; 4] = core::array::from_fn(|i| e.slot(i as u32));
+        assert_eq!(slots, [7, NO_BACKEND, MAX_BACKENDS - 1, 0]);
+        // A slot index picks its place in the element whatever ring position it came from.
+        assert_eq!(e.slot(4 * 1000 + 2), MAX_BACKENDS - 1);
+        // The ring's last element has one slot (65537 = 4 × 16384 + 1): the rest hold none.
+        let last = RingEntry::pack(&[3]);
+        assert_eq!(last.slots, [3, RING_NONE, RING_NONE, RING_NONE]);
+        assert_eq!(last.slot(1), NO_BACKEND);
+        // Ids beyond the backend table can never be stored as real backends.
+        assert_eq!(RingEntry::pack(&[MAX_BACKENDS]).slot(0), NO_BACKEND);
     }
 
     #[test]

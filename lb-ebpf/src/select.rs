@@ -6,10 +6,10 @@ use aya_ebpf::btf_maps::{
 };
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_map};
 use lb_common::{
-    flow_hash_fields, reason, sched, Backend, FlowKey, PersistKey, PersistValue, ServiceMeta,
-    ServiceSlot, VipAddr, VipKey, BACKEND_F_DOWN, BACKEND_F_RESET, BACKEND_F_RETIRED,
+    flow_hash_fields, reason, sched, Backend, FlowKey, PersistKey, PersistValue, RingEntry,
+    ServiceMeta, ServiceSlot, VipAddr, VipKey, BACKEND_F_DOWN, BACKEND_F_RESET, BACKEND_F_RETIRED,
     BACKEND_F_VALID, MAX_BACKENDS, MAX_SERVICES, MAX_VIPS, NO_BACKEND, PERSIST_CAPACITY,
-    RINGS_PER_SERVICE, RING_SIZE,
+    RINGS_PER_SERVICE, RING_ENTRIES, RING_SIZE, RING_SLOTS_PER_ENTRY,
 };
 
 #[btf_map]
@@ -49,9 +49,10 @@ fn vip_matches(slot: &ServiceSlot, key: &FlowKey) -> bool {
     unsafe { a.read() == b.read() && a.add(1).read() == b.add(1).read() }
 }
 
-/// All rings back to back: ring `r` is slots `r * RING_SIZE .. (r + 1) * RING_SIZE`.
+/// All rings back to back, four slots per element: ring `r` is elements
+/// `r * RING_ENTRIES .. (r + 1) * RING_ENTRIES` (see [`RingEntry`]).
 #[btf_map]
-static RINGS: BtfArray<u32, { (MAX_SERVICES * RINGS_PER_SERVICE * RING_SIZE) as usize }> =
+static RINGS: BtfArray<RingEntry, { (MAX_SERVICES * RINGS_PER_SERVICE * RING_ENTRIES) as usize }> =
     BtfArray::new();
 
 #[btf_map]
@@ -154,9 +155,12 @@ pub fn schedule(svc: &ServiceMeta, key: &FlowKey) -> Result<u32, u32> {
     } else {
         flow_hash_fields(key, svc.hash_fields) % RING_SIZE
     };
-    match RINGS.get(svc.ring * RING_SIZE + pos) {
-        Some(&id) if id != NO_BACKEND => Ok(id),
-        _ => Err(reason::PASS_NO_BACKEND),
+    let entry = RINGS
+        .get(svc.ring * RING_ENTRIES + pos / RING_SLOTS_PER_ENTRY)
+        .ok_or(reason::PASS_NO_BACKEND)?;
+    match entry.slot(pos) {
+        NO_BACKEND => Err(reason::PASS_NO_BACKEND),
+        id => Ok(id),
     }
 }
 

@@ -78,7 +78,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// of a running director; nothing else in the controller names a map.
 pub struct Maps {
     pub services: HashMap<MapData, VipKey, ServiceMeta>,
-    pub rings: Array<MapData, u32>,
+    pub rings: Array<MapData, lb_common::RingEntry>,
     pub backends: Array<MapData, Backend>,
     pub flows: Flows,
     pub ifaces: HashMap<MapData, u32, IfaceInfo>,

@@ -12,9 +12,10 @@ use std::{
 };
 
 use lb_common::{
-    Backend, ServiceMeta, ServiceSlot, SnatAddr, VipAddr, VipKey, BACKEND_F_DOWN,
+    Backend, RingEntry, ServiceMeta, ServiceSlot, SnatAddr, VipAddr, VipKey, BACKEND_F_DOWN,
     BACKEND_F_DRAINED, BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID, MAX_BACKENDS,
-    MAX_SERVICES, RINGS_PER_SERVICE, RING_SIZE, SERVICE_F_DROP_NO_BACKEND,
+    MAX_SERVICES, RINGS_PER_SERVICE, RING_ENTRIES, RING_SIZE, RING_SLOTS_PER_ENTRY,
+    SERVICE_F_DROP_NO_BACKEND,
 };
 
 use crate::{
@@ -395,13 +396,16 @@ impl MapState {
 
     fn ring(&mut self, m: &Maps, ring: u32) -> Result<&mut Vec<u32>> {
         if !self.rings.contains_key(&ring) {
-            let slots = if self.fresh {
-                vec![0; RING_SIZE as usize]
+            let mut slots = Vec::with_capacity(RING_SIZE as usize);
+            if self.fresh {
+                slots.resize(RING_SIZE as usize, 0);
             } else {
-                (0..RING_SIZE)
-                    .map(|s| m.rings.get(&(ring * RING_SIZE + s), 0))
-                    .collect::<std::result::Result<Vec<u32>, _>>()?
-            };
+                for e in 0..RING_ENTRIES {
+                    let entry = m.rings.get(&(ring * RING_ENTRIES + e), 0)?;
+                    slots.extend((0..RING_SLOTS_PER_ENTRY).map(|i| entry.slot(i)));
+                }
+                slots.truncate(RING_SIZE as usize);
+            }
             self.rings.insert(ring, slots);
         }
         Ok(self.rings.get_mut(&ring).expect("just inserted"))
@@ -447,12 +451,16 @@ impl MapState {
             };
             if !live_ring_matches {
                 let cached = self.ring(m, ring)?;
-                let base = ring * RING_SIZE;
-                for (slot, (&id, old)) in svc.ring.iter().zip(cached.iter_mut()).enumerate() {
-                    if id != *old {
-                        m.rings.set(base + slot as u32, id, 0)?;
-                        *old = id;
-                        ch.ring_slots_written += 1;
+                let base = ring * RING_ENTRIES;
+                // Only the elements (four slots each) with a slot that differs are written.
+                let per = RING_SLOTS_PER_ENTRY as usize;
+                for (e, (want, old)) in svc.ring.chunks(per).zip(cached.chunks_mut(per)).enumerate()
+                {
+                    if want != old {
+                        m.rings.set(base + e as u32, RingEntry::pack(want), 0)?;
+                        ch.ring_slots_written +=
+                            want.iter().zip(old.iter()).filter(|(a, b)| a != b).count();
+                        old.copy_from_slice(want);
                     }
                 }
                 ch.rings_flipped += 1;

@@ -162,6 +162,15 @@ impl Harness {
         self.desired.services[service].ring[(flow_hash(key) % RING_SIZE) as usize]
     }
 
+    /// The `SERVICES` entry of desired service `service` as the data plane sees it now.
+    pub fn live_service(&self, service: usize) -> lb_common::ServiceMeta {
+        self.director
+            .maps
+            .services
+            .get(&self.desired.services[service].key, 0)
+            .expect("service in SERVICES")
+    }
+
     pub fn backend_mac(&self, id: u32) -> [u8; 6] {
         self.desired.backends[&id].mac
     }

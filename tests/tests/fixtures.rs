@@ -2,7 +2,7 @@
 //! Each fixture is (description, input, expected verdict, expected output, counter slot).
 
 use etherparse::IpHeaders;
-use lb_common::{reason, NO_BACKEND, RING_SIZE};
+use lb_common::{reason, RingEntry, RING_ENTRIES};
 use lb_tests::{Harness, Pkt, DIRECTOR_MAC, XDP_DROP, XDP_PASS, XDP_TX};
 
 const CONFIG: &str = "
@@ -354,17 +354,16 @@ fn established_flows_stay_when_the_ring_changes() {
         .copied()
         .find(|&id| id != owner && h.desired.backends[&id].service == 0)
         .unwrap();
-    let meta = h
-        .director
-        .maps
-        .services
-        .get(&h.desired.services[0].key, 0)
-        .expect("service 0");
-    for slot in 0..RING_SIZE {
+    let meta = h.live_service(0);
+    for e in 0..RING_ENTRIES {
         h.director
             .maps
             .rings
-            .set(meta.ring * RING_SIZE + slot, other, 0)
+            .set(
+                meta.ring * RING_ENTRIES + e,
+                RingEntry::pack(&[other; 4]),
+                0,
+            )
             .expect("ring write");
     }
 
@@ -401,11 +400,11 @@ fn established_flows_stay_when_the_ring_changes() {
 
     // A service whose ring is empty drops new packets (`on_all_down: drop`, the default),
     // counted.
-    for slot in 0..RING_SIZE {
+    for e in 0..RING_ENTRIES {
         h.director
             .maps
             .rings
-            .set(meta.ring * RING_SIZE + slot, NO_BACKEND, 0)
+            .set(meta.ring * RING_ENTRIES + e, RingEntry::default(), 0)
             .expect("ring write");
     }
     let input = Pkt::tcp("198.18.2.9", "198.18.0.100", 41002, 80).build();
@@ -653,4 +652,26 @@ fn objects_load_with_btf() {
         d.program().info().expect("info").btf_id().is_some(),
         "decap loaded with BTF"
     );
+}
+
+#[test]
+fn rings_hold_four_slots_per_element() {
+    // The kernel rounds array elements up to 8 bytes: one u32 id per element cost 8 bytes a
+    // slot (67 MB for all rings); four u16 ids per element cost 2 (17 MB).
+    let h = Harness::new(CONFIG);
+    let rings = &h.director.maps.rings;
+    let want = lb_common::MAX_SERVICES * lb_common::RINGS_PER_SERVICE * RING_ENTRIES;
+    assert_eq!(rings.len(), want);
+    let bytes = u64::from(rings.len()) * std::mem::size_of::<RingEntry>() as u64;
+    assert!(bytes < 17_000_000, "{bytes} bytes of rings");
+    // The live ring as the controller wrote it reads back slot for slot.
+    let meta = h.live_service(0);
+    let ring = &h.desired.services[0].ring;
+    for e in [0, 1, RING_ENTRIES / 2, RING_ENTRIES - 1] {
+        let got = rings.get(&(meta.ring * RING_ENTRIES + e), 0).expect("ring");
+        let from = (e * 4) as usize;
+        let to = (from + 4).min(ring.len());
+        let slots: Vec<u32> = (0..(to - from) as u32).map(|i| got.slot(i)).collect();
+        assert_eq!(slots, ring[from..to], "element {e}");
+    }
 }
