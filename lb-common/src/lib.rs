@@ -552,6 +552,30 @@ pub mod decap_reason {
 /// `DECAP_VIPS` (inner destinations, when filtered) hash maps.
 pub type AddrKey = VipAddr;
 
+/// Stages of an established flow's packet, for the benchmark's stage breakdown: a director
+/// loaded with `STOP_AFTER = n` ends such packets with `XDP_TX` after stage `n` (0, every
+/// real load: the whole path).
+pub mod stage {
+    /// Ethernet, IP and transport headers parsed into the flow key.
+    pub const PARSE: u8 = 1;
+    /// The flow-table lookup (`FLOWS4`/`FLOWS6`).
+    pub const FLOW_LOOKUP: u8 = 2;
+    /// The flow's service by id, checked against the packet (`SERVICE_SLOTS`).
+    pub const SERVICE: u8 = 3;
+    /// The backend still usable, the flow still live (UDP clock, FIN/RST).
+    pub const LIVENESS: u8 = 4;
+    /// Forwarded (MACs, encapsulation or NAT), before the counters.
+    pub const FORWARD: u8 = 5;
+    /// Every stage, for the report.
+    pub const ALL: [(u8, &str); 5] = [
+        (PARSE, "parse"),
+        (FLOW_LOOKUP, "flow-table lookup"),
+        (SERVICE, "service check"),
+        (LIVENESS, "backend and flow liveness"),
+        (FORWARD, "forward (MACs)"),
+    ];
+}
+
 /// Map names, shared so userspace never spells them twice.
 pub mod maps {
     pub const SERVICES: &str = "SERVICES";

@@ -20,7 +20,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use icmp::Icmp;
-use lb_common::{mode, reason, Backend, IPPROTO_ICMP, IPPROTO_ICMPV6, SERVICE_F_DROP_NO_BACKEND};
+use lb_common::{
+    mode, reason, stage, Backend, IPPROTO_ICMP, IPPROTO_ICMPV6, SERVICE_F_DROP_NO_BACKEND,
+};
 use network_types::eth::EthHdr;
 
 /// Per-packet debug logging (aya-log), set by `xdplb run --debug-log`. A read-only global:
@@ -28,6 +30,19 @@ use network_types::eth::EthHdr;
 /// program and the fast path pays nothing.
 #[unsafe(no_mangle)]
 static DEBUG_LOG: Global<u8> = Global::new(0);
+
+/// Benchmark only (`cargo xtask bench`'s stage breakdown, [`lb_common::stage`]): end an
+/// established flow's packet with `XDP_TX` after this stage. A read-only global like
+/// `DEBUG_LOG`: 0 in every real load, and the verifier then removes the cuts.
+#[unsafe(no_mangle)]
+static STOP_AFTER: Global<u8> = Global::new(0);
+
+/// Whether the stage breakdown ends the packet after `stage`.
+#[inline(always)]
+fn stop_after(stage: u8) -> bool {
+    let s = STOP_AFTER.load();
+    s != 0 && s == stage
+}
 
 #[xdp]
 pub fn xdplb(ctx: XdpContext) -> u32 {
@@ -49,6 +64,10 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
     // SAFETY: all zeros is a valid summary (72 bytes, 8-aligned).
     let pkt = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
     parse::parse(ctx, pkt)?;
+    let stop = STOP_AFTER.load();
+    if stop == stage::PARSE || (stop > stage::PARSE && stop < stage::LIVENESS && bench_stage(pkt)) {
+        return Ok(xdp_action::XDP_TX);
+    }
     if pkt.key.proto == IPPROTO_ICMP || pkt.key.proto == IPPROTO_ICMPV6 {
         let (action, slot) = match icmp::handle(ctx, pkt)? {
             Icmp::Done(action, slot) => (action, slot),
@@ -65,6 +84,9 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
     }
     // Established flows first: one hash lookup (FLOWS4/6) instead of two (SERVICES, FLOWS).
     let (svc, choice) = match flow::established(&pkt.key, pkt.tcp_end) {
+        flow::Established::Hit(_, _) if stop_after(stage::LIVENESS) => {
+            return Ok(xdp_action::XDP_TX);
+        }
         flow::Established::Hit(svc, choice) => (svc, choice),
         miss => {
             let svc = match select::service(&pkt.key) {
@@ -102,12 +124,32 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
     };
     let backend = select::backend(choice.id).ok_or(reason::PASS_NO_BACKEND)?;
     let (action, slot) = forward(ctx, pkt, svc.mode, backend, choice.id, choice.new)?;
+    if stop_after(stage::FORWARD) {
+        return Ok(action);
+    }
     stats::forwarded(svc.id, choice.id, pkt.len, choice.new);
     stats::reason(slot);
     if DEBUG_LOG.load() != 0 {
         log_forward(ctx, svc.id, choice.id, choice.new as u32);
     }
     Ok(action)
+}
+
+/// The stage breakdown's first cuts: after parsing, after the flow-table lookup, after the
+/// service check (the work [`flow::established`] does up to there). False when the flow is
+/// not established yet: the packet goes on and creates it.
+#[inline(never)]
+fn bench_stage(pkt: &parse::Parsed) -> bool {
+    let s = STOP_AFTER.load();
+    if s >= stage::FLOW_LOOKUP {
+        let Some(v) = flow::entry(&pkt.key) else {
+            return false;
+        };
+        if s >= stage::SERVICE {
+            return select::service_by_id(unsafe { (*v).service }, &pkt.key).is_some();
+        }
+    }
+    true
 }
 
 /// Send toward `backend` by the service's mode: (XDP action, counter slot).

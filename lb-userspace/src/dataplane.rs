@@ -336,6 +336,9 @@ pub struct LoadOptions<'a> {
     pub debug_log: bool,
     /// Idle timeout of UDP flows.
     pub udp_idle: std::time::Duration,
+    /// Benchmark only: end established flows' packets after this [`lb_common::stage`]
+    /// (0: never; anything else does not forward).
+    pub stop_after: u8,
 }
 
 impl Default for LoadOptions<'_> {
@@ -346,6 +349,7 @@ impl Default for LoadOptions<'_> {
             adopt: false,
             debug_log: false,
             udp_idle: std::time::Duration::from_nanos(lb_common::UDP_IDLE_DEFAULT_NS),
+            stop_after: 0,
         }
     }
 }
@@ -357,7 +361,7 @@ pub fn program_version(opts: &LoadOptions<'_>) -> u64 {
     let idle = opts.udp_idle.as_nanos() as u64;
     for &b in OBJECT
         .iter()
-        .chain(&[u8::from(opts.debug_log)])
+        .chain(&[u8::from(opts.debug_log), opts.stop_after])
         .chain(&idle.to_le_bytes())
     {
         h ^= u64::from(b);
@@ -409,6 +413,7 @@ impl Director {
         loader.override_global("DEBUG_LOG", &debug_log, true);
         let udp_idle_ns = opts.udp_idle.as_nanos() as u64;
         loader.override_global("UDP_IDLE_NS", &udp_idle_ns, true);
+        loader.override_global("STOP_AFTER", &opts.stop_after, true);
         let mut adopting = false;
         if let Some(dir) = pin_dir {
             check_bpffs(dir)?;

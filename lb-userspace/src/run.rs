@@ -197,6 +197,7 @@ impl Controller {
             adopt: true,
             debug_log: self.debug_log,
             udp_idle: cfg.udp_idle_timeout(),
+            ..Default::default()
         }
     }
 
@@ -821,6 +822,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         adopt: true,
         debug_log: opts.debug_log,
         udp_idle: cfg.udp_idle_timeout(),
+        ..Default::default()
     })?;
     let (ids, runtime) = match director.origin {
         Origin::Fresh => Default::default(),

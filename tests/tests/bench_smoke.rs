@@ -37,6 +37,28 @@ fn bench_quick_runs_every_path_and_reports() {
         numbers.iter().all(|&n| n > 0) && numbers[0] > numbers[2],
         "director larger than the floor: {sizes}"
     );
+    // The stage breakdown: the floor, each stage of a DR flow hit, the whole path; both
+    // families timed (steps are not judged: noise can make one negative in a quick run).
+    let stages: Vec<Vec<f64>> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("| stage"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            [cells[2], cells[4]]
+                .iter()
+                .map(|c| c.parse::<f64>().unwrap_or_else(|_| panic!("ns in {l}")))
+                .collect()
+        })
+        .collect();
+    assert_eq!(stages.len(), 7, "floor, 5 stages, whole path:\n{stdout}");
+    for family in 0..2 {
+        assert!(
+            stages.iter().all(|r| r[family] > 0.0) && stages[0][family] < stages[6][family],
+            "floor below the whole path:\n{stdout}"
+        );
+    }
     let control: Vec<&str> = stdout
         .lines()
         .skip_while(|l| !l.starts_with("| control plane"))

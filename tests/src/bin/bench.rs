@@ -9,7 +9,7 @@ use aya::{
     programs::Xdp,
 };
 use clap::Parser;
-use lb_common::reason;
+use lb_common::{reason, stage};
 use lb_tests::{netns::FibLab, Harness, Pkt, XDP_TX};
 use lb_userspace::dataplane::{self, Maps};
 
@@ -625,5 +625,71 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
         "Program sizes (kernel's translated instructions, JIT bytes): director {d_insns} insns, \
          {d_jit} B; floor {f_insns} insns, {f_jit} B.\n"
     ));
+    report.push_str(&stage_breakdown(&mut h, quick));
     (report, ratios)
+}
+
+/// Where a DR flow hit's time goes (this VM has no PMU, so `bpftool prog profile` cannot
+/// run): directors loaded with `STOP_AFTER` = each [`lb_common::stage`] end the packet there,
+/// and are timed interleaved with the full director and the floor — one round each in turn,
+/// the minimum over the rounds — so a VM phase change hits every variant alike.
+fn stage_breakdown(full: &mut Harness, quick: bool) -> String {
+    let rounds = if quick { 3 } else { 30 };
+    let repeat = 100_000;
+    let mut cut: Vec<Harness> = stage::ALL
+        .iter()
+        .map(|&(n, _)| Harness::stopping_after(CONFIG, n))
+        .collect();
+    for h in &mut cut {
+        FibLab::register_up0(h);
+    }
+    let up0 = lb_userspace::netlink::ifindex("up0").expect("up0");
+    let mut out = String::from(
+        "\nWhere a DR flow hit's time goes: the director ended after each stage, each variant \
+         timed in turn with the others (minimum of the rounds, ns/packet; the step is what the \
+         stage adds).\n\n| stage | IPv4 TCP | step | IPv6 TCP | step |\n|---|---:|---:|---:|---:|\n",
+    );
+    let pkts = [
+        Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build(),
+        Pkt::tcp("2001:db8:2::1", "2001:db8::100", 40000, 80).build(),
+    ];
+    // Per family: floor, every cut, the full director.
+    let mut mins = [vec![f64::MAX; cut.len() + 2], vec![f64::MAX; cut.len() + 2]];
+    for (pkt, mins) in pkts.iter().zip(&mut mins) {
+        // Establish the flow in every director's own table.
+        for h in cut.iter().chain([&*full]) {
+            assert_eq!(h.run(pkt).0, XDP_TX);
+        }
+        for _ in 0..rounds {
+            let floor = loaded(full, dataplane::FLOOR_PROGRAM);
+            let progs = [floor]
+                .into_iter()
+                .chain(cut.iter().map(|h| h.director.director_program()))
+                .chain([full.director.director_program()]);
+            for (min, prog) in mins.iter_mut().zip(progs) {
+                *min = min.min(time(prog, pkt, repeat, up0));
+            }
+        }
+    }
+    let names = ["floor: MAC swap + XDP_TX"]
+        .into_iter()
+        .chain(stage::ALL.iter().map(|&(_, name)| name))
+        .chain(["counters (the whole path)"]);
+    for (i, name) in names.enumerate() {
+        let step = |m: &Vec<f64>| {
+            if i == 0 {
+                String::new()
+            } else {
+                format!("{:+.0}", m[i] - m[i - 1])
+            }
+        };
+        out.push_str(&format!(
+            "| {name} | {:.0} | {} | {:.0} | {} |\n",
+            mins[0][i],
+            step(&mins[0]),
+            mins[1][i],
+            step(&mins[1])
+        ));
+    }
+    out
 }
