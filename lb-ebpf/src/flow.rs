@@ -30,8 +30,9 @@ static FLOWS6: BtfLruHashMap<
     { BPF_F_NO_COMMON_LRU as usize },
 > = BtfLruHashMap::new();
 
+/// The table entry of a flow (to read, or to update in place: NAT state, UDP clock).
 #[inline(always)]
-fn get(key: &FlowKey) -> Option<*mut FlowValue> {
+pub fn entry(key: &FlowKey) -> Option<*mut FlowValue> {
     if key.family == AF_INET {
         FLOWS4.get_ptr_mut(&FlowKey4::of(key))
     } else {
@@ -57,16 +58,10 @@ fn remove(key: &FlowKey) {
     };
 }
 
-/// The table entry of an established flow, to update in place (NAT state).
-#[inline(always)]
-pub fn entry(key: &FlowKey) -> Option<*mut FlowValue> {
-    get(key)
-}
-
 /// End a flow (NAT close, RST): the next packet of this 5-tuple is a new flow.
 #[inline(always)]
 pub fn forget(key: &FlowKey) {
-    if let Some(v) = get(key) {
+    if let Some(v) = entry(key) {
         let v = unsafe { &*v };
         if v.flags & FLOW_F_ENDED == 0 {
             select::active_add(v.backend, -1);
@@ -136,7 +131,7 @@ pub enum Established {
 /// entry at all, so a new flow is looked up once, not twice.
 #[inline(always)]
 pub fn established(key: &FlowKey, tcp_end: bool) -> Established {
-    let Some(v) = get(key) else {
+    let Some(v) = entry(key) else {
         return Established::Absent;
     };
     let v = unsafe { &mut *v };
@@ -196,7 +191,7 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
     let entry = if how & how::ABSENT != 0 {
         None
     } else {
-        get(key)
+        entry(key)
     };
     if let Some(v) = entry {
         let v = unsafe { &mut *v };

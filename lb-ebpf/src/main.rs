@@ -40,8 +40,7 @@ static STOP_AFTER: Global<u8> = Global::new(0);
 /// Whether the stage breakdown ends the packet after `stage`.
 #[inline(always)]
 fn stop_after(stage: u8) -> bool {
-    let s = STOP_AFTER.load();
-    s != 0 && s == stage
+    STOP_AFTER.load() == stage
 }
 
 #[xdp]
@@ -65,7 +64,9 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
     let pkt = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
     parse::parse(ctx, pkt)?;
     let stop = STOP_AFTER.load();
-    if stop == stage::PARSE || (stop > stage::PARSE && stop < stage::LIVENESS && bench_stage(pkt)) {
+    if stop_after(stage::PARSE)
+        || (stop > stage::PARSE && stop < stage::LIVENESS && bench_stage(pkt))
+    {
         return Ok(xdp_action::XDP_TX);
     }
     if pkt.key.proto == IPPROTO_ICMP || pkt.key.proto == IPPROTO_ICMPV6 {

@@ -112,6 +112,12 @@ const CLIENT_HOP_SLOTS: u32 = 1024;
 static NEXT_HOPS: BtfPerCpuArray<CachedHop, { (MAX_BACKENDS + CLIENT_HOP_SLOTS) as usize }> =
     BtfPerCpuArray::new();
 
+/// Big-endian word `i` of an address (host-order value).
+#[inline(always)]
+pub fn word(a: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
+}
+
 /// [`route`] toward backend `id` (at `dst`), from the cache (see [`route_cached`]).
 #[inline(always)]
 pub fn route_to_backend(
@@ -133,9 +139,7 @@ pub fn route_to_client(
     dst: &[u8; 16],
     tot_len: usize,
 ) -> Result<Route, u32> {
-    let w =
-        |i: usize| u32::from_ne_bytes([dst[4 * i], dst[4 * i + 1], dst[4 * i + 2], dst[4 * i + 3]]);
-    let h = (w(0) ^ w(1) ^ w(2) ^ w(3)).wrapping_mul(0x9e37_79b9);
+    let h = (word(dst, 0) ^ word(dst, 1) ^ word(dst, 2) ^ word(dst, 3)).wrapping_mul(0x9e37_79b9);
     let slot = MAX_BACKENDS + (h >> 22) % CLIENT_HOP_SLOTS;
     route_cached(ctx, slot, family, dst, tot_len)
 }

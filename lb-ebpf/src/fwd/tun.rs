@@ -16,7 +16,7 @@ use network_types::{
 
 use crate::{
     csum,
-    fwd::{iface, route_to_backend, send, set_macs, Route},
+    fwd::{iface, route_to_backend, send, set_macs, word, Route},
     parse::Parsed,
 };
 
@@ -34,12 +34,6 @@ fn source_tail(tail: u32, bits: u8, hash: u32) -> u32 {
         _ => u32::MAX,
     };
     (tail & !mask) | (hash & mask)
-}
-
-/// Big-endian word `i` of a 16-byte address (host-order value).
-#[inline(always)]
-fn word(a: &[u8], i: usize) -> u32 {
-    u32::from_be_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
 }
 
 /// Write host-order words as big-endian bytes at `p` (one store each).
