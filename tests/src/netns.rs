@@ -988,7 +988,6 @@ impl Drop for NftDnat {
     }
 }
 
-/// MAC of `up0` in a [`FibLab`], and of its gateway (a permanent neighbour).
 /// A FIB lab's neighbour `ip` on `up0` now answers with `mac` (a next hop changing its MAC).
 pub fn replace_up0_neighbour(ns: &str, ip: &str, mac: &str) {
     sh(&[
@@ -1007,6 +1006,7 @@ pub fn replace_up0_neighbour(ns: &str, ip: &str, mac: &str) {
     ]);
 }
 
+/// MAC of `up0` in a [`FibLab`], and of its gateway (a permanent neighbour).
 pub const UP_MAC: [u8; 6] = [0x02, 0xd1, 0, 0, 0, 0x10];
 pub const GW_MAC: [u8; 6] = [0x02, 0x99, 0, 0, 0, 0xfe];
 

@@ -3,6 +3,16 @@
 
 use std::process::Command;
 
+/// The body rows of the markdown table whose header line starts with `header`.
+fn table<'a>(stdout: &'a str, header: &str) -> Vec<&'a str> {
+    stdout
+        .lines()
+        .skip_while(|l| !l.starts_with(header))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect()
+}
+
 #[test]
 fn bench_quick_runs_every_path_and_reports() {
     lb_tests::require_root();
@@ -16,12 +26,7 @@ fn bench_quick_runs_every_path_and_reports() {
         "bench failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rows: Vec<&str> = stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("| path"))
-        .take_while(|l| l.starts_with('|'))
-        .filter(|l| l.starts_with("| ") && !l.starts_with("| path"))
-        .collect();
+    let rows = table(&stdout, "| path");
     assert_eq!(rows.len(), 19, "one row per path:\n{stdout}");
     // The kernel's view of the program sizes: "director N insns, J B; floor M insns, K B."
     let sizes = stdout
@@ -39,11 +44,8 @@ fn bench_quick_runs_every_path_and_reports() {
     );
     // The stage breakdown: the floor, each stage of a DR flow hit, the whole path; both
     // families timed (steps are not judged: noise can make one negative in a quick run).
-    let stages: Vec<Vec<f64>> = stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("| stage"))
-        .skip(2)
-        .take_while(|l| l.starts_with('|'))
+    let stages: Vec<Vec<f64>> = table(&stdout, "| stage")
+        .into_iter()
         .map(|l| {
             let cells: Vec<&str> = l.split('|').map(str::trim).collect();
             [cells[2], cells[4]]
@@ -59,19 +61,9 @@ fn bench_quick_runs_every_path_and_reports() {
             "floor below the whole path:\n{stdout}"
         );
     }
-    let control: Vec<&str> = stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("| control plane"))
-        .skip(2)
-        .take_while(|l| l.starts_with('|'))
-        .collect();
+    let control = table(&stdout, "| control plane");
     assert_eq!(control.len(), 10, "control-plane rows:\n{stdout}");
-    let e2e: Vec<&str> = stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("| end to end"))
-        .skip(2)
-        .take_while(|l| l.starts_with('|'))
-        .collect();
+    let e2e = table(&stdout, "| end to end");
     assert_eq!(
         e2e.len(),
         10,
@@ -81,23 +73,13 @@ fn bench_quick_runs_every_path_and_reports() {
         let mpps: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap();
         assert!(mpps > 0.0, "frames came back through the director: {row}");
     }
-    let http: Vec<&str> = stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("| HTTP through the VIP"))
-        .skip(2)
-        .take_while(|l| l.starts_with('|'))
-        .collect();
+    let http = table(&stdout, "| HTTP through the VIP");
     assert_eq!(http.len(), 3, "xdplb, nftables, HAProxy:\n{stdout}");
     for row in &http {
         let rps: f64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
         assert!(rps > 0.0, "wrk got answers: {row}");
     }
-    let targets: Vec<&str> = stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("| target"))
-        .skip(2)
-        .take_while(|l| l.starts_with('|'))
-        .collect();
+    let targets = table(&stdout, "| target");
     assert_eq!(
         targets.len(),
         9,

@@ -432,7 +432,7 @@ fn established_flows_reach_their_service_by_id() {
     let owner = h.predicted_backend(0, &old.key());
     let key = h.desired.services[0].key;
     let id = h.desired.services[0].id;
-    let meta = h.director.maps.services.get(&key, 0).expect("service 0");
+    let meta = h.live_service(0);
 
     // Without its SERVICES entry, the established flow still reaches its backend; a new
     // flow to the same VIP and port is no longer a VIP packet.

@@ -625,7 +625,7 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
         "Program sizes (kernel's translated instructions, JIT bytes): director {d_insns} insns, \
          {d_jit} B; floor {f_insns} insns, {f_jit} B.\n"
     ));
-    report.push_str(&stage_breakdown(&mut h, quick));
+    report.push_str(&stage_breakdown(&h, quick));
     (report, ratios)
 }
 
@@ -633,7 +633,7 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
 /// run): directors loaded with `STOP_AFTER` = each [`lb_common::stage`] end the packet there,
 /// and are timed interleaved with the full director and the floor — one round each in turn,
 /// the minimum over the rounds — so a VM phase change hits every variant alike.
-fn stage_breakdown(full: &mut Harness, quick: bool) -> String {
+fn stage_breakdown(full: &Harness, quick: bool) -> String {
     let rounds = if quick { 3 } else { 30 };
     let repeat = 100_000;
     let mut cut: Vec<Harness> = stage::ALL
@@ -657,7 +657,7 @@ fn stage_breakdown(full: &mut Harness, quick: bool) -> String {
     let mut mins = [vec![f64::MAX; cut.len() + 2], vec![f64::MAX; cut.len() + 2]];
     for (pkt, mins) in pkts.iter().zip(&mut mins) {
         // Establish the flow in every director's own table.
-        for h in cut.iter().chain([&*full]) {
+        for h in cut.iter().chain([full]) {
             assert_eq!(h.run(pkt).0, XDP_TX);
         }
         for _ in 0..rounds {
