@@ -82,7 +82,11 @@ packet_load!(
     (load_u32, u32, "u32"),
     (load_u64, u64, "u64")
 );
-packet_store!((store_u16, u16, "u16"), (store_u32, u32, "u32"));
+packet_store!(
+    (store_u16, u16, "u16"),
+    (store_u32, u32, "u32"),
+    (store_u64, u64, "u64")
+);
 
 /// Copy a 16-byte address as two words (an array assignment becomes a memmove call, see
 /// [`zeroed_in_place`]).
