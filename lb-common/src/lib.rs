@@ -311,13 +311,20 @@ pub struct NatReply {
     pub client_port_be: u16,
     /// 1 = full-NAT (also rewrite the destination).
     pub fullnat: u8,
-    pub _pad: [u8; 3],
+    /// [`NAT_REPLY_F_FIN_BACKEND`], so the reply path looks the forward flow up only while
+    /// the connection closes. Was padding before (always 0, which means "none": no layout
+    /// change).
+    pub flags: u8,
+    pub _pad: [u8; 2],
     /// The forward flow, so a FIN/RST from the backend can end it.
     pub flow: FlowKey,
     /// Service and backend ids of the flow, to count replies.
     pub service: u32,
     pub backend: u32,
 }
+
+/// `NatReply::flags`: the backend sent a FIN (mirrors the flow's [`FLOW_F_FIN_BACKEND`]).
+pub const NAT_REPLY_F_FIN_BACKEND: u8 = 1;
 
 /// Full-NAT source addresses (`SNAT_POOL`, an array); `SNAT_CONFIG` says how many of each
 /// family and which port range.

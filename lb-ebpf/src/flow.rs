@@ -70,12 +70,24 @@ pub fn forget(key: &FlowKey) {
     remove(key);
 }
 
-#[derive(Default)]
 pub struct Choice {
     /// Backend id (valid: `select::backend(id)` is `Some`).
     pub id: u32,
     /// The flow was not in the table: it was scheduled now.
     pub new: bool,
+    /// The flow's table entry when the fast path ([`established`]) found it, else null; the
+    /// NAT path updates it in place without hashing the 5-tuple again.
+    pub entry: *mut FlowValue,
+}
+
+impl Default for Choice {
+    fn default() -> Self {
+        Choice {
+            id: 0,
+            new: false,
+            entry: core::ptr::null_mut(),
+        }
+    }
 }
 
 /// How [`lookup_or_schedule`] goes about it (bits; one argument, as a BPF function takes at
@@ -146,6 +158,7 @@ pub fn established(key: &FlowKey, tcp_end: bool) -> Established {
         Choice {
             id: v.backend,
             new: false,
+            entry: v,
         },
     )
 }
@@ -196,9 +209,12 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
     if let Some(v) = entry {
         let v = unsafe { &mut *v };
         if still_live(v, key, ending) {
+            // No entry pointer out of this out-of-line function: LLVM copies the returned
+            // `Choice` with 32-bit loads, and the verifier rejects a pointer filled by halves.
             return Ok(Choice {
                 id: v.backend,
                 new: false,
+                entry: core::ptr::null_mut(),
             });
         }
         // Rescheduled below: the old backend loses the flow.
@@ -221,5 +237,9 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
             select::active_add(id, 1);
         }
     }
-    Ok(Choice { id, new: true })
+    Ok(Choice {
+        id,
+        new: true,
+        entry: core::ptr::null_mut(),
+    })
 }

@@ -74,8 +74,12 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
             Icmp::Done(action, slot) => (action, slot),
             Icmp::Steer(mode, id) => {
                 let backend = select::backend(id).ok_or(reason::PASS_NO_BACKEND)?;
+                let choice = flow::Choice {
+                    id,
+                    ..flow::Choice::default()
+                };
                 (
-                    forward(ctx, pkt, mode, backend, id, false)?.0,
+                    forward(ctx, pkt, mode, backend, &choice)?.0,
                     reason::ICMP_ERROR_STEERED,
                 )
             }
@@ -124,7 +128,7 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
         }
     };
     let backend = select::backend(choice.id).ok_or(reason::PASS_NO_BACKEND)?;
-    let (action, slot) = forward(ctx, pkt, svc.mode, backend, choice.id, choice.new)?;
+    let (action, slot) = forward(ctx, pkt, svc.mode, backend, &choice)?;
     if stop_after(stage::FORWARD) {
         return Ok(action);
     }
@@ -153,28 +157,27 @@ fn bench_stage(pkt: &parse::Parsed) -> bool {
     true
 }
 
-/// Send toward `backend` by the service's mode: (XDP action, counter slot).
+/// Send toward `backend` (`choice.id`) by the service's mode: (XDP action, counter slot).
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
     pkt: &parse::Parsed,
     mode: u8,
     backend: &Backend,
-    id: u32,
-    new: bool,
+    choice: &flow::Choice,
 ) -> Result<(u32, u32), u32> {
     match mode {
         mode::DR => Ok((fwd::dr::forward(ctx, backend)?, reason::FWD_DR)),
-        mode::TUN => match fwd::tun::forward(ctx, pkt, backend, id)? {
+        mode::TUN => match fwd::tun::forward(ctx, pkt, backend, choice.id)? {
             fwd::tun::Tun::Sent(action) => Ok((action, reason::FWD_TUN)),
             fwd::tun::Tun::TooBig(mtu) => icmp::too_big(ctx, pkt, mtu),
         },
         mode::NAT => Ok((
-            fwd::nat::forward(ctx, pkt, backend, id, false, new)?,
+            fwd::nat::forward(ctx, pkt, choice, false)?,
             reason::FWD_NAT,
         )),
         mode::FULLNAT => Ok((
-            fwd::nat::forward(ctx, pkt, backend, id, true, new)?,
+            fwd::nat::forward(ctx, pkt, choice, true)?,
             reason::FWD_NAT,
         )),
         _ => Err(reason::PASS_NO_BACKEND),

@@ -240,7 +240,7 @@ fn unknown_replies_and_expiring_ttl_pass_unchanged() {
 fn rst_and_fin_both_ways_end_the_flow() {
     lb_tests::require_root();
     FibLab::new("natfin").run(|| {
-        let (h, up0) = harness();
+        let (mut h, up0) = harness();
         let client = Pkt::tcp("198.18.2.1", "198.18.0.100", 40020, 80);
         let reply = Pkt {
             src: "198.18.5.11".parse().unwrap(),
@@ -314,6 +314,48 @@ fn rst_and_fin_both_ways_end_the_flow() {
             run(&h, up0, &reply.build()).0,
             XDP_PASS,
             "no mapping after the close"
+        );
+
+        // The backend closes first: its FIN, the client's FIN, then the backend's last ACK
+        // ends the flow. Plain backend packets before its FIN end nothing.
+        let with = |p: &Pkt, tcp_flags: u8| Pkt { tcp_flags, ..p.clone() }.build();
+        let closed_by = |h: &Harness, p: &[u8]| {
+            let before = h.reason(reason::NAT_FLOW_CLOSED);
+            assert_eq!(run(h, up0, p).0, XDP_TX);
+            h.reason(reason::NAT_FLOW_CLOSED) - before
+        };
+        assert_eq!(closed_by(&h, &client.build()), 0);
+        assert_eq!(closed_by(&h, &reply.build()), 0, "a plain reply ends nothing");
+        assert_eq!(closed_by(&h, &with(&reply, TCP_FIN)), 0);
+        assert_eq!(closed_by(&h, &reply.build()), 0, "FIN one way only");
+        assert_eq!(closed_by(&h, &with(&client, TCP_FIN)), 0);
+        assert_eq!(
+            closed_by(&h, &reply.build()),
+            1,
+            "the backend's last ACK ends the flow"
+        );
+        assert_eq!(run(&h, up0, &reply.build()).0, XDP_PASS);
+
+        // RST from the backend ends the flow too.
+        assert_eq!(closed_by(&h, &client.build()), 0);
+        assert_eq!(closed_by(&h, &with(&reply, TCP_RST)), 1, "backend RST");
+        assert_eq!(run(&h, up0, &reply.build()).0, XDP_PASS);
+
+        // A reply mapping lost to LRU eviction after the backend's FIN is made again by the
+        // client's next packet, and still knows of that FIN: the backend's last ACK ends it.
+        assert_eq!(closed_by(&h, &client.build()), 0);
+        assert_eq!(closed_by(&h, &with(&reply, TCP_FIN)), 0);
+        h.director
+            .maps
+            .nat_replies
+            .remove(&reply.key())
+            .expect("mapping present");
+        assert_eq!(run(&h, up0, &reply.build()).0, XDP_PASS, "mapping gone");
+        assert_eq!(closed_by(&h, &with(&client, TCP_FIN)), 0, "mapping made again");
+        assert_eq!(
+            closed_by(&h, &reply.build()),
+            1,
+            "the backend's FIN survived the eviction"
         );
     });
 }

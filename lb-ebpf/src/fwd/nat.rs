@@ -8,15 +8,16 @@
 use aya_ebpf::btf_maps::{Array as BtfArray, LruHashMap as BtfLruHashMap};
 use aya_ebpf::{macros::btf_map, programs::XdpContext};
 use lb_common::{
-    flow_hash, reason, Backend, FlowKey, NatReply, SnatAddr, SnatConfig, AF_INET,
+    flow_hash, reason, Backend, FlowKey, FlowValue, NatReply, SnatAddr, SnatConfig, AF_INET,
     FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_SNAT, FLOW_TABLE_CAPACITY, IPPROTO_TCP,
-    IPPROTO_UDP, MAX_SNAT_ADDRS,
+    IPPROTO_UDP, MAX_SNAT_ADDRS, NAT_REPLY_F_FIN_BACKEND,
 };
 use lb_ebpf::{frame_len, ptr_at, STATUS_OK};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
-    csum, flow,
+    csum,
+    flow::{self, Choice},
     fwd::{route_to_backend, route_to_client, send, set_macs, Route},
     parse::Parsed,
 };
@@ -230,12 +231,19 @@ fn route_and_send(
     send(ctx, hop.ifindex)
 }
 
-/// The full-NAT source of a flow: kept in the flow entry once chosen; for a new flow an
-/// address of the backend's family from the pool (by flow hash) and a port not used by
-/// another flow toward the same backend port.
+/// The full-NAT source of a flow: kept in the flow entry (`entry`, may be null) once
+/// chosen; for a new flow an address of the backend's family from the pool (by flow hash)
+/// and a port not used by another flow toward the same backend port.
 #[inline(always)]
-fn snat_source(key: &FlowKey, backend: &Backend, dport_be: u16) -> Result<([u8; 16], u16), u32> {
-    let entry = flow::entry(key).ok_or(reason::PASS_SNAT_EXHAUSTED)?;
+fn snat_source(
+    key: &FlowKey,
+    entry: *mut FlowValue,
+    backend: &Backend,
+    dport_be: u16,
+) -> Result<([u8; 16], u16), u32> {
+    if entry.is_null() {
+        return Err(reason::PASS_SNAT_EXHAUSTED);
+    }
     let cfg = SNAT_CONFIG.get(0).ok_or(reason::PASS_SNAT_EXHAUSTED)?;
     let (base, count) = if backend.family == AF_INET {
         (0, cfg.v4_count)
@@ -286,24 +294,17 @@ fn snat_source(key: &FlowKey, backend: &Backend, dport_be: u16) -> Result<([u8; 
     Err(reason::PASS_SNAT_EXHAUSTED)
 }
 
-/// Client -> VIP packet of an established or new flow to `backend`.
+/// Client -> VIP packet of an established or new flow to backend `choice.id`.
 #[inline(always)]
-pub fn forward(
-    ctx: &XdpContext,
-    pkt: &Parsed,
-    backend: &Backend,
-    id: u32,
-    fullnat: bool,
-    new: bool,
-) -> Result<u32, u32> {
+pub fn forward(ctx: &XdpContext, pkt: &Parsed, choice: &Choice, fullnat: bool) -> Result<u32, u32> {
     // out = XDP action
     let mut out = 0u32;
     // Five arguments at most for a BPF call: flags and backend id share a word.
     match forward_out(
         ctx,
         pkt,
-        backend,
-        u32::from(fullnat) | (u32::from(new) << 1) | (id << HOW_ID_SHIFT),
+        choice.entry,
+        u32::from(fullnat) | (u32::from(choice.new) << 1) | (choice.id << HOW_ID_SHIFT),
         &mut out,
     ) {
         STATUS_OK => Ok(out),
@@ -313,8 +314,14 @@ pub fn forward(
 
 /// Out of line (stack budget); plain types only (see `STATUS_OK`).
 #[inline(never)]
-fn forward_out(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, how: u32, out: &mut u32) -> u32 {
-    match forward_inner(ctx, pkt, backend, how) {
+fn forward_out(
+    ctx: &XdpContext,
+    pkt: &Parsed,
+    entry: *mut FlowValue,
+    how: u32,
+    out: &mut u32,
+) -> u32 {
+    match forward_inner(ctx, pkt, entry, how) {
         Ok(action) => {
             *out = action;
             STATUS_OK
@@ -324,12 +331,26 @@ fn forward_out(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, how: u32, out:
 }
 
 #[inline(always)]
-fn forward_inner(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, how: u32) -> Result<u32, u32> {
+fn forward_inner(
+    ctx: &XdpContext,
+    pkt: &Parsed,
+    entry: *mut FlowValue,
+    how: u32,
+) -> Result<u32, u32> {
+    let backend = crate::select::backend(how >> HOW_ID_SHIFT).ok_or(reason::PASS_NO_BACKEND)?;
+    let flags = tcp_flags(ctx, pkt);
+    // The flow's entry: from the fast path's lookup; looked up here only when it is needed
+    // and the caller had none (a flow scheduled just now, an ICMP error).
+    let (fullnat, new) = (how & 1 != 0, how & 2 != 0);
+    let entry = if !entry.is_null() || (new && !fullnat && flags & (TCP_FIN | TCP_RST) == 0) {
+        entry
+    } else {
+        flow::entry(&pkt.key).unwrap_or(core::ptr::null_mut())
+    };
     let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();
     // SAFETY: all zeros is a valid rewrite (nothing set); 40 bytes, 4-aligned.
     let rw = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
-    step(prepare_out(pkt, backend, how, rw))?;
-    let flags = tcp_flags(ctx, pkt);
+    step(prepare_out(pkt, entry, backend, how, rw))?;
     step(rewrite_out(ctx, pkt, rw))?;
     let mut action = 0;
     step(route_and_send_out(
@@ -339,14 +360,20 @@ fn forward_inner(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, how: u32) ->
         how >> HOW_ID_SHIFT,
         &mut action,
     ))?;
-    lifecycle_client(&pkt.key, backend, rw, flags);
+    lifecycle_client(&pkt.key, entry, backend, rw, flags);
     Ok(action)
 }
 
 /// Choose the flow's NAT addresses (full-NAT source allocation) and make sure the reply
 /// mapping exists; `rw` gets the rewrite to apply.
 #[inline(always)]
-fn prepare_out(pkt: &Parsed, backend: &Backend, how: u32, rw: &mut Rewrite) -> u32 {
+fn prepare_out(
+    pkt: &Parsed,
+    entry: *mut FlowValue,
+    backend: &Backend,
+    how: u32,
+    rw: &mut Rewrite,
+) -> u32 {
     let key = &pkt.key;
     let (fullnat, new, id) = (how & 1 != 0, how & 2 != 0, how >> HOW_ID_SHIFT);
     let dport_be = if backend.port_be != 0 {
@@ -355,7 +382,7 @@ fn prepare_out(pkt: &Parsed, backend: &Backend, how: u32, rw: &mut Rewrite) -> u
         key.dport_be
     };
     let (src_addr, sport_be) = if fullnat {
-        match snat_source(key, backend, dport_be) {
+        match snat_source(key, entry, backend, dport_be) {
             Ok(s) => s,
             Err(slot) => return slot,
         }
@@ -371,7 +398,13 @@ fn prepare_out(pkt: &Parsed, backend: &Backend, how: u32, rw: &mut Rewrite) -> u
             vip_port_be: key.dport_be,
             client_port_be: key.sport_be,
             fullnat: u8::from(fullnat),
-            _pad: [0; 3],
+            // A mapping made again (after LRU eviction) keeps the close in view.
+            flags: if !entry.is_null() && unsafe { (*entry).flags } & FLOW_F_FIN_BACKEND != 0 {
+                NAT_REPLY_F_FIN_BACKEND
+            } else {
+                0
+            },
+            _pad: [0; 2],
             flow: *key,
             service: backend.service,
             backend: id,
@@ -411,11 +444,17 @@ fn reply_key(
 /// Flow lifecycle on a client packet: RST ends the flow; so does the client's last ACK
 /// after FIN from both sides (when the client closed first); a FIN is remembered.
 #[inline(always)]
-fn lifecycle_client(key: &FlowKey, backend: &Backend, rw: &Rewrite, flags: u8) {
-    let Some(e) = flow::entry(key) else {
+fn lifecycle_client(
+    key: &FlowKey,
+    entry: *mut FlowValue,
+    backend: &Backend,
+    rw: &Rewrite,
+    flags: u8,
+) {
+    if entry.is_null() {
         return;
-    };
-    let e = unsafe { &mut *e };
+    }
+    let e = unsafe { &mut *entry };
     let both = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
     if flags & TCP_RST != 0
         || (e.flags & both == both && flags & TCP_FIN == 0 && key.proto == IPPROTO_TCP)
@@ -466,7 +505,11 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     if pkt.key.proto != IPPROTO_TCP && pkt.key.proto != IPPROTO_UDP {
         return Err(reason::PASS_NON_VIP);
     }
-    let r = unsafe { NAT_REPLIES.get(&pkt.key) }.ok_or(reason::PASS_NON_VIP)?;
+    let r = NAT_REPLIES
+        .get_ptr_mut(&pkt.key)
+        .ok_or(reason::PASS_NON_VIP)?;
+    // SAFETY: a map value, valid for this run (RCU).
+    let r = unsafe { &mut *r };
     let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();
     // SAFETY: all zeros is a valid rewrite (nothing set); 40 bytes, 4-aligned.
     let rw = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
@@ -483,7 +526,7 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     let family = u32::from(r.flow.family);
     let (service, backend) = (r.service, r.backend);
     if pkt.key.proto == IPPROTO_TCP {
-        lifecycle_backend(&pkt.key, tcp_flags(ctx, pkt));
+        lifecycle_backend(&pkt.key, r, tcp_flags(ctx, pkt));
     }
     step(rewrite_out(ctx, pkt, rw))?;
     let mut action = 0;
@@ -498,13 +541,15 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     Ok(action)
 }
 
-/// Flow lifecycle on a backend packet: RST ends the flow; so does the backend's last ACK
-/// after FIN from both sides (when the backend closed first); a FIN is remembered.
+/// Flow lifecycle on a backend packet (`r`: its mapping): RST ends the flow; so does the
+/// backend's last ACK after FIN from both sides (when the backend closed first); a FIN is
+/// remembered. The flow entry is looked up only for those: a packet without FIN or RST
+/// before the backend's FIN ends nothing.
 #[inline(always)]
-fn lifecycle_backend(reply: &FlowKey, flags: u8) {
-    let Some(r) = (unsafe { NAT_REPLIES.get(reply) }) else {
+fn lifecycle_backend(reply: &FlowKey, r: &mut NatReply, flags: u8) {
+    if flags & (TCP_FIN | TCP_RST) == 0 && r.flags & NAT_REPLY_F_FIN_BACKEND == 0 {
         return;
-    };
+    }
     let flow_key = r.flow;
     let Some(e) = flow::entry(&flow_key) else {
         return;
@@ -515,5 +560,6 @@ fn lifecycle_backend(reply: &FlowKey, flags: u8) {
         close(&flow_key, reply);
     } else if flags & TCP_FIN != 0 {
         e.flags |= FLOW_F_FIN_BACKEND;
+        r.flags |= NAT_REPLY_F_FIN_BACKEND;
     }
 }
