@@ -575,13 +575,42 @@ pub mod stage {
     pub const LIVENESS: u8 = 4;
     /// Forwarded (MACs, encapsulation or NAT), before the counters.
     pub const FORWARD: u8 = 5;
-    /// Every stage, for the report.
-    pub const ALL: [(u8, &str); 5] = [
+    /// NAT: the reply mapping made sure of (client side) or found (reply side).
+    pub const NAT_MAPPING: u8 = 6;
+    /// NAT: addresses, ports, checksums and TTL rewritten.
+    pub const NAT_REWRITE: u8 = 7;
+    /// NAT: next hop known, MACs written, the action chosen (before the flow lifecycle and
+    /// the counters).
+    pub const NAT_ROUTE: u8 = 8;
+    /// Neither an established flow nor a VIP (both lookups missed): where a NAT reply's own
+    /// path starts.
+    pub const NOT_VIP: u8 = 9;
+    /// The stages of a DR flow hit, for the report.
+    pub const DR_HIT: [(u8, &str); 5] = [
         (PARSE, "parse"),
         (FLOW_LOOKUP, "flow-table lookup"),
         (SERVICE, "service check"),
         (LIVENESS, "backend and flow liveness"),
         (FORWARD, "forward (MACs)"),
+    ];
+    /// The stages of a NAT client packet of an established flow.
+    pub const NAT_FORWARD: [(u8, &str); 8] = [
+        (PARSE, "parse"),
+        (FLOW_LOOKUP, "flow-table lookup"),
+        (SERVICE, "service check"),
+        (LIVENESS, "backend and flow liveness"),
+        (NAT_MAPPING, "reply mapping (NAT_REPLIES) made sure of"),
+        (NAT_REWRITE, "rewrite (addresses, ports, checksums, TTL)"),
+        (NAT_ROUTE, "next hop (cached), MACs, send"),
+        (FORWARD, "flow lifecycle (FIN/RST)"),
+    ];
+    /// The stages of a backend's reply in NAT mode.
+    pub const NAT_REPLY: [(u8, &str); 5] = [
+        (PARSE, "parse"),
+        (NOT_VIP, "flow-table and VIP lookups (both miss)"),
+        (NAT_MAPPING, "reply mapping lookup, lifecycle"),
+        (NAT_REWRITE, "rewrite (addresses, ports, checksums, TTL)"),
+        (NAT_ROUTE, "next hop (cached), MACs, send"),
     ];
 }
 

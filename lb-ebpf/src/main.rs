@@ -39,7 +39,7 @@ static STOP_AFTER: Global<u8> = Global::new(0);
 
 /// Whether the stage breakdown ends the packet after `stage`.
 #[inline(always)]
-fn stop_after(stage: u8) -> bool {
+pub(crate) fn stop_after(stage: u8) -> bool {
     STOP_AFTER.load() == stage
 }
 
@@ -97,6 +97,7 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
             let svc = match select::service(&pkt.key) {
                 Ok(svc) => svc,
                 // Not for a VIP: perhaps a backend's reply to a NAT flow.
+                Err(_) if stop_after(stage::NOT_VIP) => return Ok(xdp_action::XDP_TX),
                 Err(slot) => {
                     let action = fwd::nat::reply(ctx, pkt).map_err(|e| {
                         if e == reason::PASS_NON_VIP {
@@ -172,14 +173,8 @@ fn forward(
             fwd::tun::Tun::Sent(action) => Ok((action, reason::FWD_TUN)),
             fwd::tun::Tun::TooBig(mtu) => icmp::too_big(ctx, pkt, mtu),
         },
-        mode::NAT => Ok((
-            fwd::nat::forward(ctx, pkt, choice, false)?,
-            reason::FWD_NAT,
-        )),
-        mode::FULLNAT => Ok((
-            fwd::nat::forward(ctx, pkt, choice, true)?,
-            reason::FWD_NAT,
-        )),
+        mode::NAT => Ok((fwd::nat::forward(ctx, pkt, choice, false)?, reason::FWD_NAT)),
+        mode::FULLNAT => Ok((fwd::nat::forward(ctx, pkt, choice, true)?, reason::FWD_NAT)),
         _ => Err(reason::PASS_NO_BACKEND),
     }
 }

@@ -3,13 +3,44 @@
 
 use std::process::Command;
 
-/// The body rows of the markdown table whose header line starts with `header`.
+/// The body rows of the first markdown table whose header line starts with `header`.
 fn table<'a>(stdout: &'a str, header: &str) -> Vec<&'a str> {
-    stdout
-        .lines()
-        .skip_while(|l| !l.starts_with(header))
-        .skip(2)
-        .take_while(|l| l.starts_with('|'))
+    tables(stdout, header)
+        .into_iter()
+        .next()
+        .unwrap_or_default()
+}
+
+/// The body rows of every markdown table whose header line starts with `header`.
+fn tables<'a>(stdout: &'a str, header: &str) -> Vec<Vec<&'a str>> {
+    let lines: Vec<&str> = stdout.lines().collect();
+    lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with(header))
+        .map(|(i, _)| {
+            lines[i + 2..]
+                .iter()
+                .copied()
+                .take_while(|l| l.starts_with('|'))
+                .collect()
+        })
+        .collect()
+}
+
+/// The numbers in the given cells of each row.
+fn cells(rows: &[&str], at: &[usize]) -> Vec<Vec<f64>> {
+    rows.iter()
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            at.iter()
+                .map(|&i| {
+                    cells[i]
+                        .parse::<f64>()
+                        .unwrap_or_else(|_| panic!("ns in {l}"))
+                })
+                .collect()
+        })
         .collect()
 }
 
@@ -44,20 +75,26 @@ fn bench_quick_runs_every_path_and_reports() {
     );
     // The stage breakdown: the floor, each stage of a DR flow hit, the whole path; both
     // families timed (steps are not judged: noise can make one negative in a quick run).
-    let stages: Vec<Vec<f64>> = table(&stdout, "| stage")
-        .into_iter()
-        .map(|l| {
-            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
-            [cells[2], cells[4]]
-                .iter()
-                .map(|c| c.parse::<f64>().unwrap_or_else(|_| panic!("ns in {l}")))
-                .collect()
-        })
-        .collect();
+    let stages = cells(&table(&stdout, "| stage"), &[2, 4]);
     assert_eq!(stages.len(), 7, "floor, 5 stages, whole path:\n{stdout}");
     for family in 0..2 {
         assert!(
             stages.iter().all(|r| r[family] > 0.0) && stages[0][family] < stages[6][family],
+            "floor below the whole path:\n{stdout}"
+        );
+    }
+    // The NAT breakdowns: a client packet (floor, 8 stages, whole) and a reply (floor, 5
+    // stages, whole), behind the restoring driver.
+    let nat = tables(&stdout, "| NAT stage");
+    assert_eq!(
+        nat.iter().map(Vec::len).collect::<Vec<_>>(),
+        [10, 7],
+        "NAT forward and reply breakdowns:\n{stdout}"
+    );
+    for rows in &nat {
+        let ns = cells(rows, &[2]);
+        assert!(
+            ns.iter().all(|r| r[0] > 0.0) && ns[0][0] < ns[ns.len() - 1][0],
             "floor below the whole path:\n{stdout}"
         );
     }

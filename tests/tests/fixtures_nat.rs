@@ -318,14 +318,24 @@ fn rst_and_fin_both_ways_end_the_flow() {
 
         // The backend closes first: its FIN, the client's FIN, then the backend's last ACK
         // ends the flow. Plain backend packets before its FIN end nothing.
-        let with = |p: &Pkt, tcp_flags: u8| Pkt { tcp_flags, ..p.clone() }.build();
+        let with = |p: &Pkt, tcp_flags: u8| {
+            Pkt {
+                tcp_flags,
+                ..p.clone()
+            }
+            .build()
+        };
         let closed_by = |h: &Harness, p: &[u8]| {
             let before = h.reason(reason::NAT_FLOW_CLOSED);
             assert_eq!(run(h, up0, p).0, XDP_TX);
             h.reason(reason::NAT_FLOW_CLOSED) - before
         };
         assert_eq!(closed_by(&h, &client.build()), 0);
-        assert_eq!(closed_by(&h, &reply.build()), 0, "a plain reply ends nothing");
+        assert_eq!(
+            closed_by(&h, &reply.build()),
+            0,
+            "a plain reply ends nothing"
+        );
         assert_eq!(closed_by(&h, &with(&reply, TCP_FIN)), 0);
         assert_eq!(closed_by(&h, &reply.build()), 0, "FIN one way only");
         assert_eq!(closed_by(&h, &with(&client, TCP_FIN)), 0);
@@ -351,7 +361,11 @@ fn rst_and_fin_both_ways_end_the_flow() {
             .remove(&reply.key())
             .expect("mapping present");
         assert_eq!(run(&h, up0, &reply.build()).0, XDP_PASS, "mapping gone");
-        assert_eq!(closed_by(&h, &with(&client, TCP_FIN)), 0, "mapping made again");
+        assert_eq!(
+            closed_by(&h, &with(&client, TCP_FIN)),
+            0,
+            "mapping made again"
+        );
         assert_eq!(
             closed_by(&h, &reply.build()),
             1,

@@ -5,10 +5,11 @@
 //! incrementally (RFC 1624); TTL / hop limit drops by one as in any router. TCP FIN in both
 //! directions (then the last ACK) or RST ends the flow and its NAT state.
 
+use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::btf_maps::{Array as BtfArray, LruHashMap as BtfLruHashMap};
 use aya_ebpf::{macros::btf_map, programs::XdpContext};
 use lb_common::{
-    flow_hash, reason, Backend, FlowKey, FlowValue, NatReply, SnatAddr, SnatConfig, AF_INET,
+    flow_hash, reason, stage, Backend, FlowKey, FlowValue, NatReply, SnatAddr, SnatConfig, AF_INET,
     FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_SNAT, FLOW_TABLE_CAPACITY, IPPROTO_TCP,
     IPPROTO_UDP, MAX_SNAT_ADDRS, NAT_REPLY_F_FIN_BACKEND,
 };
@@ -351,7 +352,13 @@ fn forward_inner(
     // SAFETY: all zeros is a valid rewrite (nothing set); 40 bytes, 4-aligned.
     let rw = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
     step(prepare_out(pkt, entry, backend, how, rw))?;
+    if crate::stop_after(stage::NAT_MAPPING) {
+        return Ok(xdp_action::XDP_TX);
+    }
     step(rewrite_out(ctx, pkt, rw))?;
+    if crate::stop_after(stage::NAT_REWRITE) {
+        return Ok(xdp_action::XDP_TX);
+    }
     let mut action = 0;
     step(route_and_send_out(
         ctx,
@@ -360,6 +367,9 @@ fn forward_inner(
         how >> HOW_ID_SHIFT,
         &mut action,
     ))?;
+    if crate::stop_after(stage::NAT_ROUTE) {
+        return Ok(xdp_action::XDP_TX);
+    }
     lifecycle_client(&pkt.key, entry, backend, rw, flags);
     Ok(action)
 }
@@ -528,7 +538,13 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     if pkt.key.proto == IPPROTO_TCP {
         lifecycle_backend(&pkt.key, r, tcp_flags(ctx, pkt));
     }
+    if crate::stop_after(stage::NAT_MAPPING) {
+        return Ok(xdp_action::XDP_TX);
+    }
     step(rewrite_out(ctx, pkt, rw))?;
+    if crate::stop_after(stage::NAT_REWRITE) {
+        return Ok(xdp_action::XDP_TX);
+    }
     let mut action = 0;
     step(route_and_send_out(
         ctx,
@@ -537,6 +553,9 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
         TO_CLIENT,
         &mut action,
     ))?;
+    if crate::stop_after(stage::NAT_ROUTE) {
+        return Ok(xdp_action::XDP_TX);
+    }
     crate::stats::replied(service, backend, pkt.len);
     Ok(action)
 }

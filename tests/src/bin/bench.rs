@@ -5,7 +5,7 @@
 //! known routes.
 
 use aya::{
-    maps::{Array, MapData},
+    maps::{Array, MapData, ProgramArray},
     programs::Xdp,
 };
 use clap::Parser;
@@ -183,6 +183,41 @@ fn counted<T>(h: &Harness, measure: impl FnOnce() -> T) -> (T, (u64, u64)) {
     (out, (after.0 - before.0, after.1 - before.1))
 }
 
+/// The benchmark driver's maps, set to do `bits` (see `xdplb_bench_driver`) and tail-call
+/// `program` of the same object.
+fn driving(
+    h: &mut Harness,
+    program: &'static str,
+    bits: u32,
+) -> (ProgramArray<MapData>, Array<MapData, u32>) {
+    let fd = fd_of(h, program);
+    let (mut next, mut cfg) = lb_tests::bench_driver(&mut h.director);
+    next.set(0, &fd, 0).unwrap();
+    cfg.set(0, bits, 0).unwrap();
+    (next, cfg)
+}
+
+/// A program of the harness's object, loaded, for a program array.
+fn fd_of(h: &mut Harness, program: &'static str) -> aya::programs::ProgramFd {
+    h.director
+        .program(program)
+        .unwrap()
+        .fd()
+        .unwrap()
+        .try_clone()
+        .unwrap()
+}
+
+/// The packet the driver restores before each run (`BENCH_RESTORE`).
+fn template_map(h: &mut Harness) -> Array<MapData, [u8; TEMPLATE_LEN]> {
+    h.director
+        .ebpf_mut()
+        .take_map("BENCH_TEMPLATE")
+        .expect("BENCH_TEMPLATE")
+        .try_into()
+        .expect("array")
+}
+
 /// Time `repeat` runs of the benchmark driver (and whatever it tail-calls) on `input`.
 fn driven(h: &Harness, input: &[u8], repeat: u32, ifindex: u32) -> f64 {
     time(
@@ -326,16 +361,7 @@ fn machine() -> String {
 fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     let big = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 4194304");
     let mut h = Harness::new(&big);
-    let director_fd = h
-        .director
-        .director_program()
-        .fd()
-        .unwrap()
-        .try_clone()
-        .unwrap();
-    let (mut next, mut cfg) = lb_tests::bench_driver(&mut h.director);
-    next.set(0, &director_fd, 0).unwrap();
-    cfg.set(0, NEW_FLOW, 0).unwrap();
+    let (_next, mut cfg) = driving(&mut h, dataplane::PROGRAM, NEW_FLOW);
     let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build();
     let mut rows = Vec::new();
     for n in [1u32, 1_000, 100_000, 1_000_000] {
@@ -411,21 +437,8 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
     let tun_plain = Pkt::tcp("198.18.2.1", "198.18.0.110", 40000, 80).build();
     let tun6_plain = Pkt::tcp("2001:db8:2::1", "2001:db8::110", 40000, 80).build();
 
-    let director_fd = h
-        .director
-        .director_program()
-        .fd()
-        .unwrap()
-        .try_clone()
-        .unwrap();
-    let floor_fd = h
-        .director
-        .program(dataplane::FLOOR_PROGRAM)
-        .unwrap()
-        .fd()
-        .unwrap()
-        .try_clone()
-        .unwrap();
+    let director_fd = fd_of(&mut h, dataplane::PROGRAM);
+    let floor_fd = fd_of(&mut h, dataplane::FLOOR_PROGRAM);
     let (mut next, mut cfg) = lb_tests::bench_driver(&mut h.director);
 
     let mut rows = vec![
@@ -462,13 +475,7 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
     let mut nat_reply = Pkt::tcp("198.18.5.21", "198.18.2.1", 8080, 40000);
     nat_reply.payload = vec![0x5a; TEMPLATE_LEN - 54];
     let nat_reply = nat_reply.build();
-    let mut template: Array<MapData, [u8; TEMPLATE_LEN]> = h
-        .director
-        .ebpf_mut()
-        .take_map("BENCH_TEMPLATE")
-        .expect("BENCH_TEMPLATE")
-        .try_into()
-        .expect("array");
+    let mut template = template_map(&mut h);
     let as_template = |p: &[u8]| -> [u8; TEMPLATE_LEN] { p.try_into().expect("128-byte packet") };
     for _ in 0..runs {
         // (Re-)establish the flows the hit paths reuse: the new-flow runs evict them. The
@@ -625,71 +632,193 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
         "Program sizes (kernel's translated instructions, JIT bytes): director {d_insns} insns, \
          {d_jit} B; floor {f_insns} insns, {f_jit} B.\n"
     ));
-    report.push_str(&stage_breakdown(&h, quick));
+    report.push_str(&stage_breakdown(&h, &nat_client, &nat_reply, quick));
     (report, ratios)
 }
 
-/// Where a DR flow hit's time goes (this VM has no PMU, so `bpftool prog profile` cannot
-/// run): directors loaded with `STOP_AFTER` = each [`lb_common::stage`] end the packet there,
-/// and are timed interleaved with the full director and the floor — one round each in turn,
-/// the minimum over the rounds — so a VM phase change hits every variant alike.
-fn stage_breakdown(full: &Harness, quick: bool) -> String {
+/// Where a flow's time goes (this VM has no PMU, so `bpftool prog profile` cannot run):
+/// directors loaded with `STOP_AFTER` = each [`lb_common::stage`] end the packet there, and
+/// are timed interleaved with the full director and the floor — one round each in turn, the
+/// minimum over the rounds — so a VM phase change hits every variant alike. Three tables: a
+/// DR flow hit (IPv4 and IPv6), and a NAT client packet and a NAT reply behind the
+/// restoring driver (NAT rewrites in place).
+fn stage_breakdown(full: &Harness, nat_client: &[u8], nat_reply: &[u8], quick: bool) -> String {
     let rounds = if quick { 3 } else { 30 };
     let repeat = 100_000;
-    let mut cut: Vec<Harness> = stage::ALL
-        .iter()
-        .map(|&(n, _)| Harness::stopping_after(CONFIG, n))
-        .collect();
-    for h in &mut cut {
-        FibLab::register_up0(h);
-    }
     let up0 = lb_userspace::netlink::ifindex("up0").expect("up0");
-    let mut out = String::from(
-        "\nWhere a DR flow hit's time goes: the director ended after each stage, each variant \
-         timed in turn with the others (minimum of the rounds, ns/packet; the step is what the \
-         stage adds).\n\n| stage | IPv4 TCP | step | IPv6 TCP | step |\n|---|---:|---:|---:|---:|\n",
-    );
-    let pkts = [
+    // One director per stage any table cuts at, plus an uncut one and one whose driver
+    // tail-calls the floor (for the NAT tables, which run behind the driver).
+    let mut stops: Vec<u8> = stage::DR_HIT
+        .iter()
+        .chain(&stage::NAT_FORWARD)
+        .chain(&stage::NAT_REPLY)
+        .map(|&(n, _)| n)
+        .collect();
+    stops.sort_unstable();
+    stops.dedup();
+    let mut cut: Vec<Cut> = stops
+        .iter()
+        .map(|&n| Cut::new(n, false))
+        .chain([Cut::new(0, false), Cut::new(0, true)])
+        .collect();
+    let at = |cut: &'_ [Cut], n: u8| -> usize {
+        cut.iter()
+            .position(|c| c.stop == n && !c.floor)
+            .expect("cut")
+    };
+
+    let dr = [
         Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build(),
         Pkt::tcp("2001:db8:2::1", "2001:db8::100", 40000, 80).build(),
     ];
-    // Per family: floor, every cut, the full director.
-    let mut mins = [vec![f64::MAX; cut.len() + 2], vec![f64::MAX; cut.len() + 2]];
-    for (pkt, mins) in pkts.iter().zip(&mut mins) {
+    let mut dr_mins = Vec::new();
+    for pkt in &dr {
         // Establish the flow in every director's own table.
-        for h in cut.iter().chain([full]) {
+        for h in cut.iter().map(|c| &c.h).chain([full]) {
             assert_eq!(h.run(pkt).0, XDP_TX);
         }
-        for _ in 0..rounds {
-            let floor = loaded(full, dataplane::FLOOR_PROGRAM);
-            let progs = [floor]
+        let variants: Vec<&Xdp> = [loaded(full, dataplane::FLOOR_PROGRAM)]
+            .into_iter()
+            .chain(
+                stage::DR_HIT
+                    .iter()
+                    .map(|&(n, _)| cut[at(&cut, n)].h.director.director_program()),
+            )
+            .chain([full.director.director_program()])
+            .collect();
+        dr_mins.push(interleaved(rounds, &variants, |prog| {
+            time(prog, pkt, repeat, up0)
+        }));
+    }
+    let mut out = String::from(
+        "\nWhere a DR flow hit's time goes: the director ended after each stage, each variant \
+         timed in turn with the others (minimum of the rounds, ns/packet; the step is what the \
+         stage adds).\n\n",
+    );
+    out += &stage_table(
+        "stage",
+        &["IPv4 TCP", "IPv6 TCP"],
+        ["floor: MAC swap + XDP_TX"]
+            .into_iter()
+            .chain(stage::DR_HIT.iter().map(|&(_, name)| name))
+            .chain(["counters (the whole path)"]),
+        &dr_mins,
+    );
+
+    // NAT: open the flow (and its reply mapping) in every director, then time each
+    // direction behind the driver restoring its template before every run.
+    for c in &cut {
+        assert_eq!(
+            lb_tests::run_program_on(c.h.director.director_program(), nat_client, up0).0,
+            XDP_TX
+        );
+    }
+    for (what, pkt, stages) in [
+        (
+            "a NAT client packet (established flow)",
+            nat_client,
+            &stage::NAT_FORWARD[..],
+        ),
+        ("a NAT reply", nat_reply, &stage::NAT_REPLY[..]),
+    ] {
+        for c in &mut cut {
+            c.restore(pkt);
+        }
+        let variants: Vec<&Cut> = [&cut[cut.len() - 1]]
+            .into_iter()
+            .chain(stages.iter().map(|&(n, _)| &cut[at(&cut, n)]))
+            .chain([&cut[at(&cut, 0)]])
+            .collect();
+        let mins = interleaved(rounds, &variants, |c| driven(&c.h, pkt, repeat, up0));
+        out += &format!(
+            "\nWhere {what}'s time goes, behind the driver restoring the 128-byte packet (same \
+             method):\n\n"
+        );
+        out += &stage_table(
+            "NAT stage",
+            &["IPv4 TCP"],
+            ["floor behind the restoring driver"]
                 .into_iter()
-                .chain(cut.iter().map(|h| h.director.director_program()))
-                .chain([full.director.director_program()]);
-            for (min, prog) in mins.iter_mut().zip(progs) {
-                *min = min.min(time(prog, pkt, repeat, up0));
-            }
+                .chain(stages.iter().map(|&(_, name)| name))
+                .chain(["counters (the whole path)"]),
+            &[mins],
+        );
+    }
+    out
+}
+
+/// A director cut after stage `stop` (0: whole) for [`stage_breakdown`], with its benchmark
+/// driver set to restore a template and tail-call it (or, `floor`, the MAC-swap floor).
+struct Cut {
+    stop: u8,
+    floor: bool,
+    h: Harness,
+    template: Array<MapData, [u8; TEMPLATE_LEN]>,
+    _driver: (ProgramArray<MapData>, Array<MapData, u32>),
+}
+
+impl Cut {
+    fn new(stop: u8, floor: bool) -> Cut {
+        let mut h = Harness::stopping_after(CONFIG, stop);
+        FibLab::register_up0(&mut h);
+        let target = if floor {
+            dataplane::FLOOR_PROGRAM
+        } else {
+            dataplane::PROGRAM
+        };
+        let driver = driving(&mut h, target, RESTORE);
+        let template = template_map(&mut h);
+        Cut {
+            stop,
+            floor,
+            h,
+            template,
+            _driver: driver,
         }
     }
-    let names = ["floor: MAC swap + XDP_TX"]
-        .into_iter()
-        .chain(stage::ALL.iter().map(|&(_, name)| name))
-        .chain(["counters (the whole path)"]);
+
+    /// The packet the driver restores before every run.
+    fn restore(&mut self, pkt: &[u8]) {
+        let t: [u8; TEMPLATE_LEN] = pkt.try_into().expect("128-byte packet");
+        self.template.set(0, t, 0).unwrap();
+    }
+}
+
+/// The minimum of `rounds` timings of each variant, the variants taking turns every round.
+fn interleaved<T>(rounds: usize, variants: &[T], time: impl Fn(&T) -> f64) -> Vec<f64> {
+    let mut mins = vec![f64::MAX; variants.len()];
+    for _ in 0..rounds {
+        for (min, v) in mins.iter_mut().zip(variants) {
+            *min = min.min(time(v));
+        }
+    }
+    mins
+}
+
+/// A markdown table of stage timings: one row per name, per column the time and the step
+/// from the row before.
+fn stage_table<'a>(
+    first: &str,
+    columns: &[&str],
+    names: impl Iterator<Item = &'a str>,
+    mins: &[Vec<f64>],
+) -> String {
+    let mut out = format!("| {first} |");
+    for c in columns {
+        out += &format!(" {c} | step |");
+    }
+    out += &format!("\n|---|{}\n", "---:|---:|".repeat(columns.len()));
     for (i, name) in names.enumerate() {
-        let step = |m: &Vec<f64>| {
-            if i == 0 {
+        out += &format!("| {name} |");
+        for m in mins {
+            let step = if i == 0 {
                 String::new()
             } else {
                 format!("{:+.0}", m[i] - m[i - 1])
-            }
-        };
-        out.push_str(&format!(
-            "| {name} | {:.0} | {} | {:.0} | {} |\n",
-            mins[0][i],
-            step(&mins[0]),
-            mins[1][i],
-            step(&mins[1])
-        ));
+            };
+            out += &format!(" {:.0} | {step} |", m[i]);
+        }
+        out.push('\n');
     }
     out
 }
