@@ -44,17 +44,5 @@ pub fn replace_word(check: [u8; 2], old: u16, new: u16) -> [u8; 2] {
     finish(sum)
 }
 
-/// Checksum after the `len` bytes (a multiple of 4) at `old` became those at `new`, with the
-/// kernel's `bpf_csum_diff` (no loop, no stack). Works in memory byte order throughout, so
-/// it needs no swapping: one's complement sums do not care.
-#[inline(always)]
-pub fn diff(check: [u8; 2], old: *const u8, new: *const u8, len: u32) -> [u8; 2] {
-    let seed = !u32::from(u16::from_ne_bytes(check));
-    let mut c = unsafe {
-        aya_ebpf::helpers::bpf_csum_diff(old as *mut u32, len, new as *mut u32, len, seed)
-    } as u64;
-    c = (c & 0xffff) + (c >> 16);
-    c = (c & 0xffff) + (c >> 16);
-    c = (c & 0xffff) + (c >> 16);
-    (!(c as u16)).to_ne_bytes()
-}
+/// Incremental checksum updates over packet words (RFC 1624), tested in `lb-common`.
+pub use lb_common::CsumDelta as Delta;

@@ -99,6 +99,8 @@ fn rewrite_out(ctx: &XdpContext, pkt: &Parsed, rw: &Rewrite) -> u32 {
 
 /// Rewrite addresses/ports of the packet in place (`None` = keep), fixing the IPv4 header
 /// checksum, the transport checksum (pseudo-header included) and decrementing the TTL.
+/// Every field is loaded and stored as words (see `lb_ebpf::load_u32`); the new addresses
+/// come from a 4-aligned [`Rewrite`] on the stack.
 #[inline(always)]
 fn rewrite(
     ctx: &XdpContext,
@@ -106,41 +108,48 @@ fn rewrite(
     src: Option<(&[u8; 16], u16)>,
     dst: Option<(&[u8; 16], u16)>,
 ) -> Result<(), u32> {
+    use lb_ebpf::{load_u32, store_u32};
     let check_at = pkt.l4 + l4_check_at(pkt.key.proto);
     let l4check: *mut [u8; 2] = ptr_at(ctx, check_at).ok_or(reason::PASS_MALFORMED)?;
     let ports: *mut [u8; 4] = ptr_at(ctx, pkt.l4).ok_or(reason::PASS_MALFORMED)?;
     // UDP over IPv4 may carry no checksum (0); it then stays 0.
     let udp_no_check = pkt.key.proto == IPPROTO_UDP && unsafe { *l4check } == [0, 0];
-    let mut check = unsafe { *l4check };
-    let old_ports = unsafe { *ports };
+    let mut l4 = csum::Delta::default();
+    // SAFETY (loads and stores below): bounds-checked packet fields, and 4-aligned words of
+    // the caller's `Rewrite`.
+    let old_ports = unsafe { load_u32(ports as *const u8) };
+    // Memory order: the source port is the low half of the word, the destination the high.
     let mut new_ports = old_ports;
+    if let Some((_, port)) = src {
+        new_ports = (new_ports & 0xffff_0000) | u32::from(port);
+    }
+    if let Some((_, port)) = dst {
+        new_ports = (new_ports & 0xffff) | (u32::from(port) << 16);
+    }
     if pkt.key.family == AF_INET {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(reason::PASS_MALFORMED)?;
         let ip = unsafe { &mut *ip };
         if ip.ttl <= 1 {
             return Err(reason::PASS_TTL_EXPIRED);
         }
-        let mut ipcheck = csum::replace_word(
-            ip.check,
-            u16::from_be_bytes([ip.ttl, ip.proto]),
-            u16::from_be_bytes([ip.ttl - 1, ip.proto]),
+        let mut l3 = csum::Delta::default();
+        l3.replace16(
+            u16::from_ne_bytes([ip.ttl, ip.proto]),
+            u16::from_ne_bytes([ip.ttl - 1, ip.proto]),
         );
         ip.ttl -= 1;
-        if let Some((a, port)) = src {
-            let new = [a[0], a[1], a[2], a[3]];
-            ipcheck = csum::diff(ipcheck, ip.src_addr.as_ptr(), new.as_ptr(), 4);
-            check = csum::diff(check, ip.src_addr.as_ptr(), new.as_ptr(), 4);
-            ip.src_addr = new;
-            new_ports[..2].copy_from_slice(&port.to_ne_bytes());
+        for (field, new) in [
+            (ip.src_addr.as_mut_ptr(), src),
+            (ip.dst_addr.as_mut_ptr(), dst),
+        ] {
+            if let Some((a, _)) = new {
+                let (old, new) = unsafe { (load_u32(field), load_u32(a.as_ptr())) };
+                l3.replace(old, new);
+                l4.replace(old, new);
+                unsafe { store_u32(field, new) };
+            }
         }
-        if let Some((a, port)) = dst {
-            let new = [a[0], a[1], a[2], a[3]];
-            ipcheck = csum::diff(ipcheck, ip.dst_addr.as_ptr(), new.as_ptr(), 4);
-            check = csum::diff(check, ip.dst_addr.as_ptr(), new.as_ptr(), 4);
-            ip.dst_addr = new;
-            new_ports[2..].copy_from_slice(&port.to_ne_bytes());
-        }
-        ip.check = ipcheck;
+        ip.check = l3.apply(ip.check);
     } else {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, pkt.l3).ok_or(reason::PASS_MALFORMED)?;
         let ip = unsafe { &mut *ip };
@@ -148,18 +157,22 @@ fn rewrite(
             return Err(reason::PASS_TTL_EXPIRED);
         }
         ip.hop_limit -= 1;
-        if let Some((a, port)) = src {
-            check = csum::diff(check, ip.src_addr.as_ptr(), a.as_ptr(), 16);
-            ip.src_addr = *a;
-            new_ports[..2].copy_from_slice(&port.to_ne_bytes());
-        }
-        if let Some((a, port)) = dst {
-            check = csum::diff(check, ip.dst_addr.as_ptr(), a.as_ptr(), 16);
-            ip.dst_addr = *a;
-            new_ports[2..].copy_from_slice(&port.to_ne_bytes());
+        for (field, new) in [
+            (ip.src_addr.as_mut_ptr(), src),
+            (ip.dst_addr.as_mut_ptr(), dst),
+        ] {
+            if let Some((a, _)) = new {
+                for i in 0..4 {
+                    let (old, new) =
+                        unsafe { (load_u32(field.add(4 * i)), load_u32(a.as_ptr().add(4 * i))) };
+                    l4.replace(old, new);
+                    unsafe { store_u32(field.add(4 * i), new) };
+                }
+            }
         }
     }
-    check = csum::diff(check, old_ports.as_ptr(), new_ports.as_ptr(), 4);
+    l4.replace(old_ports, new_ports);
+    let mut check = l4.apply(unsafe { *l4check });
     if pkt.key.proto == IPPROTO_UDP {
         if udp_no_check {
             check = [0, 0];
@@ -169,7 +182,7 @@ fn rewrite(
         }
     }
     unsafe {
-        *ports = new_ports;
+        store_u32(ports as *mut u8, new_ports);
         *l4check = check;
     }
     Ok(())

@@ -25,8 +25,10 @@ struct Args {
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 enum Section {
-    /// ns/packet through BPF_PROG_TEST_RUN.
+    /// ns/packet through BPF_PROG_TEST_RUN (includes `stages`).
     Packet,
+    /// Only the stage breakdowns (DR hit, NAT client packet, NAT reply).
+    Stages,
     /// Maglev builds, reconcile, config → maps, failover.
     Control,
     /// Delivered pps on veth: ceiling, DR, TUN, NAT, nftables.
@@ -241,6 +243,10 @@ fn main() {
     let want = |s: Section| args.only.is_empty() || args.only.contains(&s);
     let mut report = format!("xdplb bench on {}\n", machine());
     let mut targets = Vec::new();
+    if want(Section::Stages) && !want(Section::Packet) {
+        let lab = FibLab::new("bench");
+        report += &lab.run(move || stage_breakdown(quick));
+    }
     if want(Section::Packet) {
         let lab = FibLab::new("bench");
         let (table, ratios) = lab.run(move || bench(quick));
@@ -468,13 +474,7 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
         .iter()
         .map(|&port| Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, port).build())
         .collect();
-    // 128-byte client packet and the backend's reply, for the restoring driver.
-    let mut nat_client = Pkt::tcp("198.18.2.1", "198.18.0.120", 40000, 80);
-    nat_client.payload = vec![0x5a; TEMPLATE_LEN - 54];
-    let nat_client = nat_client.build();
-    let mut nat_reply = Pkt::tcp("198.18.5.21", "198.18.2.1", 8080, 40000);
-    nat_reply.payload = vec![0x5a; TEMPLATE_LEN - 54];
-    let nat_reply = nat_reply.build();
+    let (nat_client, nat_reply) = nat_packets();
     let mut template = template_map(&mut h);
     let as_template = |p: &[u8]| -> [u8; TEMPLATE_LEN] { p.try_into().expect("128-byte packet") };
     for _ in 0..runs {
@@ -632,7 +632,7 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
         "Program sizes (kernel's translated instructions, JIT bytes): director {d_insns} insns, \
          {d_jit} B; floor {f_insns} insns, {f_jit} B.\n"
     ));
-    report.push_str(&stage_breakdown(&h, &nat_client, &nat_reply, quick));
+    report.push_str(&stage_breakdown(quick));
     (report, ratios)
 }
 
@@ -642,7 +642,9 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
 /// minimum over the rounds — so a VM phase change hits every variant alike. Three tables: a
 /// DR flow hit (IPv4 and IPv6), and a NAT client packet and a NAT reply behind the
 /// restoring driver (NAT rewrites in place).
-fn stage_breakdown(full: &Harness, nat_client: &[u8], nat_reply: &[u8], quick: bool) -> String {
+fn stage_breakdown(quick: bool) -> String {
+    let (nat_client, nat_reply) = nat_packets();
+    let (nat_client, nat_reply) = (&nat_client[..], &nat_reply[..]);
     let rounds = if quick { 3 } else { 30 };
     let repeat = 100_000;
     let up0 = lb_userspace::netlink::ifindex("up0").expect("up0");
@@ -666,6 +668,7 @@ fn stage_breakdown(full: &Harness, nat_client: &[u8], nat_reply: &[u8], quick: b
             .position(|c| c.stop == n && !c.floor)
             .expect("cut")
     };
+    let (full, floor) = (at(&cut, 0), cut.len() - 1);
 
     let dr = [
         Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build(),
@@ -674,17 +677,17 @@ fn stage_breakdown(full: &Harness, nat_client: &[u8], nat_reply: &[u8], quick: b
     let mut dr_mins = Vec::new();
     for pkt in &dr {
         // Establish the flow in every director's own table.
-        for h in cut.iter().map(|c| &c.h).chain([full]) {
-            assert_eq!(h.run(pkt).0, XDP_TX);
+        for c in &cut {
+            assert_eq!(c.h.run(pkt).0, XDP_TX);
         }
-        let variants: Vec<&Xdp> = [loaded(full, dataplane::FLOOR_PROGRAM)]
+        let variants: Vec<&Xdp> = [loaded(&cut[floor].h, dataplane::FLOOR_PROGRAM)]
             .into_iter()
             .chain(
                 stage::DR_HIT
                     .iter()
                     .map(|&(n, _)| cut[at(&cut, n)].h.director.director_program()),
             )
-            .chain([full.director.director_program()])
+            .chain([cut[full].h.director.director_program()])
             .collect();
         dr_mins.push(interleaved(rounds, &variants, |prog| {
             time(prog, pkt, repeat, up0)
@@ -724,10 +727,10 @@ fn stage_breakdown(full: &Harness, nat_client: &[u8], nat_reply: &[u8], quick: b
         for c in &mut cut {
             c.restore(pkt);
         }
-        let variants: Vec<&Cut> = [&cut[cut.len() - 1]]
+        let variants: Vec<&Cut> = [&cut[floor]]
             .into_iter()
             .chain(stages.iter().map(|&(n, _)| &cut[at(&cut, n)]))
-            .chain([&cut[at(&cut, 0)]])
+            .chain([&cut[full]])
             .collect();
         let mins = interleaved(rounds, &variants, |c| driven(&c.h, pkt, repeat, up0));
         out += &format!(
@@ -745,6 +748,15 @@ fn stage_breakdown(full: &Harness, nat_client: &[u8], nat_reply: &[u8], quick: b
         );
     }
     out
+}
+
+/// A 128-byte NAT client packet and the backend's reply, for the restoring driver.
+fn nat_packets() -> (Vec<u8>, Vec<u8>) {
+    let mut client = Pkt::tcp("198.18.2.1", "198.18.0.120", 40000, 80);
+    client.payload = vec![0x5a; TEMPLATE_LEN - 54];
+    let mut reply = Pkt::tcp("198.18.5.21", "198.18.2.1", 8080, 40000);
+    reply.payload = vec![0x5a; TEMPLATE_LEN - 54];
+    (client.build(), reply.build())
 }
 
 /// A director cut after stage `stop` (0: whole) for [`stage_breakdown`], with its benchmark
