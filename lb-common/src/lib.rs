@@ -277,8 +277,12 @@ pub struct FlowValue {
     /// Full-NAT: the source the backend sees (pool address index, port in network order).
     pub snat_addr: u16,
     pub snat_port_be: u16,
-    /// [`FLOW_F_FIN_CLIENT`] | [`FLOW_F_FIN_BACKEND`] | [`FLOW_F_SNAT`].
-    pub flags: u32,
+    /// [`FLOW_F_FIN_CLIENT`] | [`FLOW_F_FIN_BACKEND`] | [`FLOW_F_SNAT`] | [`FLOW_F_ENDED`].
+    pub flags: u16,
+    /// NAT: when the client side last made sure of the reply mapping, in units of
+    /// 2^[`NAT_CHECK_SHIFT`] ns of the coarse monotonic clock (wrapping). (`flags` was a u32
+    /// holding only the low bits before: same layout.)
+    pub nat_checked: u16,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when a packet was last seen; UDP only, refreshed
     /// at most every [`FLOW_TOUCH_NS`], for the idle timeout.
     pub last_seen_ns: u64,
@@ -291,12 +295,19 @@ pub const FLOW_TOUCH_NS: u64 = 1_000_000_000;
 pub const UDP_IDLE_DEFAULT_NS: u64 = 30_000_000_000;
 
 /// `FlowValue::flags`: a FIN was seen from the client / from the backend.
-pub const FLOW_F_FIN_CLIENT: u32 = 1;
-pub const FLOW_F_FIN_BACKEND: u32 = 2;
+pub const FLOW_F_FIN_CLIENT: u16 = 1;
+pub const FLOW_F_FIN_BACKEND: u16 = 2;
 /// `FlowValue::flags`: `snat_*` hold the flow's full-NAT source.
-pub const FLOW_F_SNAT: u32 = 4;
+pub const FLOW_F_SNAT: u16 = 4;
 /// `FlowValue::flags`: the flow's end was counted (`BACKEND_ACTIVE` decremented once).
-pub const FLOW_F_ENDED: u32 = 8;
+pub const FLOW_F_ENDED: u16 = 8;
+
+/// `FlowValue::nat_checked` unit: 2^28 ns (~268 ms).
+pub const NAT_CHECK_SHIFT: u32 = 28;
+/// A NAT flow's client packets make sure its reply mapping still exists (and make it again
+/// if LRU eviction took it) when this many units have passed since the last time (~0.8–1.1 s),
+/// and on every FIN or RST; a hash lookup per packet in between would cost ~30 ns each.
+pub const NAT_CHECK_UNITS: u16 = 4;
 
 /// Key of `NAT_REPLIES`: a reply's 5-tuple as it arrives from the backend (`FlowKey`
 /// layout: src = backend, dst = client or full-NAT source). Value: what to restore.

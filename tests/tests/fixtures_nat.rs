@@ -375,6 +375,50 @@ fn rst_and_fin_both_ways_end_the_flow() {
 }
 
 #[test]
+fn a_lost_reply_mapping_is_made_again_within_a_second() {
+    lb_tests::require_root();
+    FibLab::new("natlost").run(|| {
+        let (mut h, up0) = harness();
+        let client = Pkt::tcp("198.18.2.1", "198.18.0.100", 40030, 80);
+        let reply = Pkt {
+            src: "198.18.5.11".parse().unwrap(),
+            dst: client.src,
+            sport: 8080,
+            dport: 40030,
+            ..client.clone()
+        }
+        .with_macs(GW_MAC, UP_MAC);
+        assert_eq!(run(&h, up0, &client.build()).0, XDP_TX);
+        assert_eq!(run(&h, up0, &reply.build()).0, XDP_TX, "reply mapped");
+        // LRU eviction takes the mapping while the flow lives on (removed by hand here).
+        h.director
+            .maps
+            .nat_replies
+            .remove(&reply.key())
+            .expect("mapping present");
+        assert_eq!(run(&h, up0, &reply.build()).0, XDP_PASS, "mapping gone");
+        // Client packets keep flowing; within about a second one of them makes it again
+        // (the check is not a hash lookup on every packet).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+        while h.director.maps.nat_replies.get(&reply.key(), 0).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the client's packets made the mapping again within 1.5 s"
+            );
+            assert_eq!(run(&h, up0, &client.build()).0, XDP_TX);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let (verdict, out) = run(&h, up0, &reply.build());
+        assert_eq!(verdict, XDP_TX, "replies translated again");
+        assert_eq!(
+            out,
+            expect(&reply, "198.18.0.100", 80, "198.18.2.1", 40030),
+            "back from the VIP"
+        );
+    });
+}
+
+#[test]
 fn fullnat_ports_return_to_the_pool_when_the_flow_ends() {
     lb_tests::require_root();
     FibLab::new("fullrst").run(|| {

@@ -5,13 +5,13 @@
 //! incrementally (RFC 1624); TTL / hop limit drops by one as in any router. TCP FIN in both
 //! directions (then the last ACK) or RST ends the flow and its NAT state.
 
-use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::btf_maps::{Array as BtfArray, LruHashMap as BtfLruHashMap};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns};
 use aya_ebpf::{macros::btf_map, programs::XdpContext};
 use lb_common::{
     flow_hash, reason, stage, Backend, FlowKey, FlowValue, NatReply, SnatAddr, SnatConfig, AF_INET,
     FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_SNAT, FLOW_TABLE_CAPACITY, IPPROTO_TCP,
-    IPPROTO_UDP, MAX_SNAT_ADDRS, NAT_REPLY_F_FIN_BACKEND,
+    IPPROTO_UDP, MAX_SNAT_ADDRS, NAT_CHECK_SHIFT, NAT_CHECK_UNITS, NAT_REPLY_F_FIN_BACKEND,
 };
 use lb_ebpf::{frame_len, ptr_at, STATUS_OK};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
@@ -364,7 +364,8 @@ fn forward_inner(
     let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();
     // SAFETY: all zeros is a valid rewrite (nothing set); 40 bytes, 4-aligned.
     let rw = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
-    step(prepare_out(pkt, entry, backend, how, rw))?;
+    let closing = flags & (TCP_FIN | TCP_RST) != 0;
+    step(prepare_out(pkt, entry, backend, how, closing, rw))?;
     if crate::stop_after(stage::NAT_MAPPING) {
         return Ok(xdp_action::XDP_TX);
     }
@@ -395,6 +396,7 @@ fn prepare_out(
     entry: *mut FlowValue,
     backend: &Backend,
     how: u32,
+    closing: bool,
     rw: &mut Rewrite,
 ) -> u32 {
     let key = &pkt.key;
@@ -414,7 +416,8 @@ fn prepare_out(
     };
     // What the backend's reply will look like, and what it must get back.
     let reply_key = reply_key(key, backend, &src_addr, sport_be, dport_be);
-    if new || unsafe { NAT_REPLIES.get(&reply_key) }.is_none() {
+    if mapping_due(entry, new, closing) && (new || unsafe { NAT_REPLIES.get(&reply_key) }.is_none())
+    {
         let reply = NatReply {
             vip: key.dst,
             client: key.src,
@@ -443,6 +446,23 @@ fn prepare_out(
         rw.set |= SET_SRC;
     }
     STATUS_OK
+}
+
+/// Whether this client packet makes sure of the reply mapping: for a new flow, a FIN or RST,
+/// an entry the caller did not have, and otherwise about once a second per flow
+/// ([`NAT_CHECK_UNITS`]); the entry then records the time.
+#[inline(always)]
+fn mapping_due(entry: *mut FlowValue, new: bool, closing: bool) -> bool {
+    if entry.is_null() {
+        return true;
+    }
+    let e = unsafe { &mut *entry };
+    let now = (unsafe { bpf_ktime_get_coarse_ns() } >> NAT_CHECK_SHIFT) as u16;
+    if new || closing || now.wrapping_sub(e.nat_checked) >= NAT_CHECK_UNITS {
+        e.nat_checked = now;
+        return true;
+    }
+    false
 }
 
 #[inline(always)]
