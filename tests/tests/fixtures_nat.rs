@@ -83,6 +83,23 @@ fn expect(p: &Pkt, src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
     with_ttl(&q, 63)
 }
 
+/// A client packet of the `nat` service from `sport` and its backend's reply, after both went
+/// through (the flow and its reply mapping exist).
+fn open_nat_flow(h: &Harness, up0: u32, sport: u16) -> (Pkt, Pkt) {
+    let client = Pkt::tcp("198.18.2.1", "198.18.0.100", sport, 80);
+    let reply = Pkt {
+        src: "198.18.5.11".parse().unwrap(),
+        dst: client.src,
+        sport: 8080,
+        dport: sport,
+        ..client.clone()
+    }
+    .with_macs(GW_MAC, UP_MAC);
+    assert_eq!(run(h, up0, &client.build()).0, XDP_TX);
+    assert_eq!(run(h, up0, &reply.build()).0, XDP_TX, "reply mapped");
+    (client, reply)
+}
+
 fn run(h: &Harness, up0: u32, input: &[u8]) -> (u32, Vec<u8>) {
     lb_tests::run_program_on(h.director.director_program(), input, up0)
 }
@@ -241,17 +258,7 @@ fn rst_and_fin_both_ways_end_the_flow() {
     lb_tests::require_root();
     FibLab::new("natfin").run(|| {
         let (mut h, up0) = harness();
-        let client = Pkt::tcp("198.18.2.1", "198.18.0.100", 40020, 80);
-        let reply = Pkt {
-            src: "198.18.5.11".parse().unwrap(),
-            dst: client.src,
-            sport: 8080,
-            dport: 40020,
-            ..client.clone()
-        }
-        .with_macs(GW_MAC, UP_MAC);
-        assert_eq!(run(&h, up0, &client.build()).0, XDP_TX);
-        assert_eq!(run(&h, up0, &reply.build()).0, XDP_TX, "reply mapped");
+        let (client, reply) = open_nat_flow(&h, up0, 40020);
 
         // RST from the client: forwarded, and the mapping is gone.
         let rst = Pkt {
@@ -379,17 +386,7 @@ fn a_lost_reply_mapping_is_made_again_within_a_second() {
     lb_tests::require_root();
     FibLab::new("natlost").run(|| {
         let (mut h, up0) = harness();
-        let client = Pkt::tcp("198.18.2.1", "198.18.0.100", 40030, 80);
-        let reply = Pkt {
-            src: "198.18.5.11".parse().unwrap(),
-            dst: client.src,
-            sport: 8080,
-            dport: 40030,
-            ..client.clone()
-        }
-        .with_macs(GW_MAC, UP_MAC);
-        assert_eq!(run(&h, up0, &client.build()).0, XDP_TX);
-        assert_eq!(run(&h, up0, &reply.build()).0, XDP_TX, "reply mapped");
+        let (client, reply) = open_nat_flow(&h, up0, 40030);
         // LRU eviction takes the mapping while the flow lives on (removed by hand here).
         h.director
             .maps
