@@ -437,6 +437,35 @@ pub struct VipAddr {
     pub _pad: [u8; 3],
 }
 
+/// `VIP_FILTER`: a bitmap of [`VIP_FILTER_BITS`] bits (u64 array elements) with the bit of
+/// every VIP address set ([`vip_filter_bit`]). A packet whose destination's bit is clear is
+/// for no VIP, so it can have no flow and no service: it skips those three hash lookups and
+/// goes straight to the NAT-reply check (replies, the host's own traffic). A set bit may be
+/// another address's (a collision): such a packet only takes the full way, as without the
+/// filter. The controller sets a new VIP's bit before the service exists and clears a bit
+/// only after the last service of its VIP is gone.
+pub const VIP_FILTER_BITS: u32 = 65_536;
+pub const VIP_FILTER_WORDS: u32 = VIP_FILTER_BITS / 64;
+
+/// The `VIP_FILTER` bit of an address (`family`: [`AF_INET`] uses the first 4 bytes, the rest
+/// zero, as in [`FlowKey`]).
+#[inline(always)]
+pub fn vip_filter_bit(addr: &[u8; 16], family: u8) -> u32 {
+    let half = |i: usize| u64::from_ne_bytes(addr[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+    vip_filter_bit_of_halves(half(0), half(1), family)
+}
+
+/// [`vip_filter_bit`] of an address given as its two 8-byte halves in memory order (the data
+/// plane loads them as two aligned words from a [`FlowKey`]).
+#[inline(always)]
+pub fn vip_filter_bit_of_halves(lo: u64, hi: u64, family: u8) -> u32 {
+    // MurmurHash3's 64-bit finaliser: addresses of a prefix differ in a few bits only.
+    let mut x = lo ^ hi.rotate_left(29) ^ u64::from(family);
+    x = (x ^ (x >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x = (x ^ (x >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    ((x ^ (x >> 33)) >> 48) as u32
+}
+
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per-CPU arrays; userspace sums the CPUs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -593,8 +622,8 @@ pub mod stage {
     /// NAT: next hop known, MACs written, the action chosen (before the flow lifecycle and
     /// the counters).
     pub const NAT_ROUTE: u8 = 8;
-    /// Neither an established flow nor a VIP (both lookups missed): where a NAT reply's own
-    /// path starts.
+    /// Not for a VIP (the filter, or the flow and service lookups, said so): where a NAT
+    /// reply's own path starts.
     pub const NOT_VIP: u8 = 9;
     /// The stages of a DR flow hit, for the report.
     pub const DR_HIT: [(u8, &str); 5] = [
@@ -618,7 +647,7 @@ pub mod stage {
     /// The stages of a backend's reply in NAT mode.
     pub const NAT_REPLY: [(u8, &str); 5] = [
         (PARSE, "parse"),
-        (NOT_VIP, "flow-table and VIP lookups (both miss)"),
+        (NOT_VIP, "flow-table miss, not a VIP (filter)"),
         (NAT_MAPPING, "reply mapping lookup, lifecycle"),
         (NAT_REWRITE, "rewrite (addresses, ports, checksums, TTL)"),
         (NAT_ROUTE, "next hop (cached), MACs, send"),
@@ -648,8 +677,9 @@ pub mod maps {
     pub const RR_CURSOR: &str = "RR_CURSOR";
     pub const IFACE_SLOTS: &str = "IFACE_SLOTS";
     pub const SERVICE_SLOTS: &str = "SERVICE_SLOTS";
+    pub const VIP_FILTER: &str = "VIP_FILTER";
     /// Every map the director pins, in a stable order.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 21] = [
         SERVICES,
         RINGS,
         BACKENDS,
@@ -670,6 +700,7 @@ pub mod maps {
         RR_CURSOR,
         IFACE_SLOTS,
         SERVICE_SLOTS,
+        VIP_FILTER,
     ];
 }
 
@@ -810,6 +841,39 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vip_filter_bits_spread_and_tell_families_apart() {
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&[198, 18, 0, 100]);
+        let bit = vip_filter_bit(&a, AF_INET);
+        assert!(bit < VIP_FILTER_BITS);
+        assert_eq!(bit, vip_filter_bit(&a, AF_INET), "deterministic");
+        assert_ne!(bit, vip_filter_bit(&a, AF_INET6), "the family counts");
+        // A /16 of IPv4 VIPs and a /112 of IPv6 ones: few share a bit.
+        // no_std crate: a bitmap stands in for a set.
+        let mut seen = [0u64; VIP_FILTER_WORDS as usize];
+        let mut distinct = 0;
+        let mut insert = |bit: u32| {
+            let (w, m) = ((bit / 64) as usize, 1u64 << (bit % 64));
+            if seen[w] & m == 0 {
+                seen[w] |= m;
+                distinct += 1;
+            }
+        };
+        for i in 0..4096u32 {
+            let mut v4 = [0u8; 16];
+            v4[..4].copy_from_slice(&[198, 18, (i >> 8) as u8, i as u8]);
+            insert(vip_filter_bit(&v4, AF_INET));
+            let mut v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            v6[14..].copy_from_slice(&(i as u16).to_be_bytes());
+            insert(vip_filter_bit(&v6, AF_INET6));
+        }
+        assert!(
+            distinct > 7000,
+            "{distinct} distinct bits for 8192 addresses"
+        );
+    }
 
     /// RFC 1071 checksum of `data` from scratch (big-endian words), as packet bytes.
     fn checksum(data: &[u8]) -> [u8; 2] {

@@ -93,22 +93,16 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
             return Ok(xdp_action::XDP_TX);
         }
         flow::Established::Hit(svc, choice) => (svc, choice),
+        // For no VIP address (the filter is sure): no service; perhaps a backend's reply to a
+        // NAT flow. Checked after the flow-table miss, so flow hits do not pay for it.
+        _ if !select::maybe_vip(&pkt.key) => {
+            return not_for_a_vip(ctx, pkt, reason::PASS_NON_VIP);
+        }
         miss => {
             let svc = match select::service(&pkt.key) {
                 Ok(svc) => svc,
-                // Not for a VIP: perhaps a backend's reply to a NAT flow.
-                Err(_) if stop_after(stage::NOT_VIP) => return Ok(xdp_action::XDP_TX),
-                Err(slot) => {
-                    let action = fwd::nat::reply(ctx, pkt).map_err(|e| {
-                        if e == reason::PASS_NON_VIP {
-                            slot
-                        } else {
-                            e
-                        }
-                    })?;
-                    stats::reason(reason::FWD_NAT_REPLY);
-                    return Ok(action);
-                }
+                // Not for a VIP after all (another address shares its filter bit).
+                Err(slot) => return not_for_a_vip(ctx, pkt, slot),
             };
             let mut how = flow::how::RECORD;
             if flow::client_ends(svc, pkt.tcp_end) {
@@ -138,6 +132,18 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
     if DEBUG_LOG.load() != 0 {
         log_forward(ctx, svc.id, choice.id, choice.new as u32);
     }
+    Ok(action)
+}
+
+/// A packet for no service (`slot`: why): a backend's reply to a NAT flow, or the kernel's.
+#[inline(always)]
+fn not_for_a_vip(ctx: &XdpContext, pkt: &parse::Parsed, slot: u32) -> Result<u32, u32> {
+    if stop_after(stage::NOT_VIP) {
+        return Ok(xdp_action::XDP_TX);
+    }
+    let action =
+        fwd::nat::reply(ctx, pkt).map_err(|e| if e == reason::PASS_NON_VIP { slot } else { e })?;
+    stats::reason(reason::FWD_NAT_REPLY);
     Ok(action)
 }
 

@@ -6,10 +6,11 @@ use aya_ebpf::btf_maps::{
 };
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_map};
 use lb_common::{
-    flow_hash_fields, reason, sched, Backend, FlowKey, PersistKey, PersistValue, RingEntry,
-    ServiceMeta, ServiceSlot, VipAddr, VipKey, BACKEND_F_DOWN, BACKEND_F_RESET, BACKEND_F_RETIRED,
-    BACKEND_F_VALID, MAX_BACKENDS, MAX_SERVICES, MAX_VIPS, NO_BACKEND, PERSIST_CAPACITY,
-    RINGS_PER_SERVICE, RING_ENTRIES, RING_SIZE, RING_SLOTS_PER_ENTRY,
+    flow_hash_fields, reason, sched, vip_filter_bit_of_halves, Backend, FlowKey, PersistKey,
+    PersistValue, RingEntry, ServiceMeta, ServiceSlot, VipAddr, VipKey, BACKEND_F_DOWN,
+    BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID, MAX_BACKENDS, MAX_SERVICES, MAX_VIPS,
+    NO_BACKEND, PERSIST_CAPACITY, RINGS_PER_SERVICE, RING_ENTRIES, RING_SIZE, RING_SLOTS_PER_ENTRY,
+    VIP_FILTER_WORDS,
 };
 
 #[btf_map]
@@ -57,6 +58,26 @@ static RINGS: BtfArray<RingEntry, { (MAX_SERVICES * RINGS_PER_SERVICE * RING_ENT
 
 #[btf_map]
 static BACKENDS: BtfArray<Backend, { MAX_BACKENDS as usize }> = BtfArray::new();
+
+/// Bitmap of the VIP addresses (see [`lb_common::vip_filter_bit`]).
+#[btf_map]
+static VIP_FILTER: BtfArray<u64, { VIP_FILTER_WORDS as usize }> = BtfArray::new();
+
+/// Whether `key`'s destination may be a VIP address. False means certainly not: no flow
+/// and no service can match the packet.
+#[inline(always)]
+pub fn maybe_vip(key: &FlowKey) -> bool {
+    // `FlowKey` is 8-aligned and `dst` sits at offset 16: two aligned loads (a byte array
+    // read through `from_ne_bytes` would be sixteen byte loads).
+    let dst = key.dst.as_ptr() as *const u64;
+    // SAFETY: 16 bytes, 8-aligned (above).
+    let (lo, hi) = unsafe { (dst.read(), dst.add(1).read()) };
+    let bit = vip_filter_bit_of_halves(lo, hi, key.family);
+    match VIP_FILTER.get(bit / 64) {
+        Some(w) => (*w >> (bit % 64)) & 1 != 0,
+        None => true,
+    }
+}
 
 /// Every VIP address (of any service): ICMP echo to one is answered by the director.
 #[btf_map]

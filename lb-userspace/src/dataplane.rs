@@ -96,6 +96,7 @@ pub struct Maps {
     pub rr_cursor: PerCpuArray<MapData, u32>,
     pub iface_slots: Array<MapData, IfaceInfo>,
     pub service_slots: Array<MapData, lb_common::ServiceSlot>,
+    pub vip_filter: Array<MapData, u64>,
 }
 
 /// The connection table: the data plane keeps IPv4 flows (`FLOWS4`, 16-byte keys) and IPv6
@@ -159,6 +160,7 @@ impl Maps {
             rr_cursor: get(maps::RR_CURSOR)?.try_into()?,
             iface_slots: get(maps::IFACE_SLOTS)?.try_into()?,
             service_slots: get(maps::SERVICE_SLOTS)?.try_into()?,
+            vip_filter: get(maps::VIP_FILTER)?.try_into()?,
         })
     }
 
@@ -466,6 +468,9 @@ impl Director {
         if let Some(dir) = pin_dir {
             if adopting {
                 director.state = crate::reconcile::MapState::read(&director.maps)?;
+                // A director pinned before `VIP_FILTER` existed got an empty one just now:
+                // cover its services' VIPs before this program can see a packet.
+                director.state.cover_pinned_vips(&mut director.maps)?;
                 let running = director.maps.meta.get(&lb_common::meta::PROGRAM, 0)?;
                 let program_replaced = running != version;
                 if program_replaced {

@@ -15,7 +15,7 @@ use lb_common::{
     Backend, RingEntry, ServiceMeta, ServiceSlot, SnatAddr, VipAddr, VipKey, BACKEND_F_DOWN,
     BACKEND_F_DRAINED, BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID, MAX_BACKENDS,
     MAX_SERVICES, RINGS_PER_SERVICE, RING_ENTRIES, RING_SIZE, RING_SLOTS_PER_ENTRY,
-    SERVICE_F_DROP_NO_BACKEND,
+    SERVICE_F_DROP_NO_BACKEND, VIP_FILTER_WORDS,
 };
 
 use crate::{
@@ -307,6 +307,16 @@ impl std::fmt::Display for Changes {
     }
 }
 
+/// `VIP_FILTER`'s words with the bit of every address set.
+pub fn vip_filter<'a>(vips: impl Iterator<Item = (&'a [u8; 16], u8)>) -> Vec<u64> {
+    let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
+    for (addr, family) in vips {
+        let bit = lb_common::vip_filter_bit(addr, family);
+        words[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+    words
+}
+
 /// What the controller knows the maps hold, so that applying a desired state writes only
 /// what differs: the backend entries and every ring's slots.
 #[derive(Debug, Default)]
@@ -318,6 +328,8 @@ pub struct MapState {
     rings: HashMap<u32, Vec<u32>>,
     /// The maps were created empty by us (rings are all zero), not adopted.
     fresh: bool,
+    /// `VIP_FILTER`'s words as written.
+    vip_filter: Vec<u64>,
 }
 
 impl MapState {
@@ -325,6 +337,7 @@ impl MapState {
     pub fn fresh() -> Self {
         MapState {
             fresh: true,
+            vip_filter: vec![0; VIP_FILTER_WORDS as usize],
             ..Default::default()
         }
     }
@@ -345,12 +358,37 @@ impl MapState {
                 service_slots.insert(id, slot);
             }
         }
+        let vip_filter = (0..VIP_FILTER_WORDS)
+            .map(|i| m.vip_filter.get(&i, 0))
+            .collect::<std::result::Result<_, _>>()?;
         Ok(MapState {
             backends,
             service_slots,
             rings: HashMap::new(),
             fresh: false,
+            vip_filter,
         })
+    }
+
+    /// Set the `VIP_FILTER` bits of every service's VIP in the maps (adopted maps may come
+    /// from a director that had no filter).
+    pub fn cover_pinned_vips(&mut self, m: &mut Maps) -> Result<()> {
+        let vips: Vec<VipKey> = m.services.keys().filter_map(|k| k.ok()).collect();
+        let want = vip_filter(vips.iter().map(|k| (&k.addr, k.family)));
+        self.write_vip_filter(m, &want, true)
+    }
+
+    /// Write the filter words that differ from `want` (`add_only`: set `want`'s bits, clear
+    /// none).
+    fn write_vip_filter(&mut self, m: &mut Maps, want: &[u64], add_only: bool) -> Result<()> {
+        for (i, (have, want)) in self.vip_filter.iter_mut().zip(want).enumerate() {
+            let next = if add_only { *have | want } else { *want };
+            if next != *have {
+                m.vip_filter.set(i as u32, next, 0)?;
+                *have = next;
+            }
+        }
+        Ok(())
     }
 
     /// The ids, health and drains recorded in adopted maps.
@@ -435,6 +473,9 @@ impl MapState {
                 ch.backends_written += 1;
             }
         }
+        // New VIPs' filter bits before their services exist (cleared at the end).
+        let filter = vip_filter(want.services.iter().map(|s| (&s.key.addr, s.key.family)));
+        self.write_vip_filter(m, &filter, true)?;
         let current: HashMap<VipKey, ServiceMeta> =
             m.services.iter().filter_map(|r| r.ok()).collect();
         for svc in &want.services {
@@ -512,6 +553,8 @@ impl MapState {
             m.vips.remove(v)?;
             ch.vips_changed += 1;
         }
+        // Services of removed VIPs are gone now: their filter bits may go.
+        self.write_vip_filter(m, &filter, false)?;
         let gone: Vec<u32> = self
             .backends
             .keys()

@@ -675,3 +675,69 @@ fn rings_hold_four_slots_per_element() {
         assert_eq!(slots, ring[from..to], "element {e}");
     }
 }
+
+/// Whether `VIP_FILTER` has the bit of `addr` set.
+fn filter_has(h: &Harness, addr: &str) -> bool {
+    let ip: std::net::IpAddr = addr.parse().unwrap();
+    let key = lb_tests::flow_key(ip, ip, 0, 0, 6);
+    let bit = lb_common::vip_filter_bit(&key.src, key.family);
+    h.director.maps.vip_filter.get(&(bit / 64), 0).unwrap() >> (bit % 64) & 1 != 0
+}
+
+#[test]
+fn the_vip_filter_holds_every_vip_through_reloads_and_adoption() {
+    lb_tests::require_root();
+    let mut lab = lb_tests::Reconciled::new(CONFIG);
+    let vips = ["198.18.0.100", "2001:db8::100", "198.18.0.200"];
+    assert!(vips.iter().all(|v| filter_has(&lab.h, v)), "every VIP");
+    let words: u32 = (0..lb_common::VIP_FILTER_WORDS)
+        .map(|i| {
+            lab.h
+                .director
+                .maps
+                .vip_filter
+                .get(&i, 0)
+                .unwrap()
+                .count_ones()
+        })
+        .sum();
+    assert_eq!(words, 3, "and nothing else");
+    // A packet for no VIP (its bit is clear) passes, counted as before the filter.
+    assert!(!filter_has(&lab.h, "198.18.9.9"));
+    let other = Pkt::tcp("198.18.2.1", "198.18.9.9", 40000, 80).build();
+    let before = lab.h.reason(reason::PASS_NON_VIP);
+    assert_eq!(lab.h.run(&other), (XDP_PASS, other.clone()));
+    assert_eq!(lab.h.reason(reason::PASS_NON_VIP), before + 1);
+
+    // The last service of 198.18.0.200 goes: its bit is cleared, the others stay.
+    let without = &CONFIG[..CONFIG.find("  - name: all-ports").unwrap()];
+    lab.h.config =
+        lb_userspace::config::Config::parse(without, &lb_userspace::config::AnyHost).unwrap();
+    lab.apply();
+    assert!(!filter_has(&lab.h, "198.18.0.200"), "removed VIP");
+    assert!(filter_has(&lab.h, "198.18.0.100") && filter_has(&lab.h, "2001:db8::100"));
+    // And comes back.
+    lab.h.config =
+        lb_userspace::config::Config::parse(CONFIG, &lb_userspace::config::AnyHost).unwrap();
+    lab.apply();
+    assert!(filter_has(&lab.h, "198.18.0.200"), "VIP added again");
+    let pkt = Pkt::tcp("198.18.2.1", "198.18.0.200", 40000, 8080).build();
+    assert_eq!(lab.h.run(&pkt).0, XDP_TX, "and forwarded");
+
+    // Maps pinned by a director that had no filter: adoption covers their VIPs.
+    for i in 0..lb_common::VIP_FILTER_WORDS {
+        lab.h.director.maps.vip_filter.set(i, 0, 0).unwrap();
+    }
+    // (An established flow is found before the filter is asked; a new one is not.)
+    assert_eq!(lab.h.run(&pkt).0, XDP_TX, "established flows go on");
+    let new = Pkt::tcp("198.18.2.1", "198.18.0.200", 40001, 8080).build();
+    assert_eq!(
+        lab.h.run(&new).0,
+        XDP_PASS,
+        "an empty filter hides the VIPs from new flows"
+    );
+    let mut state = lb_userspace::reconcile::MapState::read(&lab.h.director.maps).unwrap();
+    state.cover_pinned_vips(&mut lab.h.director.maps).unwrap();
+    assert!(vips.iter().all(|v| filter_has(&lab.h, v)), "covered again");
+    assert_eq!(lab.h.run(&new).0, XDP_TX);
+}
