@@ -100,6 +100,16 @@ fn open_nat_flow(h: &Harness, up0: u32, sport: u16) -> (Pkt, Pkt) {
     (client, reply)
 }
 
+/// Take `reply`'s mapping away while its flow lives on, as LRU eviction would.
+fn evict_mapping(h: &mut Harness, up0: u32, reply: &Pkt) {
+    h.director
+        .maps
+        .nat_replies
+        .remove(&reply.key())
+        .expect("mapping present");
+    assert_eq!(run(h, up0, &reply.build()).0, XDP_PASS, "mapping gone");
+}
+
 fn run(h: &Harness, up0: u32, input: &[u8]) -> (u32, Vec<u8>) {
     lb_tests::run_program_on(h.director.director_program(), input, up0)
 }
@@ -362,12 +372,7 @@ fn rst_and_fin_both_ways_end_the_flow() {
         // client's next packet, and still knows of that FIN: the backend's last ACK ends it.
         assert_eq!(closed_by(&h, &client.build()), 0);
         assert_eq!(closed_by(&h, &with(&reply, TCP_FIN)), 0);
-        h.director
-            .maps
-            .nat_replies
-            .remove(&reply.key())
-            .expect("mapping present");
-        assert_eq!(run(&h, up0, &reply.build()).0, XDP_PASS, "mapping gone");
+        evict_mapping(&mut h, up0, &reply);
         assert_eq!(
             closed_by(&h, &with(&client, TCP_FIN)),
             0,
@@ -388,12 +393,7 @@ fn a_lost_reply_mapping_is_made_again_within_a_second() {
         let (mut h, up0) = harness();
         let (client, reply) = open_nat_flow(&h, up0, 40030);
         // LRU eviction takes the mapping while the flow lives on (removed by hand here).
-        h.director
-            .maps
-            .nat_replies
-            .remove(&reply.key())
-            .expect("mapping present");
-        assert_eq!(run(&h, up0, &reply.build()).0, XDP_PASS, "mapping gone");
+        evict_mapping(&mut h, up0, &reply);
         // Client packets keep flowing; within about a second one of them makes it again
         // (the check is not a hash lookup on every packet).
         let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);

@@ -355,8 +355,9 @@ fn forward_inner(
     let flags = tcp_flags(ctx, pkt);
     // The flow's entry: from the fast path's lookup; looked up here only when it is needed
     // and the caller had none (a flow scheduled just now, an ICMP error).
-    let (fullnat, new) = (how & 1 != 0, how & 2 != 0);
-    let entry = if !entry.is_null() || (new && !fullnat && flags & (TCP_FIN | TCP_RST) == 0) {
+    // `pkt.tcp_end`: TCP with FIN or RST (the parser's summary).
+    let (fullnat, new, closing) = (how & 1 != 0, how & 2 != 0, pkt.tcp_end);
+    let entry = if !entry.is_null() || (new && !fullnat && !closing) {
         entry
     } else {
         flow::entry(&pkt.key).unwrap_or(core::ptr::null_mut())
@@ -364,7 +365,6 @@ fn forward_inner(
     let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();
     // SAFETY: all zeros is a valid rewrite (nothing set); 40 bytes, 4-aligned.
     let rw = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
-    let closing = flags & (TCP_FIN | TCP_RST) != 0;
     step(prepare_out(pkt, entry, backend, how, closing, rw))?;
     if crate::stop_after(stage::NAT_MAPPING) {
         return Ok(xdp_action::XDP_TX);
@@ -414,28 +414,30 @@ fn prepare_out(
     } else {
         (key.src, key.sport_be)
     };
-    // What the backend's reply will look like, and what it must get back.
-    let reply_key = reply_key(key, backend, &src_addr, sport_be, dport_be);
-    if mapping_due(entry, new, closing) && (new || unsafe { NAT_REPLIES.get(&reply_key) }.is_none())
-    {
-        let reply = NatReply {
-            vip: key.dst,
-            client: key.src,
-            vip_port_be: key.dport_be,
-            client_port_be: key.sport_be,
-            fullnat: u8::from(fullnat),
-            // A mapping made again (after LRU eviction) keeps the close in view.
-            flags: if !entry.is_null() && unsafe { (*entry).flags } & FLOW_F_FIN_BACKEND != 0 {
-                NAT_REPLY_F_FIN_BACKEND
-            } else {
-                0
-            },
-            _pad: [0; 2],
-            flow: *key,
-            service: backend.service,
-            backend: id,
-        };
-        let _ = NAT_REPLIES.insert(&reply_key, &reply, 0);
+    // What the backend's reply will look like, and what it must get back (built only when
+    // the mapping is due to be made sure of).
+    if mapping_due(entry, new, closing) {
+        let reply_key = reply_key(key, backend, &src_addr, sport_be, dport_be);
+        if new || unsafe { NAT_REPLIES.get(&reply_key) }.is_none() {
+            let reply = NatReply {
+                vip: key.dst,
+                client: key.src,
+                vip_port_be: key.dport_be,
+                client_port_be: key.sport_be,
+                fullnat: u8::from(fullnat),
+                // A mapping made again (after LRU eviction) keeps the close in view.
+                flags: if !entry.is_null() && unsafe { (*entry).flags } & FLOW_F_FIN_BACKEND != 0 {
+                    NAT_REPLY_F_FIN_BACKEND
+                } else {
+                    0
+                },
+                _pad: [0; 2],
+                flow: *key,
+                service: backend.service,
+                backend: id,
+            };
+            let _ = NAT_REPLIES.insert(&reply_key, &reply, 0);
+        }
     }
     rw.dst = backend.addr;
     rw.dport_be = dport_be;
