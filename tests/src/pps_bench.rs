@@ -3,7 +3,8 @@
 //! the director's namespace, whose XDP program sends them back out (DR: XDP_TX toward the
 //! backend's MAC on the same segment); an XDP sink on the generator's veth counts what comes
 //! back. The ceiling is the same path with a plain MAC-swap XDP_TX program in the director's
-//! place.
+//! place. Every target has its own director namespace and veth pair, all attached at once,
+//! and the runs go round the targets (see [`rows`]).
 
 use std::{
     sync::mpsc,
@@ -29,60 +30,85 @@ const VIP: &str = "198.18.8.100";
 /// Frame size of the generator's template (as the bench driver's RESTORE expects).
 const FRAME: usize = 128;
 
+/// The generator's namespace and one director namespace per [`Target`], each joined to the
+/// generator by its own veth pair (`t<i>` in the generator, `eth0` in the director's). All
+/// targets stay attached for the whole section, so their runs can be interleaved.
 struct Lab {
     gen: TempNs,
+    lanes: Vec<Lane>,
+}
+
+/// One target's path: its director namespace and the generator's end of the veth pair.
+struct Lane {
+    target: Target,
     dir: TempNs,
+    gen_if: String,
+    gen_mac: [u8; 6],
+    dir_mac: [u8; 6],
 }
 
 impl Lab {
     fn new() -> Lab {
         let tag = std::process::id();
         let gen = TempNs::new(&format!("xpg{tag}"));
-        let dir = TempNs::new(&format!("xpd{tag}"));
-        sh(&[
-            "ip", "-n", &gen.0, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
-            "netns", &dir.0,
-        ]);
-        for (ns, addr) in [(&gen, "198.18.8.1/24"), (&dir, "198.18.8.2/24")] {
-            ns.ip(&["addr", "add", addr, "dev", "eth0"]);
-            ns.ip(&["link", "set", "eth0", "up"]);
-            ns.ip(&["link", "set", "lo", "up"]);
-        }
-        // TUN/NAT/nftables route to the backends on this segment; their neighbours are the
-        // generator's MAC, so every forwarded frame comes back to the generator's sink.
-        let mac = Mac(eth0_mac(Some(&gen.0))).to_string();
-        for b in BACKENDS {
-            dir.ip(&[
-                "neigh",
-                "replace",
-                b,
-                "lladdr",
-                &mac,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
+        gen.ip(&["link", "set", "lo", "up"]);
+        let mut lanes = Vec::new();
+        for (i, target) in Target::ALL.into_iter().enumerate() {
+            let dir = TempNs::new(&format!("xpd{i}-{tag}"));
+            let gen_if = format!("t{i}");
+            sh(&[
+                "ip", "-n", &gen.0, "link", "add", &gen_if, "type", "veth", "peer", "name", "eth0",
+                "netns", &dir.0,
             ]);
+            gen.ip(&["link", "set", &gen_if, "up"]);
+            dir.ip(&["addr", "add", "198.18.8.2/24", "dev", "eth0"]);
+            dir.ip(&["link", "set", "eth0", "up"]);
+            dir.ip(&["link", "set", "lo", "up"]);
+            let gen_mac = if_mac(Some(&gen.0), &gen_if);
+            // TUN/NAT/nftables route to the backends on this segment; their neighbours are
+            // the generator's MAC, so every forwarded frame comes back to the generator's sink.
+            let mac = Mac(gen_mac).to_string();
+            for b in BACKENDS.iter().chain(["198.18.8.1"].iter()) {
+                dir.ip(&[
+                    "neigh",
+                    "replace",
+                    b,
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
+                ]);
+            }
+            dir.ip(&["route", "add", "198.18.9.0/24", "via", "198.18.8.1"]);
+            dir.sysctl(&[
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.eth0.send_redirects=0",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.eth0.rp_filter=0",
+            ]);
+            let dir_mac = if_mac(Some(&dir.0), "eth0");
+            lanes.push(Lane {
+                target,
+                dir,
+                gen_if,
+                gen_mac,
+                dir_mac,
+            });
         }
-        dir.ip(&["route", "add", "198.18.9.0/24", "via", "198.18.8.1"]);
-        dir.sysctl(&[
-            "net.ipv4.ip_forward=1",
-            "net.ipv4.conf.all.send_redirects=0",
-            "net.ipv4.conf.eth0.send_redirects=0",
-            "net.ipv4.conf.all.rp_filter=0",
-            "net.ipv4.conf.eth0.rp_filter=0",
-        ]);
-        Lab { gen, dir }
+        Lab { gen, lanes }
     }
 }
 
-/// The MAC of `eth0` in namespace `ns` (`None`: the calling thread's namespace).
-fn eth0_mac(ns: Option<&str>) -> [u8; 6] {
+/// The MAC of `dev` in namespace `ns` (`None`: the calling thread's namespace).
+fn if_mac(ns: Option<&str>, dev: &str) -> [u8; 6] {
     let mut args = vec!["ip"];
     if let Some(ns) = ns {
         args.extend(["-n", ns]);
     }
-    args.extend(["-j", "link", "show", "eth0"]);
+    args.extend(["-j", "link", "show", dev]);
     let v: serde_json::Value = serde_json::from_str(&sh(&args)).expect("ip -j");
     let s = v[0]["address"].as_str().expect("address");
     s.parse::<Mac>().expect("MAC").0
@@ -188,7 +214,7 @@ fn serve(
                 let cfg = Config::parse(&director_config(mode, gen_mac), &AnyHost).expect("config");
                 let want = dataplane::desired(&cfg, |b| b.mac().map(|m| m.0).unwrap_or_default());
                 d.apply(&want).expect("maps");
-                let mac = eth0_mac(None);
+                let mac = if_mac(None, "eth0");
                 d.attach(
                     "eth0",
                     XdpMode::Native,
@@ -240,9 +266,11 @@ fn napi_threads() -> std::collections::HashSet<i32> {
         .collect()
 }
 
-/// Send `count` frames over `flows` distinct 5-tuples; (sent pps, delivered pps).
-fn generate(gen: &str, dir_mac: [u8; 6], gen_mac: [u8; 6], flows: u32, count: u32) -> (f64, f64) {
-    let gen = gen.to_string();
+/// Send `count` frames over `flows` distinct 5-tuples out of `lane`'s veth; (sent pps,
+/// delivered pps).
+fn generate(gen: &str, lane: &Lane, flows: u32, count: u32) -> (f64, f64) {
+    let (gen, dev) = (gen.to_string(), lane.gen_if.clone());
+    let (gen_mac, dir_mac) = (lane.gen_mac, lane.dir_mac);
     in_netns(&gen, move || {
         crate::pin_to(0, 0);
         let mut d = Director::load(&dataplane::LoadOptions {
@@ -250,7 +278,7 @@ fn generate(gen: &str, dir_mac: [u8; 6], gen_mac: [u8; 6], flows: u32, count: u3
             ..Default::default()
         })
         .expect("load generator object");
-        d.attach_program(dataplane::SINK_PROGRAM, "eth0")
+        d.attach_program(dataplane::SINK_PROGRAM, &dev)
             .expect("sink");
         let tx_fd: ProgramFd = d
             .program(dataplane::TX_PROGRAM)
@@ -290,7 +318,7 @@ fn generate(gen: &str, dir_mac: [u8; 6], gen_mac: [u8; 6], flows: u32, count: u3
             .try_into()
             .expect("sink");
         let received = || -> u64 { sink.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0) };
-        let ifindex = lb_userspace::netlink::ifindex("eth0").expect("eth0");
+        let ifindex = lb_userspace::netlink::ifindex(&dev).expect("generator veth");
         let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
             .iter()
             .flat_map(|w: &u32| w.to_ne_bytes())
@@ -319,32 +347,53 @@ fn generate(gen: &str, dir_mac: [u8; 6], gen_mac: [u8; 6], flows: u32, count: u3
 pub struct PpsRow {
     pub target: Target,
     pub flows: u32,
+    /// What the generator sent (its own rate, CPU 0): the ceiling is near it when the
+    /// receiving side keeps up.
+    pub offered_mpps: Vec<f64>,
     pub delivered_mpps: Vec<f64>,
 }
 
-/// Delivered Mpps for every [`Target`] at 1 and 10k flows (`runs` each).
+/// Delivered Mpps for every [`Target`] at 1 and 10k flows (`runs` each). All targets are
+/// attached at once (a namespace each) and measured round by round, each round in another
+/// order: the VM's speed drifts over tens of seconds, and a target measured in a block of its
+/// own would carry its phase into the ratios.
 pub fn rows(quick: bool) -> Vec<PpsRow> {
     let lab = Lab::new();
-    let (gen_mac, dir_mac) = (eth0_mac(Some(&lab.gen.0)), eth0_mac(Some(&lab.dir.0)));
-    let (runs, count) = if quick { (2, 200_000) } else { (5, 2_000_000) };
-    let mut out = Vec::new();
-    for target in Target::ALL {
-        let (stop, handle) = serve(&lab.dir.0, target, gen_mac);
-        for flows in [1u32, 10_000] {
-            let mut row = PpsRow {
+    let (runs, count) = if quick { (2, 200_000) } else { (7, 2_000_000) };
+    let servers: Vec<_> = lab
+        .lanes
+        .iter()
+        .map(|l| serve(&l.dir.0, l.target, l.gen_mac))
+        .collect();
+    let mut out: Vec<PpsRow> = [1u32, 10_000]
+        .into_iter()
+        .flat_map(|flows| {
+            Target::ALL.into_iter().map(move |target| PpsRow {
                 target,
                 flows,
+                offered_mpps: Vec::new(),
                 delivered_mpps: Vec::new(),
-            };
-            for _ in 0..runs {
-                let (_, delivered) = generate(&lab.gen.0, dir_mac, gen_mac, flows, count);
-                row.delivered_mpps.push(delivered / 1e6);
-            }
-            out.push(row);
+            })
+        })
+        .collect();
+    for round in 0..runs {
+        for row in 0..out.len() {
+            // Rotate within each flow count: round r starts at target r.
+            let n = Target::ALL.len();
+            let (block, i) = (row / n, (row % n + round) % n);
+            let r = &mut out[block * n + i];
+            let lane = &lab.lanes[i];
+            let (sent, delivered) = generate(&lab.gen.0, lane, r.flows, count);
+            r.offered_mpps.push(sent / 1e6);
+            r.delivered_mpps.push(delivered / 1e6);
         }
+    }
+    for (stop, handle) in servers {
         let _ = stop.send(());
         handle.join().expect("director side");
     }
+    // Ceiling first, as the report reads them.
+    out.sort_by_key(|r| (Target::ALL.iter().position(|t| *t == r.target), r.flows));
     out
 }
 
@@ -358,7 +407,7 @@ pub fn report(rows: &[PpsRow]) -> String {
             .unwrap_or(f64::NAN)
     };
     let mut out = String::from(
-        "\n| end to end on veth (delivered) | flows | Mpps (median) | min–max | × ceiling | × nftables DNAT |\n|---|---:|---:|---:|---:|---:|\n",
+        "\n| end to end on veth (delivered) | flows | Mpps (median) | min–max | × ceiling | × nftables DNAT | offered Mpps (median) |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let m = median(&r.delivered_mpps);
@@ -368,10 +417,11 @@ pub fn report(rows: &[PpsRow]) -> String {
             _ => String::new(),
         };
         out.push_str(&format!(
-            "| {} | {} | {m:.2} | {min:.2}–{max:.2} | {:.2} | {vs_nft} |\n",
+            "| {} | {} | {m:.2} | {min:.2}–{max:.2} | {:.2} | {vs_nft} | {:.2} |\n",
             r.target.name(),
             r.flows,
-            m / at(Target::Ceiling, r.flows)
+            m / at(Target::Ceiling, r.flows),
+            median(&r.offered_mpps),
         ));
     }
     out

@@ -109,6 +109,12 @@ fn bench_quick_runs_every_path_and_reports() {
     for row in &e2e {
         let mpps: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap();
         assert!(mpps > 0.0, "frames came back through the director: {row}");
+        // Medians of different runs, but no run delivers more than it was offered.
+        let offered: f64 = row.split('|').nth(7).unwrap().trim().parse().unwrap();
+        assert!(
+            offered > 0.0 && mpps <= offered * 1.2,
+            "delivered within what the generator offered: {row}"
+        );
     }
     let http = table(&stdout, "| HTTP through the VIP");
     assert_eq!(http.len(), 3, "xdplb, nftables, HAProxy:\n{stdout}");
