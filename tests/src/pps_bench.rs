@@ -183,33 +183,30 @@ fn director_config(mode: &str, gen_mac: [u8; 6]) -> String {
     cfg
 }
 
-/// Run the director side (`target` attached to eth0 of `dir`) until told to stop.
+/// Run the director side (`target` attached to eth0 of `dir`) until told to stop; also hands
+/// back the attached program (for its run-time statistics).
 fn serve(
     dir: &str,
     target: Target,
     gen_mac: [u8; 6],
-) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>, ProgramFd) {
     let nft = (target == Target::Nft).then(|| NftDnat::new(dir, "xdplb_bench", VIP, 80, &BACKENDS));
     let before = napi_threads();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
-    let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = mpsc::channel::<ProgramFd>();
     let handle = in_netns(dir, move || {
         let mut d = Director::load(&dataplane::LoadOptions {
             flow_table_size: 65536,
             ..Default::default()
         })
         .expect("load");
+        let program = match target.mode() {
+            None if target == Target::Ceiling => dataplane::FLOOR_PROGRAM,
+            None => dataplane::PASS_PROGRAM,
+            Some(_) => dataplane::PROGRAM,
+        };
         match target.mode() {
-            None => d
-                .attach_program(
-                    if target == Target::Ceiling {
-                        dataplane::FLOOR_PROGRAM
-                    } else {
-                        dataplane::PASS_PROGRAM
-                    },
-                    "eth0",
-                )
-                .expect("attach"),
+            None => d.attach_program(program, "eth0").expect("attach"),
             Some(mode) => {
                 let cfg = Config::parse(&director_config(mode, gen_mac), &AnyHost).expect("config");
                 let want = dataplane::desired(&cfg, |b| b.mac().map(|m| m.0).unwrap_or_default());
@@ -223,12 +220,18 @@ fn serve(
                 .expect("attach director");
             }
         }
-        ready_tx.send(()).expect("ready");
+        let fd = d
+            .loaded(program)
+            .and_then(|p| p.fd().ok())
+            .expect("attached program")
+            .try_clone()
+            .expect("program fd");
+        ready_tx.send(fd).expect("ready");
         let _ = stop_rx.recv();
         drop(d);
         drop(nft);
     });
-    ready_rx
+    let program = ready_rx
         .recv_timeout(Duration::from_secs(30))
         .expect("director side ready");
     if crate::cpus() > 1 {
@@ -250,7 +253,48 @@ fn serve(
             crate::pin_to(pid, 1);
         }
     }
-    (stop_tx, handle)
+    (stop_tx, handle, program)
+}
+
+/// Kernel statistics of BPF programs' run time (`BPF_ENABLE_STATS`), on while the returned
+/// descriptor is open — unlike the `kernel.bpf_stats_enabled` sysctl, nothing is left on if
+/// the bench dies.
+fn enable_run_time_stats() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    // `union bpf_attr`'s `enable_stats.type` = BPF_STATS_RUN_TIME (0), the rest zero.
+    let attr = [0u32; 2];
+    // SAFETY: the bpf syscall reads `size_of_val(&attr)` bytes of `attr`.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_ENABLE_STATS: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor that nothing else owns.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// A program's (total run time ns, runs) so far, from its fdinfo (counted while statistics
+/// are enabled).
+fn run_time(program: &ProgramFd) -> (u64, u64) {
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = program.as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (field("run_time_ns:"), field("run_cnt:"))
 }
 
 /// Pids of the kernel's threaded-NAPI pollers (`napi/<dev>-<id>`).
@@ -351,6 +395,10 @@ pub struct PpsRow {
     /// receiving side keeps up.
     pub offered_mpps: Vec<f64>,
     pub delivered_mpps: Vec<f64>,
+    /// The target's XDP program, ns per packet as it ran on the forwarding path (kernel run
+    /// time statistics, one extra run after the timed ones); `None` for nftables, whose work
+    /// is not in a program.
+    pub run_ns: Option<f64>,
 }
 
 /// Delivered Mpps for every [`Target`] at 1 and 10k flows (`runs` each). All targets are
@@ -373,6 +421,7 @@ pub fn rows(quick: bool) -> Vec<PpsRow> {
                 flows,
                 offered_mpps: Vec::new(),
                 delivered_mpps: Vec::new(),
+                run_ns: None,
             })
         })
         .collect();
@@ -388,7 +437,22 @@ pub fn rows(quick: bool) -> Vec<PpsRow> {
             r.delivered_mpps.push(delivered / 1e6);
         }
     }
-    for (stop, handle) in servers {
+    // One more run of each with run-time statistics on (they cost every program two clock
+    // reads, so these runs are not among the delivered figures above).
+    let stats = enable_run_time_stats();
+    for r in out.iter_mut().filter(|r| r.target != Target::Nft) {
+        let i = Target::ALL
+            .iter()
+            .position(|t| *t == r.target)
+            .expect("target");
+        let program = &servers[i].2;
+        let (t0, n0) = run_time(program);
+        generate(&lab.gen.0, &lab.lanes[i], r.flows, count);
+        let (t1, n1) = run_time(program);
+        r.run_ns = (n1 > n0).then(|| (t1 - t0) as f64 / (n1 - n0) as f64);
+    }
+    drop(stats);
+    for (stop, handle, _) in servers {
         let _ = stop.send(());
         handle.join().expect("director side");
     }
@@ -407,7 +471,7 @@ pub fn report(rows: &[PpsRow]) -> String {
             .unwrap_or(f64::NAN)
     };
     let mut out = String::from(
-        "\n| end to end on veth (delivered) | flows | Mpps (median) | min–max | × ceiling | × nftables DNAT | offered Mpps (median) |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "\n| end to end on veth (delivered) | flows | Mpps (median) | min–max | × ceiling | × nftables DNAT | offered Mpps (median) | program ns/packet (bpf_stats) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let m = median(&r.delivered_mpps);
@@ -417,11 +481,12 @@ pub fn report(rows: &[PpsRow]) -> String {
             _ => String::new(),
         };
         out.push_str(&format!(
-            "| {} | {} | {m:.2} | {min:.2}–{max:.2} | {:.2} | {vs_nft} | {:.2} |\n",
+            "| {} | {} | {m:.2} | {min:.2}–{max:.2} | {:.2} | {vs_nft} | {:.2} | {} |\n",
             r.target.name(),
             r.flows,
             m / at(Target::Ceiling, r.flows),
             median(&r.offered_mpps),
+            r.run_ns.map_or(String::new(), |ns| format!("{ns:.0}")),
         ));
     }
     out

@@ -115,6 +115,17 @@ fn bench_quick_runs_every_path_and_reports() {
             offered > 0.0 && mpps <= offered * 1.2,
             "delivered within what the generator offered: {row}"
         );
+        // The program's own time on the forwarding path (none for nftables: no program).
+        let run_ns = row.split('|').nth(8).unwrap().trim();
+        if row.contains("nftables") {
+            assert!(run_ns.is_empty(), "{row}");
+        } else {
+            let ns: f64 = run_ns.parse().unwrap_or(f64::NAN);
+            assert!(
+                ns > 0.0,
+                "kernel run-time statistics for the program: {row}"
+            );
+        }
     }
     let http = table(&stdout, "| HTTP through the VIP");
     assert_eq!(http.len(), 3, "xdplb, nftables, HAProxy:\n{stdout}");
