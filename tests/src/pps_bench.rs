@@ -184,16 +184,16 @@ fn director_config(mode: &str, gen_mac: [u8; 6]) -> String {
 }
 
 /// Run the director side (`target` attached to eth0 of `dir`) until told to stop; also hands
-/// back the attached program (for its run-time statistics).
+/// back the attached program's id (for its run-time statistics).
 fn serve(
     dir: &str,
     target: Target,
     gen_mac: [u8; 6],
-) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>, ProgramFd) {
+) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>, u32) {
     let nft = (target == Target::Nft).then(|| NftDnat::new(dir, "xdplb_bench", VIP, 80, &BACKENDS));
     let before = napi_threads();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
-    let (ready_tx, ready_rx) = mpsc::channel::<ProgramFd>();
+    let (ready_tx, ready_rx) = mpsc::channel::<u32>();
     let handle = in_netns(dir, move || {
         let mut d = Director::load(&dataplane::LoadOptions {
             flow_table_size: 65536,
@@ -201,12 +201,15 @@ fn serve(
         })
         .expect("load");
         let program = match target.mode() {
-            None if target == Target::Ceiling => dataplane::FLOOR_PROGRAM,
-            None => dataplane::PASS_PROGRAM,
-            Some(_) => dataplane::PROGRAM,
-        };
-        match target.mode() {
-            None => d.attach_program(program, "eth0").expect("attach"),
+            None => {
+                let program = if target == Target::Ceiling {
+                    dataplane::FLOOR_PROGRAM
+                } else {
+                    dataplane::PASS_PROGRAM
+                };
+                d.attach_program(program, "eth0").expect("attach");
+                program
+            }
             Some(mode) => {
                 let cfg = Config::parse(&director_config(mode, gen_mac), &AnyHost).expect("config");
                 let want = dataplane::desired(&cfg, |b| b.mac().map(|m| m.0).unwrap_or_default());
@@ -218,15 +221,15 @@ fn serve(
                     dataplane::iface_info(&cfg.interfaces[0], mac),
                 )
                 .expect("attach director");
+                dataplane::PROGRAM
             }
-        }
-        let fd = d
+        };
+        let id = d
             .loaded(program)
-            .and_then(|p| p.fd().ok())
+            .and_then(|p| p.info().ok())
             .expect("attached program")
-            .try_clone()
-            .expect("program fd");
-        ready_tx.send(fd).expect("ready");
+            .id();
+        ready_tx.send(id).expect("ready");
         let _ = stop_rx.recv();
         drop(d);
         drop(nft);
@@ -256,45 +259,14 @@ fn serve(
     (stop_tx, handle, program)
 }
 
-/// Kernel statistics of BPF programs' run time (`BPF_ENABLE_STATS`), on while the returned
-/// descriptor is open — unlike the `kernel.bpf_stats_enabled` sysctl, nothing is left on if
-/// the bench dies.
-fn enable_run_time_stats() -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd;
-    const BPF_ENABLE_STATS: libc::c_long = 32;
-    // `union bpf_attr`'s `enable_stats.type` = BPF_STATS_RUN_TIME (0), the rest zero.
-    let attr = [0u32; 2];
-    // SAFETY: the bpf syscall reads `size_of_val(&attr)` bytes of `attr`.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_ENABLE_STATS,
-            attr.as_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "BPF_ENABLE_STATS: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a new descriptor that nothing else owns.
-    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
-}
-
-/// A program's (total run time ns, runs) so far, from its fdinfo (counted while statistics
-/// are enabled).
-fn run_time(program: &ProgramFd) -> (u64, u64) {
-    use std::os::fd::{AsFd, AsRawFd};
-    let fd = program.as_fd().as_raw_fd();
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (field("run_time_ns:"), field("run_cnt:"))
+/// Program `id`'s (total run time, runs) so far, as the kernel counts them while run-time
+/// statistics are enabled.
+fn run_time(id: u32) -> (Duration, u64) {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .map(|p| (p.run_time(), p.run_count()))
+        .expect("the target's program is loaded")
 }
 
 /// Pids of the kernel's threaded-NAPI pollers (`napi/<dev>-<id>`).
@@ -413,10 +385,12 @@ pub fn rows(quick: bool) -> Vec<PpsRow> {
         .iter()
         .map(|l| serve(&l.dir.0, l.target, l.gen_mac))
         .collect();
-    let mut out: Vec<PpsRow> = [1u32, 10_000]
+    // Row `i * FLOWS.len() + f`: target `i` (and lane `i`) at `FLOWS[f]`, as the report reads them.
+    const FLOWS: [u32; 2] = [1, 10_000];
+    let mut out: Vec<PpsRow> = Target::ALL
         .into_iter()
-        .flat_map(|flows| {
-            Target::ALL.into_iter().map(move |target| PpsRow {
+        .flat_map(|target| {
+            FLOWS.map(|flows| PpsRow {
                 target,
                 flows,
                 offered_mpps: Vec::new(),
@@ -425,39 +399,37 @@ pub fn rows(quick: bool) -> Vec<PpsRow> {
             })
         })
         .collect();
+    let n = Target::ALL.len();
     for round in 0..runs {
-        for row in 0..out.len() {
-            // Rotate within each flow count: round r starts at target r.
-            let n = Target::ALL.len();
-            let (block, i) = (row / n, (row % n + round) % n);
-            let r = &mut out[block * n + i];
-            let lane = &lab.lanes[i];
-            let (sent, delivered) = generate(&lab.gen.0, lane, r.flows, count);
-            r.offered_mpps.push(sent / 1e6);
-            r.delivered_mpps.push(delivered / 1e6);
+        for f in 0..FLOWS.len() {
+            // Round r starts at target r.
+            for i in (0..n).map(|k| (k + round) % n) {
+                let r = &mut out[i * FLOWS.len() + f];
+                let (sent, delivered) = generate(&lab.gen.0, &lab.lanes[i], r.flows, count);
+                r.offered_mpps.push(sent / 1e6);
+                r.delivered_mpps.push(delivered / 1e6);
+            }
         }
     }
     // One more run of each with run-time statistics on (they cost every program two clock
-    // reads, so these runs are not among the delivered figures above).
-    let stats = enable_run_time_stats();
-    for r in out.iter_mut().filter(|r| r.target != Target::Nft) {
-        let i = Target::ALL
-            .iter()
-            .position(|t| *t == r.target)
-            .expect("target");
-        let program = &servers[i].2;
+    // reads, so these runs are not among the delivered figures above); off when dropped.
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    for (row, r) in out.iter_mut().enumerate() {
+        if r.target == Target::Nft {
+            continue;
+        }
+        let i = row / FLOWS.len();
+        let program = servers[i].2;
         let (t0, n0) = run_time(program);
         generate(&lab.gen.0, &lab.lanes[i], r.flows, count);
         let (t1, n1) = run_time(program);
-        r.run_ns = (n1 > n0).then(|| (t1 - t0) as f64 / (n1 - n0) as f64);
+        r.run_ns = (n1 > n0).then(|| (t1 - t0).as_nanos() as f64 / (n1 - n0) as f64);
     }
     drop(stats);
     for (stop, handle, _) in servers {
         let _ = stop.send(());
         handle.join().expect("director side");
     }
-    // Ceiling first, as the report reads them.
-    out.sort_by_key(|r| (Target::ALL.iter().position(|t| *t == r.target), r.flows));
     out
 }
 

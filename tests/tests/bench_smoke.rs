@@ -107,20 +107,20 @@ fn bench_quick_runs_every_path_and_reports() {
         "end-to-end rows (ceiling, DR, TUN, NAT, nftables × 1 and 10k flows):\n{stdout}"
     );
     for row in &e2e {
-        let mpps: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap();
+        let c: Vec<&str> = row.split('|').map(str::trim).collect();
+        let mpps: f64 = c[3].parse().unwrap();
         assert!(mpps > 0.0, "frames came back through the director: {row}");
         // Medians of different runs, but no run delivers more than it was offered.
-        let offered: f64 = row.split('|').nth(7).unwrap().trim().parse().unwrap();
+        let offered: f64 = c[7].parse().unwrap();
         assert!(
             offered > 0.0 && mpps <= offered * 1.2,
             "delivered within what the generator offered: {row}"
         );
         // The program's own time on the forwarding path (none for nftables: no program).
-        let run_ns = row.split('|').nth(8).unwrap().trim();
         if row.contains("nftables") {
-            assert!(run_ns.is_empty(), "{row}");
+            assert!(c[8].is_empty(), "{row}");
         } else {
-            let ns: f64 = run_ns.parse().unwrap_or(f64::NAN);
+            let ns: f64 = c[8].parse().unwrap_or(f64::NAN);
             assert!(
                 ns > 0.0,
                 "kernel run-time statistics for the program: {row}"
