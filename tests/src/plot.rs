@@ -1,5 +1,5 @@
-//! The bench report's picture: delivered Mpps by mode (end to end on veth) as bars with
-//! min–max whiskers, one bar per (mode, flow count). plotters' bitmap backend with the font
+//! The bench report's picture: the forwarding rate at ≤ 0.5 % loss (PDR, Mpps) by mode, end
+//! to end on veth, as bars with min–max whiskers, one bar per (mode, flow count). plotters' bitmap backend with the font
 //! read from Debian's `fonts-dejavu-core` (no fontconfig).
 
 use std::path::Path;
@@ -47,7 +47,7 @@ pub fn pps_png(rows: &[PpsRow], title: &str, path: &Path) -> Result<()> {
     let n = rows.len() as u32;
     let top = rows
         .iter()
-        .map(|r| min_max(&r.delivered_mpps).1)
+        .map(|r| min_max(&r.pdr_mpps).1)
         .fold(0.0, f64::max)
         * 1.2;
     let root = BitMapBackend::new(path, (1200, 600)).into_drawing_area();
@@ -65,7 +65,7 @@ pub fn pps_png(rows: &[PpsRow], title: &str, path: &Path) -> Result<()> {
         .configure_mesh()
         .disable_x_mesh()
         .light_line_style(WHITE)
-        .y_desc("delivered Mpps (median of runs; whisker: min–max)")
+        .y_desc("Mpps forwarded at ≤ 0.5 % loss (median of runs; whisker: min–max)")
         .x_labels(n as usize)
         .x_label_formatter(&|v| match v {
             SegmentValue::CenterOf(i) => rows.get(*i as usize).map(label).unwrap_or_default(),
@@ -86,7 +86,7 @@ pub fn pps_png(rows: &[PpsRow], title: &str, path: &Path) -> Result<()> {
                         let mut bar = Rectangle::new(
                             [
                                 (SegmentValue::Exact(i), 0.0),
-                                (SegmentValue::Exact(i + 1), median(&r.delivered_mpps)),
+                                (SegmentValue::Exact(i + 1), median(&r.pdr_mpps)),
                             ],
                             style,
                         );
@@ -98,7 +98,7 @@ pub fn pps_png(rows: &[PpsRow], title: &str, path: &Path) -> Result<()> {
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], style));
     }
     chart.draw_series(rows.iter().enumerate().map(|(i, r)| {
-        let (min, max) = min_max(&r.delivered_mpps);
+        let (min, max) = min_max(&r.pdr_mpps);
         let x = SegmentValue::CenterOf(i as u32);
         PathElement::new(vec![(x.clone(), min), (x, max)], BLACK.stroke_width(2))
     }))?;
@@ -107,8 +107,8 @@ pub fn pps_png(rows: &[PpsRow], title: &str, path: &Path) -> Result<()> {
         .into_text_style(&root)
         .pos(Pos::new(HPos::Center, VPos::Bottom));
     chart.draw_series(rows.iter().enumerate().map(|(i, r)| {
-        let m = median(&r.delivered_mpps);
-        let top_of_whisker = min_max(&r.delivered_mpps).1;
+        let m = median(&r.pdr_mpps);
+        let top_of_whisker = min_max(&r.pdr_mpps).1;
         Text::new(
             format!("{m:.2}"),
             (

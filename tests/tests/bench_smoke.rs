@@ -127,6 +127,22 @@ fn bench_quick_runs_every_path_and_reports() {
             );
         }
     }
+    // The loss-bounded rate of the same rows: found for every target (a search that never
+    // passed gives 0) and no faster than the generator goes flat out.
+    let pdr = table(&stdout, "| forwarding rate at");
+    assert_eq!(
+        pdr.len(),
+        e2e.len(),
+        "a PDR row per target and flow count:\n{stdout}"
+    );
+    for (row, flat) in pdr.iter().zip(&e2e) {
+        let mpps: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap();
+        let offered: f64 = flat.split('|').nth(7).unwrap().trim().parse().unwrap();
+        assert!(
+            mpps > 0.0 && mpps <= offered * 1.5,
+            "forwarded at ≤ 0.5 % loss, within the generator's rate: {row}"
+        );
+    }
     let http = table(&stdout, "| HTTP through the VIP");
     assert_eq!(http.len(), 3, "xdplb, nftables, HAProxy:\n{stdout}");
     for row in &http {

@@ -741,3 +741,40 @@ fn the_vip_filter_holds_every_vip_through_reloads_and_adoption() {
     assert!(vips.iter().all(|v| filter_has(&lab.h, v)), "covered again");
     assert_eq!(lab.h.run(&new).0, XDP_TX);
 }
+
+/// The bench driver's pacing (`BENCH_CFG[2]`, what the end-to-end bench's loss-bounded rate
+/// search sets): frames go no faster than one per gap. A lower bound only, so a slow machine
+/// cannot fail it; without pacing the same runs take a few percent of it.
+#[test]
+fn bench_driver_paces_frames_a_gap_apart() {
+    lb_tests::require_root();
+    let mut h = Harness::new(CONFIG);
+    let floor = h
+        .director
+        .program(lb_userspace::dataplane::FLOOR_PROGRAM)
+        .unwrap()
+        .fd()
+        .unwrap()
+        .try_clone()
+        .unwrap();
+    let (mut next, mut cfg) = lb_tests::bench_driver(&mut h.director);
+    next.set(0, &floor, 0).unwrap();
+    let input = Pkt::tcp("198.18.9.1", "198.18.0.100", 40000, 80).build();
+    let driver = h
+        .director
+        .loaded(lb_userspace::dataplane::BENCH_DRIVER_PROGRAM)
+        .unwrap();
+    let mut per_run = |gap_ns: u32| {
+        cfg.set(2, gap_ns, 0).unwrap();
+        let (verdict, _, avg) = lb_tests::run_repeated_on(driver, &input, 1, 2000);
+        assert_eq!(verdict, XDP_TX, "the floor behind the driver");
+        avg
+    };
+    let unpaced = per_run(0);
+    let paced = per_run(5_000);
+    cfg.set(2, 0, 0).unwrap();
+    assert!(
+        paced >= std::time::Duration::from_nanos(4_900) && unpaced < paced / 4,
+        "5 µs apart: {paced:?} per frame, unpaced {unpaced:?}"
+    );
+}

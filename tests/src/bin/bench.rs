@@ -304,22 +304,22 @@ fn main() {
             &dir.join("pps.png"),
         )
         .expect("plot");
-        report += "\n![delivered pps by mode](pps.png)\n";
+        report += "\n![forwarding rate at ≤ 0.5 % loss by mode](pps.png)\n";
         let at = |t: T, flows: u32| {
             pps.iter()
                 .find(|r| r.target == t && r.flows == flows)
-                .map_or(f64::NAN, |r| median(&r.delivered_mpps))
+                .map_or(f64::NAN, |r| median(&r.pdr_mpps))
         };
         for (flows, dr_what, nat_what) in [
             (
                 1,
-                "end to end, DR × ceiling, 1 flow",
-                "end to end, NAT × nftables DNAT, 1 flow",
+                "end to end (PDR), DR × ceiling, 1 flow",
+                "end to end (PDR), NAT × nftables DNAT, 1 flow",
             ),
             (
                 10_000,
-                "end to end, DR × ceiling, 10k flows",
-                "end to end, NAT × nftables DNAT, 10k flows",
+                "end to end (PDR), DR × ceiling, 10k flows",
+                "end to end (PDR), NAT × nftables DNAT, 10k flows",
             ),
         ] {
             targets.push(Target {
