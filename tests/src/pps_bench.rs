@@ -380,9 +380,17 @@ impl Generator {
                 })
                 .expect("live frames");
                 let sent_s = started.elapsed().as_secs_f64();
-                // Let the last frames arrive.
-                std::thread::sleep(Duration::from_millis(50));
-                let got = received() - before;
+                // Let the last frames arrive: until the count holds still for 20 ms (a frame
+                // counted in the next trial would be one lost here and one too many there).
+                let mut got = received() - before;
+                for _ in 0..25 {
+                    std::thread::sleep(Duration::from_millis(20));
+                    let now = received() - before;
+                    if now == got {
+                        break;
+                    }
+                    got = now;
+                }
                 let _ = reply.send(Sample {
                     offered_pps: f64::from(t.count) / sent_s,
                     delivered_pps: got as f64 / sent_s,
@@ -421,10 +429,24 @@ pub const PDR_LOSS: f64 = 0.005;
 
 /// The highest rate (pps, as offered) forwarded with at most [`PDR_LOSS`] lost, by `trial`
 /// (offered pps, infinite: flat out → what happened): flat out first, then a bisection
-/// (geometric, `steps` halvings) between a rate that lost more and one that did not. A
+/// (geometric, `steps` halvings) between a rate that lost more (twice) and one that did not. A
 /// receiver under overload does worse than at its capacity (see [`rows`]), so the flat-out
 /// rate alone understates a slower target. 0 when nothing down to 10 kpps passes.
 fn pdr(mut trial: impl FnMut(f64) -> Sample, steps: u32) -> f64 {
+    // A rate fails only when a second trial loses too: one hiccup of this VM (a few ms of
+    // lost CPU) costs a short trial its 0.5 % and would send the search far down.
+    let mut trial = |pps: f64| {
+        let s = trial(pps);
+        if s.loss <= PDR_LOSS || !pps.is_finite() {
+            return s;
+        }
+        let again = trial(pps);
+        if again.loss <= PDR_LOSS {
+            again
+        } else {
+            s
+        }
+    };
     let flat = trial(f64::INFINITY);
     if flat.loss <= PDR_LOSS {
         return flat.offered_pps;
@@ -662,6 +684,24 @@ mod tests {
     #[test]
     fn pdr_of_a_receiver_that_loses_everything_is_zero() {
         assert_eq!(pdr(model(0.0, 4.5e6), 6), 0.0);
+    }
+
+    #[test]
+    fn pdr_retries_a_rate_that_lost_once() {
+        // Every third trial below the capacity hits a hiccup and loses 2 %.
+        let capacity = 2e6;
+        let mut n = 0;
+        let mut m = model(capacity, 4.5e6);
+        let trial = |pps: f64| {
+            n += 1;
+            let mut s = m(pps);
+            if pps.is_finite() && n % 3 == 0 {
+                s.loss = 0.02;
+            }
+            s
+        };
+        let found = pdr(trial, 6);
+        assert!(found >= capacity * 0.97, "found {found}");
     }
 
     #[test]
