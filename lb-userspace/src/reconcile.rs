@@ -318,8 +318,10 @@ pub fn vip_filter<'a>(vips: impl Iterator<Item = (&'a [u8; 16], u8)>) -> Vec<u64
 }
 
 /// What the controller knows the maps hold, so that applying a desired state writes only
-/// what differs: the backend entries and every ring's slots.
-#[derive(Debug, Default)]
+/// what differs: the backend entries and every ring's slots. No `Default`: an empty
+/// `vip_filter` shadow would make `write_vip_filter` write nothing; build it with
+/// [`MapState::fresh`] or [`MapState::read`].
+#[derive(Debug)]
 pub struct MapState {
     backends: BTreeMap<u32, Backend>,
     /// Non-empty `SERVICE_SLOTS` entries, by service id.
@@ -336,9 +338,11 @@ impl MapState {
     /// For maps just created (every entry zero).
     pub fn fresh() -> Self {
         MapState {
+            backends: BTreeMap::new(),
+            service_slots: BTreeMap::new(),
+            rings: HashMap::new(),
             fresh: true,
             vip_filter: vec![0; VIP_FILTER_WORDS as usize],
-            ..Default::default()
         }
     }
 
