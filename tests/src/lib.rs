@@ -84,6 +84,17 @@ impl Reconciled {
     }
 }
 
+/// Program `name` of a loaded object, loaded, as a descriptor for a program array (the
+/// bench driver's tail-call slot).
+pub fn program_fd(d: &mut Director, name: &'static str) -> aya::programs::ProgramFd {
+    d.program(name)
+        .unwrap_or_else(|e| panic!("load {name}: {e}"))
+        .fd()
+        .expect("loaded program's fd")
+        .try_clone()
+        .expect("dup the program fd")
+}
+
 /// The benchmark driver (`xdplb_bench_driver`) of a loaded object: loads it and takes its
 /// tail-call slot (`BENCH_NEXT`) and its settings (`BENCH_CFG`).
 pub fn bench_driver(

@@ -1,6 +1,6 @@
 //! The bench report's picture: the forwarding rate at ≤ 0.5 % loss (PDR, Mpps) by mode, end
-//! to end on veth, as bars with min–max whiskers, one bar per (mode, flow count). plotters' bitmap backend with the font
-//! read from Debian's `fonts-dejavu-core` (no fontconfig).
+//! to end on veth, as bars with min–max whiskers, one bar per (mode, flow count). plotters'
+//! bitmap backend with the font read from Debian's `fonts-dejavu-core` (no fontconfig).
 
 use std::path::Path;
 

@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     maps::{Array, MapData, PerCpuArray},
-    programs::{ProgramFd, TestRun, TestRunAttrs, TestRunOptions},
+    programs::{TestRun, TestRunAttrs, TestRunOptions},
 };
 use lb_userspace::{
     config::{AnyHost, Config, Mac, XdpMode},
@@ -315,6 +315,20 @@ impl Generator {
             .iter()
             .map(|l| (l.gen_if.clone(), l.gen_mac, l.dir_mac))
             .collect();
+        // Each lane's template frame and `xdp_md` (ingress: its veth), built once.
+        let lane_input = |(dev, gen_mac, dir_mac): &(String, [u8; 6], [u8; 6])| {
+            let mut p = Pkt::tcp("198.18.9.1", VIP, 40000, 80).with_macs(*gen_mac, *dir_mac);
+            p.payload = vec![0x5a; FRAME - 54];
+            // ACK: a segment conntrack (the nftables peer) picks up as an established stream.
+            p.tcp_flags = crate::TCP_ACK;
+            let frame = <[u8; FRAME]>::try_from(&p.build()[..]).expect("128 bytes");
+            let ifindex = lb_userspace::netlink::ifindex(dev).expect("generator veth");
+            let ctx: Vec<u8> = [0, FRAME as u32, 0, ifindex, 0, 0]
+                .iter()
+                .flat_map(|w: &u32| w.to_ne_bytes())
+                .collect();
+            (frame, ctx)
+        };
         let (tx, rx) = mpsc::channel::<(Trial, mpsc::Sender<Sample>)>();
         let handle = in_netns(&lab.gen.0, move || {
             crate::pin_to(0, 0);
@@ -327,13 +341,8 @@ impl Generator {
                 d.attach_program(dataplane::SINK_PROGRAM, dev)
                     .expect("sink");
             }
-            let tx_fd: ProgramFd = d
-                .program(dataplane::TX_PROGRAM)
-                .expect("tx")
-                .fd()
-                .expect("fd")
-                .try_clone()
-                .expect("fd");
+            let tx_fd = crate::program_fd(&mut d, dataplane::TX_PROGRAM);
+            let inputs: Vec<_> = lanes.iter().map(lane_input).collect();
             let (mut next, mut cfg) = crate::bench_driver(&mut d);
             next.set(0, &tx_fd, 0).expect("tail");
             // Restore the template every run (live frames reuse pages), then a 5-tuple from
@@ -353,28 +362,17 @@ impl Generator {
                 .expect("sink");
             let received = || -> u64 { sink.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0) };
             for (t, reply) in rx {
-                let (dev, gen_mac, dir_mac) = &lanes[t.lane];
-                let mut p = Pkt::tcp("198.18.9.1", VIP, 40000, 80).with_macs(*gen_mac, *dir_mac);
-                p.payload = vec![0x5a; FRAME - 54];
-                // ACK: a segment conntrack (the nftables peer) picks up as an established stream.
-                p.tcp_flags = crate::TCP_ACK;
-                let frame = p.build();
-                let frame = <[u8; FRAME]>::try_from(&frame[..]).expect("128 bytes");
-                template.set(0, frame, 0).expect("template");
+                let (frame, ctx) = &inputs[t.lane];
+                template.set(0, *frame, 0).expect("template");
                 cfg.set(1, t.flows, 0).expect("cycle");
                 cfg.set(2, t.gap_ns, 0).expect("pace");
-                let ifindex = lb_userspace::netlink::ifindex(dev).expect("generator veth");
-                let ctx: Vec<u8> = [0, FRAME as u32, 0, ifindex, 0, 0]
-                    .iter()
-                    .flat_map(|w: &u32| w.to_ne_bytes())
-                    .collect();
                 let before = received();
                 let prog = d.loaded(dataplane::BENCH_DRIVER_PROGRAM).expect("driver");
                 let started = Instant::now();
                 let res = prog
                     .test_run(TestRunOptions {
-                        data_in: Some(&frame),
-                        ctx_in: Some(&ctx),
+                        data_in: Some(frame),
+                        ctx_in: Some(ctx),
                         repeat: t.count,
                         attrs: TestRunAttrs::new().xdp_live_frames(64),
                         ..Default::default()

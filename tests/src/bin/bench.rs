@@ -192,22 +192,11 @@ fn driving(
     program: &'static str,
     bits: u32,
 ) -> (ProgramArray<MapData>, Array<MapData, u32>) {
-    let fd = fd_of(h, program);
+    let fd = lb_tests::program_fd(&mut h.director, program);
     let (mut next, mut cfg) = lb_tests::bench_driver(&mut h.director);
     next.set(0, &fd, 0).unwrap();
     cfg.set(0, bits, 0).unwrap();
     (next, cfg)
-}
-
-/// A program of the harness's object, loaded, for a program array.
-fn fd_of(h: &mut Harness, program: &'static str) -> aya::programs::ProgramFd {
-    h.director
-        .program(program)
-        .unwrap()
-        .fd()
-        .unwrap()
-        .try_clone()
-        .unwrap()
 }
 
 /// The packet the driver restores before each run (`BENCH_RESTORE`).
@@ -443,8 +432,8 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
     let tun_plain = Pkt::tcp("198.18.2.1", "198.18.0.110", 40000, 80).build();
     let tun6_plain = Pkt::tcp("2001:db8:2::1", "2001:db8::110", 40000, 80).build();
 
-    let director_fd = fd_of(&mut h, dataplane::PROGRAM);
-    let floor_fd = fd_of(&mut h, dataplane::FLOOR_PROGRAM);
+    let director_fd = lb_tests::program_fd(&mut h.director, dataplane::PROGRAM);
+    let floor_fd = lb_tests::program_fd(&mut h.director, dataplane::FLOOR_PROGRAM);
     let (mut next, mut cfg) = lb_tests::bench_driver(&mut h.director);
 
     let mut rows = vec![
