@@ -654,6 +654,15 @@ pub mod stage {
     ];
 }
 
+/// log2 of each CPU's flow-cache lines (two flows each) for a connection table of
+/// `flow_table_size` entries shared by `cpus` CPUs: room for each CPU's share of the table
+/// (`BPF_F_NO_COMMON_LRU` splits it evenly), rounded up to a power of two. The cache then
+/// takes 32 bytes per table entry (at most twice that after the rounding).
+pub fn flow_cache_line_bits(flow_table_size: u32, cpus: u32) -> u32 {
+    let share = flow_table_size.div_ceil(cpus.max(1));
+    share.div_ceil(2).max(1).next_power_of_two().trailing_zeros()
+}
+
 /// Map names, shared so userspace never spells them twice.
 pub mod maps {
     pub const SERVICES: &str = "SERVICES";
@@ -678,6 +687,10 @@ pub mod maps {
     pub const IFACE_SLOTS: &str = "IFACE_SLOTS";
     pub const SERVICE_SLOTS: &str = "SERVICE_SLOTS";
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    /// Each CPU's cache of its established DR/TUN IPv4 flows. Not pinned: a new program
+    /// starts with an empty cache, which is always correct (the connection table is the
+    /// truth).
+    pub const FLOW_CACHE4: &str = "FLOW_CACHE4";
     /// Every map the director pins, in a stable order.
     pub const ALL: [&str; 21] = [
         SERVICES,

@@ -411,6 +411,10 @@ impl Director {
         loader.map_max_entries(maps::FLOWS6, opts.flow_table_size);
         // One reply mapping per NAT flow.
         loader.map_max_entries(maps::NAT_REPLIES, opts.flow_table_size);
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Io(e))? as u32;
+        let line_bits = lb_common::flow_cache_line_bits(opts.flow_table_size, cpus);
+        loader.map_max_entries(maps::FLOW_CACHE4, cpus << line_bits);
+        loader.override_global("CACHE_LINE_BITS", &line_bits, true);
         let debug_log = u8::from(opts.debug_log);
         loader.override_global("DEBUG_LOG", &debug_log, true);
         let udp_idle_ns = opts.udp_idle.as_nanos() as u64;
