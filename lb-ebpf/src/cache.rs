@@ -1,21 +1,26 @@
-//! The flow cache: each CPU's copy of its recent established DR/TUN IPv4 flows, in front of
-//! the connection table (`FLOWS4`).
+//! The flow cache: each CPU's copy of its recent established DR/TUN flows, in front of the
+//! connection table (`FLOWS4`/`FLOWS6`).
 //!
-//! A connection-table hit costs a kernel hash (jhash), a bucket line and two element lines
-//! (a 48-byte element header puts the value on the element's second line). A cache hit
-//! costs one multiply and one 64-byte line that this CPU alone writes (two 32-byte ways):
-//! at 10k flows and more the table's lines no longer fit the CPU caches, and each line is a
-//! miss.
+//! A connection-table hit costs a kernel hash (jhash over the key), a bucket line and two
+//! element lines (a 48-byte element header puts the value on the element's second line).
+//! A cache hit costs one multiply and one 64-byte line that only this CPU writes (two
+//! IPv4 flows or one IPv6 flow). At 10k flows and more the table's lines no longer fit the
+//! CPU's caches and each of them is a miss; the cache's one line is a miss at most.
 //!
-//! The table stays the truth. A cached entry is used only while it is fresh
-//! ([`FRESH_UNITS`], ~0.27 s since the table last confirmed it); the first packet after
-//! that goes the table's way, which refreshes the UDP clock and the LRU reference bit and
-//! re-confirms the entry. If the table lost a flow the cache saw active within the last
-//! two windows (LRU eviction: cache hits do not mark the table's entry referenced), the
-//! flow is recorded again with its backend rather than rescheduled. A TCP FIN or RST
-//! always goes the table's way (it ends the flow there). Every hit still checks the
-//! service (by id, against the packet's destination) and the backend (removed, reset),
-//! as a table hit does, so the controller never needs to touch the cache.
+//! The table stays the truth. A cached flow is used only while it is fresh ([`FRESH`],
+//! ~0.27 s since the table last confirmed it); the first packet after that goes the
+//! table's way, which refreshes the UDP clock and the LRU reference bit and confirms the
+//! flow again. If the table lost a flow the cache saw active within the last two windows
+//! (LRU eviction: cache hits do not mark the table's entry referenced), the flow is
+//! recorded again with its backend rather than rescheduled. A TCP FIN or RST always goes
+//! the table's way (it ends the flow there). Every hit still checks the service (by id,
+//! against the packet's destination) and the backend (removed, reset), as a table hit
+//! does, so the controller never has to touch the cache.
+//!
+//! Per CPU, so no line bounces between CPUs and no reader sees a half-written flow; RSS
+//! keeps a flow on one CPU. A flow that moves to another CPU is looked up in the table
+//! there. A flow a CPU ended (a RST through another CPU) can still be answered by the
+//! first CPU's copy for at most one window — to its old backend, still usable.
 
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
@@ -29,61 +34,97 @@ use lb_common::{FlowKey, FlowKey4, AF_INET};
 /// line (without it they start 16 bytes into one).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// A cached flow: 32 bytes, two to a cache line.
-#[repr(C, align(32))]
+/// A cached flow: its 5-tuple (`K`), backend, service and when the table last confirmed it
+/// (`stamp`, in units of 2^[`UNIT_SHIFT`] ns of the coarse monotonic clock, wrapping).
+/// An all-zero key (protocol 0) is an empty way.
+#[repr(C)]
 #[derive(Clone, Copy)]
-pub struct Cached4 {
-    /// Its 5-tuple (`proto` 0: an empty way).
-    pub key: FlowKey4,
+pub struct Cached<K> {
+    pub key: K,
     pub backend: u32,
     pub service: u32,
-    /// When the table last confirmed it, in units of 2^[`UNIT_SHIFT`] ns of the coarse
-    /// monotonic clock (wrapping).
     pub stamp: u32,
-    pub _pad: u32,
 }
 
+/// Two IPv4 flows (28 bytes each) to a cache line.
 #[repr(C, align(64))]
 pub struct Line4 {
-    pub ways: [Cached4; 2],
+    pub ways: [Cached<FlowKey4>; 2],
 }
 
-/// Lines per CPU: `1 << LINE_BITS`, set at load time. CPU `c`'s lines are
-/// `c << LINE_BITS ..`.
+/// One IPv6 flow (52 bytes) to a cache line.
+#[repr(C, align(64))]
+pub struct Line6 {
+    pub ways: [Cached<FlowKey>; 1],
+}
+
+/// log2 of each CPU's lines (per family), set at load time from the table's size
+/// (`lb_common::flow_cache_line_bits`); CPU `c`'s lines are `c << CACHE_LINE_BITS ..`.
 #[unsafe(no_mangle)]
 static CACHE_LINE_BITS: Global<u32> = Global::new(10);
 
 #[map]
 static FLOW_CACHE4: Array<Line4> = Array::with_max_entries(2 << 10, BPF_F_MMAPABLE);
 
+#[map]
+static FLOW_CACHE6: Array<Line6> = Array::with_max_entries(2 << 10, BPF_F_MMAPABLE);
+
 const UNIT_SHIFT: u32 = 24;
-/// ~0.27 s: how long the cache answers for a flow without asking the table.
-pub const FRESH_UNITS: u32 = 16;
+/// 16 units, ~0.27 s: how long the cache answers for a flow without asking the table.
+pub const FRESH: u32 = 16;
 
 #[inline(always)]
 fn now() -> u32 {
     (unsafe { bpf_ktime_get_coarse_ns() } >> UNIT_SHIFT) as u32
 }
 
-/// The line `key` belongs in, on this CPU.
-#[inline(always)]
-fn line(k: &FlowKey4) -> Option<*mut Line4> {
-    let w: &[u32; 4] = unsafe { &*(k as *const FlowKey4 as *const [u32; 4]) };
-    let a = (w[0] as u64) | ((w[1] as u64) << 32);
-    let b = (w[2] as u64) | ((w[3] as u64) << 32);
-    let mut h = (a ^ b.rotate_left(29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    h ^= h >> 29;
-    let bits = CACHE_LINE_BITS.load();
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let idx = (cpu << bits) | ((h as u32) & ((1u32 << bits) - 1));
-    FLOW_CACHE4.get_ptr_mut(idx)
+/// A key the cache can hold: compared and hashed as aligned words.
+trait Key: Copy {
+    type Words: AsRef<[u32]>;
+    fn words(&self) -> &Self::Words;
+}
+
+impl Key for FlowKey4 {
+    type Words = [u32; 4];
+    #[inline(always)]
+    fn words(&self) -> &[u32; 4] {
+        // SAFETY: 16 bytes, 4-aligned, no padding the data plane leaves unset.
+        unsafe { &*(self as *const Self as *const [u32; 4]) }
+    }
+}
+
+impl Key for FlowKey {
+    type Words = [u32; 10];
+    #[inline(always)]
+    fn words(&self) -> &[u32; 10] {
+        // SAFETY: 40 bytes, 8-aligned; parsing writes every byte, padding included.
+        unsafe { &*(self as *const Self as *const [u32; 10]) }
+    }
 }
 
 #[inline(always)]
-fn same(a: &FlowKey4, b: &FlowKey4) -> bool {
-    let a: &[u32; 4] = unsafe { &*(a as *const FlowKey4 as *const [u32; 4]) };
-    let b: &[u32; 4] = unsafe { &*(b as *const FlowKey4 as *const [u32; 4]) };
-    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+fn same<K: Key>(a: &K, b: &K) -> bool {
+    let (a, b) = (a.words().as_ref(), b.words().as_ref());
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// This CPU's line index for `k` (multiplicative hashing of the key's words).
+#[inline(always)]
+fn index<K: Key>(k: &K) -> u32 {
+    let mut h: u64 = 0;
+    for w in k.words().as_ref() {
+        h = (h ^ *w as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    let bits = CACHE_LINE_BITS.load();
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    (cpu << bits) | (((h >> 32) as u32) & ((1u32 << bits) - 1))
 }
 
 /// What [`find`] found.
@@ -97,64 +138,76 @@ pub mod found {
     pub const RECENT: u32 = 2;
 }
 
+#[inline(always)]
+fn find_in<K: Key, const N: usize>(ways: &[Cached<K>; N], k: &K, out: &mut [u32; 2]) -> u32 {
+    for way in ways {
+        if same(&way.key, k) {
+            let age = now().wrapping_sub(way.stamp);
+            *out = [way.backend, way.service];
+            return if age < FRESH {
+                found::FRESH
+            } else if age < 2 * FRESH {
+                found::RECENT
+            } else {
+                found::NOTHING
+            };
+        }
+    }
+    found::NOTHING
+}
+
 /// What the cache knows of a flow ([`found`]), its backend and service in `out`. Out of
 /// line, with plain numbers out: the caller's frame must leave room for the forwarding
 /// call.
 #[inline(never)]
 pub fn find(key: &FlowKey, out: &mut [u32; 2]) -> u32 {
-    if key.family != AF_INET {
-        return found::NOTHING;
-    }
-    let k = FlowKey4::of(key);
-    let Some(l) = line(&k) else {
-        return found::NOTHING;
-    };
-    let l = unsafe { &*l };
-    let way = if same(&l.ways[0].key, &k) {
-        &l.ways[0]
-    } else if same(&l.ways[1].key, &k) {
-        &l.ways[1]
+    if key.family == AF_INET {
+        let k = FlowKey4::of(key);
+        match FLOW_CACHE4.get(index(&k)) {
+            Some(l) => find_in(&l.ways, &k, out),
+            None => found::NOTHING,
+        }
     } else {
-        return found::NOTHING;
-    };
-    let age = now().wrapping_sub(way.stamp);
-    *out = [way.backend, way.service];
-    if age < FRESH_UNITS {
-        found::FRESH
-    } else if age < 2 * FRESH_UNITS {
-        found::RECENT
-    } else {
-        found::NOTHING
+        match FLOW_CACHE6.get(index(key)) {
+            Some(l) => find_in(&l.ways, key, out),
+            None => found::NOTHING,
+        }
     }
 }
 
-/// Remember (or re-confirm) a flow the table just vouched for.
-#[inline(never)]
-pub fn fill(key: &FlowKey, backend: u32, service: u32) {
-    if key.family != AF_INET {
-        return;
-    }
-    let k = FlowKey4::of(key);
-    let Some(l) = line(&k) else {
-        return;
-    };
-    let l = unsafe { &mut *l };
+#[inline(always)]
+fn fill_in<K: Key, const N: usize>(ways: &mut [Cached<K>; N], k: &K, backend: u32, service: u32) {
     let stamp = now();
-    // The way that holds it already, else the one confirmed longer ago.
-    let i = if same(&l.ways[0].key, &k) {
-        0
-    } else if same(&l.ways[1].key, &k) {
-        1
-    } else if stamp.wrapping_sub(l.ways[0].stamp) >= stamp.wrapping_sub(l.ways[1].stamp) {
-        0
-    } else {
-        1
-    };
-    l.ways[i] = Cached4 {
-        key: k,
+    // The way that holds the flow already, else the one confirmed longest ago.
+    let mut pick = 0;
+    let mut oldest = 0;
+    for (i, way) in ways.iter().enumerate() {
+        if same(&way.key, k) {
+            pick = i;
+            break;
+        }
+        let age = stamp.wrapping_sub(way.stamp);
+        if age > oldest {
+            (pick, oldest) = (i, age);
+        }
+    }
+    ways[pick] = Cached {
+        key: *k,
         backend,
         service,
         stamp,
-        _pad: 0,
     };
+}
+
+/// Remember (or confirm again) a flow the table just vouched for.
+#[inline(never)]
+pub fn fill(key: &FlowKey, backend: u32, service: u32) {
+    if key.family == AF_INET {
+        let k = FlowKey4::of(key);
+        if let Some(l) = FLOW_CACHE4.get_ptr_mut(index(&k)) {
+            fill_in(unsafe { &mut (*l).ways }, &k, backend, service);
+        }
+    } else if let Some(l) = FLOW_CACHE6.get_ptr_mut(index(key)) {
+        fill_in(unsafe { &mut (*l).ways }, key, backend, service);
+    }
 }

@@ -205,7 +205,7 @@ pub fn established(key: &FlowKey, tcp_end: bool) -> Established {
 
 /// DR and TUN flows are cached ([`cache`]); NAT flows keep state in their table entry.
 #[inline(always)]
-fn cacheable(svc: &ServiceMeta) -> bool {
+pub fn cacheable(svc: &ServiceMeta) -> bool {
     svc.mode == mode::DR || svc.mode == mode::TUN
 }
 

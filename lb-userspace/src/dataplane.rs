@@ -414,6 +414,7 @@ impl Director {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Io(e))? as u32;
         let line_bits = lb_common::flow_cache_line_bits(opts.flow_table_size, cpus);
         loader.map_max_entries(maps::FLOW_CACHE4, cpus << line_bits);
+        loader.map_max_entries(maps::FLOW_CACHE6, cpus << line_bits);
         loader.override_global("CACHE_LINE_BITS", &line_bits, true);
         let debug_log = u8::from(opts.debug_log);
         loader.override_global("DEBUG_LOG", &debug_log, true);
