@@ -662,7 +662,11 @@ pub mod stage {
 /// family (at most twice that after the rounding).
 pub fn flow_cache_line_bits(flow_table_size: u32, cpus: u32) -> u32 {
     let share = flow_table_size.div_ceil(cpus.max(1));
-    share.div_ceil(2).max(1).next_power_of_two().trailing_zeros()
+    share
+        .div_ceil(2)
+        .max(1)
+        .next_power_of_two()
+        .trailing_zeros()
 }
 
 /// Map names, shared so userspace never spells them twice.
@@ -857,6 +861,16 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flow_cache_has_a_line_per_two_flows_of_each_cpus_share() {
+        // 1M entries over 2 CPUs: 512k each, 256k lines (2^18).
+        assert_eq!(flow_cache_line_bits(1 << 20, 2), 18);
+        // Rounded up to a power of two; never below one line.
+        assert_eq!(flow_cache_line_bits(65_536, 3), 14);
+        assert_eq!(flow_cache_line_bits(1024, 64), 3);
+        assert_eq!(flow_cache_line_bits(1, 0), 0);
+    }
 
     #[test]
     fn vip_filter_bits_spread_and_tell_families_apart() {
