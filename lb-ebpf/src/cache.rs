@@ -58,6 +58,17 @@ pub struct Line6 {
     pub ways: [Cached<FlowKey>; 1],
 }
 
+/// 0: the cache is off (the bench's same-run comparison). A read-only global: with 1, the
+/// verifier removes the test.
+#[unsafe(no_mangle)]
+static FLOW_CACHE: Global<u8> = Global::new(1);
+
+/// Whether packets look in the cache at all.
+#[inline(always)]
+pub fn enabled() -> bool {
+    FLOW_CACHE.load() != 0
+}
+
 /// log2 of each CPU's lines (per family), set at load time from the table's size
 /// (`lb_common::flow_cache_line_bits`); CPU `c`'s lines are `c << CACHE_LINE_BITS ..`.
 #[unsafe(no_mangle)]

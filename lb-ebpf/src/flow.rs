@@ -145,7 +145,7 @@ pub enum Established {
 pub fn established(key: &FlowKey, tcp_end: bool) -> Established {
     // (backend, service) of a flow the cache saw active lately, else (u32::MAX, _).
     let mut recent = (u32::MAX, 0);
-    if !tcp_end {
+    if !tcp_end && cache::enabled() {
         let mut out = [0u32; 2];
         match cache::find(key, &mut out) {
             cache::found::FRESH => {
@@ -190,7 +190,7 @@ pub fn established(key: &FlowKey, tcp_end: bool) -> Established {
     if !still_live(v, key, client_ends(svc, tcp_end)) {
         return Established::Stale;
     }
-    if cacheable(svc) {
+    if cacheable(svc) && cache::enabled() {
         cache::fill(key, v.backend, v.service);
     }
     Established::Hit(

@@ -159,14 +159,17 @@ fn bench_stage(pkt: &parse::Parsed) -> bool {
         // As `flow::established` looks: the flow cache, else the table (and then the
         // cache remembers a DR/TUN flow for the next packet).
         let mut out = [0u32; 2];
-        let service = if cache::find(&pkt.key, &mut out) == cache::found::FRESH {
+        let service = if cache::enabled() && cache::find(&pkt.key, &mut out) == cache::found::FRESH
+        {
             out[1]
         } else {
             let Some(v) = flow::entry(&pkt.key) else {
                 return false;
             };
             let v = unsafe { &*v };
-            if select::service_by_id(v.service, &pkt.key).is_some_and(flow::cacheable) {
+            if cache::enabled()
+                && select::service_by_id(v.service, &pkt.key).is_some_and(flow::cacheable)
+            {
                 cache::fill(&pkt.key, v.backend, v.service);
             }
             v.service
