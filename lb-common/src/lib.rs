@@ -607,8 +607,7 @@ pub type AddrKey = VipAddr;
 pub mod stage {
     /// Ethernet, IP and transport headers parsed into the flow key.
     pub const PARSE: u8 = 1;
-    /// The flow lookup: this CPU's flow cache (DR, TUN), else the connection table
-    /// (`FLOWS4`/`FLOWS6`).
+    /// The flow-table lookup (`FLOWS4`/`FLOWS6`).
     pub const FLOW_LOOKUP: u8 = 2;
     /// The flow's service by id, checked against the packet (`SERVICE_SLOTS`).
     pub const SERVICE: u8 = 3;
@@ -629,7 +628,7 @@ pub mod stage {
     /// The stages of a DR flow hit, for the report.
     pub const DR_HIT: [(u8, &str); 5] = [
         (PARSE, "parse"),
-        (FLOW_LOOKUP, "flow lookup (flow cache)"),
+        (FLOW_LOOKUP, "flow-table lookup"),
         (SERVICE, "service check"),
         (LIVENESS, "backend and flow liveness"),
         (FORWARD, "forward (MACs)"),
@@ -637,7 +636,7 @@ pub mod stage {
     /// The stages of a NAT client packet of an established flow.
     pub const NAT_FORWARD: [(u8, &str); 8] = [
         (PARSE, "parse"),
-        (FLOW_LOOKUP, "flow lookup (cache miss, table)"),
+        (FLOW_LOOKUP, "flow-table lookup"),
         (SERVICE, "service check"),
         (LIVENESS, "backend and flow liveness"),
         (NAT_MAPPING, "reply mapping (NAT_REPLIES) made sure of"),
@@ -653,20 +652,6 @@ pub mod stage {
         (NAT_REWRITE, "rewrite (addresses, ports, checksums, TTL)"),
         (NAT_ROUTE, "next hop (cached), MACs, send"),
     ];
-}
-
-/// log2 of each CPU's flow-cache lines (per family) for a connection table of
-/// `flow_table_size` entries shared by `cpus` CPUs: half each CPU's share of the table
-/// (`BPF_F_NO_COMMON_LRU` splits it evenly), rounded up to a power of two — an IPv4 line
-/// holds two flows, an IPv6 line one. The caches then take 32 bytes per table entry and
-/// family (at most twice that after the rounding).
-pub fn flow_cache_line_bits(flow_table_size: u32, cpus: u32) -> u32 {
-    let share = flow_table_size.div_ceil(cpus.max(1));
-    share
-        .div_ceil(2)
-        .max(1)
-        .next_power_of_two()
-        .trailing_zeros()
 }
 
 /// Map names, shared so userspace never spells them twice.
@@ -693,11 +678,6 @@ pub mod maps {
     pub const IFACE_SLOTS: &str = "IFACE_SLOTS";
     pub const SERVICE_SLOTS: &str = "SERVICE_SLOTS";
     pub const VIP_FILTER: &str = "VIP_FILTER";
-    /// Each CPU's cache of its established DR/TUN flows, one per family. Not pinned: a new
-    /// program starts with empty caches, which is always correct (the connection table is
-    /// the truth).
-    pub const FLOW_CACHE4: &str = "FLOW_CACHE4";
-    pub const FLOW_CACHE6: &str = "FLOW_CACHE6";
     /// Every map the director pins, in a stable order.
     pub const ALL: [&str; 21] = [
         SERVICES,
@@ -861,16 +841,6 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn flow_cache_has_a_line_per_two_flows_of_each_cpus_share() {
-        // 1M entries over 2 CPUs: 512k each, 256k lines (2^18).
-        assert_eq!(flow_cache_line_bits(1 << 20, 2), 18);
-        // Rounded up to a power of two; never below one line.
-        assert_eq!(flow_cache_line_bits(65_536, 3), 14);
-        assert_eq!(flow_cache_line_bits(1024, 64), 3);
-        assert_eq!(flow_cache_line_bits(1, 0), 0);
-    }
 
     #[test]
     fn vip_filter_bits_spread_and_tell_families_apart() {

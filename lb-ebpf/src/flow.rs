@@ -7,7 +7,7 @@ use lb_common::{
     FLOW_F_ENDED, FLOW_TABLE_CAPACITY, FLOW_TOUCH_NS, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
 };
 
-use crate::{cache, select};
+use crate::select;
 use lb_ebpf::STATUS_OK;
 
 /// LRU hashes with per-CPU LRU lists: RSS keeps a flow on one CPU, so eviction bookkeeping
@@ -143,44 +143,7 @@ pub enum Established {
 /// entry at all, so a new flow is looked up once, not twice.
 #[inline(always)]
 pub fn established(key: &FlowKey, tcp_end: bool) -> Established {
-    // (backend, service) of a flow the cache saw active lately, else (u32::MAX, _).
-    let mut recent = (u32::MAX, 0);
-    if !tcp_end && cache::enabled() {
-        let mut out = [0u32; 2];
-        match cache::find(key, &mut out) {
-            cache::found::FRESH => {
-                let [id, service] = out;
-                if let Some(svc) = cached_usable(key, id, service) {
-                    return Established::Hit(
-                        svc,
-                        Choice {
-                            id,
-                            new: false,
-                            entry: core::ptr::null_mut(),
-                        },
-                    );
-                }
-            }
-            cache::found::RECENT => recent = (out[0], out[1]),
-            _ => {}
-        }
-    }
     let Some(v) = entry(key) else {
-        let (id, service) = recent;
-        if id != u32::MAX {
-            if let Some(svc) = cached_usable(key, id, service) {
-                if record_again(key, id, service) {
-                    return Established::Hit(
-                        svc,
-                        Choice {
-                            id,
-                            new: false,
-                            entry: core::ptr::null_mut(),
-                        },
-                    );
-                }
-            }
-        }
         return Established::Absent;
     };
     let v = unsafe { &mut *v };
@@ -190,9 +153,6 @@ pub fn established(key: &FlowKey, tcp_end: bool) -> Established {
     if !still_live(v, key, client_ends(svc, tcp_end)) {
         return Established::Stale;
     }
-    if cacheable(svc) && cache::enabled() {
-        cache::fill(key, v.backend, v.service);
-    }
     Established::Hit(
         svc,
         Choice {
@@ -201,43 +161,6 @@ pub fn established(key: &FlowKey, tcp_end: bool) -> Established {
             entry: v,
         },
     )
-}
-
-/// DR and TUN flows are cached ([`cache`]); NAT flows keep state in their table entry.
-#[inline(always)]
-pub fn cacheable(svc: &ServiceMeta) -> bool {
-    svc.mode == mode::DR || svc.mode == mode::TUN
-}
-
-/// A cached flow's service, if the flow still holds as it is: its service is still the
-/// packet's destination's and still forwards without per-flow state, its backend is usable.
-#[inline(always)]
-fn cached_usable(key: &FlowKey, id: u32, service: u32) -> Option<&'static ServiceMeta> {
-    let svc = select::service_by_id(service, key)?;
-    if !cacheable(svc) || select::backend(id).is_none() {
-        return None;
-    }
-    Some(svc)
-}
-
-/// The table has no entry for a flow the cache saw active within the last two windows:
-/// LRU eviction took it (cache hits do not mark entries referenced). Record it again with
-/// its backend instead of rescheduling a live connection. Whether that worked.
-#[inline(never)]
-fn record_again(key: &FlowKey, id: u32, service: u32) -> bool {
-    let value = FlowValue {
-        backend: id,
-        service,
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
-        ..FlowValue::default()
-    };
-    if !insert(key, &value) {
-        crate::stats::reason(reason::FLOW_INSERT_FAILED);
-        return false;
-    }
-    select::active_add(id, 1);
-    cache::fill(key, id, service);
-    true
 }
 
 /// In DR and TUN only the client's side is seen: its FIN/RST (`tcp_end`) ends the flow.

@@ -3,7 +3,6 @@
 #![no_std]
 #![no_main]
 
-mod cache;
 mod csum;
 mod flow;
 mod fwd;
@@ -156,26 +155,11 @@ fn not_for_a_vip(ctx: &XdpContext, pkt: &parse::Parsed, slot: u32) -> Result<u32
 fn bench_stage(pkt: &parse::Parsed) -> bool {
     let s = STOP_AFTER.load();
     if s >= stage::FLOW_LOOKUP {
-        // As `flow::established` looks: the flow cache, else the table (and then the
-        // cache remembers a DR/TUN flow for the next packet).
-        let mut out = [0u32; 2];
-        let service = if cache::enabled() && cache::find(&pkt.key, &mut out) == cache::found::FRESH
-        {
-            out[1]
-        } else {
-            let Some(v) = flow::entry(&pkt.key) else {
-                return false;
-            };
-            let v = unsafe { &*v };
-            if cache::enabled()
-                && select::service_by_id(v.service, &pkt.key).is_some_and(flow::cacheable)
-            {
-                cache::fill(&pkt.key, v.backend, v.service);
-            }
-            v.service
+        let Some(v) = flow::entry(&pkt.key) else {
+            return false;
         };
         if s >= stage::SERVICE {
-            return select::service_by_id(service, &pkt.key).is_some();
+            return select::service_by_id(unsafe { (*v).service }, &pkt.key).is_some();
         }
     }
     true

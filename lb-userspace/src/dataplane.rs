@@ -341,9 +341,6 @@ pub struct LoadOptions<'a> {
     /// Benchmark only: end established flows' packets after this [`lb_common::stage`]
     /// (0: never; anything else does not forward).
     pub stop_after: u8,
-    /// Each CPU's cache of established DR/TUN flows in front of the connection table (off
-    /// only for the bench's same-run comparison).
-    pub flow_cache: bool,
 }
 
 impl Default for LoadOptions<'_> {
@@ -355,7 +352,6 @@ impl Default for LoadOptions<'_> {
             debug_log: false,
             udp_idle: std::time::Duration::from_nanos(lb_common::UDP_IDLE_DEFAULT_NS),
             stop_after: 0,
-            flow_cache: true,
         }
     }
 }
@@ -415,13 +411,6 @@ impl Director {
         loader.map_max_entries(maps::FLOWS6, opts.flow_table_size);
         // One reply mapping per NAT flow.
         loader.map_max_entries(maps::NAT_REPLIES, opts.flow_table_size);
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Io(e))? as u32;
-        let line_bits = lb_common::flow_cache_line_bits(opts.flow_table_size, cpus);
-        loader.map_max_entries(maps::FLOW_CACHE4, cpus << line_bits);
-        loader.map_max_entries(maps::FLOW_CACHE6, cpus << line_bits);
-        loader.override_global("CACHE_LINE_BITS", &line_bits, true);
-        let flow_cache = u8::from(opts.flow_cache);
-        loader.override_global("FLOW_CACHE", &flow_cache, true);
         let debug_log = u8::from(opts.debug_log);
         loader.override_global("DEBUG_LOG", &debug_log, true);
         let udp_idle_ns = opts.udp_idle.as_nanos() as u64;

@@ -135,21 +135,16 @@ impl Harness {
 
     /// As [`Harness::new`], with the data plane's per-packet debug log compiled in or not.
     pub fn with_debug_log(yaml: &str, debug_log: bool) -> Harness {
-        Harness::load(yaml, debug_log, 0, true)
-    }
-
-    /// As [`Harness::new`], with the flow cache off (the bench's same-run comparison).
-    pub fn without_flow_cache(yaml: &str) -> Harness {
-        Harness::load(yaml, false, 0, false)
+        Harness::load(yaml, debug_log, 0)
     }
 
     /// As [`Harness::new`], with a director that ends established flows' packets after
     /// `stage` (the benchmark's stage breakdown, [`lb_common::stage`]).
     pub fn stopping_after(yaml: &str, stage: u8) -> Harness {
-        Harness::load(yaml, false, stage, true)
+        Harness::load(yaml, false, stage)
     }
 
-    fn load(yaml: &str, debug_log: bool, stop_after: u8, flow_cache: bool) -> Harness {
+    fn load(yaml: &str, debug_log: bool, stop_after: u8) -> Harness {
         require_root();
         let config = Config::parse(yaml, &AnyHost)
             .unwrap_or_else(|e| panic!("fixture config invalid: {e:?}"));
@@ -162,7 +157,6 @@ impl Harness {
             udp_idle: config.udp_idle_timeout(),
             adopt: false,
             stop_after,
-            flow_cache,
         })
         .expect("load XDP object");
         director.apply(&desired).expect("fill maps");

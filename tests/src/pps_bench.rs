@@ -121,8 +121,6 @@ pub enum Target {
     Ceiling,
     /// The director in DR mode.
     Dr,
-    /// The same with its flow cache off (same-run comparison).
-    DrNoCache,
     /// The director in TUN mode (IPIP to backends on the generator's segment).
     Tun,
     /// The director in NAT mode (DNAT, next hop from the FIB).
@@ -133,10 +131,9 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 6] = [
+    pub const ALL: [Target; 5] = [
         Target::Ceiling,
         Target::Dr,
-        Target::DrNoCache,
         Target::Tun,
         Target::Nat,
         Target::Nft,
@@ -146,7 +143,6 @@ impl Target {
         match self {
             Target::Ceiling => "ceiling: MAC swap + XDP_TX",
             Target::Dr => "xdplb DR",
-            Target::DrNoCache => "xdplb DR, flow cache off",
             Target::Tun => "xdplb TUN",
             Target::Nat => "xdplb NAT",
             Target::Nft => "nftables DNAT (numgen)",
@@ -155,7 +151,7 @@ impl Target {
 
     fn mode(self) -> Option<&'static str> {
         match self {
-            Target::Dr | Target::DrNoCache => Some("dr"),
+            Target::Dr => Some("dr"),
             Target::Tun => Some("tun"),
             Target::Nat => Some("nat"),
             _ => None,
@@ -201,7 +197,6 @@ fn serve(
     let handle = in_netns(dir, move || {
         let mut d = Director::load(&dataplane::LoadOptions {
             flow_table_size: 65536,
-            flow_cache: target != Target::DrNoCache,
             ..Default::default()
         })
         .expect("load");
@@ -508,7 +503,6 @@ fn lane_pdr(gen: &Generator, lane: usize, flows: u32, trial_s: f64, steps: u32) 
     pdr(trial, steps)
 }
 
-#[derive(Clone)]
 pub struct PpsRow {
     pub target: Target,
     pub flows: u32,

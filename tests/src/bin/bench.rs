@@ -287,14 +287,8 @@ fn main() {
         use lb_tests::{median, pps_bench::Target as T};
         let pps = lb_tests::pps_bench::rows(quick);
         report += &lb_tests::pps_bench::report(&pps);
-        // The plot shows the modes; the cache-off comparison is in the tables.
-        let modes: Vec<_> = pps
-            .iter()
-            .filter(|r| r.target != T::DrNoCache)
-            .cloned()
-            .collect();
         lb_tests::plot::pps_png(
-            &modes,
+            &pps,
             &format!("xdplb end to end on veth, {}", machine()),
             &dir.join("pps.png"),
         )
@@ -358,54 +352,37 @@ fn machine() -> String {
 }
 
 /// Flow hits with N established flows: a director with a 4M-entry table, the driver cycling
-/// through N 5-tuples (`BENCH_CFG[1]`), warmed up so every measured run is a hit; next to
-/// the same director with its flow cache off, run for run in turn (same-run comparison).
+/// through N 5-tuples (`BENCH_CFG[1]`), warmed up so every measured run is a hit.
 fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     let big = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 4194304");
-    let mut on = Harness::new(&big);
-    let mut off = Harness::without_flow_cache(&big);
-    let (_next_on, mut cfg_on) = driving(&mut on, dataplane::PROGRAM, NEW_FLOW);
-    let (_next_off, mut cfg_off) = driving(&mut off, dataplane::PROGRAM, NEW_FLOW);
+    let mut h = Harness::new(&big);
+    let (_next, mut cfg) = driving(&mut h, dataplane::PROGRAM, NEW_FLOW);
     let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build();
     let mut rows = Vec::new();
     for n in [1u32, 1_000, 100_000, 1_000_000] {
-        let (with, without) = match n {
-            1 => (
-                "DR flow hit, 1 established flow (driver cycles)",
-                "DR flow hit, 1 established flow, flow cache off",
-            ),
-            1_000 => (
-                "DR flow hit, 1k established flows (driver cycles)",
-                "DR flow hit, 1k established flows, flow cache off",
-            ),
-            100_000 => (
-                "DR flow hit, 100k established flows (driver cycles)",
-                "DR flow hit, 100k established flows, flow cache off",
-            ),
-            _ => (
-                "DR flow hit, 1M established flows (driver cycles)",
-                "DR flow hit, 1M established flows, flow cache off",
-            ),
-        };
-        let mut pair = [Row::new(with, true), Row::new(without, true)];
-        for (h, cfg) in [(&on, &mut cfg_on), (&off, &mut cfg_off)] {
-            cfg.set(1, n, 0).unwrap();
-            // Warm up: every one of the N flows is created once.
-            driven(h, &v4, n.max(1), 1);
-        }
+        let mut row = Row::new(
+            match n {
+                1 => "DR flow hit, 1 established flow (driver cycles)",
+                1_000 => "DR flow hit, 1k established flows (driver cycles)",
+                100_000 => "DR flow hit, 100k established flows (driver cycles)",
+                _ => "DR flow hit, 1M established flows (driver cycles)",
+            },
+            true,
+        );
+        cfg.set(1, n, 0).unwrap();
+        // Warm up: every one of the N flows is created once.
+        driven(&h, &v4, n.max(1), 1);
         for _ in 0..runs {
-            for (row, h) in pair.iter_mut().zip([&on, &off]) {
-                let (ns, (fwd, new)) = counted(h, || driven(h, &v4, repeat, 1));
-                row.samples.push(ns);
-                assert_eq!(
-                    new, 0,
-                    "{}: every measured run hit an established flow",
-                    row.path
-                );
-                assert_eq!(fwd, u64::from(repeat), "{}", row.path);
-            }
+            let (ns, (fwd, new)) = counted(&h, || driven(&h, &v4, repeat, 1));
+            row.samples.push(ns);
+            assert_eq!(
+                new, 0,
+                "{}: every measured run hit an established flow",
+                row.path
+            );
+            assert_eq!(fwd, u64::from(repeat), "{}", row.path);
         }
-        rows.extend(pair);
+        rows.push(row);
     }
     rows
 }
