@@ -284,12 +284,31 @@ pub struct FlowValue {
     /// holding only the low bits before: same layout.)
     pub nat_checked: u16,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when a packet was last seen; UDP only, refreshed
-    /// at most every [`FLOW_TOUCH_NS`], for the idle timeout.
+    /// at most every [`udp_touch_ns`], for the idle timeout.
     pub last_seen_ns: u64,
 }
 
-/// Granularity of `FlowValue::last_seen_ns` updates (saves a write on most packets).
+/// Coarsest granularity of `FlowValue::last_seen_ns` updates (saves a write on most packets).
 pub const FLOW_TOUCH_NS: u64 = 1_000_000_000;
+
+/// How stale a UDP flow's `last_seen_ns` may get before a packet refreshes it, for an idle
+/// timeout of `idle_ns`: [`FLOW_TOUCH_NS`], or an eighth of the timeout if that is shorter.
+pub const fn udp_touch_ns(idle_ns: u64) -> u64 {
+    let eighth = idle_ns / 8;
+    if eighth < FLOW_TOUCH_NS {
+        eighth
+    } else {
+        FLOW_TOUCH_NS
+    }
+}
+
+/// Whether a UDP flow whose `last_seen_ns` is `age_ns` old has ended, for an idle timeout of
+/// `idle_ns`. `last_seen_ns` lags the flow's last packet by up to [`udp_touch_ns`], so the
+/// flow ends only past the timeout plus that lag: a flow whose packets are never further
+/// apart than the timeout is never ended, and a silent one ends within 1⅛ of it.
+pub const fn udp_expired(age_ns: u64, idle_ns: u64) -> bool {
+    age_ns > idle_ns.saturating_add(udp_touch_ns(idle_ns))
+}
 
 /// Default idle timeout of UDP flows (`udp_idle_timeout`).
 pub const UDP_IDLE_DEFAULT_NS: u64 = 30_000_000_000;
@@ -841,6 +860,30 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn udp_flows_end_only_past_the_timeout_plus_the_clock_lag() {
+        const S: u64 = 1_000_000_000;
+        // Short timeouts: the clock is refreshed every eighth of it.
+        assert_eq!(udp_touch_ns(S), S / 8);
+        assert_eq!(udp_touch_ns(4 * S), S / 2);
+        // Long ones: every second.
+        assert_eq!(udp_touch_ns(30 * S), S);
+        assert_eq!(udp_touch_ns(3600 * S), S);
+        for idle in [S, 2 * S, 30 * S, 3600 * S] {
+            // A packet just before the refresh leaves the clock one touch behind it; a next
+            // packet a whole timeout later still finds its flow.
+            let lag = udp_touch_ns(idle);
+            assert!(!udp_expired(idle + lag, idle), "{idle}");
+            assert!(udp_expired(idle + lag + 1, idle), "{idle}");
+            assert!(
+                idle + lag <= idle + idle / 8,
+                "ends within 1 1/8 of the timeout"
+            );
+        }
+        assert!(!udp_expired(0, 0) && udp_expired(1, 0));
+        assert!(!udp_expired(u64::MAX, u64::MAX), "no overflow");
+    }
 
     #[test]
     fn vip_filter_bits_spread_and_tell_families_apart() {

@@ -3,8 +3,8 @@
 use aya_ebpf::btf_maps::LruHashMap as BtfLruHashMap;
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_map, Global};
 use lb_common::{
-    mode, reason, FlowKey, FlowKey4, FlowValue, ServiceMeta, AF_INET, BPF_F_NO_COMMON_LRU,
-    FLOW_F_ENDED, FLOW_TABLE_CAPACITY, FLOW_TOUCH_NS, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
+    mode, reason, udp_expired, udp_touch_ns, FlowKey, FlowKey4, FlowValue, ServiceMeta, AF_INET,
+    BPF_F_NO_COMMON_LRU, FLOW_F_ENDED, FLOW_TABLE_CAPACITY, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
 };
 
 use crate::select;
@@ -171,7 +171,7 @@ pub fn client_ends(svc: &ServiceMeta, tcp_end: bool) -> bool {
 
 /// Whether an established entry still holds: not an idle UDP flow, and its backend was
 /// neither removed from the config nor reset (those flows are rescheduled). If so, refresh
-/// the UDP clock (at most every `FLOW_TOUCH_NS`) and, when the client `ending` the
+/// the UDP clock (when it is older than `udp_touch_ns`) and, when the client `ending` the
 /// connection, stop counting it as active for its backend (once).
 #[inline(always)]
 fn still_live(v: &mut FlowValue, key: &FlowKey, ending: bool) -> bool {
@@ -180,10 +180,11 @@ fn still_live(v: &mut FlowValue, key: &FlowKey, ending: bool) -> bool {
     } else {
         0
     };
-    if age > UDP_IDLE_NS.load() || select::backend(v.backend).is_none() {
+    let idle = UDP_IDLE_NS.load();
+    if udp_expired(age, idle) || select::backend(v.backend).is_none() {
         return false;
     }
-    if age > FLOW_TOUCH_NS {
+    if age > udp_touch_ns(idle) {
         v.last_seen_ns += age;
     }
     if ending && v.flags & FLOW_F_ENDED == 0 {

@@ -696,7 +696,8 @@ pub struct Swept {
     pub live: std::collections::HashMap<u32, usize>,
 }
 
-/// Remove ended flows and their NAT state: UDP flows idle for longer than `idle`, flows
+/// Remove ended flows and their NAT state: UDP flows idle for longer than `idle` (as
+/// [`lb_common::udp_expired`] judges it, the same test the data plane makes), flows
 /// of a backend in `evict` (down with `on_backend_down: reset`: the data plane already
 /// reschedules them), and flows of backends that are no longer configured (`configured`
 /// says which ids are).
@@ -717,7 +718,8 @@ pub fn sweep(
     let mut swept = Swept::default();
     let mut expired = std::collections::HashSet::new();
     for (k, v) in m.flows.iter() {
-        if (k.proto == lb_common::IPPROTO_UDP && now.saturating_sub(v.last_seen_ns) > idle)
+        if (k.proto == lb_common::IPPROTO_UDP
+            && lb_common::udp_expired(now.saturating_sub(v.last_seen_ns), idle))
             || evict.contains(&v.backend)
             || !configured(v.backend)
         {

@@ -538,6 +538,56 @@ fn counters_count_packets_bytes_and_new_flows() {
     );
 }
 
+/// A UDP flow whose packets come closer together than `udp_idle_timeout` keeps its entry
+/// (data plane and sweep alike), however short the timeout: the flow's clock is refreshed
+/// often enough for it. (With a 1 s refresh, a flow with a packet every 0.6 s under a 1 s
+/// timeout was swept, or rescheduled, on its third packet.)
+#[test]
+fn udp_flows_with_packets_closer_than_the_timeout_are_kept() {
+    let idle = std::time::Duration::from_secs(1);
+    let mut h = Harness::new(&format!("udp_idle_timeout: 1s\n{CONFIG}"));
+    let gap = std::time::Duration::from_millis(600);
+    let new_flows = |h: &Harness| {
+        lb_userspace::dataplane::Maps::sum_counters(&h.director.maps.service_stats, 1)
+            .unwrap()
+            .new_flows
+    };
+    // A packet is checked only when this VM did not stall past the timeout since the one
+    // before (then starting anew would be right); a try needs three checked packets.
+    for sport in [5300u16, 5301, 5302] {
+        let pkt = Pkt::udp("198.18.2.4", "198.18.0.100", sport, 53);
+        let bytes = pkt.build();
+        let mut before = std::time::Instant::now();
+        assert_eq!(h.run(&bytes).0, XDP_TX);
+        let mut flows = new_flows(&h);
+        let mut checked = 0;
+        for _ in 0..5 {
+            std::thread::sleep(gap.saturating_sub(before.elapsed()));
+            let swept = lb_userspace::dataplane::sweep_idle_udp(&mut h.director.maps, idle);
+            let now = std::time::Instant::now();
+            assert_eq!(h.run(&bytes).0, XDP_TX);
+            // At most this long between the two packets' clock readings.
+            let stalled = before.elapsed() >= idle;
+            if !stalled {
+                assert_eq!(swept.unwrap(), 0, "flow {sport} swept while active");
+                assert_eq!(
+                    new_flows(&h),
+                    flows,
+                    "flow {sport} started anew while active"
+                );
+                checked += 1;
+            }
+            before = now;
+            flows = new_flows(&h);
+        }
+        if checked >= 3 {
+            assert!(h.director.maps.flows.get(&pkt.key()).is_some());
+            return;
+        }
+    }
+    panic!("this VM stalled past the timeout in every try");
+}
+
 /// Collects log records in memory.
 #[derive(Clone, Default)]
 struct Capture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
