@@ -361,13 +361,13 @@ impl Generator {
                 .try_into()
                 .expect("sink");
             let received = || -> u64 { sink.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+            let prog = d.loaded(dataplane::BENCH_DRIVER_PROGRAM).expect("driver");
             for (t, reply) in rx {
                 let (frame, ctx) = &inputs[t.lane];
                 template.set(0, *frame, 0).expect("template");
                 cfg.set(1, t.flows, 0).expect("cycle");
                 cfg.set(2, t.gap_ns, 0).expect("pace");
                 let before = received();
-                let prog = d.loaded(dataplane::BENCH_DRIVER_PROGRAM).expect("driver");
                 let started = Instant::now();
                 let res = prog
                     .test_run(TestRunOptions {
