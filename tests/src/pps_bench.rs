@@ -516,6 +516,66 @@ pub struct PpsRow {
     /// time statistics, one extra run after the timed ones); `None` for nftables, whose work
     /// is not in a program.
     pub run_ns: Option<f64>,
+    /// Ceiling and DR: where the director's core spent its time in one more flat-out run
+    /// ([`profile`]): (symbol, % of its samples), largest first.
+    pub profile: Vec<(String, f64)>,
+}
+
+/// perf's `cpu-clock` samples of CPU 1 (the director's NAPI core) while `run` runs, by
+/// symbol: (symbol, % of samples), largest first. `cpu-clock` is a software event, so it
+/// works on this VM, which has no PMU (`bpftool prog profile` needs one); the JIT-ed programs
+/// appear under their names. Empty when perf is missing or records nothing.
+fn profile(run: impl FnOnce()) -> Vec<(String, f64)> {
+    use std::process::{Command, Stdio};
+    let data = std::env::temp_dir().join(format!("xdplb-bench-{}.perf", std::process::id()));
+    let Ok(mut rec) = Command::new("perf")
+        .args(["record", "-q", "-e", "cpu-clock", "-C", "1", "-o"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return Vec::new();
+    };
+    // perf samples a moment after it starts.
+    std::thread::sleep(Duration::from_millis(300));
+    run();
+    // SAFETY: a signal to our own child; SIGINT makes perf write its file and exit.
+    unsafe { libc::kill(rec.id() as libc::pid_t, libc::SIGINT) };
+    let _ = rec.wait();
+    let text = Command::new("perf")
+        .args(["report", "--stdio", "-q", "--sort", "sym", "-i"])
+        .arg(&data)
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let _ = std::fs::remove_file(&data);
+    perf_symbols(&text)
+}
+
+/// `perf report --sort sym` lines ("  27.28%  [k] bpf_prog_e6844195109670ed_xdplb") as
+/// (symbol, %); a JIT-ed program's tag is dropped ("BPF program xdplb").
+fn perf_symbols(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter_map(|l| {
+            let (pct, rest) = l.trim().split_once('%')?;
+            let pct: f64 = pct.trim().parse().ok()?;
+            let sym = rest.trim().split_once(']').map_or(rest, |(_, s)| s).trim();
+            let sym = match sym
+                .strip_prefix("bpf_prog_")
+                .and_then(|t| t.split_once('_'))
+            {
+                Some((tag, name))
+                    if tag.len() == 16 && tag.chars().all(|c| c.is_ascii_hexdigit()) =>
+                {
+                    format!("BPF program {name}")
+                }
+                _ => sym.to_string(),
+            };
+            Some((sym, pct))
+        })
+        .collect()
 }
 
 /// Every [`Target`] at 1 and 10k flows: delivered Mpps flat out (`runs` each) and the
@@ -551,6 +611,7 @@ pub fn rows(quick: bool) -> Vec<PpsRow> {
                 delivered_mpps: Vec::new(),
                 pdr_mpps: Vec::new(),
                 run_ns: None,
+                profile: Vec::new(),
             })
         })
         .collect();
@@ -599,6 +660,18 @@ pub fn rows(quick: bool) -> Vec<PpsRow> {
         r.run_ns = (n1 > n0).then(|| (t1 - t0).as_nanos() as f64 / (n1 - n0) as f64);
     }
     drop(stats);
+    // Where the director's core spends its time, ceiling and DR at both flow counts.
+    let profile_runs = if quick { 2 } else { 8 };
+    for (row, r) in out.iter_mut().enumerate() {
+        if matches!(r.target, Target::Ceiling | Target::Dr) {
+            let i = row / FLOWS.len();
+            r.profile = profile(|| {
+                for _ in 0..profile_runs {
+                    flat_out(i, r.flows);
+                }
+            });
+        }
+    }
     drop(gen);
     for (stop, handle, _) in servers {
         let _ = stop.send(());
@@ -649,12 +722,80 @@ pub fn report(rows: &[PpsRow]) -> String {
         out.push_str(&cells(r, |r| &r.pdr_mpps));
         out.push('\n');
     }
+    out + &profile_table(rows)
+}
+
+/// The profiled rows side by side: every symbol with ≥ 1 % of some row's samples, ordered
+/// by its largest share in any of them, at most 16.
+fn profile_table(rows: &[PpsRow]) -> String {
+    let profiled: Vec<&PpsRow> = rows.iter().filter(|r| !r.profile.is_empty()).collect();
+    if profiled.is_empty() {
+        return String::new();
+    }
+    let share = |r: &PpsRow, sym: &str| {
+        r.profile
+            .iter()
+            .find(|(s, _)| s == sym)
+            .map_or(0.0, |p| p.1)
+    };
+    let mut syms: Vec<&str> = profiled
+        .iter()
+        .flat_map(|r| r.profile.iter())
+        .filter(|(_, pct)| *pct >= 1.0)
+        .map(|(s, _)| s.as_str())
+        .collect();
+    let top = |sym: &str| profiled.iter().map(|r| share(r, sym)).fold(0.0, f64::max);
+    syms.sort_by(|a, b| top(b).total_cmp(&top(a)).then(a.cmp(b)));
+    syms.dedup();
+    syms.truncate(16);
+    let mut out = String::from(
+        "\nWhere the director's core (CPU 1) spends its time flat out, % of perf cpu-clock samples:\n\n| symbol |",
+    );
+    for r in &profiled {
+        let flows = match r.flows {
+            1 => "1 flow".to_string(),
+            n if n % 1000 == 0 => format!("{}k flows", n / 1000),
+            n => format!("{n} flows"),
+        };
+        out.push_str(&format!(" {}, {flows} |", r.target.name()));
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---:|".repeat(profiled.len()));
+    out.push('\n');
+    for sym in syms {
+        out.push_str(&format!("| {sym} |"));
+        for r in &profiled {
+            out.push_str(&format!(" {:.1} |", share(r, sym)));
+        }
+        out.push('\n');
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn perf_report_lines_become_symbols_and_shares() {
+        let text = "    27.28%  [k] bpf_prog_e6844195109670ed_xdplb\n\
+                    \x20    9.31%  [k] lookup_nulls_elem_raw\n\
+                    \x20    0.17%  [k] 0xffffffffc0036871\n\
+                    \n# a comment\n";
+        assert_eq!(
+            perf_symbols(text),
+            vec![
+                ("BPF program xdplb".to_string(), 27.28),
+                ("lookup_nulls_elem_raw".to_string(), 9.31),
+                ("0xffffffffc0036871".to_string(), 0.17),
+            ]
+        );
+        // Not a JIT tag: kept as it is.
+        assert_eq!(
+            perf_symbols("1.00% [k] bpf_prog_run_x")[0].0,
+            "bpf_prog_run_x"
+        );
+    }
 
     /// A receiver that forwards up to `capacity` pps and, past it, loses the excess; a
     /// generator that tops out at `max` pps.

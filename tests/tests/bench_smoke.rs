@@ -143,6 +143,31 @@ fn bench_quick_runs_every_path_and_reports() {
             "forwarded at ≤ 0.5 % loss, within the generator's rate: {row}"
         );
     }
+    // Where the director's core spends its time: the ceiling's and DR's programs each hold
+    // a share of their own rows' samples (four columns: ceiling and DR at 1 and 10k flows).
+    let profile = table(&stdout, "| symbol");
+    let share = |name: &str| -> Vec<f64> {
+        let row = profile
+            .iter()
+            .find(|r| r.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("{name} in the profile:\n{stdout}"));
+        let c: Vec<f64> = row
+            .split('|')
+            .skip(2)
+            .filter_map(|c| c.trim().parse().ok())
+            .collect();
+        assert_eq!(c.len(), 4, "{row}");
+        c
+    };
+    let (floor, director) = (share("BPF program xdplb_floor"), share("BPF program xdplb"));
+    assert!(
+        floor[0] > 0.0 && floor[1] > 0.0 && director[2] > 0.0 && director[3] > 0.0,
+        "each profiled core ran its program:\n{stdout}"
+    );
+    assert!(
+        director[0] == 0.0 && floor[2] == 0.0,
+        "each column profiles its own target:\n{stdout}"
+    );
     let http = table(&stdout, "| HTTP through the VIP");
     assert_eq!(http.len(), 3, "xdplb, nftables, HAProxy:\n{stdout}");
     for row in &http {

@@ -53,6 +53,7 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",          // nftables DNAT with numgen, the kernel's NAT peer
     "haproxy",           // HAProxy `mode tcp`, the proxy peer
     "wrk",               // HTTP requests/s through the VIP
+    "linux-perf",        // where the director's core spends its time (cpu-clock samples)
     "fonts-dejavu-core", // the font of the report's PNG plot
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
