@@ -452,9 +452,19 @@ fn pdr(mut trial: impl FnMut(f64) -> Sample, steps: u32) -> f64 {
             s
         }
     };
-    let flat = trial(f64::INFINITY);
+    // Flat out twice unless the first passes, keeping the one that delivered more: the
+    // search starts below what came back, and a stall in a lone flat-out trial (nothing came
+    // back) would end it at 0.
+    let mut flat = trial(f64::INFINITY);
     if flat.loss <= PDR_LOSS {
         return flat.offered_pps;
+    }
+    let again = trial(f64::INFINITY);
+    if again.loss <= PDR_LOSS {
+        return again.offered_pps;
+    }
+    if again.delivered_pps > flat.delivered_pps {
+        flat = again;
     }
     // A rate that passes: start just below what came back flat out, halve until one does.
     let (mut fail, mut pass) = (flat.offered_pps, flat.delivered_pps * 0.9);
@@ -825,6 +835,24 @@ mod tests {
     #[test]
     fn pdr_is_the_generator_when_nothing_is_lost_flat_out() {
         assert_eq!(pdr(model(5e6, 4.5e6), 6), 4.5e6);
+    }
+
+    #[test]
+    fn pdr_survives_a_stall_in_the_flat_out_trial() {
+        // The first flat-out trial meets a stall: nothing comes back.
+        let capacity = 2e6;
+        let mut m = model(capacity, 4.5e6);
+        let mut first = true;
+        let trial = |pps: f64| {
+            let mut s = m(pps);
+            if std::mem::take(&mut first) {
+                s.delivered_pps = 0.0;
+                s.loss = 1.0;
+            }
+            s
+        };
+        let found = pdr(trial, 6);
+        assert!(found >= capacity * 0.97, "found {found}");
     }
 
     #[test]
