@@ -439,32 +439,24 @@ pub const PDR_LOSS: f64 = 0.005;
 /// rate alone understates a slower target. 0 when nothing down to 10 kpps passes.
 fn pdr(mut trial: impl FnMut(f64) -> Sample, steps: u32) -> f64 {
     // A rate fails only when a second trial loses too: one hiccup of this VM (a few ms of
-    // lost CPU) costs a short trial its 0.5 % and would send the search far down.
+    // lost CPU) costs a short trial its 0.5 % and would send the search far down. Of two
+    // that lose, the one that delivered more counts: the search starts below what came back
+    // flat out, and a stall in a lone flat-out trial (nothing came back) would end it at 0.
     let mut trial = |pps: f64| {
         let s = trial(pps);
-        if s.loss <= PDR_LOSS || !pps.is_finite() {
+        if s.loss <= PDR_LOSS {
             return s;
         }
         let again = trial(pps);
-        if again.loss <= PDR_LOSS {
+        if again.loss <= PDR_LOSS || again.delivered_pps > s.delivered_pps {
             again
         } else {
             s
         }
     };
-    // Flat out twice unless the first passes, keeping the one that delivered more: the
-    // search starts below what came back, and a stall in a lone flat-out trial (nothing came
-    // back) would end it at 0.
-    let mut flat = trial(f64::INFINITY);
+    let flat = trial(f64::INFINITY);
     if flat.loss <= PDR_LOSS {
         return flat.offered_pps;
-    }
-    let again = trial(f64::INFINITY);
-    if again.loss <= PDR_LOSS {
-        return again.offered_pps;
-    }
-    if again.delivered_pps > flat.delivered_pps {
-        flat = again;
     }
     // A rate that passes: start just below what came back flat out, halve until one does.
     let (mut fail, mut pass) = (flat.offered_pps, flat.delivered_pps * 0.9);
