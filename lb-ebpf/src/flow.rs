@@ -99,6 +99,8 @@ pub mod how {
     pub const ENDING: u32 = 2;
     /// [`super::established`] just found no entry: do not look again.
     pub const ABSENT: u32 = 4;
+    /// A TCP SYN (without ACK): the client is opening a connection (see [`super::opens`]).
+    pub const OPENING: u32 = 8;
 }
 
 /// The flow's backend: from the table, or scheduled now (and, with [`how::RECORD`],
@@ -142,7 +144,7 @@ pub enum Established {
 /// ([`crate::select::service`], then [`lookup_or_schedule`]), told whether there was an
 /// entry at all, so a new flow is looked up once, not twice.
 #[inline(always)]
-pub fn established(key: &FlowKey, tcp_end: bool) -> Established {
+pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
     let Some(v) = entry(key) else {
         return Established::Absent;
     };
@@ -150,7 +152,7 @@ pub fn established(key: &FlowKey, tcp_end: bool) -> Established {
     let Some(svc) = select::service_by_id(v.service, key) else {
         return Established::Stale;
     };
-    if !still_live(v, key, client_ends(svc, tcp_end)) {
+    if !still_live(v, key, client_ends(svc, tcp_end), tcp_syn) {
         return Established::Stale;
     }
     Established::Hit(
@@ -169,19 +171,30 @@ pub fn client_ends(svc: &ServiceMeta, tcp_end: bool) -> bool {
     tcp_end && (svc.mode == mode::DR || svc.mode == mode::TUN)
 }
 
-/// Whether an established entry still holds: not an idle UDP flow, and its backend was
-/// neither removed from the config nor reset (those flows are rescheduled). If so, refresh
-/// the UDP clock (when it is older than `udp_touch_ns`) and, when the client `ending` the
-/// connection, stop counting it as active for its backend (once).
+/// Whether a SYN (`opening`) starts a new connection on this entry's 5-tuple: the client
+/// ended the last one (FIN/RST, DR and TUN) and now reuses the source port. As IPVS does
+/// (`conn_reuse_mode`), that connection is scheduled afresh — else it would stick to the old
+/// backend even if drained, re-weighted or no longer the client's persistent one. A SYN on
+/// a flow the client has not ended (a retransmission) stays.
 #[inline(always)]
-fn still_live(v: &mut FlowValue, key: &FlowKey, ending: bool) -> bool {
+pub fn opens(v: &FlowValue, opening: bool) -> bool {
+    opening && v.flags & FLOW_F_ENDED != 0
+}
+
+/// Whether an established entry still holds: not an idle UDP flow, not a connection the
+/// client ended and now opens again ([`opens`]), and its backend was neither removed from
+/// the config nor reset (those flows are rescheduled). If so, refresh the UDP clock (when
+/// it is older than `udp_touch_ns`) and, when the client `ending` the connection, stop
+/// counting it as active for its backend (once).
+#[inline(always)]
+fn still_live(v: &mut FlowValue, key: &FlowKey, ending: bool, opening: bool) -> bool {
     let age = if key.proto == IPPROTO_UDP {
         unsafe { bpf_ktime_get_ns() }.saturating_sub(v.last_seen_ns)
     } else {
         0
     };
     let idle = UDP_IDLE_NS.load();
-    if udp_expired(age, idle) || select::backend(v.backend).is_none() {
+    if udp_expired(age, idle) || opens(v, opening) || select::backend(v.backend).is_none() {
         return false;
     }
     if age > udp_touch_ns(idle) {
@@ -200,7 +213,11 @@ static UDP_IDLE_NS: Global<u64> = Global::new(UDP_IDLE_DEFAULT_NS);
 
 #[inline(always)]
 fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
-    let (record, ending) = (how & how::RECORD != 0, how & how::ENDING != 0);
+    let (record, ending, opening) = (
+        how & how::RECORD != 0,
+        how & how::ENDING != 0,
+        how & how::OPENING != 0,
+    );
     // The clock is read only where it is needed: UDP hits (idle timeout) and new flows.
     let entry = if how & how::ABSENT != 0 {
         None
@@ -209,7 +226,7 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
     };
     if let Some(v) = entry {
         let v = unsafe { &mut *v };
-        if still_live(v, key, ending) {
+        if still_live(v, key, ending, opening) {
             // No entry pointer out of this out-of-line function: LLVM copies the returned
             // `Choice` with 32-bit loads, and the verifier rejects a pointer filled by halves.
             return Ok(Choice {

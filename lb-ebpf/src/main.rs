@@ -89,7 +89,7 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
         return Ok(action);
     }
     // Established flows first: one hash lookup (FLOWS4/6) instead of two (SERVICES, FLOWS).
-    let (svc, choice) = match flow::established(&pkt.key, pkt.tcp_end) {
+    let (svc, choice) = match flow::established(&pkt.key, pkt.tcp_end, pkt.tcp_syn) {
         flow::Established::Hit(_, _) if stop_after(stage::LIVENESS) => {
             return Ok(xdp_action::XDP_TX);
         }
@@ -111,6 +111,9 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
             }
             if matches!(miss, flow::Established::Absent) {
                 how |= flow::how::ABSENT;
+            }
+            if pkt.tcp_syn {
+                how |= flow::how::OPENING;
             }
             match flow::lookup_or_schedule(svc, &pkt.key, how) {
                 Ok(c) => (svc, c),

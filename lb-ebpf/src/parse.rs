@@ -49,6 +49,9 @@ pub struct Parsed {
     pub df: bool,
     /// TCP with FIN or RST: the client is ending the connection.
     pub tcp_end: bool,
+    /// TCP SYN without ACK: the client is opening a connection (on a 5-tuple whose last
+    /// connection it ended, a new one: see `flow::opens`).
+    pub tcp_syn: bool,
 }
 /// Offset of the IP header: 14, or 18 behind one VLAN tag (for code that gets only `ctx`).
 #[inline(always)]
@@ -94,6 +97,7 @@ pub fn parse(ctx: &XdpContext, out: &mut Parsed) -> Result<(), u32> {
                 key.dport_be = load_u16((tcp as *const u8).add(2));
             }
             out.tcp_end = unsafe { (*tcp).fin() != 0 || (*tcp).rst() != 0 };
+            out.tcp_syn = unsafe { (*tcp).syn() != 0 && (*tcp).ack() == 0 };
         }
         IPPROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(reason::PASS_MALFORMED)?;

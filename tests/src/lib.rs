@@ -318,6 +318,7 @@ pub fn pin_to(pid: libc::pid_t, cpu: usize) {
 }
 
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
@@ -397,6 +398,9 @@ impl Pkt {
                 let mut tcp = step.tcp(self.sport, self.dport, 1000, 64240);
                 if self.tcp_flags & TCP_FIN != 0 {
                     tcp = tcp.fin();
+                }
+                if self.tcp_flags & TCP_SYN != 0 {
+                    tcp = tcp.syn();
                 }
                 if self.tcp_flags & TCP_RST != 0 {
                     tcp = tcp.rst();

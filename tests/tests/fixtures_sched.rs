@@ -1,10 +1,11 @@
 //! Schedulers and persistence through BPF_PROG_TEST_RUN: rr/wrr splits per CPU, sh and
 //! hash_fields stickiness, lc/wlc steering from active-flow counts, the data plane's
-//! active-flow counting, persistence across ring changes and its expiry.
+//! active-flow counting, persistence across ring changes and its expiry, and a reused
+//! source port's new connection scheduled afresh.
 
 use std::collections::{BTreeMap, HashMap};
 
-use lb_tests::{Pkt, Reconciled, TCP_FIN, XDP_TX};
+use lb_tests::{Pkt, Reconciled, TCP_ACK, TCP_FIN, TCP_SYN, XDP_TX};
 use lb_userspace::{
     health::{BackendKey, State},
     reconcile::Runtime,
@@ -108,6 +109,18 @@ impl Lab {
         let (verdict, out) = self.h.run(&p.build());
         assert_eq!(verdict, XDP_TX, "{p:?}");
         out[5]
+    }
+
+    /// Drain a TCP backend (out of the ring) and apply.
+    fn drain(&mut self, port: u16, addr: &str) {
+        self.runtime.insert(
+            Lab::key(port, 6, addr),
+            Runtime {
+                drained: true,
+                ..Runtime::default()
+            },
+        );
+        self.apply();
     }
 
     fn active(&self, addr: &str, port: u16, proto: u8) -> u64 {
@@ -247,14 +260,7 @@ fn persistence_holds_across_ring_changes_until_down_or_expired() {
         assert_eq!(lab.send(&Pkt::tcp(client, VIP, sport, 85)), first);
     }
     // Drained (out of the ring): persistent clients still reach it, as in LVS.
-    lab.runtime.insert(
-        Lab::key(85, 6, &addr),
-        Runtime {
-            drained: true,
-            ..Runtime::default()
-        },
-    );
-    lab.apply();
+    lab.drain(85, &addr);
     for sport in 2000..2010u16 {
         assert_eq!(
             lab.send(&Pkt::tcp(client, VIP, sport, 85)),
@@ -292,4 +298,48 @@ fn persistence_holds_across_ring_changes_until_down_or_expired() {
     lab.apply();
     let moved = lab.send(&Pkt::tcp(client, VIP, 5000, 85));
     assert_ne!(moved, next, "a down backend loses its persistent clients");
+}
+
+/// A client that ended a connection (FIN/RST) and opens a new one from the same source
+/// port — clients reuse ports — gets it scheduled afresh, as with IPVS: not stuck to the
+/// old backend, here a drained one. The ended flow's other packets, and a SYN on a flow the
+/// client has not ended (a retransmission), keep their backend.
+#[test]
+fn a_syn_on_a_connection_the_client_ended_is_scheduled_afresh() {
+    let mut lab = Lab::new();
+    let pkt = |sport: u16, flags: u8| {
+        let mut p = Pkt::tcp("198.18.6.1", VIP, sport, 80);
+        p.tcp_flags = flags;
+        p
+    };
+    // Two connections on one backend: the first ends, the other stays open.
+    let owner = lab.send(&pkt(6000, TCP_SYN));
+    let open = (6001..6010)
+        .find(|&sport| lab.send(&pkt(sport, TCP_SYN)) == owner)
+        .expect("wrr 3:1 sends one of every four to each backend at least");
+    lab.send(&pkt(6000, TCP_FIN | TCP_ACK));
+    let owner_addr = format!("198.18.1.{owner}");
+    let owner_active = lab.active(&owner_addr, 80, 6);
+
+    lab.drain(80, &owner_addr);
+    assert_eq!(
+        lab.send(&pkt(6000, TCP_ACK)),
+        owner,
+        "the ended connection's last ACK"
+    );
+    assert_eq!(
+        lab.send(&pkt(open, TCP_SYN)),
+        owner,
+        "a retransmitted SYN of a connection not ended"
+    );
+    let again = lab.send(&pkt(6000, TCP_SYN));
+    assert_ne!(again, owner, "a new connection on the reused port");
+    assert_eq!(
+        lab.send(&pkt(6000, TCP_ACK)),
+        again,
+        "the new connection's packets follow it"
+    );
+    // Counted once: the ended flow left its backend's count at its FIN, the new one adds one.
+    assert_eq!(lab.active(&owner_addr, 80, 6), owner_active);
+    assert_eq!(lab.active(&format!("198.18.1.{again}"), 80, 6), 1);
 }
