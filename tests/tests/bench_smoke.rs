@@ -127,8 +127,10 @@ fn bench_quick_runs_every_path_and_reports() {
             );
         }
     }
-    // The loss-bounded rate of the same rows: found for every target (a search that never
-    // passed gives 0) and no faster than the generator goes flat out.
+    // The loss-bounded rate of the same rows: a number for every target, no faster than the
+    // generator goes flat out. 0 is a possible outcome (nothing down to 10 kpps passed: the
+    // VM lost time in every trial), not a malformed report; the search itself is checked by
+    // `pps_bench`'s unit tests.
     let pdr = table(&stdout, "| forwarding rate at");
     assert_eq!(
         pdr.len(),
@@ -139,7 +141,7 @@ fn bench_quick_runs_every_path_and_reports() {
         let mpps: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap();
         let offered: f64 = flat.split('|').nth(7).unwrap().trim().parse().unwrap();
         assert!(
-            mpps > 0.0 && mpps <= offered * 1.5,
+            mpps >= 0.0 && mpps <= offered * 1.5,
             "forwarded at ≤ 0.5 % loss, within the generator's rate: {row}"
         );
     }
