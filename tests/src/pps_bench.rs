@@ -242,7 +242,8 @@ fn serve(
         // of its own, as on a real director; the generator keeps CPU 0. (Attaching XDP
         // created the device's NAPI; a thread of an earlier target's may linger.) Real-time
         // priority, as a dedicated packet core is tuned: under the default policy the woken
-        // thread waited up to ~10 ms for CPU 1 behind the sink's softirq work, so paced
+        // thread waited up to ~10 ms for CPU 1 (behind what, not pinned down; the sink's
+        // softirq work deferred to ksoftirqd is the likely competitor), so paced
         // trials overflowed the 256-frame veth ring far below capacity (the ceiling, a MAC
         // swap forwarding 3 Mpps flat out, lost 73 % at 60 kpps; every loss was the
         // generator's `xdp_xmit_errors`, a full ring) and the PDR search measured the
