@@ -441,11 +441,16 @@ fn targets_table(targets: &[Target]) -> String {
         } else {
             t.measured >= bound
         };
+        // A ratio over a PDR of 0 (no rate passed) has no value.
+        let measured = if t.measured.is_finite() {
+            format!("{:.2}", t.measured)
+        } else {
+            "n/a".to_string()
+        };
         out.push_str(&format!(
-            "| {} | {} {bound} | {:.2} | {} |\n",
+            "| {} | {} {bound} | {measured} | {} |\n",
             t.what,
             if at_most { "≤" } else { "≥" },
-            t.measured,
             if met { "yes" } else { "**no**" }
         ));
     }
