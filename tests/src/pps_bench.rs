@@ -534,8 +534,19 @@ pub struct PpsRow {
 /// perf's `cpu-clock` samples of CPU 1 (the director's NAPI core) while `run` runs, by
 /// symbol: (symbol, % of samples), largest first. `cpu-clock` is a software event, so it
 /// works on this VM, which has no PMU (`bpftool prog profile` needs one); the JIT-ed programs
-/// appear under their names. Empty when perf is missing or records nothing.
-fn profile(run: impl FnOnce()) -> Vec<(String, f64)> {
+/// appear under their names. `run` runs again (once) when the first recording came back
+/// empty; empty when perf is missing or records nothing twice.
+fn profile(mut run: impl FnMut()) -> Vec<(String, f64)> {
+    for _ in 0..2 {
+        let symbols = profile_once(&mut run);
+        if !symbols.is_empty() {
+            return symbols;
+        }
+    }
+    Vec::new()
+}
+
+fn profile_once(run: &mut impl FnMut()) -> Vec<(String, f64)> {
     use std::process::{Command, Stdio};
     let data = std::env::temp_dir().join(format!("xdplb-bench-{}.perf", std::process::id()));
     let Ok(mut rec) = Command::new("perf")
@@ -547,8 +558,16 @@ fn profile(run: impl FnOnce()) -> Vec<(String, f64)> {
     else {
         return Vec::new();
     };
-    // perf samples a moment after it starts.
-    std::thread::sleep(Duration::from_millis(300));
+    // perf samples only after it has written its header (~140 ms idle here; a fixed 300 ms
+    // sleep was not always enough on a loaded CI machine and a row came back empty), so wait
+    // for the file to have content, up to 5 s, then a moment more.
+    let start = Instant::now();
+    while std::fs::metadata(&data).map_or(true, |m| m.len() == 0)
+        && start.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
     run();
     // SAFETY: a signal to our own child; SIGINT makes perf write its file and exit.
     unsafe { libc::kill(rec.id() as libc::pid_t, libc::SIGINT) };
