@@ -305,6 +305,21 @@ struct Sample {
     offered_pps: f64,
     delivered_pps: f64,
     loss: f64,
+    /// The hypervisor took CPU time from this VM during the trial (`steal` in /proc/stat
+    /// grew): a stalled vCPU lets the 256-frame veth ring overflow, whatever the target.
+    stolen: bool,
+}
+
+/// CPU time the hypervisor took from this VM so far, all CPUs (`steal` of /proc/stat's
+/// `cpu` line, in clock ticks); 0 where the kernel does not say.
+fn steal_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|t| {
+            let line = t.lines().find(|l| l.starts_with("cpu "))?;
+            line.split_whitespace().nth(8)?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 /// The generator: one loaded object in the generator's namespace with its sink on every
@@ -376,6 +391,7 @@ impl Generator {
                 cfg.set(1, t.flows, 0).expect("cycle");
                 cfg.set(2, t.gap_ns, 0).expect("pace");
                 let before = received();
+                let steal_before = steal_ticks();
                 let started = Instant::now();
                 let res = prog
                     .test_run(TestRunOptions {
@@ -408,6 +424,7 @@ impl Generator {
                     offered_pps: f64::from(t.count) / sent_s,
                     delivered_pps: got as f64 / sent_s,
                     loss: 1.0 - got as f64 / f64::from(t.count),
+                    stolen: steal_ticks() > steal_before,
                 });
             }
         });
@@ -440,27 +457,39 @@ impl Drop for Generator {
 /// Loss a rate may show and still count as forwarded (FD.io CSIT's partial drop rate, PDR).
 pub const PDR_LOSS: f64 = 0.005;
 
+/// Trials one rate gets at most in [`pdr`] (two that lose without steal end it sooner).
+const PDR_TRIES: u32 = 5;
+
 /// The highest rate (pps, as offered) forwarded with at most [`PDR_LOSS`] lost, by `trial`
 /// (offered pps, infinite: flat out → what happened): flat out first, then a bisection
 /// (geometric, `steps` halvings) between a rate that lost more (twice) and one that did not. A
 /// receiver under overload does worse than at its capacity (see [`rows`]), so the flat-out
 /// rate alone understates a slower target. 0 when nothing down to 10 kpps passes.
 fn pdr(mut trial: impl FnMut(f64) -> Sample, steps: u32) -> f64 {
-    // A rate fails only when a second trial loses too: one hiccup of this VM (a few ms of
-    // lost CPU) costs a short trial its 0.5 % and would send the search far down. Of two
-    // that lose, the one that delivered more counts: the search starts below what came back
-    // flat out, and a stall in a lone flat-out trial (nothing came back) would end it at 0.
+    // A rate fails only when two trials lose that the hypervisor left alone: one hiccup of
+    // this VM (a few ms of lost CPU) costs a short trial its 0.5 % and would send the search
+    // far down, and a trial during which the host took CPU time ([`Sample::stolen`]; seen
+    // in about one 0.2 s trial in six here, each losing 2-6 %) measured the host. At most
+    // [`PDR_TRIES`] trials per rate. Of those that lose, the one that delivered more counts:
+    // the search starts below what came back flat out, and a stall in a lone flat-out trial
+    // (nothing came back) would end it at 0.
     let mut trial = |pps: f64| {
-        let s = trial(pps);
-        if s.loss <= PDR_LOSS {
-            return s;
+        let mut best: Option<Sample> = None;
+        let mut lost = 0;
+        for _ in 0..PDR_TRIES {
+            let s = trial(pps);
+            if s.loss <= PDR_LOSS {
+                return s;
+            }
+            if best.is_none_or(|b| s.delivered_pps > b.delivered_pps) {
+                best = Some(s);
+            }
+            lost += u32::from(!s.stolen);
+            if lost == 2 {
+                break;
+            }
         }
-        let again = trial(pps);
-        if again.loss <= PDR_LOSS || again.delivered_pps > s.delivered_pps {
-            again
-        } else {
-            s
-        }
+        best.expect("PDR_TRIES > 0")
     };
     let flat = trial(f64::INFINITY);
     if flat.loss <= PDR_LOSS {
@@ -836,6 +865,7 @@ mod tests {
                 offered_pps: offered,
                 delivered_pps: delivered,
                 loss: 1.0 - delivered / offered,
+                stolen: false,
             }
         }
     }
@@ -898,6 +928,47 @@ mod tests {
     }
 
     #[test]
+    fn pdr_does_not_count_trials_the_host_stole_from() {
+        // Two of every three trials below the capacity lose 4 % while the hypervisor holds
+        // the vCPU; the third is clean. Counted like any loss, every rate would fail twice.
+        let capacity = 2e6;
+        let mut n = 0;
+        let mut m = model(capacity, 4.5e6);
+        let trial = |pps: f64| {
+            let mut s = m(pps);
+            if pps.is_finite() {
+                n += 1;
+                if n % 3 != 0 {
+                    s.loss = 0.04;
+                    s.delivered_pps = s.offered_pps * 0.96;
+                    s.stolen = true;
+                }
+            }
+            s
+        };
+        let found = pdr(trial, 6);
+        assert!(found >= capacity * 0.97, "found {found}");
+    }
+
+    #[test]
+    fn pdr_ends_a_rate_that_keeps_losing_under_steal() {
+        // Every trial is stolen from and loses: each rate gets its bounded tries, and the
+        // search still ends (at 0, nothing passed).
+        let mut n = 0;
+        let trial = |pps: f64| {
+            n += 1;
+            Sample {
+                offered_pps: pps.min(4.5e6),
+                delivered_pps: pps.min(4.5e6) * 0.5,
+                loss: 0.5,
+                stolen: true,
+            }
+        };
+        assert_eq!(pdr(trial, 6), 0.0);
+        assert!(n <= 5 * 12, "bounded: {n} trials");
+    }
+
+    #[test]
     fn pdr_searches_below_a_collapsed_flat_out_rate() {
         // Under overload this receiver delivers only a third of its capacity (ring
         // contention); paced at or below its capacity it loses nothing.
@@ -913,6 +984,7 @@ mod tests {
                 offered_pps: offered,
                 delivered_pps: delivered,
                 loss: 1.0 - delivered / offered,
+                stolen: false,
             }
         };
         let found = pdr(trial, 8);
