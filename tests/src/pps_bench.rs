@@ -183,13 +183,17 @@ fn director_config(mode: &str, gen_mac: [u8; 6]) -> String {
     cfg
 }
 
-/// Run the director side (`target` attached to eth0 of `dir`) until told to stop; also hands
-/// back the attached program's id (for its run-time statistics).
-fn serve(
-    dir: &str,
-    target: Target,
-    gen_mac: [u8; 6],
-) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>, u32) {
+/// A running director side: how to stop it, its thread, the attached program's id (for its
+/// run-time statistics) and its receive path's threaded-NAPI pollers (none on one CPU).
+struct Server {
+    stop: mpsc::Sender<()>,
+    handle: std::thread::JoinHandle<()>,
+    program: u32,
+    napi: Vec<i32>,
+}
+
+/// Run the director side (`target` attached to eth0 of `dir`) until told to stop.
+fn serve(dir: &str, target: Target, gen_mac: [u8; 6]) -> Server {
     let nft = (target == Target::Nft).then(|| NftDnat::new(dir, "xdplb_bench", VIP, 80, &BACKENDS));
     let before = napi_threads();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
@@ -237,6 +241,7 @@ fn serve(
     let program = ready_rx
         .recv_timeout(Duration::from_secs(30))
         .expect("director side ready");
+    let mut napi = Vec::new();
     if crate::cpus() > 1 {
         // The director's receive path (veth NAPI, where its XDP program runs) gets a core
         // of its own, as on a real director; the generator keeps CPU 0. (Attaching XDP
@@ -257,14 +262,35 @@ fn serve(
             "-c",
             "echo 1 > /sys/class/net/eth0/threaded",
         ]);
-        let ours: Vec<i32> = napi_threads().difference(&before).copied().collect();
-        assert!(!ours.is_empty(), "threaded NAPI started a kernel thread");
-        for pid in ours {
+        napi = napi_threads().difference(&before).copied().collect();
+        assert!(!napi.is_empty(), "threaded NAPI started a kernel thread");
+        for &pid in &napi {
             crate::pin_to(pid, 1);
             crate::realtime(pid);
         }
     }
-    (stop_tx, handle, program)
+    Server {
+        stop: stop_tx,
+        handle,
+        program,
+        napi,
+    }
+}
+
+/// CPU time the threads `pids` have run so far (`/proc/<pid>/schedstat`, ns). With
+/// paravirtual steal accounting (this kernel has it) the time the hypervisor held the vCPU
+/// is not in it.
+fn run_ns(pids: &[i32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
 }
 
 /// Program `id`'s (total run time, runs) so far, as the kernel counts them while run-time
@@ -457,6 +483,10 @@ impl Drop for Generator {
 /// Loss a rate may show and still count as forwarded (FD.io CSIT's partial drop rate, PDR).
 pub const PDR_LOSS: f64 = 0.005;
 
+/// The paced rate at which [`PpsRow::core_ns`] is measured: below what every target
+/// forwards here (nftables' PDR is ~0.6 Mpps), so each pays for packets, not for overload.
+const CORE_RATE: f64 = 0.4e6;
+
 /// Trials one rate gets at most in [`pdr`] (two that lose without steal end it sooner).
 const PDR_TRIES: u32 = 5;
 
@@ -551,6 +581,9 @@ pub struct PpsRow {
     pub delivered_mpps: Vec<f64>,
     /// The highest offered rate forwarded with at most [`PDR_LOSS`] lost, one per round.
     pub pdr_mpps: Vec<f64>,
+    /// The director core's time per delivered packet at [`CORE_RATE`] (its receive path's
+    /// NAPI thread, which also runs the XDP program), one per round; empty on one CPU.
+    pub core_ns: Vec<f64>,
     /// The target's XDP program, ns per packet as it ran on the forwarding path (kernel run
     /// time statistics, one extra run after the timed ones); `None` for nftables, whose work
     /// is not in a program.
@@ -668,6 +701,7 @@ pub fn rows(quick: bool) -> Vec<PpsRow> {
                 offered_mpps: Vec::new(),
                 delivered_mpps: Vec::new(),
                 pdr_mpps: Vec::new(),
+                core_ns: Vec::new(),
                 run_ns: None,
                 profile: Vec::new(),
             })
@@ -703,6 +737,31 @@ pub fn rows(quick: bool) -> Vec<PpsRow> {
             }
         }
     }
+    // The director core's cost per packet at a rate every target forwards: its NAPI
+    // thread's CPU time (steal excluded) over what came back.
+    for round in 0..pdr_runs {
+        for f in 0..FLOWS.len() {
+            for i in order(round) {
+                let r = &mut out[i * FLOWS.len() + f];
+                let napi = &servers[i].napi;
+                if napi.is_empty() {
+                    continue;
+                }
+                let count = (CORE_RATE * trial_s.max(0.1)) as u32;
+                let before = run_ns(napi);
+                let s = gen.run(Trial {
+                    lane: i,
+                    flows: r.flows,
+                    count,
+                    gap_ns: (1e9 / CORE_RATE) as u32,
+                });
+                let delivered = f64::from(count) * (1.0 - s.loss);
+                if delivered > 0.0 {
+                    r.core_ns.push((run_ns(napi) - before) as f64 / delivered);
+                }
+            }
+        }
+    }
     // One more run of each with run-time statistics on (they cost every program two clock
     // reads, so these runs are not among the delivered figures above); off when dropped.
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
@@ -711,7 +770,7 @@ pub fn rows(quick: bool) -> Vec<PpsRow> {
             continue;
         }
         let i = row / FLOWS.len();
-        let program = servers[i].2;
+        let program = servers[i].program;
         let (t0, n0) = run_time(program);
         flat_out(i, r.flows);
         let (t1, n1) = run_time(program);
@@ -731,9 +790,9 @@ pub fn rows(quick: bool) -> Vec<PpsRow> {
         }
     }
     drop(gen);
-    for (stop, handle, _) in servers {
-        let _ = stop.send(());
-        handle.join().expect("director side");
+    for s in servers {
+        let _ = s.stop.send(());
+        s.handle.join().expect("director side");
     }
     out
 }
@@ -780,7 +839,50 @@ pub fn report(rows: &[PpsRow]) -> String {
         out.push_str(&cells(r, |r| &r.pdr_mpps));
         out.push('\n');
     }
-    out + &profile_table(rows)
+    out + &core_table(rows) + &profile_table(rows)
+}
+
+/// The director core's time per packet at [`CORE_RATE`] and the rate one core would forward
+/// at that cost, each row against the ceiling's (the ratio of capacities), NAT's against
+/// nftables'. Empty when not measured (one CPU).
+fn core_table(rows: &[PpsRow]) -> String {
+    if rows.iter().all(|r| r.core_ns.is_empty()) {
+        return String::new();
+    }
+    let at = |t: Target, flows: u32| {
+        rows.iter()
+            .find(|o| o.target == t && o.flows == flows)
+            .map_or(f64::NAN, |o| median(&o.core_ns))
+    };
+    let mut out = format!(
+        "\n| director core time per packet, paced at {:.1} Mpps (NAPI thread, steal excluded) | flows | ns/packet (median) | min–max | Mpps per core | × ceiling | × nftables DNAT |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        CORE_RATE / 1e6
+    );
+    for r in rows {
+        let m = median(&r.core_ns);
+        let (min, max) = min_max(&r.core_ns);
+        let vs_nft = match r.target {
+            Target::Nat | Target::Nft => ratio(at(Target::Nft, r.flows) / m),
+            _ => String::new(),
+        };
+        out.push_str(&format!(
+            "| {} | {} | {m:.0} | {min:.0}–{max:.0} | {:.2} | {} | {vs_nft} |\n",
+            r.target.name(),
+            r.flows,
+            1e3 / m,
+            ratio(at(Target::Ceiling, r.flows) / m),
+        ));
+    }
+    out
+}
+
+/// A ratio for a table: "n/a" when a side is missing.
+fn ratio(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.2}")
+    } else {
+        "n/a".to_string()
+    }
 }
 
 /// The profiled rows side by side: every symbol with ≥ 1 % of some row's samples, ordered

@@ -322,6 +322,38 @@ fn main() {
                 bound: (5.0, false),
             });
         }
+        // The same two ratios by the director core's time per packet (capacity per core;
+        // steal excluded), where the director has a core of its own.
+        let core = |t: T, flows: u32| {
+            pps.iter()
+                .find(|r| r.target == t && r.flows == flows && !r.core_ns.is_empty())
+                .map_or(f64::NAN, |r| median(&r.core_ns))
+        };
+        if pps.iter().any(|r| !r.core_ns.is_empty()) {
+            for (flows, dr_what, nat_what) in [
+                (
+                    1,
+                    "director core per packet, DR × ceiling, 1 flow",
+                    "director core per packet, NAT × nftables DNAT, 1 flow",
+                ),
+                (
+                    10_000,
+                    "director core per packet, DR × ceiling, 10k flows",
+                    "director core per packet, NAT × nftables DNAT, 10k flows",
+                ),
+            ] {
+                targets.push(Target {
+                    what: dr_what,
+                    measured: core(T::Ceiling, flows) / core(T::Dr, flows),
+                    bound: (0.85, false),
+                });
+                targets.push(Target {
+                    what: nat_what,
+                    measured: core(T::Nft, flows) / core(T::Nat, flows),
+                    bound: (5.0, false),
+                });
+            }
+        }
     }
     if want(Section::Http) {
         report += &lb_tests::http_bench::report(&lb_tests::http_bench::rows(quick));
