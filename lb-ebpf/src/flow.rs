@@ -1,7 +1,7 @@
 //! The connection table: an established flow keeps its backend whatever the rings say.
 
 use aya_ebpf::btf_maps::LruHashMap as BtfLruHashMap;
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_map, Global};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, macros::btf_map, Global};
 use lb_common::{
     mode, reason, udp_expired, udp_touch_ns, FlowKey, FlowKey4, FlowValue, ServiceMeta, AF_INET,
     BPF_F_NO_COMMON_LRU, FLOW_F_ENDED, FLOW_TABLE_CAPACITY, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
@@ -189,7 +189,7 @@ pub fn opens(v: &FlowValue, opening: bool) -> bool {
 #[inline(always)]
 fn still_live(v: &mut FlowValue, key: &FlowKey, ending: bool, opening: bool) -> bool {
     let age = if key.proto == IPPROTO_UDP {
-        unsafe { bpf_ktime_get_ns() }.saturating_sub(v.last_seen_ns)
+        unsafe { bpf_ktime_get_coarse_ns() }.saturating_sub(v.last_seen_ns)
     } else {
         0
     };
@@ -218,7 +218,8 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
         how & how::ENDING != 0,
         how & how::OPENING != 0,
     );
-    // The clock is read only where it is needed: UDP hits (idle timeout) and new flows.
+    // The clock is read only where it is needed: UDP hits (idle timeout) and new flows; the
+    // coarse one (the last tick's time, ~4 ms steps), for timeouts of a second and more.
     let entry = if how & how::ABSENT != 0 {
         None
     } else {
@@ -246,7 +247,7 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
         let value = FlowValue {
             backend: id,
             service: svc.id,
-            last_seen_ns: unsafe { bpf_ktime_get_ns() },
+            last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
             ..FlowValue::default()
         };
         if !insert(key, &value) {

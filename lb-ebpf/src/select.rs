@@ -4,7 +4,7 @@ use aya_ebpf::btf_maps::{
     Array as BtfArray, HashMap as BtfHashMap, LruHashMap as BtfLruHashMap,
     PerCpuArray as BtfPerCpuArray,
 };
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_map};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, macros::btf_map};
 use lb_common::{
     flow_hash_fields, reason, sched, vip_filter_bit_of_halves, Backend, FlowKey, PersistKey,
     PersistValue, RingEntry, ServiceMeta, ServiceSlot, VipAddr, VipKey, BACKEND_F_DOWN,
@@ -219,7 +219,7 @@ fn choose_inner(svc: &ServiceMeta, key: &FlowKey) -> Result<u32, u32> {
         client: key.src,
         service: svc.id,
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let timeout = u64::from(svc.persist_s) * 1_000_000_000;
     if let Some(t) = PERSIST.get_ptr_mut(&pk) {
         // SAFETY: a live map value; racing writers only move `last_ns` forward.

@@ -711,8 +711,9 @@ pub fn sweep(
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: clock_gettime writes into `ts`; CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: clock_gettime writes into `ts`; CLOCK_MONOTONIC_COARSE is
+    // bpf_ktime_get_coarse_ns's clock, the one the data plane stamps flows with.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
     let idle = idle.as_nanos() as u64;
     let mut swept = Swept::default();

@@ -53,6 +53,14 @@ services:
       - { address: 198.18.1.12, mac: '02:00:00:00:01:0c' }
       - { address: 198.18.1.13, mac: '02:00:00:00:01:0d' }
       - { address: 198.18.1.14, mac: '02:00:00:00:01:0e' }
+  - name: dns
+    vip: 198.18.0.100
+    port: 53
+    protocol: udp
+    mode: dr
+    backends:
+      - { address: 198.18.1.11, mac: '02:00:00:00:01:0b' }
+      - { address: 198.18.1.12, mac: '02:00:00:00:01:0c' }
   - name: web6
     vip: 2001:db8::100
     port: 80
@@ -501,6 +509,7 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
     let up0 = lb_userspace::netlink::ifindex("up0").expect("up0");
     let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build();
     let v6 = Pkt::tcp("2001:db8:2::1", "2001:db8::100", 40000, 80).build();
+    let udp4 = Pkt::udp("198.18.2.1", "198.18.0.100", 40000, 53).build();
     let tun_plain = Pkt::tcp("198.18.2.1", "198.18.0.110", 40000, 80).build();
     let tun6_plain = Pkt::tcp("2001:db8:2::1", "2001:db8::110", 40000, 80).build();
 
@@ -530,6 +539,11 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
             "DR new flow (table full), maglev + persistence (new client: template written)",
             true,
         ),
+        // Index 15: a UDP hit also reads the clock (idle timeout).
+        Row::new(
+            "DR flow hit, IPv4 UDP (reads the clock: idle timeout)",
+            false,
+        ),
     ];
     let sched_pkts: Vec<Vec<u8>> = [81u16, 82, 84, 85]
         .iter()
@@ -543,6 +557,7 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
         // TUN input is the director's own output, so stripping and re-adding is a fixpoint.
         assert_eq!(h.run(&v4).0, XDP_TX);
         assert_eq!(h.run(&v6).0, XDP_TX);
+        assert_eq!(h.run(&udp4).0, XDP_TX);
         let (verdict, tun_wrapped) =
             lb_tests::run_program_on(h.director.director_program(), &tun_plain, up0);
         assert_eq!(verdict, XDP_TX, "TUN path to the lab's backends");
@@ -551,13 +566,18 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
             .samples
             .push(time(loaded(&h, dataplane::FLOOR_PROGRAM), &v4, repeat, 1));
 
-        let ((hit4, hit6), (fwd, new)) = counted(&h, || {
+        let ((hit4, hit6, udp), (fwd, new)) = counted(&h, || {
             let prog = h.director.director_program();
-            (time(prog, &v4, repeat, 1), time(prog, &v6, repeat, 1))
+            (
+                time(prog, &v4, repeat, 1),
+                time(prog, &v6, repeat, 1),
+                time(prog, &udp4, repeat, 1),
+            )
         });
         rows[1].samples.push(hit4);
         rows[2].samples.push(hit6);
-        assert_eq!(fwd, 2 * u64::from(repeat), "every hit-path run forwarded");
+        rows[15].samples.push(udp);
+        assert_eq!(fwd, 3 * u64::from(repeat), "every hit-path run forwarded");
         assert_eq!(new, 0, "hit-path runs created no flow");
 
         next.set(0, &floor_fd, 0).unwrap();
