@@ -394,8 +394,10 @@ fn machine() -> String {
 /// Flow hits with N established flows: a director with a 4M-entry table, the driver cycling
 /// through N 5-tuples (`BENCH_CFG[1]`), warmed up so every measured run is a hit; and 16k
 /// flows in a 64k-entry and a 1M-entry (default) table, which shows what the table's size
-/// costs by itself (the same flows spread over more buckets and pages). The rows take turns
-/// run by run, so a phase of this VM lands in all of them alike.
+/// costs by itself (the same flows spread over more buckets and pages). Two what-if rows run
+/// `xdplb_bench_stateless` instead, a DR hit without the flow table, at 1 and 1M flows: what
+/// a table-free fast path would cost (see the README). The rows take turns run by run, so a
+/// phase of this VM lands in all of them alike.
 fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     let big = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 4194304");
     let mut tables = Vec::new();
@@ -405,6 +407,10 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
         let (next, cfg) = driving(&mut h, dataplane::PROGRAM, NEW_FLOW);
         tables.push((h, next, cfg));
     }
+    // Table 3: the driver tail-calls the what-if program (a DR hit without the flow table).
+    let mut h = Harness::new(CONFIG);
+    let (next, cfg) = driving(&mut h, dataplane::BENCH_STATELESS_PROGRAM, NEW_FLOW);
+    tables.push((h, next, cfg));
     let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build();
     // (table, flows, row)
     let mut cases: Vec<(usize, u32, Row)> = [
@@ -438,6 +444,16 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
             0,
             1_000_000,
             "DR flow hit, 1M established flows (driver cycles)",
+        ),
+        (
+            3,
+            1,
+            "what-if, not a director path: DR without the flow table, 1 flow (driver cycles)",
+        ),
+        (
+            3,
+            1_000_000,
+            "what-if, not a director path: DR without the flow table, 1M flows (driver cycles)",
         ),
     ]
     .into_iter()
