@@ -206,7 +206,7 @@ fn log_forward(ctx: &XdpContext, service: u32, backend: u32, new: u32) {
 
 /// Benchmark only, never attached: what a DR flow hit would cost **without the flow table**
 /// — parse, the service (`SERVICES`), its Maglev slot for the packet's hash, the backend, the
-/// MACs and the counters — for the per-packet table's what-if row, measured beside the real
+/// service's forwarding (MACs for the bench's DR service) and the counters — for the per-packet table's what-if row, measured beside the real
 /// hit at the same flow counts. Not a director path: without a table, a flow whose ring slot
 /// changes moves to another backend (see the README's benchmarks).
 #[xdp]
@@ -226,9 +226,13 @@ fn stateless_dr(ctx: &XdpContext) -> Result<u32, u32> {
     let svc = select::service(&pkt.key)?;
     let id = select::schedule(svc, &pkt.key)?;
     let backend = select::backend(id).ok_or(reason::PASS_NO_BACKEND)?;
-    let action = fwd::dr::forward(ctx, backend)?;
+    let choice = flow::Choice {
+        id,
+        ..flow::Choice::default()
+    };
+    let (action, slot) = forward(ctx, pkt, svc.mode, backend, &choice)?;
     stats::forwarded(svc.id, id, pkt.len, false);
-    stats::reason(reason::FWD_DR);
+    stats::reason(slot);
     Ok(action)
 }
 
