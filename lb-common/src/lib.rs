@@ -399,6 +399,40 @@ pub const BACKEND_F_RETIRED: u8 = 16;
 /// `drop_no_backend`) instead of passing them to the kernel.
 pub const SERVICE_F_DROP_NO_BACKEND: u8 = 1;
 
+/// `ServiceMeta::flags` bit (`ring_fast_path: true`): an established TCP packet (not SYN,
+/// FIN or RST) whose ring slot is clean ([`RING_DIRTY_WORDS`]) goes to the slot's backend
+/// without the flow table; about one in [`RING_FAST_SAMPLE`] still takes the table's way,
+/// which keeps the flow's entry fresh in the LRU.
+pub const SERVICE_F_RING_FAST: u8 = 2;
+
+/// `RING_DIRTY`: per service, one bit per ring slot, set while the flow table may hold a
+/// flow on that slot with another backend than the ring's (the slot's backend changed; the
+/// controller sets the bit before the ring flips and clears it once a sweep of the table
+/// finds no such flow). `RING_DIRTY_WORDS` u64 words per service, service `s`'s words at
+/// `s * RING_DIRTY_WORDS ..`.
+pub const RING_DIRTY_WORDS: u32 = RING_SIZE.div_ceil(64);
+
+/// A ring-fast-path packet takes the flow table's way when the per-CPU random number is 0
+/// modulo this (a power of two).
+pub const RING_FAST_SAMPLE: u32 = 16;
+
+/// Slots of `FAST_SERVICES` (a power of two): service id + 1 of the ring-fast-path service
+/// whose (VIP, port, protocol) hashes there ([`fast_slot`]), 0 for none,
+/// [`FAST_SLOT_SHARED`] when two such services share the slot.
+pub const FAST_SLOTS: u32 = 1024;
+
+/// A `FAST_SERVICES` slot that two ring-fast-path services hash to: the packet looks its
+/// service up in `SERVICES`.
+pub const FAST_SLOT_SHARED: u32 = u32::MAX;
+
+/// The `FAST_SERVICES` slot of a service: its VIP as two 8-byte halves in memory order (as
+/// [`vip_filter_bit_of_halves`]), port (network order; 0 for every port) and protocol.
+#[inline(always)]
+pub fn fast_slot(lo: u64, hi: u64, family: u8, port_be: u16, proto: u8) -> u32 {
+    let mix = u64::from(port_be) << 8 | u64::from(proto);
+    vip_filter_bit_of_halves(lo ^ mix.rotate_left(40), hi, family) % FAST_SLOTS
+}
+
 /// Value of `BACKENDS` (an array indexed by backend id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -558,9 +592,13 @@ pub mod reason {
     /// VIP matched, no usable backend (all down or drained) and the service says
     /// `on_all_down: drop`: the packet was dropped.
     pub const DROP_NO_BACKEND: u32 = 25;
+    /// Forwarded in DR mode by the ring alone (`ring_fast_path`), without the flow table.
+    pub const FWD_DR_RING: u32 = 26;
+    /// Forwarded in TUN mode by the ring alone (`ring_fast_path`), without the flow table.
+    pub const FWD_TUN_RING: u32 = 27;
 
     /// Number of slots (size of `REASONS`).
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 28;
 
     /// Names printed by `xdplb stats` and used as metric labels, indexed by slot.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -590,6 +628,8 @@ pub mod reason {
         "pass_snat_exhausted",
         "nat_flow_closed",
         "drop_no_backend",
+        "fwd_dr_ring",
+        "fwd_tun_ring",
     ];
 }
 
@@ -699,8 +739,10 @@ pub mod maps {
     pub const IFACE_SLOTS: &str = "IFACE_SLOTS";
     pub const SERVICE_SLOTS: &str = "SERVICE_SLOTS";
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const FAST_SERVICES: &str = "FAST_SERVICES";
+    pub const RING_DIRTY: &str = "RING_DIRTY";
     /// Every map the director pins, in a stable order.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 23] = [
         SERVICES,
         RINGS,
         BACKENDS,
@@ -722,6 +764,8 @@ pub mod maps {
         IFACE_SLOTS,
         SERVICE_SLOTS,
         VIP_FILTER,
+        FAST_SERVICES,
+        RING_DIRTY,
     ];
 }
 
@@ -742,8 +786,9 @@ pub mod meta {
 /// (`Counters::out_*`, `NatReply::{service, backend}`); 3 = schedulers (`ServiceMeta`
 /// grew), persistence, active-flow counts; 4 = `IFACE_SLOTS`; 5 = `SERVICE_SLOTS` (flow hits
 /// skip the `SERVICES` hash); 6 = `FLOWS` split into `FLOWS4` (16-byte keys) and `FLOWS6`;
-/// 7 = `RINGS` packs four u16 slots per element ([`RingEntry`]).
-pub const LAYOUT_VERSION: u64 = 7;
+/// 7 = `RINGS` packs four u16 slots per element ([`RingEntry`]); 8 = `RING_DIRTY` and
+/// `FAST_SERVICES` (the ring fast path).
+pub const LAYOUT_VERSION: u64 = 8;
 
 /// A pending incremental Internet checksum update (RFC 1624 eq. 3: HC' = ~(~HC + ~m + m'))
 /// over words read in memory byte order, as the data plane loads them from the packet: one's

@@ -38,6 +38,12 @@ static DEBUG_LOG: Global<u8> = Global::new(0);
 #[unsafe(no_mangle)]
 static STOP_AFTER: Global<u8> = Global::new(0);
 
+/// Set at load time when a service has `ring_fast_path: true`: established TCP packets try
+/// the ring before the flow table ([`select::ring_fast`]). A read-only global: with 0 the
+/// verifier removes the branch, so directors without such services pay nothing.
+#[unsafe(no_mangle)]
+static RING_FAST: Global<u8> = Global::new(0);
+
 /// Whether the stage breakdown ends the packet after `stage`.
 #[inline(always)]
 pub(crate) fn stop_after(stage: u8) -> bool {
@@ -88,43 +94,62 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
         stats::reason(slot);
         return Ok(action);
     }
+    // The ring fast path, where the service has it: established TCP packets on clean slots.
+    let fast = if RING_FAST.load() != 0
+        && pkt.key.proto == lb_common::IPPROTO_TCP
+        && !pkt.tcp_syn
+        && !pkt.tcp_end
+    {
+        select::ring_fast(&pkt.key)
+    } else {
+        None
+    };
     // Established flows first: one hash lookup (FLOWS4/6) instead of two (SERVICES, FLOWS).
-    let (svc, choice) = match flow::established(&pkt.key, pkt.tcp_end, pkt.tcp_syn) {
-        flow::Established::Hit(_, _) if stop_after(stage::LIVENESS) => {
-            return Ok(xdp_action::XDP_TX);
-        }
-        flow::Established::Hit(svc, choice) => (svc, choice),
-        // For no VIP address (the filter is sure): no service; perhaps a backend's reply to a
-        // NAT flow. Checked after the flow-table miss, so flow hits do not pay for it.
-        _ if !select::maybe_vip(&pkt.key) => {
-            return not_for_a_vip(ctx, pkt, reason::PASS_NON_VIP);
-        }
-        miss => {
-            let svc = match select::service(&pkt.key) {
-                Ok(svc) => svc,
-                // Not for a VIP after all (another address shares its filter bit).
-                Err(slot) => return not_for_a_vip(ctx, pkt, slot),
-            };
-            let mut how = flow::how::RECORD;
-            if flow::client_ends(svc, pkt.tcp_end) {
-                how |= flow::how::ENDING;
+    let (svc, choice) = match fast {
+        Some((svc, id)) => (
+            svc,
+            flow::Choice {
+                id,
+                ..flow::Choice::default()
+            },
+        ),
+        None => match flow::established(&pkt.key, pkt.tcp_end, pkt.tcp_syn) {
+            flow::Established::Hit(_, _) if stop_after(stage::LIVENESS) => {
+                return Ok(xdp_action::XDP_TX);
             }
-            if matches!(miss, flow::Established::Absent) {
-                how |= flow::how::ABSENT;
+            flow::Established::Hit(svc, choice) => (svc, choice),
+            // For no VIP address (the filter is sure): no service; perhaps a backend's reply to a
+            // NAT flow. Checked after the flow-table miss, so flow hits do not pay for it.
+            _ if !select::maybe_vip(&pkt.key) => {
+                return not_for_a_vip(ctx, pkt, reason::PASS_NON_VIP);
             }
-            if pkt.tcp_syn {
-                how |= flow::how::OPENING;
-            }
-            match flow::lookup_or_schedule(svc, &pkt.key, how) {
-                Ok(c) => (svc, c),
-                // Every backend is down or drained, and the service prefers a drop to the kernel.
-                Err(reason::PASS_NO_BACKEND) if svc.flags & SERVICE_F_DROP_NO_BACKEND != 0 => {
-                    stats::reason(reason::DROP_NO_BACKEND);
-                    return Ok(xdp_action::XDP_DROP);
+            miss => {
+                let svc = match select::service(&pkt.key) {
+                    Ok(svc) => svc,
+                    // Not for a VIP after all (another address shares its filter bit).
+                    Err(slot) => return not_for_a_vip(ctx, pkt, slot),
+                };
+                let mut how = flow::how::RECORD;
+                if flow::client_ends(svc, pkt.tcp_end) {
+                    how |= flow::how::ENDING;
                 }
-                Err(slot) => return Err(slot),
+                if matches!(miss, flow::Established::Absent) {
+                    how |= flow::how::ABSENT;
+                }
+                if pkt.tcp_syn {
+                    how |= flow::how::OPENING;
+                }
+                match flow::lookup_or_schedule(svc, &pkt.key, how) {
+                    Ok(c) => (svc, c),
+                    // Every backend is down or drained, and the service prefers a drop to the kernel.
+                    Err(reason::PASS_NO_BACKEND) if svc.flags & SERVICE_F_DROP_NO_BACKEND != 0 => {
+                        stats::reason(reason::DROP_NO_BACKEND);
+                        return Ok(xdp_action::XDP_DROP);
+                    }
+                    Err(slot) => return Err(slot),
+                }
             }
-        }
+        },
     };
     let backend = select::backend(choice.id).ok_or(reason::PASS_NO_BACKEND)?;
     let (action, slot) = forward(ctx, pkt, svc.mode, backend, &choice)?;
@@ -132,7 +157,11 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
         return Ok(action);
     }
     stats::forwarded(svc.id, choice.id, pkt.len, choice.new);
-    stats::reason(slot);
+    stats::reason(match slot {
+        reason::FWD_DR if fast.is_some() => reason::FWD_DR_RING,
+        reason::FWD_TUN if fast.is_some() => reason::FWD_TUN_RING,
+        slot => slot,
+    });
     if DEBUG_LOG.load() != 0 {
         log_forward(ctx, svc.id, choice.id, choice.new as u32);
     }

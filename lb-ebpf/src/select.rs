@@ -6,10 +6,11 @@ use aya_ebpf::btf_maps::{
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, macros::btf_map};
 use lb_common::{
-    flow_hash_fields, reason, sched, vip_filter_bit_of_halves, Backend, FlowKey, PersistKey,
-    PersistValue, RingEntry, ServiceMeta, ServiceSlot, VipAddr, VipKey, BACKEND_F_DOWN,
-    BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID, MAX_BACKENDS, MAX_SERVICES, MAX_VIPS,
-    NO_BACKEND, PERSIST_CAPACITY, RINGS_PER_SERVICE, RING_ENTRIES, RING_SIZE, RING_SLOTS_PER_ENTRY,
+    fast_slot, flow_hash_fields, reason, sched, vip_filter_bit_of_halves, Backend, FlowKey,
+    PersistKey, PersistValue, RingEntry, ServiceMeta, ServiceSlot, VipAddr, VipKey, BACKEND_F_DOWN,
+    BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID, FAST_SLOTS, FAST_SLOT_SHARED,
+    MAX_BACKENDS, MAX_SERVICES, MAX_VIPS, NO_BACKEND, PERSIST_CAPACITY, RINGS_PER_SERVICE,
+    RING_DIRTY_WORDS, RING_ENTRIES, RING_SIZE, RING_SLOTS_PER_ENTRY, SERVICE_F_RING_FAST,
     VIP_FILTER_WORDS,
 };
 
@@ -113,6 +114,83 @@ pub fn service(key: &FlowKey) -> Result<&'static ServiceMeta, u32> {
         Some(svc) => Ok(svc),
         None => Err(reason::PASS_NON_VIP),
     }
+}
+
+/// Ring-fast-path services by [`fast_slot`] of (VIP, port, protocol): id + 1, 0 for none,
+/// [`FAST_SLOT_SHARED`] for two (see [`lb_common::FAST_SLOTS`]).
+#[btf_map]
+static FAST_SERVICES: BtfArray<u32, { FAST_SLOTS as usize }> = BtfArray::new();
+
+/// Dirty ring slots of each service (see [`lb_common::RING_DIRTY_WORDS`]).
+#[btf_map]
+static RING_DIRTY: BtfArray<u64, { (MAX_SERVICES * RING_DIRTY_WORDS) as usize }> = BtfArray::new();
+
+/// The ring-fast-path service of `key`'s destination, if it has one: `FAST_SERVICES` (exact
+/// port, then every port), checked against the service's own key, so a slot another
+/// service shares, a removed service or a reused id never match a foreign packet.
+#[inline(always)]
+fn fast_service(key: &FlowKey) -> Option<&'static ServiceMeta> {
+    let dst = key.dst.as_ptr() as *const u64;
+    // SAFETY: 16 bytes, 8-aligned (see `maybe_vip`).
+    let (lo, hi) = unsafe { (dst.read(), dst.add(1).read()) };
+    let mut id = *FAST_SERVICES.get(fast_slot(lo, hi, key.family, key.dport_be, key.proto))?;
+    if id == 0 {
+        id = *FAST_SERVICES.get(fast_slot(lo, hi, key.family, 0, key.proto))?;
+    }
+    let svc = match id {
+        0 => return None,
+        FAST_SLOT_SHARED => service(key).ok()?,
+        id => service_by_id(id - 1, key)?,
+    };
+    if svc.flags & SERVICE_F_RING_FAST == 0 {
+        return None;
+    }
+    Some(svc)
+}
+
+/// The ring fast path (`ring_fast_path: true`): for an established TCP packet of such a
+/// service, the backend of its ring slot when the slot is clean (no flow in the table may
+/// disagree with the ring) and the backend usable — no flow-table lookup. `None` sends the
+/// packet the table's way: another service, a dirty slot, no usable backend, or the sampled
+/// packet that keeps the flow's entry fresh.
+#[inline(always)]
+pub fn ring_fast(key: &FlowKey) -> Option<(&'static ServiceMeta, u32)> {
+    let both = ring_fast_out(key);
+    if both == u64::MAX {
+        return None;
+    }
+    let slot = SERVICE_SLOTS.get((both >> 32) as u32)?;
+    Some((&slot.meta, both as u32))
+}
+
+/// Out of line, so its temporaries (the masked key of `hash_fields`) stay off the caller's
+/// frame: (service id << 32 | backend id), `u64::MAX` for none (plain types only, see
+/// `STATUS_OK`).
+#[inline(never)]
+fn ring_fast_out(key: &FlowKey) -> u64 {
+    match ring_fast_inner(key) {
+        Some((svc, id)) => u64::from(svc.id) << 32 | u64::from(id),
+        None => u64::MAX,
+    }
+}
+
+#[inline(always)]
+fn ring_fast_inner(key: &FlowKey) -> Option<(&'static ServiceMeta, u32)> {
+    let svc = fast_service(key)?;
+    let pos = flow_hash_fields(key, svc.hash_fields) % RING_SIZE;
+    let dirty = RING_DIRTY.get(svc.id * RING_DIRTY_WORDS + pos / 64)?;
+    if (*dirty >> (pos % 64)) & 1 != 0 {
+        return None;
+    }
+    let entry = RINGS.get(svc.ring * RING_ENTRIES + pos / RING_SLOTS_PER_ENTRY)?;
+    let id = entry.slot(pos);
+    if id == NO_BACKEND
+        || backend(id).is_none()
+        || unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() } % lb_common::RING_FAST_SAMPLE == 0
+    {
+        return None;
+    }
+    Some((svc, id))
 }
 
 /// Controller bookkeeping (layout and program version); never read here, but it lives in

@@ -295,6 +295,12 @@ pub struct Service {
     /// What happens to new packets when no backend is up (or every one is drained).
     #[serde(default)]
     pub on_all_down: AllDownPolicy,
+    /// Established TCP packets go by the Maglev ring alone while their slot's backend has
+    /// not changed, skipping the flow table (Katran's LRU bypass, kept safe across backend
+    /// changes): SYN, FIN, RST, packets on changed slots and one packet in 16 still use the
+    /// table. DR and TUN, TCP, `maglev` or `sh`, no persistence.
+    #[serde(default)]
+    pub ring_fast_path: bool,
 }
 
 impl Service {
@@ -892,6 +898,38 @@ impl Config {
                     );
                 }
             }
+            if s.ring_fast_path {
+                let why = if !matches!(s.mode, Mode::Dr | Mode::Tun) {
+                    Some(format!(
+                        "mode `{}` keeps per-flow state (NAT translations) in the flow table; the ring fast \
+                         path is for `dr` and `tun`",
+                        s.mode
+                    ))
+                } else if s.protocol != Protocol::Tcp {
+                    Some(
+                        "the ring fast path is for TCP (UDP flows keep their idle clock in the flow table); \
+                         remove `ring_fast_path` or use `protocol: tcp`"
+                            .into(),
+                    )
+                } else if !matches!(s.scheduler, Scheduler::Maglev | Scheduler::Sh) {
+                    Some(format!(
+                        "`{}` does not pick a flow's backend by its ring slot alone; the ring fast path needs \
+                         `scheduler: maglev` or `sh`",
+                        s.scheduler
+                    ))
+                } else if !s.persistence.is_zero() {
+                    Some(
+                        "with persistence a client's template, not the ring, picks the backend; use one or \
+                         the other"
+                            .into(),
+                    )
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    err(format!("{p}.ring_fast_path"), why);
+                }
+            }
             if let Some(hc) = &s.health_check {
                 validate_check(s, hc, &format!("{p}.health_check"), &mut err);
             }
@@ -1010,6 +1048,11 @@ impl Config {
             }
         }
         errs
+    }
+
+    /// Whether a service uses the ring fast path (the data plane is loaded with it compiled in).
+    pub fn ring_fast(&self) -> bool {
+        self.services.iter().any(|s| s.ring_fast_path)
     }
 
     /// The UDP idle timeout (validated).
@@ -1484,6 +1527,64 @@ services:
                 ),
         );
         assert!(e.message.contains("weight 0"), "{e}");
+    }
+
+    #[test]
+    fn ring_fast_path_parses_for_dr_tcp_maglev_and_names_field_and_line_otherwise() {
+        for extra in [
+            "    ring_fast_path: true\n",
+            "    scheduler: sh\n    ring_fast_path: true\n",
+            "    hash_fields: [src_ip, src_port]\n    ring_fast_path: true\n",
+        ] {
+            let c = Config::parse(&with_web(extra), &AnyHost)
+                .unwrap_or_else(|e| panic!("{extra}: {e:?}"));
+            assert!(c.services[0].ring_fast_path && c.ring_fast(), "{extra}");
+        }
+        assert!(!Config::parse(GOOD, &AnyHost).unwrap().ring_fast());
+        let tun = GOOD.replacen("mode: dr\n", "mode: tun\n    ring_fast_path: true\n", 1);
+        if let Err(e) = Config::parse(&tun, &AnyHost) {
+            assert!(
+                !e.iter().any(|e| e.path.ends_with("ring_fast_path")),
+                "{e:?}"
+            );
+        }
+        let cases: &[(String, usize, &str)] = &[
+            (
+                with_web("    scheduler: rr\n    ring_fast_path: true\n"),
+                11,
+                "`rr` does not pick",
+            ),
+            (
+                with_web("    scheduler: wlc\n    ring_fast_path: true\n"),
+                11,
+                "`wlc` does not pick",
+            ),
+            (
+                with_web("    persistence: 60s\n    ring_fast_path: true\n"),
+                11,
+                "with persistence",
+            ),
+            (
+                GOOD.replacen("mode: dr\n", "mode: nat\n    ring_fast_path: true\n", 1),
+                10,
+                "is for `dr` and `tun`",
+            ),
+            (
+                GOOD.replacen(
+                    "protocol: tcp\n    mode: dr\n",
+                    "protocol: udp\n    mode: dr\n    ring_fast_path: true\n",
+                    1,
+                ),
+                10,
+                "is for TCP",
+            ),
+        ];
+        for (text, line, msg) in cases {
+            let e = one_error(text);
+            assert_eq!(e.path, "services[0].ring_fast_path", "{text}");
+            assert_eq!(e.line, Some(*line), "{text}: {e}");
+            assert!(e.message.contains(msg), "{text}: {e}");
+        }
     }
 
     #[test]

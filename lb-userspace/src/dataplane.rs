@@ -99,6 +99,8 @@ pub struct Maps {
     pub iface_slots: Array<MapData, IfaceInfo>,
     pub service_slots: Array<MapData, lb_common::ServiceSlot>,
     pub vip_filter: Array<MapData, u64>,
+    pub fast_services: Array<MapData, u32>,
+    pub ring_dirty: Array<MapData, u64>,
 }
 
 /// The connection table: the data plane keeps IPv4 flows (`FLOWS4`, 16-byte keys) and IPv6
@@ -163,6 +165,8 @@ impl Maps {
             iface_slots: get(maps::IFACE_SLOTS)?.try_into()?,
             service_slots: get(maps::SERVICE_SLOTS)?.try_into()?,
             vip_filter: get(maps::VIP_FILTER)?.try_into()?,
+            fast_services: get(maps::FAST_SERVICES)?.try_into()?,
+            ring_dirty: get(maps::RING_DIRTY)?.try_into()?,
         })
     }
 
@@ -343,6 +347,8 @@ pub struct LoadOptions<'a> {
     /// Benchmark only: end established flows' packets after this [`lb_common::stage`]
     /// (0: never; anything else does not forward).
     pub stop_after: u8,
+    /// A service has `ring_fast_path: true`: compile the ring fast path in.
+    pub ring_fast: bool,
 }
 
 impl Default for LoadOptions<'_> {
@@ -354,6 +360,7 @@ impl Default for LoadOptions<'_> {
             debug_log: false,
             udp_idle: std::time::Duration::from_nanos(lb_common::UDP_IDLE_DEFAULT_NS),
             stop_after: 0,
+            ring_fast: false,
         }
     }
 }
@@ -365,7 +372,11 @@ pub fn program_version(opts: &LoadOptions<'_>) -> u64 {
     let idle = opts.udp_idle.as_nanos() as u64;
     for &b in OBJECT
         .iter()
-        .chain(&[u8::from(opts.debug_log), opts.stop_after])
+        .chain(&[
+            u8::from(opts.debug_log),
+            opts.stop_after,
+            u8::from(opts.ring_fast),
+        ])
         .chain(&idle.to_le_bytes())
     {
         h ^= u64::from(b);
@@ -418,6 +429,8 @@ impl Director {
         let udp_idle_ns = opts.udp_idle.as_nanos() as u64;
         loader.override_global("UDP_IDLE_NS", &udp_idle_ns, true);
         loader.override_global("STOP_AFTER", &opts.stop_after, true);
+        let ring_fast = u8::from(opts.ring_fast);
+        loader.override_global("RING_FAST", &ring_fast, true);
         let mut adopting = false;
         if let Some(dir) = pin_dir {
             check_bpffs(dir)?;
@@ -621,8 +634,15 @@ impl Director {
     /// Remove ended flows (see [`sweep`]).
     pub fn sweep(&mut self, idle: std::time::Duration) -> Result<Swept> {
         let evict = self.state.evicted();
+        let dirty = self.state.dirty_check(&self.maps)?;
         let state = &self.state;
-        sweep(&mut self.maps, idle, &evict, |id| state.is_configured(id))
+        let mut swept = sweep(&mut self.maps, idle, &evict, &dirty, |id| {
+            state.is_configured(id)
+        })?;
+        swept.cleaned = self
+            .state
+            .clear_dirty(&mut self.maps, &dirty, &swept.blocked)?;
+        Ok(swept)
     }
 
     /// The ids, health and drains recorded in the maps (meaningful for an adopted director).
@@ -686,7 +706,7 @@ pub fn attach_xdp(
 /// ports). The data plane already treats such flows as ended; this reclaims the entries of
 /// flows that never send again. Walks the tables with syscalls: O(table) per call.
 pub fn sweep_idle_udp(m: &mut Maps, idle: std::time::Duration) -> Result<usize> {
-    Ok(sweep(m, idle, &Default::default(), |_| true)?.removed)
+    Ok(sweep(m, idle, &Default::default(), &Default::default(), |_| true)?.removed)
 }
 
 /// What a [`sweep`] did and saw.
@@ -696,17 +716,24 @@ pub struct Swept {
     pub removed: usize,
     /// Flows left that have not ended (FIN/RST seen), per backend id.
     pub live: std::collections::HashMap<u32, usize>,
+    /// Dirty ring slots (service id, slot) of the checked ring-fast-path services that a
+    /// flow still holds with another backend than the ring's: they stay dirty.
+    pub blocked: std::collections::HashSet<(u32, u32)>,
+    /// Dirty ring slots that turned clean (see [`Director::sweep`]).
+    pub cleaned: usize,
 }
 
 /// Remove ended flows and their NAT state: UDP flows idle for longer than `idle` (as
 /// [`lb_common::udp_expired`] judges it, the same test the data plane makes), flows
 /// of a backend in `evict` (down with `on_backend_down: reset`: the data plane already
 /// reschedules them), and flows of backends that are no longer configured (`configured`
-/// says which ids are).
+/// says which ids are). Flows that stay and disagree with a ring `dirty` checks are
+/// reported in [`Swept::blocked`] (ended ones too: the client's last ACK may follow).
 pub fn sweep(
     m: &mut Maps,
     idle: std::time::Duration,
     evict: &std::collections::HashSet<u32>,
+    dirty: &crate::reconcile::DirtyCheck,
     configured: impl Fn(u32) -> bool,
 ) -> Result<Swept> {
     let mut ts = libc::timespec {
@@ -727,8 +754,13 @@ pub fn sweep(
             || !configured(v.backend)
         {
             expired.insert(k);
-        } else if v.flags & lb_common::FLOW_F_ENDED == 0 {
+            continue;
+        }
+        if v.flags & lb_common::FLOW_F_ENDED == 0 {
             *swept.live.entry(v.backend).or_default() += 1;
+        }
+        if let Some(pos) = dirty.blocks(v.service, &k, v.backend) {
+            swept.blocked.insert((v.service, pos));
         }
     }
     swept.removed = expired.len();

@@ -9,13 +9,15 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
+    time::{Duration, Instant},
 };
 
 use lb_common::{
     Backend, RingEntry, ServiceMeta, ServiceSlot, SnatAddr, VipAddr, VipKey, BACKEND_F_DOWN,
-    BACKEND_F_DRAINED, BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID, MAX_BACKENDS,
-    MAX_SERVICES, RINGS_PER_SERVICE, RING_ENTRIES, RING_SIZE, RING_SLOTS_PER_ENTRY,
-    SERVICE_F_DROP_NO_BACKEND, VIP_FILTER_WORDS,
+    BACKEND_F_DRAINED, BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID, FAST_SLOTS,
+    FAST_SLOT_SHARED, MAX_BACKENDS, MAX_SERVICES, RINGS_PER_SERVICE, RING_DIRTY_WORDS,
+    RING_ENTRIES, RING_SIZE, RING_SLOTS_PER_ENTRY, SERVICE_F_DROP_NO_BACKEND, SERVICE_F_RING_FAST,
+    VIP_FILTER_WORDS,
 };
 
 use crate::{
@@ -203,6 +205,10 @@ pub fn desired(
                 SERVICE_F_DROP_NO_BACKEND
             } else {
                 0
+            } | if svc.ring_fast_path {
+                SERVICE_F_RING_FAST
+            } else {
+                0
             },
             scheduler: match svc.scheduler {
                 Scheduler::Rr | Scheduler::Wrr => lb_common::sched::ROUND_ROBIN,
@@ -332,6 +338,41 @@ pub struct MapState {
     fresh: bool,
     /// `VIP_FILTER`'s words as written.
     vip_filter: Vec<u64>,
+    /// `RING_DIRTY`'s words of ring-fast-path services as written, by service id (filled on
+    /// first use).
+    dirty: HashMap<u32, Vec<u64>>,
+    /// When a ring-fast-path service's slots last turned dirty (see [`DIRTY_GRACE`]).
+    dirty_since: HashMap<u32, Instant>,
+    /// `FAST_SERVICES` as written.
+    fast: Vec<u32>,
+}
+
+/// A sweep clears a service's dirty slots only when they turned dirty at least this long
+/// before it began: a packet that read the ring just before it changed may still be
+/// recording its flow (with the old backend) while the sweep walks the table.
+pub const DIRTY_GRACE: Duration = Duration::from_secs(1);
+
+/// Ring-fast-path services whose dirty slots a sweep may clear: id -> (`hash_fields`, the
+/// live ring). The sweep reports the slots a flow still holds with another backend.
+#[derive(Debug, Default)]
+pub struct DirtyCheck {
+    pub services: HashMap<u32, (u8, Vec<u32>)>,
+}
+
+impl DirtyCheck {
+    /// The ring slot of `key` in service `id`, if a flow there with `backend` keeps the slot
+    /// dirty (its backend is not the ring's).
+    pub fn blocks(&self, id: u32, key: &lb_common::FlowKey, backend: u32) -> Option<u32> {
+        let (fields, ring) = self.services.get(&id)?;
+        let pos = lb_common::flow_hash_fields(key, *fields) % RING_SIZE;
+        (ring[pos as usize] != backend).then_some(pos)
+    }
+}
+
+/// The `FAST_SERVICES` slot of a service key.
+pub fn fast_slot_of(key: &VipKey) -> u32 {
+    let half = |i: usize| u64::from_ne_bytes(key.addr[8 * i..8 * i + 8].try_into().expect("8"));
+    lb_common::fast_slot(half(0), half(1), key.family, key.port_be, key.proto)
 }
 
 impl MapState {
@@ -343,6 +384,9 @@ impl MapState {
             rings: HashMap::new(),
             fresh: true,
             vip_filter: vec![0; VIP_FILTER_WORDS as usize],
+            dirty: HashMap::new(),
+            dirty_since: HashMap::new(),
+            fast: vec![0; FAST_SLOTS as usize],
         }
     }
 
@@ -365,12 +409,18 @@ impl MapState {
         let vip_filter = (0..VIP_FILTER_WORDS)
             .map(|i| m.vip_filter.get(&i, 0))
             .collect::<std::result::Result<_, _>>()?;
+        let fast = (0..FAST_SLOTS)
+            .map(|i| m.fast_services.get(&i, 0))
+            .collect::<std::result::Result<_, _>>()?;
         Ok(MapState {
             backends,
             service_slots,
             rings: HashMap::new(),
             fresh: false,
             vip_filter,
+            dirty: HashMap::new(),
+            dirty_since: HashMap::new(),
+            fast,
         })
     }
 
@@ -453,6 +503,113 @@ impl MapState {
         Ok(self.rings.get_mut(&ring).expect("just inserted"))
     }
 
+    /// Service `id`'s `RING_DIRTY` words as written (an adopted director's are read; their
+    /// age is unknown, so they count as dirty from now).
+    fn dirty_words(&mut self, m: &Maps, id: u32) -> Result<&mut Vec<u64>> {
+        if !self.dirty.contains_key(&id) {
+            let words = if self.fresh {
+                vec![0; RING_DIRTY_WORDS as usize]
+            } else {
+                self.dirty_since.insert(id, Instant::now());
+                (0..RING_DIRTY_WORDS)
+                    .map(|w| m.ring_dirty.get(&(id * RING_DIRTY_WORDS + w), 0))
+                    .collect::<std::result::Result<_, _>>()?
+            };
+            self.dirty.insert(id, words);
+        }
+        Ok(self.dirty.get_mut(&id).expect("just inserted"))
+    }
+
+    /// Mark ring slots `positions` (every slot if `None`) of service `id` dirty, writing the
+    /// words that change.
+    fn mark_dirty(&mut self, m: &mut Maps, id: u32, positions: Option<&[u32]>) -> Result<()> {
+        let words = self.dirty_words(m, id)?;
+        let mut want = words.clone();
+        match positions {
+            None => {
+                want.iter_mut().for_each(|w| *w = u64::MAX);
+                // Only the ring's slots: the last word holds RING_SIZE % 64 of them.
+                if let Some(last) = want.last_mut() {
+                    *last = (1 << (RING_SIZE % 64)) - 1;
+                }
+            }
+            Some(ps) => ps
+                .iter()
+                .for_each(|&p| want[(p / 64) as usize] |= 1 << (p % 64)),
+        }
+        let mut changed = false;
+        for (i, (have, want)) in words.iter_mut().zip(&want).enumerate() {
+            if have != want {
+                m.ring_dirty
+                    .set(id * RING_DIRTY_WORDS + i as u32, *want, 0)?;
+                *have = *want;
+                changed = true;
+            }
+        }
+        if changed {
+            self.dirty_since.insert(id, Instant::now());
+        }
+        Ok(())
+    }
+
+    /// The ring-fast-path services with dirty slots that a sweep starting now may clear
+    /// (their last change is older than [`DIRTY_GRACE`]).
+    pub fn dirty_check(&mut self, m: &Maps) -> Result<DirtyCheck> {
+        let mut check = DirtyCheck::default();
+        let fast: Vec<(u32, ServiceMeta)> = self
+            .service_slots
+            .iter()
+            .filter(|(_, s)| s.meta.flags & SERVICE_F_RING_FAST != 0)
+            .map(|(&id, s)| (id, s.meta))
+            .collect();
+        for (id, meta) in fast {
+            if self.dirty_words(m, id)?.iter().all(|&w| w == 0) {
+                continue;
+            }
+            if self
+                .dirty_since
+                .get(&id)
+                .is_some_and(|t| t.elapsed() < DIRTY_GRACE)
+            {
+                continue;
+            }
+            let ring = self.ring(m, meta.ring)?.clone();
+            check.services.insert(id, (meta.hash_fields, ring));
+        }
+        Ok(check)
+    }
+
+    /// After a sweep with `check`: clear the checked services' dirty slots except those
+    /// `blocked` (a flow there has another backend than the ring's). Returns how many slots
+    /// turned clean.
+    pub fn clear_dirty(
+        &mut self,
+        m: &mut Maps,
+        check: &DirtyCheck,
+        blocked: &HashSet<(u32, u32)>,
+    ) -> Result<usize> {
+        let mut cleared = 0;
+        for &id in check.services.keys() {
+            let words = self.dirty_words(m, id)?;
+            let mut want = vec![0u64; RING_DIRTY_WORDS as usize];
+            for &(sid, pos) in blocked {
+                if sid == id {
+                    want[(pos / 64) as usize] |= 1 << (pos % 64);
+                }
+            }
+            for (i, (have, want)) in words.iter_mut().zip(&want).enumerate() {
+                let next = *have & want;
+                if next != *have {
+                    m.ring_dirty
+                        .set(id * RING_DIRTY_WORDS + i as u32, next, 0)?;
+                    cleared += (*have & !next).count_ones() as usize;
+                    *have = next;
+                }
+            }
+        }
+        Ok(cleared)
+    }
+
     /// Make the maps equal to `want`, in an order that never exposes a half state: the
     /// full-NAT pool, then backends (a ring never points at an unset backend), then each
     /// changed service's inactive ring (only the slots that differ) and the service entry
@@ -494,6 +651,22 @@ impl MapState {
                 Some(meta) if meta.ring == first => first + 1,
                 _ => first,
             };
+            // Ring fast path: the slots whose backend changes turn dirty before the ring
+            // flips, so no packet takes a changed slot without the flow table; a service
+            // that just turned the fast path on starts all dirty.
+            if svc.flags & SERVICE_F_RING_FAST != 0 {
+                match live.filter(|meta| meta.flags & SERVICE_F_RING_FAST != 0) {
+                    None => self.mark_dirty(m, svc.id, None)?,
+                    Some(_) if live_ring_matches => {}
+                    Some(meta) => {
+                        let old = self.ring(m, meta.ring)?;
+                        let changed: Vec<u32> = (0..RING_SIZE)
+                            .filter(|&p| old[p as usize] != svc.ring[p as usize])
+                            .collect();
+                        self.mark_dirty(m, svc.id, Some(&changed))?;
+                    }
+                }
+            }
             if !live_ring_matches {
                 let cached = self.ring(m, ring)?;
                 let base = ring * RING_ENTRIES;
@@ -528,6 +701,27 @@ impl MapState {
             if self.service_slots.get(&svc.id) != Some(&slot) {
                 m.service_slots.set(svc.id, slot, 0)?;
                 self.service_slots.insert(svc.id, slot);
+            }
+        }
+        // Ring-fast-path services by (VIP, port, protocol), once their entries exist; the
+        // data plane checks a slot's service against the packet, so a stale one is harmless.
+        let mut fast = vec![0u32; FAST_SLOTS as usize];
+        for svc in want
+            .services
+            .iter()
+            .filter(|s| s.flags & SERVICE_F_RING_FAST != 0)
+        {
+            let slot = &mut fast[fast_slot_of(&svc.key) as usize];
+            *slot = if *slot == 0 {
+                svc.id + 1
+            } else {
+                FAST_SLOT_SHARED
+            };
+        }
+        for (i, (have, want)) in self.fast.iter_mut().zip(&fast).enumerate() {
+            if have != want {
+                m.fast_services.set(i as u32, *want, 0)?;
+                *have = *want;
             }
         }
         for key in current.keys() {

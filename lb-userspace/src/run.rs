@@ -197,6 +197,7 @@ impl Controller {
             adopt: true,
             debug_log: self.debug_log,
             udp_idle: cfg.udp_idle_timeout(),
+            ring_fast: cfg.ring_fast(),
             ..Default::default()
         }
     }
@@ -714,6 +715,13 @@ impl Controller {
         if swept.removed > 0 {
             tracing::debug!("removed {} ended flow(s)", swept.removed);
         }
+        if swept.cleaned > 0 || !swept.blocked.is_empty() {
+            tracing::debug!(
+                "ring fast path: {} slot(s) clean again, {} kept dirty by flows on an old backend",
+                swept.cleaned,
+                swept.blocked.len()
+            );
+        }
         // Correct the data plane's per-backend counts from the table (flows the LRU evicted
         // were never counted down).
         for &id in self.ids.backends.values() {
@@ -822,6 +830,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         adopt: true,
         debug_log: opts.debug_log,
         udp_idle: cfg.udp_idle_timeout(),
+        ring_fast: cfg.ring_fast(),
         ..Default::default()
     })?;
     let (ids, runtime) = match director.origin {

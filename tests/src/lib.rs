@@ -157,6 +157,7 @@ impl Harness {
             udp_idle: config.udp_idle_timeout(),
             adopt: false,
             stop_after,
+            ring_fast: config.ring_fast(),
         })
         .expect("load XDP object");
         director.apply(&desired).expect("fill maps");
