@@ -233,38 +233,6 @@ fn log_forward(ctx: &XdpContext, service: u32, backend: u32, new: u32) {
     );
 }
 
-/// Benchmark only, never attached: what a DR flow hit would cost **without the flow table**
-/// — parse, the service (`SERVICES`), its Maglev slot for the packet's hash, the backend, the
-/// service's forwarding (MACs for the bench's DR service) and the counters — for the per-packet table's what-if row, measured beside the real
-/// hit at the same flow counts. Not a director path: without a table, a flow whose ring slot
-/// changes moves to another backend (see the README's benchmarks).
-#[xdp]
-pub fn xdplb_bench_stateless(ctx: XdpContext) -> u32 {
-    match stateless_dr(&ctx) {
-        Ok(action) => action,
-        Err(_) => xdp_action::XDP_PASS,
-    }
-}
-
-#[inline(always)]
-fn stateless_dr(ctx: &XdpContext) -> Result<u32, u32> {
-    let mut slot = core::mem::MaybeUninit::<parse::Parsed>::uninit();
-    // SAFETY: all zeros is a valid summary (see `try_xdplb`).
-    let pkt = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
-    parse::parse(ctx, pkt)?;
-    let svc = select::service(&pkt.key)?;
-    let id = select::schedule(svc, &pkt.key)?;
-    let backend = select::backend(id).ok_or(reason::PASS_NO_BACKEND)?;
-    let choice = flow::Choice {
-        id,
-        ..flow::Choice::default()
-    };
-    let (action, slot) = forward(ctx, pkt, svc.mode, backend, &choice)?;
-    stats::forwarded(svc.id, id, pkt.len, false);
-    stats::reason(slot);
-    Ok(action)
-}
-
 /// Pass-through: attached to the peer of a veth that receives `XDP_TX`/`XDP_REDIRECT`
 /// frames, because veth drops them unless the receiving end runs XDP (PITFALLS.md).
 #[xdp]

@@ -31,8 +31,6 @@ pub const TX_PROGRAM: &str = "xdplb_tx";
 /// Benchmark driver: optionally strips an outer header and/or makes a new 5-tuple per run
 /// (`BENCH_CFG`), then tail-calls `BENCH_NEXT[0]`.
 pub const BENCH_DRIVER_PROGRAM: &str = "xdplb_bench_driver";
-/// Benchmark what-if, never attached: a DR hit without the flow table (stateless Maglev).
-pub const BENCH_STATELESS_PROGRAM: &str = "xdplb_bench_stateless";
 
 /// The XDP object built by `build.rs` from `lb-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

@@ -174,7 +174,10 @@ impl Row {
 
 /// (forwarded DR + TUN, new flows over all services).
 fn counters(h: &Harness) -> (u64, u64) {
-    let fwd = h.reason(reason::FWD_DR) + h.reason(reason::FWD_TUN);
+    let fwd = h.reason(reason::FWD_DR)
+        + h.reason(reason::FWD_TUN)
+        + h.reason(reason::FWD_DR_RING)
+        + h.reason(reason::FWD_TUN_RING);
     let new: u64 = (0..h.desired.services.len() as u32)
         .map(|s| {
             Maps::sum_counters(&h.director.maps.service_stats, s)
@@ -394,23 +397,27 @@ fn machine() -> String {
 /// Flow hits with N established flows: a director with a 4M-entry table, the driver cycling
 /// through N 5-tuples (`BENCH_CFG[1]`), warmed up so every measured run is a hit; and 16k
 /// flows in a 64k-entry and a 1M-entry (default) table, which shows what the table's size
-/// costs by itself (the same flows spread over more buckets and pages). Two what-if rows run
-/// `xdplb_bench_stateless` instead, a DR hit without the flow table, at 1 and 1M flows: what
-/// a table-free fast path would cost (see the README). The rows take turns run by run, so a
-/// phase of this VM lands in all of them alike.
+/// costs by itself (the same flows spread over more buckets and pages). Two rows run a
+/// director whose DR service has `ring_fast_path: true` at 1 and 1M flows: warmed up with
+/// its slots dirty, so every flow is in the table as if its SYN had been seen, then
+/// measured with them clean — most packets go by the ring alone, one in 16 by the table.
+/// The rows take turns run by run, so a phase of this VM lands in all of them alike.
 fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     let big = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 4194304");
     let mut tables = Vec::new();
     let default = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 1048576");
-    for yaml in [big.as_str(), CONFIG, default.as_str()] {
+    let fast = big.replacen(
+        "    mode: dr\n    backends:\n",
+        "    mode: dr\n    ring_fast_path: true\n    backends:\n",
+        1,
+    );
+    for yaml in [big.as_str(), CONFIG, default.as_str(), fast.as_str()] {
         let mut h = Harness::new(yaml);
         let (next, cfg) = driving(&mut h, dataplane::PROGRAM, NEW_FLOW);
         tables.push((h, next, cfg));
     }
-    // Table 3: the driver tail-calls the what-if program (a DR hit without the flow table).
-    let mut h = Harness::new(CONFIG);
-    let (next, cfg) = driving(&mut h, dataplane::BENCH_STATELESS_PROGRAM, NEW_FLOW);
-    tables.push((h, next, cfg));
+    const FAST: usize = 3;
+    assert!(tables[FAST].0.config.services[0].ring_fast_path);
     let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build();
     // (table, flows, row)
     let mut cases: Vec<(usize, u32, Row)> = [
@@ -446,14 +453,14 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
             "DR flow hit, 1M established flows (driver cycles)",
         ),
         (
-            3,
+            FAST,
             1,
-            "what-if, not a director path: DR without the flow table, 1 flow (driver cycles)",
+            "DR flow hit, ring fast path, 1 established flow (driver cycles)",
         ),
         (
-            3,
+            FAST,
             1_000_000,
-            "what-if, not a director path: DR without the flow table, 1M flows (driver cycles)",
+            "DR flow hit, ring fast path, 1M established flows (driver cycles)",
         ),
     ]
     .into_iter()
@@ -464,7 +471,15 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
             let (h, _, cfg) = &mut tables[*t];
             cfg.set(1, *n, 0).unwrap();
             // Warm up: every one of the N flows is created (first run) or touched again.
+            let fast = *t == FAST;
+            if fast {
+                set_dirty(h, true);
+            }
             driven(h, &v4, *n, 1);
+            if fast {
+                set_dirty(h, false);
+            }
+            let ring = h.reason(reason::FWD_DR_RING);
             let (ns, (fwd, new)) = counted(h, || driven(h, &v4, repeat, 1));
             assert_eq!(
                 new, 0,
@@ -472,10 +487,35 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
                 row.path
             );
             assert_eq!(fwd, u64::from(repeat), "{}", row.path);
+            let ring = h.reason(reason::FWD_DR_RING) - ring;
+            if fast {
+                // One in 16 takes the table: 15/16 by the ring, give or take.
+                assert!(
+                    ring >= u64::from(repeat) * 4 / 5,
+                    "{}: {ring} by the ring",
+                    row.path
+                );
+            } else {
+                assert_eq!(ring, 0, "{}", row.path);
+            }
             row.samples.push(ns);
         }
     }
     cases.into_iter().map(|(_, _, row)| row).collect()
+}
+
+/// Mark every ring slot of the first service (the fast-path one) dirty, or every one clean,
+/// as the controller would before a ring change and after a sweep.
+fn set_dirty(h: &mut Harness, dirty: bool) {
+    let id = h.desired.services[0].id;
+    let word = if dirty { u64::MAX } else { 0 };
+    for w in 0..lb_common::RING_DIRTY_WORDS {
+        h.director
+            .maps
+            .ring_dirty
+            .set(id * lb_common::RING_DIRTY_WORDS + w, word, 0)
+            .expect("RING_DIRTY");
+    }
 }
 
 /// Issue 8's targets for this VM, each a ratio (or a time) with its bound.
