@@ -414,7 +414,7 @@ pub const RING_DIRTY_WORDS: u32 = RING_SIZE.div_ceil(64);
 
 /// A ring-fast-path packet takes the flow table's way when the per-CPU random number is 0
 /// modulo this (a power of two).
-pub const RING_FAST_SAMPLE: u32 = 16;
+pub const RING_FAST_SAMPLE: u32 = 64;
 
 /// Slots of `FAST_SERVICES` (a power of two): service id + 1 of the ring-fast-path service
 /// whose (VIP, port, protocol) hashes there ([`fast_slot`]), 0 for none,

@@ -155,29 +155,12 @@ fn fast_service(key: &FlowKey) -> Option<&'static ServiceMeta> {
 /// packet that keeps the flow's entry fresh.
 #[inline(always)]
 pub fn ring_fast(key: &FlowKey) -> Option<(&'static ServiceMeta, u32)> {
-    let both = ring_fast_out(key);
-    if both == u64::MAX {
-        return None;
-    }
-    let slot = SERVICE_SLOTS.get((both >> 32) as u32)?;
-    Some((&slot.meta, both as u32))
-}
-
-/// Out of line, so its temporaries (the masked key of `hash_fields`) stay off the caller's
-/// frame: (service id << 32 | backend id), `u64::MAX` for none (plain types only, see
-/// `STATUS_OK`).
-#[inline(never)]
-fn ring_fast_out(key: &FlowKey) -> u64 {
-    match ring_fast_inner(key) {
-        Some((svc, id)) => u64::from(svc.id) << 32 | u64::from(id),
-        None => u64::MAX,
-    }
-}
-
-#[inline(always)]
-fn ring_fast_inner(key: &FlowKey) -> Option<(&'static ServiceMeta, u32)> {
     let svc = fast_service(key)?;
-    let pos = flow_hash_fields(key, svc.hash_fields) % RING_SIZE;
+    let pos = if svc.hash_fields == 0 {
+        lb_common::flow_hash(key)
+    } else {
+        masked_hash(key, svc.hash_fields)
+    } % RING_SIZE;
     let dirty = RING_DIRTY.get(svc.id * RING_DIRTY_WORDS + pos / 64)?;
     if (*dirty >> (pos % 64)) & 1 != 0 {
         return None;
@@ -191,6 +174,13 @@ fn ring_fast_inner(key: &FlowKey) -> Option<(&'static ServiceMeta, u32)> {
         return None;
     }
     Some((svc, id))
+}
+
+/// [`flow_hash_fields`] out of line: its masked copy of the key stays off the caller's
+/// frame (the BPF stack is 512 bytes per call chain).
+#[inline(never)]
+fn masked_hash(key: &FlowKey, fields: u8) -> u32 {
+    flow_hash_fields(key, fields)
 }
 
 /// Controller bookkeeping (layout and program version); never read here, but it lives in

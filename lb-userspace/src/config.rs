@@ -297,7 +297,7 @@ pub struct Service {
     pub on_all_down: AllDownPolicy,
     /// Established TCP packets go by the Maglev ring alone while their slot's backend has
     /// not changed, skipping the flow table (Katran's LRU bypass, kept safe across backend
-    /// changes): SYN, FIN, RST, packets on changed slots and one packet in 16 still use the
+    /// changes): SYN, FIN, RST, packets on changed slots and one packet in 64 still use the
     /// table. DR and TUN, TCP, `maglev` or `sh`, no persistence.
     #[serde(default)]
     pub ring_fast_path: bool,

@@ -400,7 +400,7 @@ fn machine() -> String {
 /// costs by itself (the same flows spread over more buckets and pages). Two rows run a
 /// director whose DR service has `ring_fast_path: true` at 1 and 1M flows: warmed up with
 /// its slots dirty, so every flow is in the table as if its SYN had been seen, then
-/// measured with them clean — most packets go by the ring alone, one in 16 by the table.
+/// measured with them clean — most packets go by the ring alone, one in 64 by the table.
 /// The rows take turns run by run, so a phase of this VM lands in all of them alike.
 fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     let big = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 4194304");
@@ -489,7 +489,7 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
             assert_eq!(fwd, u64::from(repeat), "{}", row.path);
             let ring = h.reason(reason::FWD_DR_RING) - ring;
             if fast {
-                // One in 16 takes the table: 15/16 by the ring, give or take.
+                // One in 64 takes the table: 63/64 by the ring, give or take.
                 assert!(
                     ring >= u64::from(repeat) * 4 / 5,
                     "{}: {ring} by the ring",
