@@ -128,15 +128,18 @@ pub enum Target {
     /// The kernel peer: nftables DNAT with `numgen inc`, IP forwarding (a pass-through XDP
     /// program on eth0 only so the generator's XDP_TX into the veth delivers).
     Nft,
+    /// The director in DR mode with `ring_fast_path: true` (slots clean, as after a sweep).
+    DrFast,
 }
 
 impl Target {
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 6] = [
         Target::Ceiling,
         Target::Dr,
         Target::Tun,
         Target::Nat,
         Target::Nft,
+        Target::DrFast,
     ];
 
     pub fn name(self) -> &'static str {
@@ -146,12 +149,13 @@ impl Target {
             Target::Tun => "xdplb TUN",
             Target::Nat => "xdplb NAT",
             Target::Nft => "nftables DNAT (numgen)",
+            Target::DrFast => "xdplb DR, ring fast path",
         }
     }
 
     fn mode(self) -> Option<&'static str> {
         match self {
-            Target::Dr => Some("dr"),
+            Target::Dr | Target::DrFast => Some("dr"),
             Target::Tun => Some("tun"),
             Target::Nat => Some("nat"),
             _ => None,
@@ -199,12 +203,20 @@ fn serve(dir: &str, target: Target, gen_mac: [u8; 6]) -> Server {
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let (ready_tx, ready_rx) = mpsc::channel::<u32>();
     let handle = in_netns(dir, move || {
+        let cfg = target.mode().map(|mode| {
+            let mut text = director_config(mode, gen_mac);
+            if target == Target::DrFast {
+                text = text.replace("    mode: dr\n", "    mode: dr\n    ring_fast_path: true\n");
+            }
+            Config::parse(&text, &AnyHost).expect("config")
+        });
         let mut d = Director::load(&dataplane::LoadOptions {
             flow_table_size: 65536,
+            ring_fast: cfg.as_ref().is_some_and(Config::ring_fast),
             ..Default::default()
         })
         .expect("load");
-        let program = match target.mode() {
+        let program = match cfg {
             None => {
                 let program = if target == Target::Ceiling {
                     dataplane::FLOOR_PROGRAM
@@ -214,10 +226,18 @@ fn serve(dir: &str, target: Target, gen_mac: [u8; 6]) -> Server {
                 d.attach_program(program, "eth0").expect("attach");
                 program
             }
-            Some(mode) => {
-                let cfg = Config::parse(&director_config(mode, gen_mac), &AnyHost).expect("config");
+            Some(cfg) => {
                 let want = dataplane::desired(&cfg, |b| b.mac().map(|m| m.0).unwrap_or_default());
                 d.apply(&want).expect("maps");
+                if cfg.ring_fast() {
+                    // A new fast-path service starts with every slot dirty; the controller's
+                    // first sweep after the grace period cleans them (no flows yet).
+                    std::thread::sleep(
+                        lb_userspace::reconcile::DIRTY_GRACE + Duration::from_millis(100),
+                    );
+                    let swept = d.sweep(Duration::from_secs(300)).expect("sweep");
+                    assert_eq!(swept.cleaned, lb_common::RING_SIZE as usize);
+                }
                 let mac = if_mac(None, "eth0");
                 d.attach(
                     "eth0",

@@ -103,8 +103,8 @@ fn bench_quick_runs_every_path_and_reports() {
     let e2e = table(&stdout, "| end to end");
     assert_eq!(
         e2e.len(),
-        10,
-        "end-to-end rows (ceiling, DR, TUN, NAT, nftables × 1 and 10k flows):\n{stdout}"
+        12,
+        "end-to-end rows (ceiling, DR, TUN, NAT, nftables, DR ring fast path × 1 and 10k flows):\n{stdout}"
     );
     for row in &e2e {
         let c: Vec<&str> = row.split('|').map(str::trim).collect();
