@@ -127,18 +127,21 @@ static RING_DIRTY: BtfArray<u64, { (MAX_SERVICES * RING_DIRTY_WORDS) as usize }>
 
 /// The ring-fast-path service of `key`'s destination, if it has one: `FAST_SERVICES` (exact
 /// port, then every port), checked against the service's own key, so a slot another
-/// service shares, a removed service or a reused id never match a foreign packet.
+/// service shares, a removed service or a reused id never match a foreign packet; an
+/// every-port service is confirmed through `SERVICES`, where exact ports win.
 #[inline(always)]
 fn fast_service(key: &FlowKey) -> Option<&'static ServiceMeta> {
     let dst = key.dst.as_ptr() as *const u64;
     // SAFETY: 16 bytes, 8-aligned (see `maybe_vip`).
     let (lo, hi) = unsafe { (dst.read(), dst.add(1).read()) };
-    let mut id = *FAST_SERVICES.get(fast_slot(lo, hi, key.family, key.dport_be, key.proto))?;
-    if id == 0 {
-        id = *FAST_SERVICES.get(fast_slot(lo, hi, key.family, 0, key.proto))?;
-    }
+    let id = *FAST_SERVICES.get(fast_slot(lo, hi, key.family, key.dport_be, key.proto))?;
     let svc = match id {
-        0 => return None,
+        // No fast service on this exact port: perhaps one on every port of the VIP — but an
+        // exact-port service (fast or not) wins over it, so `SERVICES` decides.
+        0 => match *FAST_SERVICES.get(fast_slot(lo, hi, key.family, 0, key.proto))? {
+            0 => return None,
+            _ => service(key).ok()?,
+        },
         FAST_SLOT_SHARED => service(key).ok()?,
         id => service_by_id(id - 1, key)?,
     };

@@ -654,8 +654,11 @@ impl MapState {
             // Ring fast path: the slots whose backend changes turn dirty before the ring
             // flips, so no packet takes a changed slot without the flow table; a service
             // that just turned the fast path on starts all dirty.
+            // Other hash fields put flows on other slots: all dirty too.
             if svc.flags & SERVICE_F_RING_FAST != 0 {
-                match live.filter(|meta| meta.flags & SERVICE_F_RING_FAST != 0) {
+                match live.filter(|meta| {
+                    meta.flags & SERVICE_F_RING_FAST != 0 && meta.hash_fields == svc.hash_fields
+                }) {
                     None => self.mark_dirty(m, svc.id, None)?,
                     Some(_) if live_ring_matches => {}
                     Some(meta) => {

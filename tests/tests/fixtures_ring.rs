@@ -33,6 +33,22 @@ services:
     backends:
       - { address: 198.18.1.21, mac: '02:00:00:00:01:15' }
       - { address: 198.18.1.22, mac: '02:00:00:00:01:16' }
+  - name: every-port
+    vip: 198.18.0.101
+    port: 0
+    protocol: tcp
+    mode: dr
+    ring_fast_path: true
+    backends:
+      - { address: 198.18.1.31, mac: '02:00:00:00:01:1f' }
+      - { address: 198.18.1.32, mac: '02:00:00:00:01:20' }
+  - name: exact
+    vip: 198.18.0.101
+    port: 81
+    protocol: tcp
+    mode: dr
+    backends:
+      - { address: 198.18.1.41, mac: '02:00:00:00:01:29' }
 ";
 
 const VIP: &str = "198.18.0.100";
@@ -84,7 +100,11 @@ fn clean_slots_skip_the_table_and_changed_slots_keep_their_flows() {
     assert_eq!(send(&lab, &pkt(2000, 80, TCP_ACK)), owners[0]);
     assert_eq!(counts(&lab), (31, 0), "all slots dirty at first");
     let swept = sweep(&mut lab);
-    assert_eq!(swept.cleaned, RING_SIZE as usize, "every slot clean");
+    assert_eq!(
+        swept.cleaned,
+        2 * RING_SIZE as usize,
+        "every slot of both fast services"
+    );
     assert!(swept.blocked.is_empty());
 
     // Clean: a flow's data packets go by the ring, about one in 64 still by the table (which
@@ -119,6 +139,25 @@ fn clean_slots_skip_the_table_and_changed_slots_keep_their_flows() {
         send(&lab, &pkt(5000 + s, 81, TCP_ACK));
     }
     assert_eq!(counts(&lab), (table0 + 20, ring0));
+
+    // A VIP's exact-port service wins over its every-port fast one: never by the ring.
+    let to = |sport: u16, port: u16| {
+        let mut p = Pkt::tcp(CLIENT, "198.18.0.101", sport, port);
+        p.tcp_flags = TCP_ACK;
+        send(&lab, &p)
+    };
+    let (table0, ring0) = counts(&lab);
+    for s in 0..20 {
+        assert_eq!(to(5100 + s, 81), 0x29, "the exact-port service's backend");
+    }
+    assert_eq!(counts(&lab), (table0 + 20, ring0));
+    for s in 0..20 {
+        assert!(matches!(to(5200 + s, 82), 0x1f | 0x20));
+    }
+    assert!(
+        counts(&lab).1 > ring0,
+        "other ports by the every-port service's ring"
+    );
 
     // Drain the first flow's backend: its slots move, turn dirty before the ring flips, and
     // its established flows keep it through the table.
@@ -191,4 +230,18 @@ fn clean_slots_skip_the_table_and_changed_slots_keep_their_flows() {
         assert_ne!(send(&lab, &pkt(moved, 80, TCP_ACK)), drained);
     }
     assert!(counts(&lab).1 > ring0);
+
+    // Other hash fields put every flow on another slot: all dirty again, and the flows keep
+    // their backends through the table.
+    lab.h.config.services[0].hash_fields = Some(vec![lb_userspace::config::HashField::SrcIp]);
+    lab.apply();
+    let (table0, ring0) = counts(&lab);
+    for (i, &owner) in owners.iter().enumerate().skip(2) {
+        assert_eq!(send(&lab, &pkt(2000 + i as u16, 80, TCP_ACK)), owner);
+    }
+    assert_eq!(
+        counts(&lab),
+        (table0 + 28, ring0),
+        "all dirty after a hash change"
+    );
 }
