@@ -26,6 +26,12 @@ static SERVICE_SLOTS: BtfArray<ServiceSlot, { MAX_SERVICES as usize }> = BtfArra
 /// service of the packet's destination (ids are reused; a removed service's slot is empty).
 #[inline(always)]
 pub fn service_by_id(id: u32, key: &FlowKey) -> Option<&'static ServiceMeta> {
+    Some(&service_slot(id, key)?.meta)
+}
+
+/// [`service_by_id`]'s slot: its key says whether the service is an every-port one.
+#[inline(always)]
+fn service_slot(id: u32, key: &FlowKey) -> Option<&'static ServiceSlot> {
     let slot = SERVICE_SLOTS.get(id)?;
     let k = &slot.key;
     if k.family != key.family
@@ -35,7 +41,7 @@ pub fn service_by_id(id: u32, key: &FlowKey) -> Option<&'static ServiceMeta> {
     {
         return None;
     }
-    Some(&slot.meta)
+    Some(slot)
 }
 
 /// The slot's VIP is the packet's destination. Both are 8-aligned: `ServiceSlot` and
@@ -143,7 +149,15 @@ fn fast_service(key: &FlowKey) -> Option<&'static ServiceMeta> {
             _ => service(key).ok()?,
         },
         FAST_SLOT_SHARED => service(key).ok()?,
-        id => service_by_id(id - 1, key)?,
+        id => {
+            let slot = service_slot(id - 1, key)?;
+            // An every-port service met here by a slot collision: `SERVICES` decides too.
+            if slot.key.port_be == 0 {
+                service(key).ok()?
+            } else {
+                &slot.meta
+            }
+        }
     };
     if svc.flags & SERVICE_F_RING_FAST == 0 {
         return None;

@@ -245,3 +245,61 @@ fn clean_slots_skip_the_table_and_changed_slots_keep_their_flows() {
         "all dirty after a hash change"
     );
 }
+
+/// An exact port whose `FAST_SERVICES` slot is its VIP's every-port fast service's (a hash
+/// collision) still belongs to its own service: `SERVICES` decides, never the ring.
+#[test]
+fn a_colliding_exact_port_is_not_taken_by_an_every_port_fast_service() {
+    let vip: std::net::Ipv4Addr = "198.18.0.102".parse().unwrap();
+    let key = |port: u16| lb_common::VipKey {
+        addr: lb_userspace::dataplane::addr_bytes(vip.into()).0,
+        port_be: port.to_be(),
+        proto: lb_common::IPPROTO_TCP,
+        family: lb_common::AF_INET,
+    };
+    let wild = lb_userspace::reconcile::fast_slot_of(&key(0));
+    let port = (1..=u16::MAX)
+        .find(|&p| lb_userspace::reconcile::fast_slot_of(&key(p)) == wild)
+        .expect("1,024 slots: some port collides");
+    let yaml = format!(
+        "
+interfaces:
+  - name: lo
+flow_table_size: 65536
+services:
+  - name: every-port
+    vip: {vip}
+    port: 0
+    protocol: tcp
+    mode: dr
+    ring_fast_path: true
+    backends:
+      - {{ address: 198.18.1.31, mac: '02:00:00:00:01:1f' }}
+  - name: exact
+    vip: {vip}
+    port: {port}
+    protocol: tcp
+    mode: dr
+    backends:
+      - {{ address: 198.18.1.41, mac: '02:00:00:00:01:29' }}
+"
+    );
+    let mut lab = Reconciled::new(&yaml);
+    assert_eq!(sweep(&mut lab).cleaned, RING_SIZE as usize);
+    let to = |sport: u16, dport: u16| {
+        let mut p = Pkt::tcp(CLIENT, "198.18.0.102", sport, dport);
+        p.tcp_flags = TCP_ACK;
+        send(&lab, &p)
+    };
+    for s in 0..50 {
+        assert_eq!(to(7000 + s, port), 0x29, "port {port}: the exact service");
+    }
+    assert_eq!(counts(&lab).1, 0, "never by the ring");
+    for s in 0..50 {
+        assert_eq!(to(7000 + s, port.wrapping_add(1).max(1)), 0x1f);
+    }
+    assert!(
+        counts(&lab).1 > 0,
+        "other ports by the every-port service's ring"
+    );
+}
