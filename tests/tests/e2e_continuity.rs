@@ -365,6 +365,60 @@ fn backends_added_and_removed_by_editing_the_file_drop_nothing() {
     );
 }
 
+/// The ring fast path under the same load: once a sweep has cleaned the slots, most
+/// packets go by the ring; a backend added (slots move to it) and one removed (its
+/// connections finish on it) break nothing — moved slots take the flow table until a sweep
+/// finds no connection left on an old backend.
+#[test]
+fn ring_fast_path_keeps_every_connection_across_backend_changes() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fast = |backends: &[usize]| {
+        config(backends, "").replace("    mode: dr\n", "    mode: dr\n    ring_fast_path: true\n")
+    };
+    let mut lab = Lab::new("xf", &[0, 1]);
+    lab.config.write(&fast(&[0, 1]));
+    lab.topo
+        .wait_log("configuration 2 applied", 1, Duration::from_secs(5));
+    let load = lab.load();
+    let ring = |lab: &Lab| {
+        lab.topo.stats(&lab.xdplb)["reasons"]["fwd_dr_ring"]
+            .as_u64()
+            .expect("fwd_dr_ring")
+    };
+    // A sweep (every 5 s) after the 1 s grace cleans the new fast service's slots.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while ring(&lab) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no packet went by the ring"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    lab.config.write(&fast(&[0, 1, 2]));
+    lab.topo
+        .wait_log("configuration 3 applied", 1, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(1));
+    let t_added = load.now();
+    std::thread::sleep(Duration::from_secs(1));
+    lab.config.write(&fast(&[1, 2]));
+    lab.topo
+        .wait_log("configuration 4 applied", 1, Duration::from_secs(5));
+    let t_removed = load.now();
+    // Long enough for sweeps to clean the slots no connection holds any more.
+    std::thread::sleep(Duration::from_secs(7));
+    let before = ring(&lab);
+    std::thread::sleep(Duration::from_secs(1));
+    let report = load.stop();
+
+    assert_clean("ring fast path", &report);
+    assert!(ring(&lab) > before, "still by the ring after the changes");
+    let added = report.served_since(t_added);
+    assert!(added.contains_key("b3"), "b3 joined: {added:?}");
+    let after = report.served_since(t_removed);
+    assert!(!after.contains_key("b1"), "b1 left: {after:?}");
+}
+
 #[test]
 fn controller_sigkill_and_restart_lose_nothing_and_checks_resume() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
