@@ -375,7 +375,7 @@ fn ring_fast_path_keeps_every_connection_across_backend_changes() {
     let fast = |backends: &[usize]| {
         config(backends, "").replace("    mode: dr\n", "    mode: dr\n    ring_fast_path: true\n")
     };
-    let mut lab = Lab::new("xf", &[0, 1]);
+    let lab = Lab::new("xf", &[0, 1]);
     lab.config.write(&fast(&[0, 1]));
     lab.topo
         .wait_log("configuration 2 applied", 1, Duration::from_secs(5));
