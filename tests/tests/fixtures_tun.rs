@@ -76,7 +76,11 @@ fn ifindex(name: &str) -> u32 {
 
 /// The director loaded in the namespace, with `up0` registered (IFACES and TX_PORTS).
 fn harness() -> Harness {
-    let mut h = Harness::new(CONFIG);
+    harness_of(CONFIG)
+}
+
+fn harness_of(yaml: &str) -> Harness {
+    let mut h = Harness::new(yaml);
     let up0 = ifindex("up0");
     let info = dataplane::iface_info(&h.config.interfaces[0], UP_MAC);
     h.director.maps.set_iface(up0, info).expect("IFACES");
@@ -251,6 +255,45 @@ fn encapsulation_has_exact_outer_headers() {
             XDP_REDIRECT,
             None,
         );
+    });
+}
+
+/// With `ring_fast_path: true` (slots cleaned by a sweep), established packets are
+/// encapsulated by the ring alone into the same bytes the table's way makes.
+#[test]
+fn ring_fast_path_encapsulates_as_the_table_does() {
+    lb_tests::require_root();
+    let ns = FibLab::new("rfp");
+    ns.run(|| {
+        let mut h = harness_of(&CONFIG.replacen(
+            "    mode: tun\n",
+            "    mode: tun\n    ring_fast_path: true\n",
+            1,
+        ));
+        std::thread::sleep(
+            lb_userspace::reconcile::DIRTY_GRACE + std::time::Duration::from_millis(100),
+        );
+        let swept = h
+            .director
+            .sweep(std::time::Duration::from_secs(300))
+            .expect("sweep");
+        assert_eq!(swept.cleaned, lb_common::RING_SIZE as usize);
+        let mut p = Pkt::tcp("198.18.2.1", "198.18.0.100", 41000, 80);
+        p.tcp_flags = lb_tests::TCP_ACK;
+        let backend = h.desired.backends[&h.predicted_backend(0, &p.key())].addr;
+        let expected = ipip(
+            v4("198.18.0.3"),
+            backend[..4].try_into().unwrap(),
+            &p.build()[14..],
+            0,
+        );
+        for _ in 0..64 {
+            let (v, out) = h.run(&p.build());
+            assert_eq!((v, &out), (XDP_REDIRECT, &expected));
+        }
+        let (ring, table) = (h.reason(reason::FWD_TUN_RING), h.reason(reason::FWD_TUN));
+        assert_eq!(ring + table, 64);
+        assert!(ring >= 48, "by the ring: {ring}");
     });
 }
 
