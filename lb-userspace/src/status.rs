@@ -15,6 +15,8 @@ pub struct ServiceReport {
     pub mode: u8,
     pub counters: Counters,
     pub backends: Vec<BackendReport>,
+    /// With `ring_fast_path`: how many ring slots are dirty (take the flow table's way).
+    pub dirty_slots: Option<u32>,
 }
 
 pub struct BackendReport {
@@ -117,12 +119,23 @@ pub fn endpoint(key: &VipKey) -> String {
 pub fn collect(maps: &Maps) -> Result<Vec<ServiceReport>> {
     let mut services: Vec<ServiceReport> = Vec::new();
     for (key, meta) in maps.services.iter().filter_map(|r| r.ok()) {
+        let dirty_slots = if meta.flags & lb_common::SERVICE_F_RING_FAST != 0 {
+            let words = lb_common::RING_DIRTY_WORDS;
+            let mut n = 0;
+            for w in meta.id * words..(meta.id + 1) * words {
+                n += maps.ring_dirty.get(&w, 0)?.count_ones();
+            }
+            Some(n)
+        } else {
+            None
+        };
         services.push(ServiceReport {
             key,
             id: meta.id,
             mode: meta.mode,
             counters: Maps::sum_counters(&maps.service_stats, meta.id)?,
             backends: Vec::new(),
+            dirty_slots,
         });
     }
     services.sort_by_key(|s| s.id);
@@ -285,10 +298,13 @@ pub fn render_status(st: &Status) -> String {
         let r = rate(None);
         rows.push(Row {
             what: format!(
-                "{} {}{}",
+                "{} {}{}{}",
                 endpoint(&s.key),
                 sv.map_or("maglev", |v| v.scheduler.as_str()),
                 sv.map_or(String::new(), |v| format!(" ({})", v.name)),
+                s.dirty_slots.map_or(String::new(), |n| format!(
+                    ", ring fast path ({n} dirty slots)"
+                )),
             ),
             mode: mode_name(s.mode).into(),
             weight: String::new(),
@@ -363,6 +379,7 @@ pub fn status_json(st: &Status) -> serde_json::Value {
                 "name": sv.map(|v| v.name.clone()),
                 "mode": mode_name(s.mode),
                 "scheduler": sv.map_or("maglev".to_string(), |v| v.scheduler.clone()),
+                "ring_fast_path": s.dirty_slots.map(|n| serde_json::json!({"dirty_slots": n})),
                 "rates": rate(None),
                 "packets": s.counters.packets,
                 "bytes": s.counters.bytes,

@@ -394,6 +394,16 @@ fn ring_fast_path_keeps_every_connection_across_backend_changes() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    // `status` shows the fast path and its dirty slots (none left after that sweep).
+    let out = lab.xdplb(&["status", "--json", "--interval", "100ms"]);
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    assert_eq!(
+        st["services"][0]["ring_fast_path"]["dirty_slots"].as_u64(),
+        Some(0),
+        "{st}"
+    );
+    let table = String::from_utf8(lab.xdplb(&["status", "--interval", "100ms"]).stdout).unwrap();
+    assert!(table.contains("ring fast path (0 dirty slots)"), "{table}");
 
     lab.config.write(&fast(&[0, 1, 2]));
     lab.topo
