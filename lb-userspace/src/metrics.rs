@@ -129,6 +129,7 @@ impl Collector for DirectorCollector {
         let mut up_rows = Vec::new();
         let mut weight_rows = Vec::new();
         let mut flow_rows = Vec::new();
+        let mut dirty_rows = Vec::new();
         for s in &services {
             let ep = status::endpoint(&s.key);
             let sv = view.service(&s.key);
@@ -144,6 +145,9 @@ impl Collector for DirectorCollector {
                 .enumerate()
             {
                 svc_rows[i].push((sl.clone(), v));
+            }
+            if let Some(n) = s.dirty_slots {
+                dirty_rows.push((sl.clone(), f64::from(n)));
             }
             for b in &s.backends {
                 let bl = l(&[
@@ -208,6 +212,14 @@ impl Collector for DirectorCollector {
             "Active flows (the data plane's count: +1 per new flow, -1 at FIN/RST/close; corrected from the flow table every 5 s).",
             &flow_rows,
         )?;
+        if !dirty_rows.is_empty() {
+            gauge(
+                &mut enc,
+                "xdplb_service_ring_dirty_slots",
+                "Ring fast path: Maglev slots whose packets take the flow table (their backend changed and a flow may still hold the old one).",
+                &dirty_rows,
+            )?;
+        }
         Ok(())
     }
 }

@@ -404,6 +404,12 @@ fn ring_fast_path_keeps_every_connection_across_backend_changes() {
     );
     let table = String::from_utf8(lab.xdplb(&["status", "--interval", "100ms"]).stdout).unwrap();
     assert!(table.contains("ring fast path (0 dirty slots)"), "{table}");
+    let text = lb_userspace::metrics::render(lab.topo.pin_dir.clone(), Default::default());
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("xdplb_service_ring_dirty_slots{"))
+        .unwrap_or_else(|| panic!("dirty slots gauge in:\n{text}"));
+    assert!(line.ends_with(" 0.0"), "{line}");
 
     lab.config.write(&fast(&[0, 1, 2]));
     lab.topo
