@@ -506,8 +506,16 @@ pub const VIP_FILTER_WORDS: u32 = VIP_FILTER_BITS / 64;
 /// zero, as in [`FlowKey`]).
 #[inline(always)]
 pub fn vip_filter_bit(addr: &[u8; 16], family: u8) -> u32 {
+    let (lo, hi) = addr_halves(addr);
+    vip_filter_bit_of_halves(lo, hi, family)
+}
+
+/// An address's two 8-byte halves in memory order, as the data plane loads them from a
+/// [`FlowKey`] (the input of [`vip_filter_bit_of_halves`] and [`fast_slot`]).
+#[inline(always)]
+pub fn addr_halves(addr: &[u8; 16]) -> (u64, u64) {
     let half = |i: usize| u64::from_ne_bytes(addr[8 * i..8 * i + 8].try_into().expect("8 bytes"));
-    vip_filter_bit_of_halves(half(0), half(1), family)
+    (half(0), half(1))
 }
 
 /// [`vip_filter_bit`] of an address given as its two 8-byte halves in memory order (the data

@@ -74,16 +74,22 @@ static VIP_FILTER: BtfArray<u64, { VIP_FILTER_WORDS as usize }> = BtfArray::new(
 /// and no service can match the packet.
 #[inline(always)]
 pub fn maybe_vip(key: &FlowKey) -> bool {
-    // `FlowKey` is 8-aligned and `dst` sits at offset 16: two aligned loads (a byte array
-    // read through `from_ne_bytes` would be sixteen byte loads).
-    let dst = key.dst.as_ptr() as *const u64;
-    // SAFETY: 16 bytes, 8-aligned (above).
-    let (lo, hi) = unsafe { (dst.read(), dst.add(1).read()) };
+    let (lo, hi) = dst_halves(key);
     let bit = vip_filter_bit_of_halves(lo, hi, key.family);
     match VIP_FILTER.get(bit / 64) {
         Some(w) => (*w >> (bit % 64)) & 1 != 0,
         None => true,
     }
+}
+
+/// The packet's destination as two 8-byte halves (see [`lb_common::addr_halves`]).
+#[inline(always)]
+fn dst_halves(key: &FlowKey) -> (u64, u64) {
+    // `FlowKey` is 8-aligned and `dst` sits at offset 16: two aligned loads (a byte array
+    // read through `from_ne_bytes` would be sixteen byte loads).
+    let dst = key.dst.as_ptr() as *const u64;
+    // SAFETY: 16 bytes, 8-aligned (above).
+    unsafe { (dst.read(), dst.add(1).read()) }
 }
 
 /// Every VIP address (of any service): ICMP echo to one is answered by the director.
@@ -137,9 +143,7 @@ static RING_DIRTY: BtfArray<u64, { (MAX_SERVICES * RING_DIRTY_WORDS) as usize }>
 /// every-port service is confirmed through `SERVICES`, where exact ports win.
 #[inline(always)]
 fn fast_service(key: &FlowKey) -> Option<&'static ServiceMeta> {
-    let dst = key.dst.as_ptr() as *const u64;
-    // SAFETY: 16 bytes, 8-aligned (see `maybe_vip`).
-    let (lo, hi) = unsafe { (dst.read(), dst.add(1).read()) };
+    let (lo, hi) = dst_halves(key);
     let id = *FAST_SERVICES.get(fast_slot(lo, hi, key.family, key.dport_be, key.proto))?;
     let svc = match id {
         // No fast service on this exact port: perhaps one on every port of the VIP — but an
@@ -182,10 +186,8 @@ pub fn ring_fast(key: &FlowKey) -> Option<(&'static ServiceMeta, u32)> {
     if (*dirty >> (pos % 64)) & 1 != 0 {
         return None;
     }
-    let entry = RINGS.get(svc.ring * RING_ENTRIES + pos / RING_SLOTS_PER_ENTRY)?;
-    let id = entry.slot(pos);
-    if id == NO_BACKEND
-        || backend(id).is_none()
+    let id = ring_slot(svc, pos)?;
+    if backend(id).is_none()
         || unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() } % lb_common::RING_FAST_SAMPLE == 0
     {
         return None;
@@ -261,12 +263,16 @@ pub fn schedule(svc: &ServiceMeta, key: &FlowKey) -> Result<u32, u32> {
     } else {
         flow_hash_fields(key, svc.hash_fields) % RING_SIZE
     };
-    let entry = RINGS
-        .get(svc.ring * RING_ENTRIES + pos / RING_SLOTS_PER_ENTRY)
-        .ok_or(reason::PASS_NO_BACKEND)?;
+    ring_slot(svc, pos).ok_or(reason::PASS_NO_BACKEND)
+}
+
+/// The backend id in slot `pos` of the service's live ring, `None` for an empty slot.
+#[inline(always)]
+fn ring_slot(svc: &ServiceMeta, pos: u32) -> Option<u32> {
+    let entry = RINGS.get(svc.ring * RING_ENTRIES + pos / RING_SLOTS_PER_ENTRY)?;
     match entry.slot(pos) {
-        NO_BACKEND => Err(reason::PASS_NO_BACKEND),
-        id => Ok(id),
+        NO_BACKEND => None,
+        id => Some(id),
     }
 }
 

@@ -371,8 +371,27 @@ impl DirtyCheck {
 
 /// The `FAST_SERVICES` slot of a service key.
 pub fn fast_slot_of(key: &VipKey) -> u32 {
-    let half = |i: usize| u64::from_ne_bytes(key.addr[8 * i..8 * i + 8].try_into().expect("8"));
-    lb_common::fast_slot(half(0), half(1), key.family, key.port_be, key.proto)
+    let (lo, hi) = lb_common::addr_halves(&key.addr);
+    lb_common::fast_slot(lo, hi, key.family, key.port_be, key.proto)
+}
+
+/// Write the elements of array map `map` from index `base` on whose shadow `have` (what was
+/// written) differs from `want`, and update the shadow. Returns how many were written.
+fn write_changed<T: aya::Pod + PartialEq>(
+    map: &mut aya::maps::Array<aya::maps::MapData, T>,
+    base: u32,
+    have: &mut [T],
+    want: &[T],
+) -> Result<usize> {
+    let mut n = 0;
+    for (i, (have, want)) in have.iter_mut().zip(want).enumerate() {
+        if have != want {
+            map.set(base + i as u32, *want, 0)?;
+            *have = *want;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 impl MapState {
@@ -435,13 +454,16 @@ impl MapState {
     /// Write the filter words that differ from `want` (`add_only`: set `want`'s bits, clear
     /// none).
     fn write_vip_filter(&mut self, m: &mut Maps, want: &[u64], add_only: bool) -> Result<()> {
-        for (i, (have, want)) in self.vip_filter.iter_mut().zip(want).enumerate() {
-            let next = if add_only { *have | want } else { *want };
-            if next != *have {
-                m.vip_filter.set(i as u32, next, 0)?;
-                *have = next;
-            }
-        }
+        let next: Vec<u64> = if add_only {
+            self.vip_filter
+                .iter()
+                .zip(want)
+                .map(|(h, w)| h | w)
+                .collect()
+        } else {
+            want.to_vec()
+        };
+        write_changed(&mut m.vip_filter, 0, &mut self.vip_filter, &next)?;
         Ok(())
     }
 
@@ -537,16 +559,7 @@ impl MapState {
                 .iter()
                 .for_each(|&p| want[(p / 64) as usize] |= 1 << (p % 64)),
         }
-        let mut changed = false;
-        for (i, (have, want)) in words.iter_mut().zip(&want).enumerate() {
-            if have != want {
-                m.ring_dirty
-                    .set(id * RING_DIRTY_WORDS + i as u32, *want, 0)?;
-                *have = *want;
-                changed = true;
-            }
-        }
-        if changed {
+        if write_changed(&mut m.ring_dirty, id * RING_DIRTY_WORDS, words, &want)? > 0 {
             self.dirty_since.insert(id, Instant::now());
         }
         Ok(())
@@ -591,21 +604,16 @@ impl MapState {
         let mut cleared = 0;
         for &id in check.services.keys() {
             let words = self.dirty_words(m, id)?;
-            let mut want = vec![0u64; RING_DIRTY_WORDS as usize];
+            let mut keep = vec![0u64; RING_DIRTY_WORDS as usize];
             for &(sid, pos) in blocked {
                 if sid == id {
-                    want[(pos / 64) as usize] |= 1 << (pos % 64);
+                    keep[(pos / 64) as usize] |= 1 << (pos % 64);
                 }
             }
-            for (i, (have, want)) in words.iter_mut().zip(&want).enumerate() {
-                let next = *have & want;
-                if next != *have {
-                    m.ring_dirty
-                        .set(id * RING_DIRTY_WORDS + i as u32, next, 0)?;
-                    cleared += (*have & !next).count_ones() as usize;
-                    *have = next;
-                }
-            }
+            let next: Vec<u64> = words.iter().zip(&keep).map(|(h, k)| h & k).collect();
+            let ones = |w: &[u64]| w.iter().map(|w| w.count_ones() as usize).sum::<usize>();
+            cleared += ones(words) - ones(&next);
+            write_changed(&mut m.ring_dirty, id * RING_DIRTY_WORDS, words, &next)?;
         }
         Ok(cleared)
     }
@@ -721,12 +729,7 @@ impl MapState {
                 FAST_SLOT_SHARED
             };
         }
-        for (i, (have, want)) in self.fast.iter_mut().zip(&fast).enumerate() {
-            if have != want {
-                m.fast_services.set(i as u32, *want, 0)?;
-                *have = *want;
-            }
-        }
+        write_changed(&mut m.fast_services, 0, &mut self.fast, &fast)?;
         for key in current.keys() {
             if !want.services.iter().any(|s| s.key == *key) {
                 m.services.remove(key)?;
