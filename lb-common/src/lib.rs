@@ -59,14 +59,19 @@ impl RingEntry {
     /// slots (past the end of the ring) hold none.
     pub fn pack(slots: &[u32]) -> RingEntry {
         let mut e = RingEntry::default();
-        for (out, &id) in e.slots.iter_mut().zip(slots) {
-            *out = if id < MAX_BACKENDS {
-                id as u16
-            } else {
-                RING_NONE
-            };
+        for (i, &id) in slots.iter().enumerate().take(RING_SLOTS_PER_ENTRY as usize) {
+            e.set_slot(i as u32, id);
         }
         e
+    }
+
+    /// Set slot `i` (0..4) to backend `id` ([`NO_BACKEND`] for none).
+    pub fn set_slot(&mut self, i: u32, id: u32) {
+        self.slots[(i % RING_SLOTS_PER_ENTRY) as usize] = if id < MAX_BACKENDS {
+            id as u16
+        } else {
+            RING_NONE
+        };
     }
 
     /// Slot `i` (0..4) as a backend id, [`NO_BACKEND`] for none.
@@ -399,22 +404,26 @@ pub const BACKEND_F_RETIRED: u8 = 16;
 /// `drop_no_backend`) instead of passing them to the kernel.
 pub const SERVICE_F_DROP_NO_BACKEND: u8 = 1;
 
-/// `ServiceMeta::flags` bit (`ring_fast_path: true`): an established TCP packet (not SYN,
-/// FIN or RST) whose ring slot is clean ([`RING_DIRTY_WORDS`]) goes to the slot's backend
-/// without the flow table; about one in [`RING_FAST_SAMPLE`] still takes the table's way,
-/// which keeps the flow's entry fresh in the LRU.
+/// `ServiceMeta::flags` bit (`ring_fast_path: true`): a TCP packet whose ring slot is clean
+/// ([`RING_DIRTY_WORDS`]) goes to the slot's backend without the flow table, a SYN too (the
+/// connection is not recorded); only a FIN or RST looks its flow up, to end an entry the
+/// table may hold. Such services also have [`SERVICE_F_RING_HELD`].
 pub const SERVICE_F_RING_FAST: u8 = 2;
 
-/// `RING_DIRTY`: per service, one bit per ring slot, set while the flow table may hold a
-/// flow on that slot with another backend than the ring's (the slot's backend changed; the
-/// controller sets the bit before the ring flips and clears it once a sweep of the table
-/// finds no such flow). `RING_DIRTY_WORDS` u64 words per service, service `s`'s words at
+/// `ServiceMeta::flags` bit: connections of this service may be missing from the flow table
+/// (it has, or within `ring_fast_path_hold` had, the ring fast path), so a non-SYN TCP
+/// packet without an entry whose ring slot is dirty goes to the slot's held backend
+/// (`RING_HELD`: its backend when it was last clean), if usable, and is recorded with it.
+pub const SERVICE_F_RING_HELD: u8 = 4;
+
+/// `RING_DIRTY`: per service, one bit per ring slot, set while a connection on that slot
+/// may have another backend than the ring's: the slot's backend changed less than
+/// `ring_fast_path_hold` ago (a connection the table does not hold keeps the held
+/// backend), or the flow table holds a flow there with another backend. The controller
+/// writes the held backend and sets the bit before the ring flips, and clears it once
+/// both have passed. `RING_DIRTY_WORDS` u64 words per service, service `s`'s words at
 /// `s * RING_DIRTY_WORDS ..`.
 pub const RING_DIRTY_WORDS: u32 = RING_SIZE.div_ceil(64);
-
-/// A ring-fast-path packet takes the flow table's way when the per-CPU random number is 0
-/// modulo this (a power of two).
-pub const RING_FAST_SAMPLE: u32 = 64;
 
 /// Slots of `FAST_SERVICES` (a power of two): service id + 1 of the ring-fast-path service
 /// whose (VIP, port, protocol) hashes there ([`fast_slot`]), 0 for none,
@@ -749,8 +758,9 @@ pub mod maps {
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const FAST_SERVICES: &str = "FAST_SERVICES";
     pub const RING_DIRTY: &str = "RING_DIRTY";
+    pub const RING_HELD: &str = "RING_HELD";
     /// Every map the director pins, in a stable order.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         SERVICES,
         RINGS,
         BACKENDS,
@@ -774,6 +784,7 @@ pub mod maps {
         VIP_FILTER,
         FAST_SERVICES,
         RING_DIRTY,
+        RING_HELD,
     ];
 }
 
@@ -795,8 +806,9 @@ pub mod meta {
 /// grew), persistence, active-flow counts; 4 = `IFACE_SLOTS`; 5 = `SERVICE_SLOTS` (flow hits
 /// skip the `SERVICES` hash); 6 = `FLOWS` split into `FLOWS4` (16-byte keys) and `FLOWS6`;
 /// 7 = `RINGS` packs four u16 slots per element ([`RingEntry`]); 8 = `RING_DIRTY` and
-/// `FAST_SERVICES` (the ring fast path).
-pub const LAYOUT_VERSION: u64 = 8;
+/// `FAST_SERVICES` (the ring fast path); 9 = `RING_HELD` (new connections on clean slots
+/// are not recorded).
+pub const LAYOUT_VERSION: u64 = 9;
 
 /// A pending incremental Internet checksum update (RFC 1624 eq. 3: HC' = ~(~HC + ~m + m'))
 /// over words read in memory byte order, as the data plane loads them from the packet: one's

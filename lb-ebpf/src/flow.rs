@@ -70,6 +70,20 @@ pub fn forget(key: &FlowKey) {
     remove(key);
 }
 
+/// The client ends a connection the ring fast path sends (FIN or RST on a clean slot): end
+/// its entry, if the table holds one (begun while the slot was dirty), as a hit would.
+#[inline(never)]
+pub fn end(key: &FlowKey) {
+    if let Some(v) = entry(key) {
+        // SAFETY: a live map value.
+        let v = unsafe { &mut *v };
+        if v.flags & FLOW_F_ENDED == 0 {
+            v.flags |= FLOW_F_ENDED;
+            select::active_add(v.backend, -1);
+        }
+    }
+}
+
 pub struct Choice {
     /// Backend id (valid: `select::backend(id)` is `Some`).
     pub id: u32,
@@ -241,7 +255,16 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
             select::active_add(v.backend, -1);
         }
     }
-    let id = select::choose(svc, key)?;
+    // A connection the table lacks but the ring fast path may have sent unrecorded before
+    // its slot changed: the slot's held backend. A SYN opens a new one: the ring decides.
+    let held = match entry {
+        None if !opening => select::held(svc, key),
+        _ => None,
+    };
+    let id = match held {
+        Some(id) => id,
+        None => select::choose(svc, key)?,
+    };
     select::backend(id).ok_or(reason::PASS_NO_BACKEND)?;
     if record {
         let value = FlowValue {

@@ -38,8 +38,8 @@ static DEBUG_LOG: Global<u8> = Global::new(0);
 #[unsafe(no_mangle)]
 static STOP_AFTER: Global<u8> = Global::new(0);
 
-/// Set at load time when a service has `ring_fast_path: true`: established TCP packets try
-/// the ring before the flow table ([`select::ring_fast`]). A read-only global: with 0 the
+/// Set at load time when a service has `ring_fast_path: true`: TCP packets try the ring
+/// before the flow table ([`select::ring_fast`]). A read-only global: with 0 the
 /// verifier removes the branch, so directors without such services pay nothing.
 #[unsafe(no_mangle)]
 static RING_FAST: Global<u8> = Global::new(0);
@@ -94,25 +94,29 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
         stats::reason(slot);
         return Ok(action);
     }
-    // The ring fast path, where the service has it: established TCP packets on clean slots.
-    let fast = if RING_FAST.load() != 0
-        && pkt.key.proto == lb_common::IPPROTO_TCP
-        && !pkt.tcp_syn
-        && !pkt.tcp_end
-    {
+    // The ring fast path, where the service has it: TCP packets on clean slots, SYNs too.
+    let fast = if RING_FAST.load() != 0 && pkt.key.proto == lb_common::IPPROTO_TCP {
         select::ring_fast(&pkt.key)
     } else {
         None
     };
     // Established flows first: one hash lookup (FLOWS4/6) instead of two (SERVICES, FLOWS).
     let (svc, choice) = match fast {
-        Some((svc, id)) => (
-            svc,
-            flow::Choice {
-                id,
-                ..flow::Choice::default()
-            },
-        ),
+        Some((svc, id)) => {
+            // A FIN or RST ends the entry the table may hold (a connection begun while the
+            // slot was dirty): on a clean slot its backend is the ring's.
+            if pkt.tcp_end {
+                flow::end(&pkt.key);
+            }
+            (
+                svc,
+                flow::Choice {
+                    id,
+                    new: pkt.tcp_syn,
+                    ..flow::Choice::default()
+                },
+            )
+        }
         None => match flow::established(&pkt.key, pkt.tcp_end, pkt.tcp_syn) {
             flow::Established::Hit(_, _) if stop_after(stage::LIVENESS) => {
                 return Ok(xdp_action::XDP_TX);

@@ -11,7 +11,7 @@ use lb_common::{
     BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID, FAST_SLOTS, FAST_SLOT_SHARED,
     MAX_BACKENDS, MAX_SERVICES, MAX_VIPS, NO_BACKEND, PERSIST_CAPACITY, RINGS_PER_SERVICE,
     RING_DIRTY_WORDS, RING_ENTRIES, RING_SIZE, RING_SLOTS_PER_ENTRY, SERVICE_F_RING_FAST,
-    VIP_FILTER_WORDS,
+    SERVICE_F_RING_HELD, VIP_FILTER_WORDS,
 };
 
 #[btf_map]
@@ -169,30 +169,74 @@ fn fast_service(key: &FlowKey) -> Option<&'static ServiceMeta> {
     Some(svc)
 }
 
-/// The ring fast path (`ring_fast_path: true`): for an established TCP packet of such a
-/// service, the backend of its ring slot when the slot is clean (no flow in the table may
-/// disagree with the ring) and the backend usable — no flow-table lookup. `None` sends the
-/// packet the table's way: another service, a dirty slot, no usable backend, or the sampled
-/// packet that keeps the flow's entry fresh.
+/// The ring fast path (`ring_fast_path: true`): for a TCP packet of such a service, the
+/// backend of its ring slot when the slot is clean (every connection there has the ring's
+/// backend) and the backend usable — no flow-table lookup. `None` sends the packet the
+/// table's way: another service, a dirty slot, no usable backend.
 #[inline(always)]
 pub fn ring_fast(key: &FlowKey) -> Option<(&'static ServiceMeta, u32)> {
     let svc = fast_service(key)?;
-    let pos = if svc.hash_fields == 0 {
-        lb_common::flow_hash(key)
-    } else {
-        masked_hash(key, svc.hash_fields)
-    } % RING_SIZE;
-    let dirty = RING_DIRTY.get(svc.id * RING_DIRTY_WORDS + pos / 64)?;
-    if (*dirty >> (pos % 64)) & 1 != 0 {
+    let pos = ring_pos(svc, key);
+    if dirty(svc, pos)? {
         return None;
     }
     let id = ring_slot(svc, pos)?;
-    if backend(id).is_none()
-        || unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() } % lb_common::RING_FAST_SAMPLE == 0
-    {
+    backend(id)?;
+    Some((svc, id))
+}
+
+/// The ring slot of `key` in `svc`'s ring (its `hash_fields`).
+#[inline(always)]
+fn ring_pos(svc: &ServiceMeta, key: &FlowKey) -> u32 {
+    let hash = if svc.hash_fields == 0 {
+        lb_common::flow_hash(key)
+    } else {
+        masked_hash(key, svc.hash_fields)
+    };
+    hash % RING_SIZE
+}
+
+/// Whether ring slot `pos` of `svc` is dirty (see [`lb_common::RING_DIRTY_WORDS`]).
+#[inline(always)]
+fn dirty(svc: &ServiceMeta, pos: u32) -> Option<bool> {
+    let word = RING_DIRTY.get(svc.id * RING_DIRTY_WORDS + pos / 64)?;
+    Some((*word >> (pos % 64)) & 1 != 0)
+}
+
+/// Held backends of ring slots (see [`SERVICE_F_RING_HELD`]), one ring per service.
+#[btf_map]
+static RING_HELD: BtfArray<RingEntry, { (MAX_SERVICES * RING_ENTRIES) as usize }> = BtfArray::new();
+
+/// For a connection of `svc` the flow table does not hold (a non-SYN packet without an
+/// entry): the held backend of its slot, if the slot is dirty and that backend usable. The
+/// connection may have begun on the fast path before the slot changed, unrecorded.
+#[inline(always)]
+pub fn held(svc: &ServiceMeta, key: &FlowKey) -> Option<u32> {
+    if svc.flags & SERVICE_F_RING_HELD == 0 {
         return None;
     }
-    Some((svc, id))
+    match held_out(svc, key) {
+        NO_BACKEND => None,
+        id => Some(id),
+    }
+}
+
+/// Out of line (a miss path): its hash stays off the caller's frame (the BPF stack is 512
+/// bytes per call chain); [`NO_BACKEND`] for none.
+#[inline(never)]
+fn held_out(svc: &ServiceMeta, key: &FlowKey) -> u32 {
+    let pos = ring_pos(svc, key);
+    if dirty(svc, pos) != Some(true) {
+        return NO_BACKEND;
+    }
+    let Some(entry) = RING_HELD.get(svc.id * RING_ENTRIES + pos / RING_SLOTS_PER_ENTRY) else {
+        return NO_BACKEND;
+    };
+    let id = entry.slot(pos);
+    if backend(id).is_none() {
+        return NO_BACKEND;
+    }
+    id
 }
 
 /// [`flow_hash_fields`] out of line: its masked copy of the key stays off the caller's

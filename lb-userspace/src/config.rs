@@ -295,12 +295,27 @@ pub struct Service {
     /// What happens to new packets when no backend is up (or every one is drained).
     #[serde(default)]
     pub on_all_down: AllDownPolicy,
-    /// Established TCP packets go by the Maglev ring alone while their slot's backend has
-    /// not changed, skipping the flow table (Katran's LRU bypass, kept safe across backend
-    /// changes): SYN, FIN, RST, packets on changed slots and one packet in 64 still use the
-    /// table. DR and TUN, TCP, `maglev` or `sh`, no persistence.
+    /// TCP packets go by the Maglev ring alone while their slot's backend has not changed,
+    /// skipping the flow table, new connections included (Katran's LRU bypass, kept safe
+    /// across backend changes): packets on changed slots, and FIN/RST, use the table. DR
+    /// and TUN, TCP, `maglev` or `sh`, no persistence.
     #[serde(default)]
     pub ring_fast_path: bool,
+    /// How long a ring slot whose backend changed keeps sending connections the flow table
+    /// does not hold (begun on the fast path) to its old backend. A connection idle for
+    /// longer than this across a change moves. Also applies after `ring_fast_path` is
+    /// turned off.
+    #[serde(default = "default_ring_fast_path_hold", deserialize_with = "duration")]
+    pub ring_fast_path_hold: Duration,
+}
+
+/// Default `ring_fast_path_hold`: IPVS's timeout of an established TCP connection.
+pub const RING_FAST_PATH_HOLD_DEFAULT: Duration = Duration::from_secs(15 * 60);
+/// Upper bound of `ring_fast_path_hold`.
+pub const RING_FAST_PATH_HOLD_MAX: Duration = Duration::from_secs(24 * 3600);
+
+fn default_ring_fast_path_hold() -> Duration {
+    RING_FAST_PATH_HOLD_DEFAULT
 }
 
 impl Service {
@@ -929,6 +944,15 @@ impl Config {
                 if let Some(why) = why {
                     err(format!("{p}.ring_fast_path"), why);
                 }
+            }
+            if s.ring_fast_path_hold > RING_FAST_PATH_HOLD_MAX {
+                err(
+                    format!("{p}.ring_fast_path_hold"),
+                    format!(
+                        "{} is longer than the limit of 24h",
+                        humantime::format_duration(s.ring_fast_path_hold)
+                    ),
+                );
             }
             if let Some(hc) = &s.health_check {
                 validate_check(s, hc, &format!("{p}.health_check"), &mut err);

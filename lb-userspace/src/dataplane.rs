@@ -99,6 +99,7 @@ pub struct Maps {
     pub vip_filter: Array<MapData, u64>,
     pub fast_services: Array<MapData, u32>,
     pub ring_dirty: Array<MapData, u64>,
+    pub ring_held: Array<MapData, lb_common::RingEntry>,
 }
 
 /// The connection table: the data plane keeps IPv4 flows (`FLOWS4`, 16-byte keys) and IPv6
@@ -165,6 +166,7 @@ impl Maps {
             vip_filter: get(maps::VIP_FILTER)?.try_into()?,
             fast_services: get(maps::FAST_SERVICES)?.try_into()?,
             ring_dirty: get(maps::RING_DIRTY)?.try_into()?,
+            ring_held: get(maps::RING_HELD)?.try_into()?,
         })
     }
 
@@ -277,6 +279,8 @@ pub struct DesiredService {
     pub persist_s: u32,
     /// Maglev table (or, round robin, the sequence then `NO_BACKEND`): backend id per slot.
     pub ring: Vec<u32>,
+    /// `ring_fast_path_hold`.
+    pub hold: std::time::Duration,
 }
 
 pub fn addr_bytes(addr: std::net::IpAddr) -> ([u8; 16], u8) {
@@ -659,6 +663,36 @@ impl Director {
         prog.attach(iface, XdpMode::Driver)
             .or_else(|_| prog.attach(iface, XdpMode::Skb))?;
         Ok(())
+    }
+
+    /// Whether a service whose ring fast path was turned off is done holding (see
+    /// [`crate::reconcile::MapState::leaving_done`]).
+    pub fn leaving_done(&self) -> bool {
+        self.state.leaving_done()
+    }
+
+    /// Why `cfg` may not be applied: it changes how a service whose ring slots are held
+    /// (ring fast path on, or turned off less than its hold ago) picks backends — other
+    /// `hash_fields`, a scheduler that is not `maglev`/`sh`, persistence, a NAT mode — which
+    /// would move connections the flow table does not hold.
+    pub fn held_hash_change(&self, cfg: &config::Config) -> Option<String> {
+        cfg.services.iter().find_map(|s| {
+            let meta = self.maps.services.get(&crate::reconcile::vip_key(s), 0).ok()?;
+            let same_ring = meta.hash_fields == crate::reconcile::hash_bits(s)
+                && matches!(s.scheduler, config::Scheduler::Maglev | config::Scheduler::Sh)
+                && s.persistence.is_zero()
+                && matches!(s.mode, config::Mode::Dr | config::Mode::Tun);
+            (meta.flags & lb_common::SERVICE_F_RING_HELD != 0 && !same_ring).then(|| {
+                format!(
+                    "service {}: its ring fast path holds slots, so its mode, scheduler, hash_fields \
+                     and persistence must keep connections on their ring slots (connections the flow \
+                     table does not hold would move). Set `ring_fast_path: false` first, reload, and \
+                     make this change after `ring_fast_path_hold` ({})",
+                    s.name,
+                    humantime::format_duration(s.ring_fast_path_hold)
+                )
+            })
+        })
     }
 
     /// Make the maps equal to `want`, writing only differences (see

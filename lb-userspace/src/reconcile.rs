@@ -17,7 +17,7 @@ use lb_common::{
     BACKEND_F_DRAINED, BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID, FAST_SLOTS,
     FAST_SLOT_SHARED, MAX_BACKENDS, MAX_SERVICES, RINGS_PER_SERVICE, RING_DIRTY_WORDS,
     RING_ENTRIES, RING_SIZE, RING_SLOTS_PER_ENTRY, SERVICE_F_DROP_NO_BACKEND, SERVICE_F_RING_FAST,
-    VIP_FILTER_WORDS,
+    SERVICE_F_RING_HELD, VIP_FILTER_WORDS,
 };
 
 use crate::{
@@ -214,11 +214,7 @@ pub fn desired(
                 Scheduler::Rr | Scheduler::Wrr => lb_common::sched::ROUND_ROBIN,
                 _ => lb_common::sched::HASH,
             },
-            hash_fields: match (svc.scheduler, &svc.hash_fields) {
-                (Scheduler::Sh, _) => lb_common::hash::SRC_IP,
-                (_, Some(f)) => f.iter().fold(0, |a, h| a | h.bit()),
-                _ => 0,
-            },
+            hash_fields: hash_bits(svc),
             rr_len: match svc.scheduler {
                 Scheduler::Rr | Scheduler::Wrr => {
                     crate::maglev::smooth_wrr_len(&entries, RING_SIZE as usize) as u32
@@ -227,11 +223,21 @@ pub fn desired(
             },
             persist_s: svc.persistence.as_secs() as u32,
             ring: ids.table(sid, svc.scheduler, entries),
+            hold: svc.ring_fast_path_hold,
         });
     }
     let live: HashSet<u32> = ids.services.values().copied().collect();
     ids.tables.retain(|sid, _| live.contains(sid));
     out
+}
+
+/// `ServiceMeta::hash_fields` of a service: the fields its ring slot is hashed from.
+pub fn hash_bits(svc: &config::Service) -> u8 {
+    match (svc.scheduler, &svc.hash_fields) {
+        (Scheduler::Sh, _) => lb_common::hash::SRC_IP,
+        (_, Some(f)) => f.iter().fold(0, |a, h| a | h.bit()),
+        _ => 0,
+    }
 }
 
 impl Ids {
@@ -338,11 +344,22 @@ pub struct MapState {
     fresh: bool,
     /// `VIP_FILTER`'s words as written.
     vip_filter: Vec<u64>,
-    /// `RING_DIRTY`'s words of ring-fast-path services as written, by service id (filled on
-    /// first use).
+    /// `RING_DIRTY`'s words of held services ([`SERVICE_F_RING_HELD`]) as written, by
+    /// service id (filled on first use).
     dirty: HashMap<u32, Vec<u64>>,
-    /// When a ring-fast-path service's slots last turned dirty (see [`DIRTY_GRACE`]).
+    /// When a held service's slots last turned dirty (see [`DIRTY_GRACE`]).
     dirty_since: HashMap<u32, Instant>,
+    /// `RING_HELD` as written, by service id (filled on first use).
+    held: HashMap<u32, Vec<RingEntry>>,
+    /// Per held service and ring slot: until when (seconds since `epoch`) a dirty slot
+    /// keeps its held backend for connections the table lacks; 0 for none.
+    hold_until: HashMap<u32, Vec<u32>>,
+    /// `ring_fast_path_hold` of each service, as last applied.
+    holds: HashMap<u32, Duration>,
+    /// Services whose ring fast path was turned off, and when: they stay held (changed
+    /// slots keep their old backends) for `ring_fast_path_hold` and while slots are dirty.
+    left: HashMap<u32, Instant>,
+    epoch: Instant,
     /// `FAST_SERVICES` as written.
     fast: Vec<u32>,
 }
@@ -405,6 +422,11 @@ impl MapState {
             vip_filter: vec![0; VIP_FILTER_WORDS as usize],
             dirty: HashMap::new(),
             dirty_since: HashMap::new(),
+            held: HashMap::new(),
+            hold_until: HashMap::new(),
+            holds: HashMap::new(),
+            left: HashMap::new(),
+            epoch: Instant::now(),
             fast: vec![0; FAST_SLOTS as usize],
         }
     }
@@ -439,6 +461,11 @@ impl MapState {
             vip_filter,
             dirty: HashMap::new(),
             dirty_since: HashMap::new(),
+            held: HashMap::new(),
+            hold_until: HashMap::new(),
+            holds: HashMap::new(),
+            left: HashMap::new(),
+            epoch: Instant::now(),
             fast,
         })
     }
@@ -525,11 +552,28 @@ impl MapState {
         Ok(self.rings.get_mut(&ring).expect("just inserted"))
     }
 
+    /// Seconds since `epoch`, from 1.
+    fn now_s(&self) -> u32 {
+        self.epoch.elapsed().as_secs() as u32 + 1
+    }
+
+    /// `hold` from now, in [`Self::now_s`] seconds (rounded up).
+    fn until_s(&self, hold: Duration) -> u32 {
+        self.now_s() + hold.as_secs() as u32 + u32::from(hold.subsec_nanos() > 0)
+    }
+
+    fn hold_of(&self, id: u32) -> Duration {
+        self.holds
+            .get(&id)
+            .copied()
+            .unwrap_or(config::RING_FAST_PATH_HOLD_DEFAULT)
+    }
+
     /// Service `id`'s `RING_DIRTY` words as written (an adopted director's are read; their
-    /// age is unknown, so they count as dirty from now).
+    /// age is unknown, so they count as dirty, and held, from now).
     fn dirty_words(&mut self, m: &Maps, id: u32) -> Result<&mut Vec<u64>> {
         if !self.dirty.contains_key(&id) {
-            let words = if self.fresh {
+            let words: Vec<u64> = if self.fresh {
                 vec![0; RING_DIRTY_WORDS as usize]
             } else {
                 self.dirty_since.insert(id, Instant::now());
@@ -537,45 +581,126 @@ impl MapState {
                     .map(|w| m.ring_dirty.get(&(id * RING_DIRTY_WORDS + w), 0))
                     .collect::<std::result::Result<_, _>>()?
             };
+            let until = self.until_s(self.hold_of(id));
+            let hold = (0..RING_SIZE)
+                .map(|p| {
+                    if words[(p / 64) as usize] >> (p % 64) & 1 != 0 {
+                        until
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            self.hold_until.insert(id, hold);
             self.dirty.insert(id, words);
         }
         Ok(self.dirty.get_mut(&id).expect("just inserted"))
     }
 
-    /// Mark ring slots `positions` (every slot if `None`) of service `id` dirty, writing the
-    /// words that change.
-    fn mark_dirty(&mut self, m: &mut Maps, id: u32, positions: Option<&[u32]>) -> Result<()> {
-        let words = self.dirty_words(m, id)?;
-        let mut want = words.clone();
-        match positions {
-            None => {
-                want.iter_mut().for_each(|w| *w = u64::MAX);
-                // Only the ring's slots: the last word holds RING_SIZE % 64 of them.
-                if let Some(last) = want.last_mut() {
-                    *last = (1 << (RING_SIZE % 64)) - 1;
-                }
-            }
-            Some(ps) => ps
-                .iter()
-                .for_each(|&p| want[(p / 64) as usize] |= 1 << (p % 64)),
+    /// Service `id`'s `RING_HELD` entries as written (an adopted director's are read).
+    fn held_entries(&mut self, m: &Maps, id: u32) -> Result<&mut Vec<RingEntry>> {
+        if !self.held.contains_key(&id) {
+            let entries = if self.fresh {
+                vec![bytemuck::Zeroable::zeroed(); RING_ENTRIES as usize]
+            } else {
+                (0..RING_ENTRIES)
+                    .map(|e| m.ring_held.get(&(id * RING_ENTRIES + e), 0))
+                    .collect::<std::result::Result<_, _>>()?
+            };
+            self.held.insert(id, entries);
         }
-        if write_changed(&mut m.ring_dirty, id * RING_DIRTY_WORDS, words, &want)? > 0 {
+        Ok(self.held.get_mut(&id).expect("just inserted"))
+    }
+
+    /// Mark ring slots `positions` of service `id` dirty, writing what changes: a slot
+    /// that was clean holds its backend in `before` (the ring as it was) for `hold`, so
+    /// connections the table lacks keep it; a slot already dirty keeps what it holds.
+    fn mark_dirty(
+        &mut self,
+        m: &mut Maps,
+        id: u32,
+        positions: &[u32],
+        before: &[u32],
+        hold: Duration,
+    ) -> Result<()> {
+        let until = self.until_s(hold);
+        let mut want = self.dirty_words(m, id)?.clone();
+        let mut held = self.held_entries(m, id)?.clone();
+        let hold_until = self.hold_until.get_mut(&id).expect("filled by dirty_words");
+        for &p in positions {
+            let (w, bit) = ((p / 64) as usize, 1u64 << (p % 64));
+            if want[w] & bit == 0 {
+                want[w] |= bit;
+                held[(p / RING_SLOTS_PER_ENTRY) as usize].set_slot(p, before[p as usize]);
+                hold_until[p as usize] = until;
+            }
+        }
+        self.write_dirty(m, id, &held, &want)
+    }
+
+    /// Every slot of service `id` dirty, holding its backend in `ring` with no hold: for a
+    /// service that just turned the fast path on (every connection it has is in the table)
+    /// or put its flows on other slots (`hash_fields` changed).
+    fn reset_dirty(&mut self, m: &mut Maps, id: u32, ring: &[u32]) -> Result<()> {
+        self.dirty_words(m, id)?;
+        self.held_entries(m, id)?;
+        let mut want = vec![u64::MAX; RING_DIRTY_WORDS as usize];
+        // Only the ring's slots: the last word holds RING_SIZE % 64 of them.
+        if let Some(last) = want.last_mut() {
+            *last = (1 << (RING_SIZE % 64)) - 1;
+        }
+        let held: Vec<RingEntry> = ring
+            .chunks(RING_SLOTS_PER_ENTRY as usize)
+            .map(RingEntry::pack)
+            .collect();
+        self.hold_until.insert(id, vec![0; RING_SIZE as usize]);
+        self.write_dirty(m, id, &held, &want)
+    }
+
+    /// Write service `id`'s held backends, then its dirty bits (a packet that sees a bit
+    /// set finds its held backend written).
+    fn write_dirty(
+        &mut self,
+        m: &mut Maps,
+        id: u32,
+        held: &[RingEntry],
+        want: &[u64],
+    ) -> Result<()> {
+        let have = self.held.get_mut(&id).expect("filled by held_entries");
+        write_changed(&mut m.ring_held, id * RING_ENTRIES, have, held)?;
+        let words = self.dirty.get_mut(&id).expect("filled by dirty_words");
+        if write_changed(&mut m.ring_dirty, id * RING_DIRTY_WORDS, words, want)? > 0 {
             self.dirty_since.insert(id, Instant::now());
         }
         Ok(())
     }
 
-    /// The ring-fast-path services with dirty slots that a sweep starting now may clear
-    /// (their last change is older than [`DIRTY_GRACE`]).
+    /// Dirty slots of service `id` (0 for a service that is not held).
+    pub fn dirty_slots(&self, id: u32) -> usize {
+        self.dirty
+            .get(&id)
+            .map_or(0, |w| w.iter().map(|w| w.count_ones() as usize).sum())
+    }
+
+    /// Whether a service whose fast path was turned off is past its hold with every slot
+    /// clean: the next reconcile stops holding it.
+    pub fn leaving_done(&self) -> bool {
+        self.left
+            .iter()
+            .any(|(&id, t)| t.elapsed() >= self.hold_of(id) && self.dirty_slots(id) == 0)
+    }
+
+    /// The held services with dirty slots that a sweep starting now may clear (their last
+    /// change is older than [`DIRTY_GRACE`]).
     pub fn dirty_check(&mut self, m: &Maps) -> Result<DirtyCheck> {
         let mut check = DirtyCheck::default();
-        let fast: Vec<(u32, ServiceMeta)> = self
+        let held: Vec<(u32, ServiceMeta)> = self
             .service_slots
             .iter()
-            .filter(|(_, s)| s.meta.flags & SERVICE_F_RING_FAST != 0)
+            .filter(|(_, s)| s.meta.flags & SERVICE_F_RING_HELD != 0)
             .map(|(&id, s)| (id, s.meta))
             .collect();
-        for (id, meta) in fast {
+        for (id, meta) in held {
             if self.dirty_words(m, id)?.iter().all(|&w| w == 0) {
                 continue;
             }
@@ -593,8 +718,8 @@ impl MapState {
     }
 
     /// After a sweep with `check`: clear the checked services' dirty slots except those
-    /// `blocked` (a flow there has another backend than the ring's). Returns how many slots
-    /// turned clean.
+    /// still held (`ring_fast_path_hold` not over) or `blocked` (a flow there has another
+    /// backend than the ring's). Returns how many slots turned clean.
     pub fn clear_dirty(
         &mut self,
         m: &mut Maps,
@@ -602,14 +727,21 @@ impl MapState {
         blocked: &HashSet<(u32, u32)>,
     ) -> Result<usize> {
         let mut cleared = 0;
+        let now = self.now_s();
         for &id in check.services.keys() {
-            let words = self.dirty_words(m, id)?;
             let mut keep = vec![0u64; RING_DIRTY_WORDS as usize];
             for &(sid, pos) in blocked {
                 if sid == id {
                     keep[(pos / 64) as usize] |= 1 << (pos % 64);
                 }
             }
+            self.dirty_words(m, id)?;
+            for (p, &until) in self.hold_until[&id].iter().enumerate() {
+                if until > now {
+                    keep[p / 64] |= 1 << (p % 64);
+                }
+            }
+            let words = self.dirty.get_mut(&id).expect("filled by dirty_words");
             let next: Vec<u64> = words.iter().zip(&keep).map(|(h, k)| h & k).collect();
             let ones = |w: &[u64]| w.iter().map(|w| w.count_ones() as usize).sum::<usize>();
             cleared += ones(words) - ones(&next);
@@ -659,25 +791,55 @@ impl MapState {
                 Some(meta) if meta.ring == first => first + 1,
                 _ => first,
             };
-            // Ring fast path: the slots whose backend changes turn dirty before the ring
-            // flips, so no packet takes a changed slot without the flow table; a service
-            // that just turned the fast path on starts all dirty.
+            // Ring fast path: the slots whose backend changes turn dirty, holding their old
+            // backend, before the ring flips, so no packet takes a changed slot without the
+            // flow table, and connections the table lacks keep their backend. A service that
+            // just turned the fast path on starts all dirty; one that turned it off stays
+            // held for `ring_fast_path_hold` (and while slots are dirty).
             // Other hash fields put flows on other slots: all dirty too.
-            if svc.flags & SERVICE_F_RING_FAST != 0 {
-                match live.filter(|meta| {
-                    meta.flags & SERVICE_F_RING_FAST != 0 && meta.hash_fields == svc.hash_fields
-                }) {
-                    None => self.mark_dirty(m, svc.id, None)?,
+            let want_fast = svc.flags & SERVICE_F_RING_FAST != 0;
+            let live_held = live.is_some_and(|meta| meta.flags & SERVICE_F_RING_HELD != 0);
+            self.holds.insert(svc.id, svc.hold);
+            if want_fast || !live_held {
+                self.left.remove(&svc.id);
+            } else {
+                self.left.entry(svc.id).or_insert_with(Instant::now);
+            }
+            let leaving = self
+                .left
+                .get(&svc.id)
+                .is_some_and(|t| t.elapsed() < svc.hold || self.dirty_slots(svc.id) > 0);
+            let held = want_fast || leaving;
+            if !held {
+                self.left.remove(&svc.id);
+            }
+            if held {
+                match live.filter(|meta| live_held && meta.hash_fields == svc.hash_fields) {
+                    None => {
+                        if live_held {
+                            tracing::warn!(
+                                "service {}: hash_fields changed while its ring fast path holds slots; \
+                                 connections the flow table does not hold may move",
+                                svc.id
+                            );
+                        }
+                        self.reset_dirty(m, svc.id, &svc.ring)?;
+                    }
                     Some(_) if live_ring_matches => {}
                     Some(meta) => {
-                        let old = self.ring(m, meta.ring)?;
+                        let old = self.ring(m, meta.ring)?.clone();
                         let changed: Vec<u32> = (0..RING_SIZE)
                             .filter(|&p| old[p as usize] != svc.ring[p as usize])
                             .collect();
-                        self.mark_dirty(m, svc.id, Some(&changed))?;
+                        self.mark_dirty(m, svc.id, &changed, &old, svc.hold)?;
                     }
                 }
             }
+            let flags = if held {
+                svc.flags | SERVICE_F_RING_HELD
+            } else {
+                svc.flags
+            };
             if !live_ring_matches {
                 let cached = self.ring(m, ring)?;
                 let base = ring * RING_ENTRIES;
@@ -698,7 +860,7 @@ impl MapState {
                 id: svc.id,
                 ring,
                 mode: svc.mode,
-                flags: svc.flags,
+                flags,
                 scheduler: svc.scheduler,
                 hash_fields: svc.hash_fields,
                 rr_len: svc.rr_len,

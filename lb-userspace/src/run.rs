@@ -487,6 +487,11 @@ impl Controller {
             tracing::info!("reload ({why}): configuration unchanged");
             return Ok("configuration unchanged".into());
         }
+        if let Some(e) = self.director.held_hash_change(&new) {
+            let msg = format!("reload ({why}) rejected, the running configuration stays: {e}");
+            tracing::error!("{msg}");
+            return Err(msg);
+        }
         // Everything that can fail comes before anything changes.
         let mut macs = self.macs.clone();
         backend_macs(&self.nl, &new, &mut macs)
@@ -728,6 +733,11 @@ impl Controller {
             let n = swept.live.get(&id).copied().unwrap_or(0) as u64;
             if let Err(e) = self.director.maps.set_active_flows(id, n) {
                 tracing::warn!("correcting active flows of backend {id}: {e}");
+            }
+        }
+        if self.director.leaving_done() {
+            if let Err(e) = self.reconcile("ring fast path hold over") {
+                tracing::error!("{e:#}");
             }
         }
         let before = self.retired.len();

@@ -15,8 +15,11 @@ pub struct ServiceReport {
     pub mode: u8,
     pub counters: Counters,
     pub backends: Vec<BackendReport>,
-    /// With `ring_fast_path`: how many ring slots are dirty (take the flow table's way).
+    /// With `ring_fast_path` (or within its hold after it was turned off): how many ring
+    /// slots are dirty (take the flow table's way).
     pub dirty_slots: Option<u32>,
+    /// The ring fast path is on (not only held after it was turned off).
+    pub ring_fast: bool,
 }
 
 pub struct BackendReport {
@@ -119,7 +122,7 @@ pub fn endpoint(key: &VipKey) -> String {
 pub fn collect(maps: &Maps) -> Result<Vec<ServiceReport>> {
     let mut services: Vec<ServiceReport> = Vec::new();
     for (key, meta) in maps.services.iter().filter_map(|r| r.ok()) {
-        let dirty_slots = if meta.flags & lb_common::SERVICE_F_RING_FAST != 0 {
+        let dirty_slots = if meta.flags & lb_common::SERVICE_F_RING_HELD != 0 {
             let words = lb_common::RING_DIRTY_WORDS;
             let mut n = 0;
             for w in meta.id * words..(meta.id + 1) * words {
@@ -136,6 +139,7 @@ pub fn collect(maps: &Maps) -> Result<Vec<ServiceReport>> {
             counters: Maps::sum_counters(&maps.service_stats, meta.id)?,
             backends: Vec::new(),
             dirty_slots,
+            ring_fast: meta.flags & lb_common::SERVICE_F_RING_FAST != 0,
         });
     }
     services.sort_by_key(|s| s.id);
@@ -302,9 +306,11 @@ pub fn render_status(st: &Status) -> String {
                 endpoint(&s.key),
                 sv.map_or("maglev", |v| v.scheduler.as_str()),
                 sv.map_or(String::new(), |v| format!(" ({})", v.name)),
-                s.dirty_slots.map_or(String::new(), |n| format!(
-                    ", ring fast path ({n} dirty slots)"
-                )),
+                match (s.dirty_slots, s.ring_fast) {
+                    (Some(n), true) => format!(", ring fast path ({n} dirty slots)"),
+                    (Some(n), false) => format!(", ring fast path off, held ({n} dirty slots)"),
+                    (None, _) => String::new(),
+                },
             ),
             mode: mode_name(s.mode).into(),
             weight: String::new(),
@@ -379,7 +385,7 @@ pub fn status_json(st: &Status) -> serde_json::Value {
                 "name": sv.map(|v| v.name.clone()),
                 "mode": mode_name(s.mode),
                 "scheduler": sv.map_or("maglev".to_string(), |v| v.scheduler.clone()),
-                "ring_fast_path": s.dirty_slots.map(|n| serde_json::json!({"dirty_slots": n})),
+                "ring_fast_path": s.dirty_slots.map(|n| serde_json::json!({"on": s.ring_fast, "dirty_slots": n})),
                 "rates": rate(None),
                 "packets": s.counters.packets,
                 "bytes": s.counters.bytes,

@@ -1,14 +1,21 @@
-//! The ring fast path (`ring_fast_path: true`) through BPF_PROG_TEST_RUN: established TCP
-//! packets on clean ring slots go by the ring alone (counted as `fwd_dr_ring`) with a
-//! sampled share through the flow table; SYN and FIN take the table; a backend change
-//! dirties exactly the slots it moves, whose flows keep their backend through the table;
-//! the sweep cleans a dirty slot only when no flow there disagrees with the ring.
+//! The ring fast path (`ring_fast_path: true`) through BPF_PROG_TEST_RUN: TCP packets on
+//! clean ring slots go by the ring alone (counted as `fwd_dr_ring`), SYNs too, unrecorded;
+//! a FIN or RST also ends an entry the table holds; a backend change dirties exactly the slots
+//! it moves, which keep sending connections the table lacks to their held (old) backend
+//! for `ring_fast_path_hold` and record them; the sweep cleans a dirty slot only after the
+//! hold and when no flow there disagrees with the ring; a service that turns the fast path
+//! off stays held that long.
 
 use std::time::Duration;
 
-use lb_common::{flow_hash, reason, FLOW_F_ENDED, RING_SIZE};
-use lb_tests::{Pkt, Reconciled, TCP_ACK, TCP_FIN, TCP_SYN, XDP_TX};
+use lb_common::{
+    flow_hash, reason, FLOW_F_ENDED, RING_SIZE, SERVICE_F_RING_FAST, SERVICE_F_RING_HELD,
+};
+use lb_tests::{Pkt, Reconciled, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, XDP_TX};
 use lb_userspace::{dataplane::Swept, reconcile::Runtime};
+
+/// `ring_fast_path_hold` of the `fast` service.
+const HOLD: Duration = Duration::from_secs(2);
 
 const CONFIG: &str = "
 interfaces:
@@ -21,6 +28,7 @@ services:
     protocol: tcp
     mode: dr
     ring_fast_path: true
+    ring_fast_path_hold: 2s
     backends:
       - { address: 198.18.1.11, mac: '02:00:00:00:01:0b' }
       - { address: 198.18.1.12, mac: '02:00:00:00:01:0c' }
@@ -88,17 +96,44 @@ fn slot(sport: u16) -> u32 {
     flow_hash(&pkt(sport, 80, 0).key()) % RING_SIZE
 }
 
+fn recorded(lab: &Reconciled, sport: u16) -> bool {
+    lab.h
+        .director
+        .maps
+        .flows
+        .get(&pkt(sport, 80, 0).key())
+        .is_some()
+}
+
+/// The `fast` service's flags in `SERVICES`.
+fn flags(lab: &Reconciled) -> u8 {
+    let key = lb_userspace::reconcile::vip_key(&lab.h.config.services[0]);
+    lab.h
+        .director
+        .maps
+        .services
+        .get(&key, 0)
+        .expect("service")
+        .flags
+}
+
 #[test]
-fn clean_slots_skip_the_table_and_changed_slots_keep_their_flows() {
+fn clean_slots_skip_the_table_and_changed_slots_keep_their_connections() {
     let mut lab = Reconciled::new(CONFIG);
     let sid = lab.ids.services[&lb_userspace::reconcile::vip_key(&lab.h.config.services[0])];
+    assert_eq!(
+        flags(&lab) & (SERVICE_F_RING_FAST | SERVICE_F_RING_HELD),
+        SERVICE_F_RING_FAST | SERVICE_F_RING_HELD
+    );
 
-    // A new service starts all dirty: everything takes the table until a sweep.
+    // A new service starts all dirty: everything takes the table (and is recorded) until a
+    // sweep, which cleans every slot at once (no connection can be missing from the table).
     let owners: Vec<u8> = (2000..2030)
         .map(|s| send(&lab, &pkt(s, 80, TCP_SYN)))
         .collect();
     assert_eq!(send(&lab, &pkt(2000, 80, TCP_ACK)), owners[0]);
     assert_eq!(counts(&lab), (31, 0), "all slots dirty at first");
+    assert!(recorded(&lab, 2000));
     let swept = sweep(&mut lab);
     assert_eq!(
         swept.cleaned,
@@ -107,31 +142,28 @@ fn clean_slots_skip_the_table_and_changed_slots_keep_their_flows() {
     );
     assert!(swept.blocked.is_empty());
 
-    // Clean: a flow's data packets go by the ring, about one in 64 still by the table (which
-    // records a flow it lacks) — to the same backend either way. No SYN seen for this one.
-    // (2048 packets: the chance that none is sampled is 1e-14.)
+    // Clean: new connections go by the ring, SYN and data alike, and are not recorded.
     let (table0, ring0) = counts(&lab);
-    let to = send(&lab, &pkt(3000, 80, TCP_ACK));
-    for _ in 0..2047 {
-        assert_eq!(send(&lab, &pkt(3000, 80, TCP_ACK)), to);
+    let fresh: Vec<u8> = (3000..3030)
+        .map(|s| send(&lab, &pkt(s, 80, TCP_SYN)))
+        .collect();
+    for (i, &to) in fresh.iter().enumerate() {
+        for _ in 0..64 {
+            assert_eq!(send(&lab, &pkt(3000 + i as u16, 80, TCP_ACK)), to);
+        }
+        assert!(!recorded(&lab, 3000 + i as u16), "not recorded");
     }
-    let (table, ring) = counts(&lab);
-    assert_eq!(table - table0 + ring - ring0, 2048);
-    assert!(ring - ring0 >= 1900, "by the ring: {}", ring - ring0);
-    assert!(table > table0, "sampled packets take the table");
-    let k = pkt(3000, 80, 0).key();
-    assert!(
-        lab.h.director.maps.flows.get(&k).is_some(),
-        "sampling recorded the flow"
-    );
+    assert_eq!(counts(&lab), (table0, ring0 + 30 * 65), "all by the ring");
 
-    // A SYN and a FIN take the table even on a clean slot; the FIN ends the flow's entry.
+    // A FIN or RST goes by the ring too and ends the entry of a recorded connection (on a
+    // clean slot its backend is the ring's); an unrecorded one stays unrecorded.
     let (table0, ring0) = counts(&lab);
-    send(&lab, &pkt(2001, 80, TCP_FIN | TCP_ACK));
-    send(&lab, &pkt(4000, 80, TCP_SYN));
-    assert_eq!(counts(&lab), (table0 + 2, ring0));
+    assert_eq!(send(&lab, &pkt(2001, 80, TCP_FIN | TCP_ACK)), owners[1]);
+    assert_eq!(send(&lab, &pkt(3001, 80, TCP_RST)), fresh[1]);
+    assert_eq!(counts(&lab), (table0, ring0 + 2));
     let ended = lab.h.director.maps.flows.get(&pkt(2001, 80, 0).key());
     assert!(ended.expect("entry").flags & FLOW_F_ENDED != 0);
+    assert!(!recorded(&lab, 3001));
 
     // Another service on the VIP without the fast path never takes it.
     let (table0, ring0) = counts(&lab);
@@ -159,9 +191,11 @@ fn clean_slots_skip_the_table_and_changed_slots_keep_their_flows() {
         "other ports by the every-port service's ring"
     );
 
-    // Drain the first flow's backend: its slots move, turn dirty before the ring flips, and
-    // its established flows keep it through the table.
-    let drained = owners[0];
+    // Drain the backend of unrecorded connection 3000: its slots move and turn dirty, holding
+    // it, before the ring flips. The unrecorded connections there keep it through the table
+    // (and are recorded now); recorded ones keep theirs; a new connection (SYN) on a moved
+    // slot goes to the new ring.
+    let drained = fresh[0];
     lab.runtime.insert(
         Reconciled::key(VIP, 80, 6, &format!("198.18.1.{drained}")),
         Runtime {
@@ -171,31 +205,56 @@ fn clean_slots_skip_the_table_and_changed_slots_keep_their_flows() {
     );
     lab.apply();
     let (table0, ring0) = counts(&lab);
-    for _ in 0..32 {
-        assert_eq!(send(&lab, &pkt(2000, 80, TCP_ACK)), drained, "kept");
+    let kept: Vec<u16> = (3000..3030u16)
+        .filter(|&s| fresh[(s - 3000) as usize] == drained && s != 3001)
+        .collect();
+    for &s in &kept {
+        assert_eq!(send(&lab, &pkt(s, 80, TCP_ACK)), drained, "port {s} kept");
+        assert!(recorded(&lab, s), "port {s} recorded on its dirty slot");
+    }
+    let recorded_kept: Vec<u16> = (2000..2030u16)
+        .filter(|&s| owners[(s - 2000) as usize] == drained && s != 2001)
+        .collect();
+    for &s in &recorded_kept {
+        assert_eq!(
+            send(&lab, &pkt(s, 80, TCP_ACK)),
+            drained,
+            "recorded {s} kept"
+        );
     }
     assert_eq!(
         counts(&lab),
-        (table0 + 32, ring0),
+        (table0 + (kept.len() + recorded_kept.len()) as u64, ring0),
         "a dirty slot takes the table"
     );
+    let moved = (10_000..20_000u16)
+        .find(|&s| {
+            !kept.iter().any(|&k| slot(k) == slot(s)) && {
+                let (t0, _) = counts(&lab);
+                let to = send(&lab, &pkt(s, 80, TCP_SYN));
+                let by_table = counts(&lab).0 > t0;
+                if by_table {
+                    assert_ne!(to, drained, "a SYN on a moved slot takes the new ring");
+                }
+                by_table
+            }
+        })
+        .expect("a port on a moved slot");
+    assert!(recorded(&lab, moved), "a SYN on a dirty slot is recorded");
     // A flow on a slot that kept its backend still goes by the ring.
-    let stay = (2002..2030u16)
-        .find(|&s| owners[(s - 2000) as usize] != drained)
-        .expect("a flow on another backend");
+    let stay = (3002..3030u16)
+        .find(|&s| fresh[(s - 3000) as usize] != drained)
+        .expect("a connection on another backend");
     let (_, ring0) = counts(&lab);
-    for _ in 0..64 {
-        send(&lab, &pkt(stay, 80, TCP_ACK));
-    }
-    assert!(counts(&lab).1 > ring0, "unchanged slots stay clean");
+    send(&lab, &pkt(stay, 80, TCP_ACK));
+    assert_eq!(counts(&lab).1, ring0 + 1, "unchanged slots stay clean");
 
-    // The sweep keeps the slots where a flow still holds the drained backend dirty and
-    // cleans the rest of the moved ones.
+    // Within the hold the sweep cleans no moved slot; after it, it keeps those where a flow
+    // still holds the drained backend and cleans the rest.
+    assert_eq!(sweep(&mut lab).cleaned, 0, "held");
+    std::thread::sleep(HOLD);
     let swept = sweep(&mut lab);
-    let held: Vec<u16> = (2000..2030u16)
-        .filter(|&s| owners[(s - 2000) as usize] == drained)
-        .collect();
-    for &s in &held {
+    for &s in &kept {
         assert!(
             swept.blocked.contains(&(sid, slot(s))),
             "port {s} keeps its slot dirty"
@@ -206,42 +265,76 @@ fn clean_slots_skip_the_table_and_changed_slots_keep_their_flows() {
         "moved slots without old flows turn clean"
     );
     let (table0, ring0) = counts(&lab);
-    for _ in 0..32 {
-        assert_eq!(send(&lab, &pkt(2000, 80, TCP_ACK)), drained, "still kept");
-    }
-    assert_eq!(counts(&lab), (table0 + 32, ring0));
-    // A new connection on a moved slot that no flow holds goes by the ring to its new
-    // backend once clean.
-    let moved = (6000..7000u16)
-        .find(|&s| {
-            !held.iter().any(|&h| slot(h) == slot(s))
-                && send(&lab, &pkt(s, 80, TCP_SYN)) != drained
-                && lab
-                    .h
-                    .director
-                    .maps
-                    .flows
-                    .get(&pkt(s, 80, 0).key())
-                    .is_some()
-        })
-        .expect("a flow");
-    let (_, ring0) = counts(&lab);
-    for _ in 0..64 {
-        assert_ne!(send(&lab, &pkt(moved, 80, TCP_ACK)), drained);
-    }
-    assert!(counts(&lab).1 > ring0);
+    assert_eq!(
+        send(&lab, &pkt(kept[0], 80, TCP_ACK)),
+        drained,
+        "still kept"
+    );
+    assert_eq!(counts(&lab), (table0 + 1, ring0));
 
-    // Other hash fields put every flow on another slot: all dirty again, and the flows keep
-    // their backends through the table.
-    lab.h.config.services[0].hash_fields = Some(vec![lb_userspace::config::HashField::SrcIp]);
+    // Turning the fast path off: the service stays held (no ring fast path, dirty slots
+    // still hold) for its hold, then the next reconcile lets it go.
+    lab.h.config.services[0].ring_fast_path = false;
+    lab.apply();
+    assert_eq!(
+        flags(&lab) & (SERVICE_F_RING_FAST | SERVICE_F_RING_HELD),
+        SERVICE_F_RING_HELD
+    );
+    let (table0, ring0) = counts(&lab);
+    assert_eq!(
+        send(&lab, &pkt(stay, 80, TCP_ACK)),
+        fresh[(stay - 3000) as usize]
+    );
+    assert_eq!(counts(&lab), (table0 + 1, ring0), "by the table now");
+    assert!(!lab.h.director.leaving_done());
+    std::thread::sleep(HOLD);
+    // The connections that keep slots dirty end (as if the LRU had let them go).
+    for s in (2000..2030).chain(3000..3030) {
+        let _ = lab.h.director.maps.flows.remove(&pkt(s, 80, 0).key());
+    }
+    let _ = sweep(&mut lab);
+    assert!(lab.h.director.leaving_done(), "hold over, every slot clean");
+    lab.apply();
+    assert_eq!(flags(&lab) & (SERVICE_F_RING_FAST | SERVICE_F_RING_HELD), 0);
+}
+
+/// While a service's slots are held, a reload that would put its connections on other
+/// slots (or give them to another scheduler) is refused; a `hash_fields` change that gets
+/// through anyway (a restart with pinned maps) turns every slot dirty, and recorded flows
+/// keep their backends.
+#[test]
+fn a_held_service_keeps_its_slots() {
+    let mut lab = Reconciled::new(CONFIG);
+    let owners: Vec<u8> = (2000..2030)
+        .map(|s| send(&lab, &pkt(s, 80, TCP_SYN)))
+        .collect();
+    let mut cfg = lab.h.config.clone();
+    cfg.services[0].hash_fields = Some(vec![lb_userspace::config::HashField::SrcIp]);
+    let e = lab.h.director.held_hash_change(&cfg).expect("refused");
+    assert!(
+        e.contains("service fast") && e.contains("ring_fast_path: false"),
+        "{e}"
+    );
+    let mut rr = lab.h.config.clone();
+    rr.services[0].scheduler = lb_userspace::config::Scheduler::Rr;
+    assert!(lab.h.director.held_hash_change(&rr).is_some());
+    let mut more = lab.h.config.clone();
+    more.services[0].backends.pop();
+    assert!(
+        lab.h.director.held_hash_change(&more).is_none(),
+        "a backend change is fine"
+    );
+
+    let _ = sweep(&mut lab);
+    lab.h.config = cfg;
     lab.apply();
     let (table0, ring0) = counts(&lab);
-    for (i, &owner) in owners.iter().enumerate().skip(2) {
+    for (i, &owner) in owners.iter().enumerate() {
         assert_eq!(send(&lab, &pkt(2000 + i as u16, 80, TCP_ACK)), owner);
     }
     assert_eq!(
         counts(&lab),
-        (table0 + 28, ring0),
+        (table0 + 30, ring0),
         "all dirty after a hash change"
     );
 }
