@@ -1609,6 +1609,37 @@ services:
             assert_eq!(e.line, Some(*line), "{text}: {e}");
             assert!(e.message.contains(msg), "{text}: {e}");
         }
+        // The hold: 15 minutes unless set, at most a day.
+        let c = Config::parse(
+            &with_web(
+                "    ring_fast_path: true
+",
+            ),
+            &AnyHost,
+        )
+        .unwrap();
+        assert_eq!(
+            c.services[0].ring_fast_path_hold,
+            RING_FAST_PATH_HOLD_DEFAULT
+        );
+        let c = Config::parse(
+            &with_web(
+                "    ring_fast_path: true
+    ring_fast_path_hold: 90s
+",
+            ),
+            &AnyHost,
+        )
+        .unwrap();
+        assert_eq!(c.services[0].ring_fast_path_hold, Duration::from_secs(90));
+        let e = one_error(&with_web(
+            "    ring_fast_path: true
+    ring_fast_path_hold: 2d
+",
+        ));
+        assert_eq!(e.path, "services[0].ring_fast_path_hold");
+        assert_eq!(e.line, Some(11), "{e}");
+        assert!(e.message.contains("limit of 24h"), "{e}");
     }
 
     #[test]

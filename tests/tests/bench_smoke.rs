@@ -58,7 +58,7 @@ fn bench_quick_runs_every_path_and_reports() {
         String::from_utf8_lossy(&out.stderr)
     );
     let rows = table(&stdout, "| path");
-    assert_eq!(rows.len(), 25, "one row per path:\n{stdout}");
+    assert_eq!(rows.len(), 26, "one row per path:\n{stdout}");
     // The kernel's view of the program sizes: "director N insns, J B; floor M insns, K B."
     let sizes = stdout
         .lines()
@@ -201,7 +201,7 @@ fn bench_quick_runs_every_path_and_reports() {
     // Four more by the director core's time where it has a core of its own.
     assert_eq!(
         targets.len(),
-        if lb_tests::cpus() > 1 { 13 } else { 9 },
+        if lb_tests::cpus() > 1 { 15 } else { 11 },
         "issue 8's targets, each judged:\n{stdout}"
     );
     for row in &targets {

@@ -275,6 +275,16 @@ fn main() {
                 "DR new flow (table full), IPv4 TCP",
                 6.0,
             ),
+            (
+                "DR flow hit, ring fast path, 1M flows × floor",
+                "DR flow hit, ring fast path, 1M established flows (driver cycles)",
+                2.5,
+            ),
+            (
+                "DR new flow, ring fast path × floor",
+                "DR new flow (SYN), ring fast path: clean slot, unrecorded",
+                6.0,
+            ),
         ] {
             targets.push(Target {
                 what,
@@ -397,10 +407,11 @@ fn machine() -> String {
 /// Flow hits with N established flows: a director with a 4M-entry table, the driver cycling
 /// through N 5-tuples (`BENCH_CFG[1]`), warmed up so every measured run is a hit; and 16k
 /// flows in a 64k-entry and a 1M-entry (default) table, which shows what the table's size
-/// costs by itself (the same flows spread over more buckets and pages). Two rows run a
-/// director whose DR service has `ring_fast_path: true` at 1 and 1M flows: warmed up with
-/// its slots dirty, so every flow is in the table as if its SYN had been seen, then
-/// measured with them clean — most packets go by the ring alone, one in 64 by the table.
+/// costs by itself (the same flows spread over more buckets and pages). Three rows run a
+/// director whose DR service has `ring_fast_path: true`: hits at 1 and 1M flows, warmed up
+/// with its slots dirty, so every flow is in the table as if its SYN had been seen, then
+/// measured with them clean — every packet goes by the ring alone; and new connections
+/// (a SYN with a new 5-tuple every run) on clean slots, which go by the ring unrecorded.
 /// The rows take turns run by run, so a phase of this VM lands in all of them alike.
 fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     let big = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 4194304");
@@ -419,7 +430,10 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     const FAST: usize = 3;
     assert!(tables[FAST].0.config.services[0].ring_fast_path);
     let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build();
-    // (table, flows, row)
+    let mut syn = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80);
+    syn.tcp_flags = lb_tests::TCP_SYN;
+    let syn4 = syn.build();
+    // (table, flows (0: a new one every run, a SYN), row)
     let mut cases: Vec<(usize, u32, Row)> = [
         (0, 1, "DR flow hit, 1 established flow (driver cycles)"),
         (
@@ -462,6 +476,11 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
             1_000_000,
             "DR flow hit, ring fast path, 1M established flows (driver cycles)",
         ),
+        (
+            FAST,
+            0,
+            "DR new flow (SYN), ring fast path: clean slot, unrecorded",
+        ),
     ]
     .into_iter()
     .map(|(t, n, path)| (t, n, Row::new(path, true)))
@@ -470,34 +489,39 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
         for (t, n, row) in &mut cases {
             let (h, _, cfg) = &mut tables[*t];
             cfg.set(1, *n, 0).unwrap();
-            // Warm up: every one of the N flows is created (first run) or touched again.
             let fast = *t == FAST;
-            if fast {
-                set_dirty(h, true);
+            let opening = *n == 0;
+            let pkt = if opening { &syn4 } else { &v4 };
+            // Warm up: every one of the N flows is created (first run) or touched again.
+            if !opening {
+                if fast {
+                    set_dirty(h, true);
+                }
+                driven(h, pkt, *n, 1);
             }
-            driven(h, &v4, *n, 1);
             if fast {
                 set_dirty(h, false);
             }
             let ring = h.reason(reason::FWD_DR_RING);
-            let (ns, (fwd, new)) = counted(h, || driven(h, &v4, repeat, 1));
-            assert_eq!(
-                new, 0,
-                "{} (run {run}): every measured run hit an established flow",
-                row.path
-            );
-            assert_eq!(fwd, u64::from(repeat), "{}", row.path);
-            let ring = h.reason(reason::FWD_DR_RING) - ring;
-            if fast {
-                // One in 64 takes the table: 63/64 by the ring, give or take.
-                assert!(
-                    ring >= u64::from(repeat) * 4 / 5,
-                    "{}: {ring} by the ring",
+            let (ns, (fwd, new)) = counted(h, || driven(h, pkt, repeat, 1));
+            if opening {
+                assert_eq!(
+                    new,
+                    u64::from(repeat),
+                    "{}: every run a new connection",
                     row.path
                 );
             } else {
-                assert_eq!(ring, 0, "{}", row.path);
+                assert_eq!(
+                    new, 0,
+                    "{} (run {run}): every measured run hit an established flow",
+                    row.path
+                );
             }
+            assert_eq!(fwd, u64::from(repeat), "{}", row.path);
+            let ring = h.reason(reason::FWD_DR_RING) - ring;
+            let want = if fast { u64::from(repeat) } else { 0 };
+            assert_eq!(ring, want, "{}: by the ring", row.path);
             row.samples.push(ns);
         }
     }
