@@ -76,11 +76,17 @@ pub fn forget(key: &FlowKey) {
 pub fn end(key: &FlowKey) {
     if let Some(v) = entry(key) {
         // SAFETY: a live map value.
-        let v = unsafe { &mut *v };
-        if v.flags & FLOW_F_ENDED == 0 {
-            v.flags |= FLOW_F_ENDED;
-            select::active_add(v.backend, -1);
-        }
+        mark_ended(unsafe { &mut *v });
+    }
+}
+
+/// The client ended the flow: mark its entry and stop counting it as active for its
+/// backend (once).
+#[inline(always)]
+fn mark_ended(v: &mut FlowValue) {
+    if v.flags & FLOW_F_ENDED == 0 {
+        v.flags |= FLOW_F_ENDED;
+        select::active_add(v.backend, -1);
     }
 }
 
@@ -214,9 +220,8 @@ fn still_live(v: &mut FlowValue, key: &FlowKey, ending: bool, opening: bool) -> 
     if age > udp_touch_ns(idle) {
         v.last_seen_ns += age;
     }
-    if ending && v.flags & FLOW_F_ENDED == 0 {
-        v.flags |= FLOW_F_ENDED;
-        select::active_add(v.backend, -1);
+    if ending {
+        mark_ended(v);
     }
     true
 }

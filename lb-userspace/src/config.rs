@@ -319,6 +319,38 @@ fn default_ring_fast_path_hold() -> Duration {
 }
 
 impl Service {
+    /// Why the ring fast path cannot serve this service (its connections are not kept by
+    /// their ring slot alone), if so. A held service must keep this `None`.
+    pub fn ring_fast_path_unfit(&self) -> Option<String> {
+        if !matches!(self.mode, Mode::Dr | Mode::Tun) {
+            Some(format!(
+                "mode `{}` keeps per-flow state (NAT translations) in the flow table; the ring fast \
+                 path is for `dr` and `tun`",
+                self.mode
+            ))
+        } else if self.protocol != Protocol::Tcp {
+            Some(
+                "the ring fast path is for TCP (UDP flows keep their idle clock in the flow table); \
+                 remove `ring_fast_path` or use `protocol: tcp`"
+                    .into(),
+            )
+        } else if !matches!(self.scheduler, Scheduler::Maglev | Scheduler::Sh) {
+            Some(format!(
+                "`{}` does not pick a flow's backend by its ring slot alone; the ring fast path needs \
+                 `scheduler: maglev` or `sh`",
+                self.scheduler
+            ))
+        } else if !self.persistence.is_zero() {
+            Some(
+                "with persistence a client's template, not the ring, picks the backend; use one or \
+                 the other"
+                    .into(),
+            )
+        } else {
+            None
+        }
+    }
+
     /// What identifies this service across reloads (its VIP key).
     pub fn endpoint(&self) -> (IpAddr, u16, Protocol) {
         (self.vip, self.port, self.protocol)
@@ -914,34 +946,7 @@ impl Config {
                 }
             }
             if s.ring_fast_path {
-                let why = if !matches!(s.mode, Mode::Dr | Mode::Tun) {
-                    Some(format!(
-                        "mode `{}` keeps per-flow state (NAT translations) in the flow table; the ring fast \
-                         path is for `dr` and `tun`",
-                        s.mode
-                    ))
-                } else if s.protocol != Protocol::Tcp {
-                    Some(
-                        "the ring fast path is for TCP (UDP flows keep their idle clock in the flow table); \
-                         remove `ring_fast_path` or use `protocol: tcp`"
-                            .into(),
-                    )
-                } else if !matches!(s.scheduler, Scheduler::Maglev | Scheduler::Sh) {
-                    Some(format!(
-                        "`{}` does not pick a flow's backend by its ring slot alone; the ring fast path needs \
-                         `scheduler: maglev` or `sh`",
-                        s.scheduler
-                    ))
-                } else if !s.persistence.is_zero() {
-                    Some(
-                        "with persistence a client's template, not the ring, picks the backend; use one or \
-                         the other"
-                            .into(),
-                    )
-                } else {
-                    None
-                };
-                if let Some(why) = why {
+                if let Some(why) = s.ring_fast_path_unfit() {
                     err(format!("{p}.ring_fast_path"), why);
                 }
             }

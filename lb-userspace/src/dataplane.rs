@@ -679,9 +679,7 @@ impl Director {
         cfg.services.iter().find_map(|s| {
             let meta = self.maps.services.get(&crate::reconcile::vip_key(s), 0).ok()?;
             let same_ring = meta.hash_fields == crate::reconcile::hash_bits(s)
-                && matches!(s.scheduler, config::Scheduler::Maglev | config::Scheduler::Sh)
-                && s.persistence.is_zero()
-                && matches!(s.mode, config::Mode::Dr | config::Mode::Tun);
+                && s.ring_fast_path_unfit().is_none();
             (meta.flags & lb_common::SERVICE_F_RING_HELD != 0 && !same_ring).then(|| {
                 format!(
                     "service {}: its ring fast path holds slots, so its mode, scheduler, hash_fields \

@@ -386,6 +386,11 @@ impl DirtyCheck {
     }
 }
 
+/// Bits set in `words` (dirty slots in `RING_DIRTY` words).
+fn ones(words: &[u64]) -> usize {
+    words.iter().map(|w| w.count_ones() as usize).sum()
+}
+
 /// The `FAST_SERVICES` slot of a service key.
 pub fn fast_slot_of(key: &VipKey) -> u32 {
     let (lo, hi) = lb_common::addr_halves(&key.addr);
@@ -456,17 +461,10 @@ impl MapState {
         Ok(MapState {
             backends,
             service_slots,
-            rings: HashMap::new(),
             fresh: false,
             vip_filter,
-            dirty: HashMap::new(),
-            dirty_since: HashMap::new(),
-            held: HashMap::new(),
-            hold_until: HashMap::new(),
-            holds: HashMap::new(),
-            left: HashMap::new(),
-            epoch: Instant::now(),
             fast,
+            ..Self::fresh()
         })
     }
 
@@ -677,9 +675,7 @@ impl MapState {
 
     /// Dirty slots of service `id` (0 for a service that is not held).
     pub fn dirty_slots(&self, id: u32) -> usize {
-        self.dirty
-            .get(&id)
-            .map_or(0, |w| w.iter().map(|w| w.count_ones() as usize).sum())
+        self.dirty.get(&id).map_or(0, |w| ones(w))
     }
 
     /// Whether a service whose fast path was turned off is past its hold with every slot
@@ -743,7 +739,6 @@ impl MapState {
             }
             let words = self.dirty.get_mut(&id).expect("filled by dirty_words");
             let next: Vec<u64> = words.iter().zip(&keep).map(|(h, k)| h & k).collect();
-            let ones = |w: &[u64]| w.iter().map(|w| w.count_ones() as usize).sum::<usize>();
             cleared += ones(words) - ones(&next);
             write_changed(&mut m.ring_dirty, id * RING_DIRTY_WORDS, words, &next)?;
         }
@@ -800,19 +795,14 @@ impl MapState {
             let want_fast = svc.flags & SERVICE_F_RING_FAST != 0;
             let live_held = live.is_some_and(|meta| meta.flags & SERVICE_F_RING_HELD != 0);
             self.holds.insert(svc.id, svc.hold);
-            if want_fast || !live_held {
+            let leaving = !want_fast && live_held && {
+                let since = *self.left.entry(svc.id).or_insert_with(Instant::now);
+                since.elapsed() < svc.hold || self.dirty_slots(svc.id) > 0
+            };
+            if !leaving {
                 self.left.remove(&svc.id);
-            } else {
-                self.left.entry(svc.id).or_insert_with(Instant::now);
             }
-            let leaving = self
-                .left
-                .get(&svc.id)
-                .is_some_and(|t| t.elapsed() < svc.hold || self.dirty_slots(svc.id) > 0);
             let held = want_fast || leaving;
-            if !held {
-                self.left.remove(&svc.id);
-            }
             if held {
                 match live.filter(|meta| live_held && meta.hash_fields == svc.hash_fields) {
                     None => {
