@@ -76,7 +76,7 @@ fn classify(ctx: &XdpContext, pkt: &Parsed) -> Result<Icmp, u32> {
     if !select::is_vip(pkt.key.dst, pkt.key.family) {
         return Err(reason::PASS_NON_VIP);
     }
-    let icmp: *mut IcmpHdr = ptr_at(ctx, pkt.l4).ok_or(reason::PASS_MALFORMED)?;
+    let icmp: *mut IcmpHdr = ptr_at(ctx, pkt.l4()).ok_or(reason::PASS_MALFORMED)?;
     let kind = unsafe { (*icmp).kind };
     match (pkt.key.family == AF_INET, kind) {
         (true, ICMP_ECHO) | (false, ICMPV6_ECHO_REQUEST) => echo(ctx, pkt, icmp),
@@ -98,11 +98,11 @@ fn swap_macs(ctx: &XdpContext) -> Result<(), u32> {
 #[inline(always)]
 fn echo(ctx: &XdpContext, pkt: &Parsed, icmp: *mut IcmpHdr) -> Result<Icmp, u32> {
     let reply = if pkt.key.family == AF_INET {
-        let ip: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(reason::PASS_MALFORMED)?;
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3()).ok_or(reason::PASS_MALFORMED)?;
         unsafe { core::mem::swap(&mut (*ip).src_addr, &mut (*ip).dst_addr) };
         ICMP_ECHO_REPLY
     } else {
-        let ip: *mut Ipv6Hdr = ptr_at(ctx, pkt.l3).ok_or(reason::PASS_MALFORMED)?;
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, pkt.l3()).ok_or(reason::PASS_MALFORMED)?;
         unsafe { core::mem::swap(&mut (*ip).src_addr, &mut (*ip).dst_addr) };
         ICMPV6_ECHO_REPLY
     };
@@ -120,7 +120,7 @@ fn echo(ctx: &XdpContext, pkt: &Parsed, icmp: *mut IcmpHdr) -> Result<Icmp, u32>
 /// about is that packet's reverse. The error goes to the flow's backend.
 #[inline(always)]
 fn steer(ctx: &XdpContext, pkt: &Parsed) -> Result<Icmp, u32> {
-    let inner = pkt.l4 + 8;
+    let inner = pkt.l4() + 8;
     let mut key = FlowKey::default();
     let ports_at;
     if pkt.key.family == AF_INET {
@@ -192,7 +192,9 @@ fn build_too_big(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Result<(), u32> {
         (Ipv6Hdr::LEN, QUOTE6)
     };
     let grow = ip_len + 8;
-    let l3 = pkt.l3;
+    // From the frame, not `pkt`: after the global TUN function the verifier takes `pkt` for
+    // changed (it could write through its pointer), so `pkt.l3()` is any byte to it.
+    let l3 = crate::parse::l3_offset(ctx);
     // Addresses of the offending packet, before anything moves.
     let (mut client, mut vip) = ([0u8; 16], [0u8; 16]);
     if v4 {

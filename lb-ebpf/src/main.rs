@@ -67,7 +67,7 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
     let mut slot = core::mem::MaybeUninit::<parse::Parsed>::uninit();
-    // SAFETY: all zeros is a valid summary (72 bytes, 8-aligned).
+    // SAFETY: all zeros is a valid summary (56 bytes, 8-aligned).
     let pkt = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
     parse::parse(ctx, pkt)?;
     let stop = STOP_AFTER.load();

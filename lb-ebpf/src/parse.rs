@@ -33,16 +33,17 @@ pub struct IcmpHdr {
     pub rest: [u8; 4],
 }
 
-/// What the rest of the pipeline needs to know about a packet.
+/// What the rest of the pipeline needs to know about a packet (56 bytes; also the argument
+/// type of the global functions in `fwd`, so its layout is in the object's BTF).
 pub struct Parsed {
     /// 5-tuple (ports 0 for ICMP; `key.proto` is ICMP/ICMPv6 then).
     pub key: FlowKey,
     /// Bytes of the whole frame (for byte counters).
     pub len: u64,
-    /// Offset of the IP header (14, or 18 behind a VLAN tag).
-    pub l3: usize,
-    /// Offset of the transport (or ICMP) header.
-    pub l4: usize,
+    /// Offset of the IP header (14, or 18 behind a VLAN tag): [`Parsed::l3`].
+    l3: u8,
+    /// Offset of the transport (or ICMP) header (at most 58): [`Parsed::l4`].
+    l4: u8,
     /// IPv4 TOS / IPv6 traffic class (DSCP + ECN), copied to outer headers.
     pub tos: u8,
     /// IPv4 "don't fragment" (always true for IPv6, which routers never fragment).
@@ -53,6 +54,22 @@ pub struct Parsed {
     /// connection it ended, a new one: see `flow::opens`).
     pub tcp_syn: bool,
 }
+const _: () = assert!(core::mem::size_of::<Parsed>() == 56);
+
+impl Parsed {
+    /// Offset of the IP header.
+    #[inline(always)]
+    pub fn l3(&self) -> usize {
+        usize::from(self.l3)
+    }
+
+    /// Offset of the transport (or ICMP) header.
+    #[inline(always)]
+    pub fn l4(&self) -> usize {
+        usize::from(self.l4)
+    }
+}
+
 /// Offset of the IP header: 14, or 18 behind one VLAN tag (for code that gets only `ctx`).
 #[inline(always)]
 pub fn l3_offset(ctx: &XdpContext) -> usize {
@@ -117,8 +134,10 @@ pub fn parse(ctx: &XdpContext, out: &mut Parsed) -> Result<(), u32> {
         _ => return Err(reason::PASS_NOT_TCP_UDP),
     }
     out.len = len;
-    out.l3 = l3;
-    out.l4 = l4;
+    // Both fit a byte (18 + 40 at most); as bytes they stay bounded for the verifier where
+    // it does not know them (a global function's argument, `fwd::nat`).
+    out.l3 = l3 as u8;
+    out.l4 = l4 as u8;
     out.tos = tos;
     out.df = df;
     Ok(())

@@ -73,6 +73,14 @@ fn bench_quick_runs_every_path_and_reports() {
         numbers.iter().all(|&n| n > 0) && numbers[0] > numbers[2],
         "director larger than the floor: {sizes}"
     );
+    // The verifier's work to load the director, with room below the kernel's limit.
+    let processed: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Verifier: "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("verifier line");
+    assert!(processed > 0 && processed < 1_000_000, "{processed}");
     // The stage breakdown: the floor, each stage of a DR flow hit, the whole path; both
     // families timed (steps are not judged: noise can make one negative in a quick run).
     let stages = cells(&table(&stdout, "| stage"), &[2, 4]);

@@ -3,7 +3,7 @@
 //! the backend's family. The next hop comes from the kernel FIB (`bpf_fib_lookup`), which
 //! also checks the egress MTU: too big gets ICMP back to the client, never a silent drop.
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_md, helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
     flow_hash, reason, Backend, IfaceInfo, AF_INET, AF_INET6, DEFAULT_TTL, IFACE_F_SRC4,
     IFACE_F_SRC6, IPPROTO_IPIP, IPPROTO_IPV6,
@@ -63,23 +63,31 @@ pub enum Tun {
 pub fn forward(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Result<Tun, u32> {
     // out = [XDP action or 0, inner MTU when too big]
     let mut out = [0u32; 2];
-    match forward_out(ctx, pkt, backend, id, &mut out) {
+    match xdplb_tun_forward(ctx.ctx, pkt, backend, id, &mut out) {
         STATUS_OK if out[1] != 0 => Ok(Tun::TooBig(out[1])),
         STATUS_OK => Ok(Tun::Sent(out[0])),
         slot => Err(slot),
     }
 }
 
-/// Out of line (stack budget); plain types only (see `STATUS_OK`).
+/// Out of line (stack budget) and global, verified once like `fwd::nat::xdplb_nat_forward`;
+/// plain types only (see `STATUS_OK`).
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn forward_out(
-    ctx: &XdpContext,
-    pkt: &Parsed,
-    backend: &Backend,
+pub extern "C" fn xdplb_tun_forward(
+    ctx: *mut xdp_md,
+    pkt: *const Parsed,
+    backend: *const Backend,
     id: u32,
-    out: &mut [u32; 2],
+    out: *mut [u32; 2],
 ) -> u32 {
-    match encapsulate(ctx, pkt, backend, id) {
+    // SAFETY: null or valid, from `forward`.
+    let (Some(pkt), Some(backend), Some(out)) =
+        (unsafe { (pkt.as_ref(), backend.as_ref(), out.as_mut()) })
+    else {
+        return reason::PASS_MALFORMED;
+    };
+    match encapsulate(&XdpContext::new(ctx), pkt, backend, id) {
         Ok(Tun::Sent(action)) => *out = [action, 0],
         Ok(Tun::TooBig(mtu)) => *out = [0, mtu.max(1)],
         Err(slot) => return slot,
@@ -90,7 +98,7 @@ fn forward_out(
 #[inline(always)]
 fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Result<Tun, u32> {
     let ingress = ctx.ingress_ifindex() as u32;
-    let inner_len = frame_len(ctx) - pkt.l3;
+    let inner_len = frame_len(ctx) - pkt.l3();
     let outer6 = backend.family == AF_INET6;
     let hdr_len = if outer6 { Ipv6Hdr::LEN } else { Ipv4Hdr::LEN };
     let outer_len = inner_len + hdr_len;
@@ -120,7 +128,7 @@ fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Re
 
     // Make room: the new frame is Ethernet (14) + outer header + the inner IP packet; a VLAN
     // tag of the input is dropped (the egress is chosen by the FIB, not by the tag).
-    let delta = pkt.l3 as i32 - EthHdr::LEN as i32 - hdr_len as i32;
+    let delta = pkt.l3() as i32 - EthHdr::LEN as i32 - hdr_len as i32;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
         return Err(reason::PASS_ADJUST_FAILED);
     }

@@ -793,6 +793,19 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
         "Program sizes (kernel's translated instructions, JIT bytes): director {d_insns} insns, \
          {d_jit} B; floor {f_insns} insns, {f_jit} B.\n"
     ));
+    // The verifier's work for this build (the kernel gives up at 1M processed instructions):
+    // the margin a new data-path feature has left.
+    let processed = h
+        .director
+        .director_program()
+        .info()
+        .ok()
+        .and_then(|i| i.verified_instruction_count())
+        .unwrap_or(0);
+    report.push_str(&format!(
+        "Verifier: {processed} instructions processed to load the director (the kernel's limit \
+         is 1000000).\n"
+    ));
     report.push_str(&stage_breakdown(quick));
     (report, ratios)
 }
