@@ -216,7 +216,7 @@ impl Collector for DirectorCollector {
             gauge(
                 &mut enc,
                 "xdplb_service_ring_dirty_slots",
-                "Ring fast path: Maglev slots whose packets take the flow table (their backend changed and a flow may still hold the old one).",
+                "Ring fast path: Maglev slots still dirty after a backend change. Their packets consult the flow table, and connections it lacks go to the slot's held (old) backend, until ring_fast_path_hold has passed and no flow there disagrees with the ring.",
                 &dirty_rows,
             )?;
         }
