@@ -37,24 +37,11 @@ fn service_slot(id: u32, key: &FlowKey) -> Option<&'static ServiceSlot> {
     if k.family != key.family
         || k.proto != key.proto
         || (k.port_be != key.dport_be && k.port_be != 0)
-        || !vip_matches(slot, key)
+        || !lb_ebpf::eq16(&k.addr, &key.dst)
     {
         return None;
     }
     Some(slot)
-}
-
-/// The slot's VIP is the packet's destination. Both are 8-aligned: `ServiceSlot` and
-/// `FlowKey` are `align(8)`, the VIP at offset 0 of the slot and `dst` at offset 16 of the
-/// key. Aligned word reads, where `eq16`'s unaligned ones cost 32 byte loads and shifts.
-#[inline(always)]
-fn vip_matches(slot: &ServiceSlot, key: &FlowKey) -> bool {
-    let (a, b) = (
-        slot.key.addr.as_ptr() as *const u64,
-        key.dst.as_ptr() as *const u64,
-    );
-    // SAFETY: 16 bytes each, 8-aligned (above).
-    unsafe { a.read() == b.read() && a.add(1).read() == b.add(1).read() }
 }
 
 /// All rings back to back, four slots per element: ring `r` is elements
@@ -305,7 +292,7 @@ pub fn schedule(svc: &ServiceMeta, key: &FlowKey) -> Result<u32, u32> {
         // empty sequence (rr_len 0) means no backend.
         c.checked_rem(svc.rr_len).ok_or(reason::PASS_NO_BACKEND)?
     } else {
-        flow_hash_fields(key, svc.hash_fields) % RING_SIZE
+        ring_pos(svc, key)
     };
     ring_slot(svc, pos).ok_or(reason::PASS_NO_BACKEND)
 }

@@ -407,17 +407,7 @@ const VERIFIER_BUDGET: u32 = 250_000;
 fn the_director_verifies_well_within_the_kernels_limit() {
     // The largest build: ring fast path compiled in (this config), with and without the
     // debug log, and every stage cut of the benchmark's breakdown.
-    let mut builds: Vec<(String, lb_tests::Harness)> = vec![(
-        "debug log".into(),
-        lb_tests::Harness::with_debug_log(CONFIG, true),
-    )];
-    for stage in 0..=lb_common::stage::NOT_VIP {
-        builds.push((
-            format!("stop after stage {stage}"),
-            lb_tests::Harness::stopping_after(CONFIG, stage),
-        ));
-    }
-    for (what, h) in &builds {
+    let check = |what: &str, h: lb_tests::Harness| {
         let info = h.director.director_program().info().expect("program info");
         let processed = info
             .verified_instruction_count()
@@ -426,6 +416,13 @@ fn the_director_verifies_well_within_the_kernels_limit() {
             processed <= VERIFIER_BUDGET,
             "{what}: the verifier processed {processed} instructions, over the budget of \
              {VERIFIER_BUDGET} (the kernel gives up at 1M)"
+        );
+    };
+    check("debug log", lb_tests::Harness::with_debug_log(CONFIG, true));
+    for stage in 0..=lb_common::stage::NOT_VIP {
+        check(
+            &format!("stop after stage {stage}"),
+            lb_tests::Harness::stopping_after(CONFIG, stage),
         );
     }
 }

@@ -783,25 +783,21 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
     // Program sizes as the kernel holds them (after the verifier's rewrites, before and
     // after JIT): what `bpftool prog dump xlated` would list, for the whole program (every
     // path, not just the one a row runs).
-    let size = |p: &Xdp| {
-        let info = p.info().expect("program info");
-        (info.size_translated().unwrap_or(0) / 8, info.size_jitted())
-    };
-    let (d_insns, d_jit) = size(h.director.director_program());
-    let (f_insns, f_jit) = size(loaded(&h, dataplane::FLOOR_PROGRAM));
+    // And the verifier's work for the director (the kernel gives up at 1M processed
+    // instructions): the margin a new data-path feature has left.
+    let info = |p: &Xdp| p.info().expect("program info");
+    let (director, floor) = (
+        info(h.director.director_program()),
+        info(loaded(&h, dataplane::FLOOR_PROGRAM)),
+    );
+    let size =
+        |i: &aya::programs::ProgramInfo| (i.size_translated().unwrap_or(0) / 8, i.size_jitted());
+    let ((d_insns, d_jit), (f_insns, f_jit)) = (size(&director), size(&floor));
     report.push_str(&format!(
         "Program sizes (kernel's translated instructions, JIT bytes): director {d_insns} insns, \
          {d_jit} B; floor {f_insns} insns, {f_jit} B.\n"
     ));
-    // The verifier's work for this build (the kernel gives up at 1M processed instructions):
-    // the margin a new data-path feature has left.
-    let processed = h
-        .director
-        .director_program()
-        .info()
-        .ok()
-        .and_then(|i| i.verified_instruction_count())
-        .unwrap_or(0);
+    let processed = director.verified_instruction_count().unwrap_or(0);
     report.push_str(&format!(
         "Verifier: {processed} instructions processed to load the director (the kernel's limit \
          is 1000000).\n"
