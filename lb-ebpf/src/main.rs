@@ -96,12 +96,17 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
     }
     // The ring fast path, where the service has it: TCP packets on clean slots, SYNs too.
     let fast = if RING_FAST.load() != 0 && pkt.key.proto == lb_common::IPPROTO_TCP {
-        select::ring_fast(&pkt.key)
+        match select::fast_service(&pkt.key) {
+            Some(_) if stop_after(stage::RING_SERVICE) => return Ok(xdp_action::XDP_TX),
+            Some(svc) => select::ring_fast(svc, &pkt.key).map(|id| (svc, id)),
+            None => None,
+        }
     } else {
         None
     };
     // Established flows first: one hash lookup (FLOWS4/6) instead of two (SERVICES, FLOWS).
     let (svc, choice) = match fast {
+        Some(_) if stop_after(stage::RING_SLOT) => return Ok(xdp_action::XDP_TX),
         Some((svc, id)) => {
             // A FIN or RST ends the entry the table may hold (a connection begun while the
             // slot was dirty): on a clean slot its backend is the ring's.

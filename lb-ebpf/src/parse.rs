@@ -6,7 +6,7 @@ use lb_common::{
     reason, FlowKey, AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
 };
 pub use lb_ebpf::ptr_at;
-use lb_ebpf::{load_u16, load_u32, load_u64};
+use lb_ebpf::{load_u32, load_u64};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -55,6 +55,14 @@ pub struct Parsed {
     pub tcp_syn: bool,
 }
 const _: () = assert!(core::mem::size_of::<Parsed>() == 56);
+// The 8-byte store of ports, protocol and family in `parse` (little-endian: `bpfel`).
+const _: () = assert!(
+    core::mem::offset_of!(FlowKey, sport_be) == 32
+        && core::mem::offset_of!(FlowKey, dport_be) == 34
+        && core::mem::offset_of!(FlowKey, proto) == 36
+        && core::mem::offset_of!(FlowKey, family) == 37
+        && core::mem::align_of::<FlowKey>() == 8
+);
 
 impl Parsed {
     /// Offset of the IP header.
@@ -94,45 +102,47 @@ pub fn parse(ctx: &XdpContext, out: &mut Parsed) -> Result<(), u32> {
     }
     let len = (ctx.data_end() - ctx.data()) as u64;
     let key = &mut out.key;
-    let (proto, l4, tos, df) = match ether_type {
-        ETH_P_IP => parse_ipv4(ctx, l3, key)?,
-        ETH_P_IPV6 => parse_ipv6(ctx, l3, key)?,
+    let (family, (proto, l4, tos, df)) = match ether_type {
+        ETH_P_IP => (AF_INET, parse_ipv4(ctx, l3, key)?),
+        ETH_P_IPV6 => (AF_INET6, parse_ipv6(ctx, l3, key)?),
         // ARP, LLDP, a second VLAN tag (QinQ), ...
         _ => return Err(reason::PASS_NOT_IP),
     };
-    key.proto = proto;
-    match proto {
+    // Ports (0 for ICMP), protocol, family and padding: the key's last 8 bytes.
+    let ports = match proto {
         IPPROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(reason::PASS_MALFORMED)?;
             // Data offset below 5 words cannot hold a TCP header.
             if unsafe { (*tcp).doff() } < 5 {
                 return Err(reason::PASS_MALFORMED);
             }
-            // SAFETY: bounds-checked above.
-            unsafe {
-                key.sport_be = load_u16(tcp as *const u8);
-                key.dport_be = load_u16((tcp as *const u8).add(2));
-            }
             out.tcp_end = unsafe { (*tcp).fin() != 0 || (*tcp).rst() != 0 };
             out.tcp_syn = unsafe { (*tcp).syn() != 0 && (*tcp).ack() == 0 };
+            // SAFETY: bounds-checked above.
+            unsafe { load_u32(tcp as *const u8) }
         }
         IPPROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(reason::PASS_MALFORMED)?;
             // SAFETY: bounds-checked above.
-            unsafe {
-                key.sport_be = load_u16(udp as *const u8);
-                key.dport_be = load_u16((udp as *const u8).add(2));
-            }
+            unsafe { load_u32(udp as *const u8) }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             // Only ICMPv4 over IPv4 and ICMPv6 over IPv6 are ICMP to us.
-            if (proto == IPPROTO_ICMP) != (key.family == AF_INET) {
+            if (proto == IPPROTO_ICMP) != (family == AF_INET) {
                 return Err(reason::PASS_NOT_TCP_UDP);
             }
             ptr_at::<IcmpHdr>(ctx, l4).ok_or(reason::PASS_MALFORMED)?;
+            0
         }
         _ => return Err(reason::PASS_NOT_TCP_UDP),
-    }
+    };
+    // One 8-byte store (see `parse_ipv4`): the flow tables' keys and the flow hash read
+    // these bytes back as words.
+    // SAFETY: `sport_be` is at offset 32 of the 8-aligned, 40-byte `FlowKey` (asserted above).
+    unsafe {
+        (&mut key.sport_be as *mut u16 as *mut u64)
+            .write(u64::from(ports) | u64::from(proto) << 32 | u64::from(family) << 40)
+    };
     out.len = len;
     // Both fit a byte (18 + 40 at most); as bytes they stay bounded for the verifier where
     // it does not know them (a global function's argument, `fwd::nat`).
@@ -169,11 +179,13 @@ fn parse_ipv4(
     if ip.frags[0] & 0x3f != 0 || ip.frags[1] != 0 {
         return Err(reason::PASS_FRAGMENT);
     }
-    key.family = AF_INET;
     // SAFETY: the header was bounds-checked; `FlowKey` is 8-aligned (word stores are aligned).
+    // Each address goes in with its 4 zero bytes as one 8-byte store: the address halves are
+    // read back as 8-byte loads (`select::dst_halves`, `eq16`), and a load that needs two
+    // stores' bytes cannot take them from the store buffer (it waits for both to retire).
     unsafe {
-        (key.src.as_mut_ptr() as *mut u32).write(load_u32(ip.src_addr.as_ptr()));
-        (key.dst.as_mut_ptr() as *mut u32).write(load_u32(ip.dst_addr.as_ptr()));
+        (key.src.as_mut_ptr() as *mut u64).write(u64::from(load_u32(ip.src_addr.as_ptr())));
+        (key.dst.as_mut_ptr() as *mut u64).write(u64::from(load_u32(ip.dst_addr.as_ptr())));
     }
     Ok((ip.proto, l3 + Ipv4Hdr::LEN, ip.tos, ip.frags[0] & 0x40 != 0))
 }
@@ -198,7 +210,6 @@ fn parse_ipv6(
         }
         i += 1;
     }
-    key.family = AF_INET6;
     // SAFETY: the header was bounds-checked; `FlowKey` is 8-aligned (word stores are aligned).
     unsafe {
         let (s, d) = (

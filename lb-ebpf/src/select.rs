@@ -129,7 +129,7 @@ static RING_DIRTY: BtfArray<u64, { (MAX_SERVICES * RING_DIRTY_WORDS) as usize }>
 /// service shares, a removed service or a reused id never match a foreign packet; an
 /// every-port service is confirmed through `SERVICES`, where exact ports win.
 #[inline(always)]
-fn fast_service(key: &FlowKey) -> Option<&'static ServiceMeta> {
+pub fn fast_service(key: &FlowKey) -> Option<&'static ServiceMeta> {
     let (lo, hi) = dst_halves(key);
     let id = *FAST_SERVICES.get(fast_slot(lo, hi, key.family, key.dport_be, key.proto))?;
     let svc = match id {
@@ -156,20 +156,19 @@ fn fast_service(key: &FlowKey) -> Option<&'static ServiceMeta> {
     Some(svc)
 }
 
-/// The ring fast path (`ring_fast_path: true`): for a TCP packet of such a service, the
-/// backend of its ring slot when the slot is clean (every connection there has the ring's
-/// backend) and the backend usable — no flow-table lookup. `None` sends the packet the
-/// table's way: another service, a dirty slot, no usable backend.
+/// The ring fast path (`ring_fast_path: true`): for a TCP packet of such a service (its
+/// [`fast_service`]), the backend of its ring slot when the slot is clean (every connection
+/// there has the ring's backend) and the backend usable — no flow-table lookup. `None`
+/// sends the packet the table's way: a dirty slot, no usable backend.
 #[inline(always)]
-pub fn ring_fast(key: &FlowKey) -> Option<(&'static ServiceMeta, u32)> {
-    let svc = fast_service(key)?;
+pub fn ring_fast(svc: &'static ServiceMeta, key: &FlowKey) -> Option<u32> {
     let pos = ring_pos(svc, key);
     if dirty(svc, pos)? {
         return None;
     }
     let id = ring_slot(svc, pos)?;
     backend(id)?;
-    Some((svc, id))
+    Some(id)
 }
 
 /// The ring slot of `key` in `svc`'s ring (its `hash_fields`).

@@ -91,6 +91,13 @@ fn bench_quick_runs_every_path_and_reports() {
             "floor below the whole path:\n{stdout}"
         );
     }
+    // The ring fast path's breakdown: the floor, its 4 stages, the whole path.
+    let ring = cells(&table(&stdout, "| ring stage"), &[2]);
+    assert_eq!(ring.len(), 6, "floor, 4 ring stages, whole path:\n{stdout}");
+    assert!(
+        ring.iter().all(|r| r[0] > 0.0) && ring[0][0] < ring[5][0],
+        "floor below the whole path:\n{stdout}"
+    );
     // The NAT breakdowns: a client packet (floor, 8 stages, whole) and a reply (floor, 5
     // stages, whole), behind the restoring driver.
     let nat = tables(&stdout, "| NAT stage");

@@ -419,7 +419,7 @@ fn the_director_verifies_well_within_the_kernels_limit() {
         );
     };
     check("debug log", lb_tests::Harness::with_debug_log(CONFIG, true));
-    for stage in 0..=lb_common::stage::NOT_VIP {
+    for stage in 0..=lb_common::stage::LAST {
         check(
             &format!("stop after stage {stage}"),
             lb_tests::Harness::stopping_after(CONFIG, stage),

@@ -417,11 +417,7 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     let big = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 4194304");
     let mut tables = Vec::new();
     let default = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 1048576");
-    let fast = big.replacen(
-        "    mode: dr\n    backends:\n",
-        "    mode: dr\n    ring_fast_path: true\n    backends:\n",
-        1,
-    );
+    let fast = fast_config(&big);
     for yaml in [big.as_str(), CONFIG, default.as_str(), fast.as_str()] {
         let mut h = Harness::new(yaml);
         let (next, cfg) = driving(&mut h, dataplane::PROGRAM, NEW_FLOW);
@@ -526,6 +522,17 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
         }
     }
     cases.into_iter().map(|(_, _, row)| row).collect()
+}
+
+/// `yaml` with `ring_fast_path: true` on its first service (DR, maglev, TCP).
+fn fast_config(yaml: &str) -> String {
+    let fast = yaml.replacen(
+        "    mode: dr\n    backends:\n",
+        "    mode: dr\n    ring_fast_path: true\n    backends:\n",
+        1,
+    );
+    assert_ne!(fast, yaml, "the first service is DR");
+    fast
 }
 
 /// Mark every ring slot of the first service (the fast-path one) dirty, or every one clean,
@@ -878,6 +885,8 @@ fn stage_breakdown(quick: bool) -> String {
         &dr_mins,
     );
 
+    out += &ring_stages(rounds, repeat, up0, &cut[floor].h, &dr[0]);
+
     // NAT: open the flow (and its reply mapping) in every director, then time each
     // direction behind the driver restoring its template before every run.
     for c in &cut {
@@ -920,6 +929,51 @@ fn stage_breakdown(quick: bool) -> String {
     out
 }
 
+/// The ring fast path's stages (IPv4 TCP, clean slots): a director per cut whose first
+/// service has `ring_fast_path: true`, timed in turn with the floor and the whole path.
+fn ring_stages(rounds: usize, repeat: u32, up0: u32, floor: &Harness, pkt: &[u8]) -> String {
+    let yaml = fast_config(CONFIG);
+    let mut cuts: Vec<Cut> = stage::RING_HIT
+        .iter()
+        .map(|&(n, _)| n)
+        .chain([0])
+        .map(|n| Cut::with_config(&yaml, n, false))
+        .collect();
+    for c in &mut cuts {
+        assert!(c.h.config.services[0].ring_fast_path);
+        set_dirty(&mut c.h, false);
+        assert_eq!(c.h.run(pkt).0, XDP_TX);
+    }
+    // The whole path went by the ring (and so did every cut that got that far).
+    let whole = &cuts[cuts.len() - 1].h;
+    let ring = whole.reason(reason::FWD_DR_RING);
+    assert_eq!(whole.run(pkt).0, XDP_TX);
+    assert_eq!(
+        whole.reason(reason::FWD_DR_RING),
+        ring + 1,
+        "the ring's way"
+    );
+    let variants: Vec<&Xdp> = [loaded(floor, dataplane::FLOOR_PROGRAM)]
+        .into_iter()
+        .chain(cuts.iter().map(|c| c.h.director.director_program()))
+        .collect();
+    let mins = interleaved(rounds, &variants, |prog| time(prog, pkt, repeat, up0));
+    let mut out = String::from(
+        "\nWhere a ring-fast-path hit's time goes (`ring_fast_path: true`, clean slot; same \
+         method):\n\n",
+    );
+    out += &stage_table(
+        "ring stage",
+        &["IPv4 TCP"],
+        ["floor: MAC swap + XDP_TX"]
+            .into_iter()
+            .chain(stage::RING_HIT.iter().map(|&(_, name)| name))
+            .chain(["counters (the whole path)"]),
+        &[mins],
+    );
+    out
+}
+
 /// A 128-byte NAT client packet and the backend's reply, for the restoring driver.
 fn nat_packets() -> (Vec<u8>, Vec<u8>) {
     let mut client = Pkt::tcp("198.18.2.1", "198.18.0.120", 40000, 80);
@@ -941,7 +995,11 @@ struct Cut {
 
 impl Cut {
     fn new(stop: u8, floor: bool) -> Cut {
-        let mut h = Harness::stopping_after(CONFIG, stop);
+        Cut::with_config(CONFIG, stop, floor)
+    }
+
+    fn with_config(yaml: &str, stop: u8, floor: bool) -> Cut {
+        let mut h = Harness::stopping_after(yaml, stop);
         FibLab::register_up0(&mut h);
         let target = if floor {
             dataplane::FLOOR_PROGRAM
