@@ -112,10 +112,17 @@ const CLIENT_HOP_SLOTS: u32 = 1024;
 static NEXT_HOPS: BtfPerCpuArray<CachedHop, { (MAX_BACKENDS + CLIENT_HOP_SLOTS) as usize }> =
     BtfPerCpuArray::new();
 
-/// Big-endian word `i` of an address (host-order value).
+/// Big-endian word `i` of an address (host-order value), 0 past its end: one 4-byte load
+/// (assembled from bytes, each word cost 4 loads, 6 shifts and ors, and spilled registers
+/// in the TUN header). `a` must be 4-aligned where it is on the stack (the verifier rejects
+/// misaligned stack access): addresses in our `repr(C)` structs and map values are.
 #[inline(always)]
-pub fn word(a: &[u8], i: usize) -> u32 {
-    u32::from_be_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
+pub fn word<const N: usize>(a: &[u8; N], i: usize) -> u32 {
+    if 4 * i + 4 > N {
+        return 0;
+    }
+    // SAFETY: 4 bytes of `a` (checked above).
+    u32::from_be(unsafe { lb_ebpf::load_u32(a.as_ptr().add(4 * i)) })
 }
 
 /// [`route`] toward backend `id` (at `dst`), from the cache (see [`route_cached`]).
