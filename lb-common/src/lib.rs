@@ -129,7 +129,7 @@ pub mod mode {
 
 /// Key of `SERVICES`: a virtual service. IPv4 addresses occupy the first four bytes of
 /// `addr` and the rest is zero. `port_be == 0` is the wildcard entry for every port.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct VipKey {
     pub addr: [u8; 16],
@@ -137,6 +137,20 @@ pub struct VipKey {
     pub proto: u8,
     /// [`AF_INET`] or [`AF_INET6`].
     pub family: u8,
+}
+
+impl VipKey {
+    /// The service key of a flow's destination with port `port_be` (its own, or 0 for the
+    /// every-port entry): five word moves. Built field by field, the address is copied in
+    /// 2-byte pieces and the last word in three stores, and the kernel's hash then reads
+    /// each word from several stores, which the store buffer cannot forward.
+    #[inline(always)]
+    pub fn of_flow(key: &FlowKey, port_be: u16) -> VipKey {
+        let w: &[u32; 10] = bytemuck::cast_ref(key);
+        let tail = u32::from(port_be) | u32::from(key.proto) << 16 | u32::from(key.family) << 24;
+        // Little-endian (asserted below): the port's bytes first, then protocol and family.
+        bytemuck::cast([w[4], w[5], w[6], w[7], tail])
+    }
 }
 
 /// Value of `SERVICE_SLOTS`, indexed by service id: the service's key and meta, so a packet
@@ -1078,6 +1092,28 @@ mod tests {
         key.src[..4].copy_from_slice(&[198, 18, 2, 1]);
         key.dst[..4].copy_from_slice(&[198, 18, 0, 100]);
         key
+    }
+
+    #[test]
+    fn vip_keys_of_flows_are_their_destinations() {
+        for key in [v4_key(), {
+            let mut k = v4_key();
+            k.family = AF_INET6;
+            k.dst = [
+                0x20, 0x01, 0x0d, 0xb8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+            ];
+            k
+        }] {
+            for port_be in [key.dport_be, 0] {
+                let want = VipKey {
+                    addr: key.dst,
+                    port_be,
+                    proto: key.proto,
+                    family: key.family,
+                };
+                assert_eq!(VipKey::of_flow(&key, port_be), want);
+            }
+        }
     }
 
     #[test]

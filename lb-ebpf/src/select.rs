@@ -99,17 +99,10 @@ pub fn is_vip(addr: [u8; 16], family: u8) -> bool {
 /// A reference into the map, not a copy: the caller's frame stays small (the BPF stack is
 /// 512 bytes per call chain), and map values stay valid for the program's run (RCU).
 pub fn service(key: &FlowKey) -> Result<&'static ServiceMeta, u32> {
-    let mut vip = VipKey {
-        addr: key.dst,
-        port_be: key.dport_be,
-        proto: key.proto,
-        family: key.family,
-    };
-    if let Some(svc) = unsafe { SERVICES.get(&vip) } {
+    if let Some(svc) = unsafe { SERVICES.get(&VipKey::of_flow(key, key.dport_be)) } {
         return Ok(svc);
     }
-    vip.port_be = 0;
-    match unsafe { SERVICES.get(&vip) } {
+    match unsafe { SERVICES.get(&VipKey::of_flow(key, 0)) } {
         Some(svc) => Ok(svc),
         None => Err(reason::PASS_NON_VIP),
     }
