@@ -3,8 +3,9 @@
 use aya_ebpf::btf_maps::LruHashMap as BtfLruHashMap;
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, macros::btf_map, Global};
 use lb_common::{
-    mode, reason, udp_expired, udp_touch_ns, FlowKey, FlowKey4, FlowValue, ServiceMeta, AF_INET,
-    BPF_F_NO_COMMON_LRU, FLOW_F_ENDED, FLOW_TABLE_CAPACITY, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
+    mode, reason, udp_expired, udp_touch_ns, Backend, FlowKey, FlowKey4, FlowValue, ServiceMeta,
+    AF_INET, BPF_F_NO_COMMON_LRU, FLOW_F_ENDED, FLOW_TABLE_CAPACITY, IPPROTO_UDP,
+    UDP_IDLE_DEFAULT_NS,
 };
 
 use crate::select;
@@ -149,8 +150,9 @@ fn lookup_out(svc: &ServiceMeta, key: &FlowKey, how: u32, out: &mut Choice) -> u
 
 /// What [`established`] found.
 pub enum Established {
-    /// A usable entry: the flow's service and backend.
-    Hit(&'static ServiceMeta, Choice),
+    /// A usable entry: the flow's service, its choice and the backend's entry (found by the
+    /// liveness check; the caller need not look it up again).
+    Hit(&'static ServiceMeta, Choice, &'static Backend),
     /// No entry: a new flow.
     Absent,
     /// An entry that does not hold as it is (an idle UDP flow, a removed or reset backend, a
@@ -172,9 +174,9 @@ pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
     let Some(svc) = select::service_by_id(v.service, key) else {
         return Established::Stale;
     };
-    if !still_live(v, key, client_ends(svc, tcp_end), tcp_syn) {
+    let Some(backend) = still_live(v, key, client_ends(svc, tcp_end), tcp_syn) else {
         return Established::Stale;
-    }
+    };
     Established::Hit(
         svc,
         Choice {
@@ -182,6 +184,7 @@ pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
             new: false,
             entry: v,
         },
+        backend,
     )
 }
 
@@ -205,25 +208,31 @@ pub fn opens(v: &FlowValue, opening: bool) -> bool {
 /// client ended and now opens again ([`opens`]), and its backend was neither removed from
 /// the config nor reset (those flows are rescheduled). If so, refresh the UDP clock (when
 /// it is older than `udp_touch_ns`) and, when the client `ending` the connection, stop
-/// counting it as active for its backend (once).
+/// counting it as active for its backend (once). `Some`: the backend's entry.
 #[inline(always)]
-fn still_live(v: &mut FlowValue, key: &FlowKey, ending: bool, opening: bool) -> bool {
+fn still_live(
+    v: &mut FlowValue,
+    key: &FlowKey,
+    ending: bool,
+    opening: bool,
+) -> Option<&'static Backend> {
     let age = if key.proto == IPPROTO_UDP {
         unsafe { bpf_ktime_get_coarse_ns() }.saturating_sub(v.last_seen_ns)
     } else {
         0
     };
     let idle = UDP_IDLE_NS.load();
-    if udp_expired(age, idle) || opens(v, opening) || select::backend(v.backend).is_none() {
-        return false;
+    if udp_expired(age, idle) || opens(v, opening) {
+        return None;
     }
+    let backend = select::backend(v.backend)?;
     if age > udp_touch_ns(idle) {
         v.last_seen_ns += age;
     }
     if ending {
         mark_ended(v);
     }
-    true
+    Some(backend)
 }
 
 /// Idle timeout of UDP flows in ns, set at load time (`udp_idle_timeout`).
@@ -246,7 +255,7 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
     };
     if let Some(v) = entry {
         let v = unsafe { &mut *v };
-        if still_live(v, key, ending, opening) {
+        if still_live(v, key, ending, opening).is_some() {
             // No entry pointer out of this out-of-line function: LLVM copies the returned
             // `Choice` with 32-bit loads, and the verifier rejects a pointer filled by halves.
             return Ok(Choice {

@@ -98,16 +98,17 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
     let fast = if RING_FAST.load() != 0 && pkt.key.proto == lb_common::IPPROTO_TCP {
         match select::fast_service(&pkt.key) {
             Some(_) if stop_after(stage::RING_SERVICE) => return Ok(xdp_action::XDP_TX),
-            Some(svc) => select::ring_fast(svc, &pkt.key).map(|id| (svc, id)),
+            Some(svc) => select::ring_fast(svc, &pkt.key).map(|(id, b)| (svc, id, b)),
             None => None,
         }
     } else {
         None
     };
     // Established flows first: one hash lookup (FLOWS4/6) instead of two (SERVICES, FLOWS).
-    let (svc, choice) = match fast {
+    // The backend's entry, where the way here already looked it up (`None`: look it up).
+    let (svc, choice, known) = match fast {
         Some(_) if stop_after(stage::RING_SLOT) => return Ok(xdp_action::XDP_TX),
-        Some((svc, id)) => {
+        Some((svc, id, backend)) => {
             // A FIN or RST ends the entry the table may hold (a connection begun while the
             // slot was dirty): on a clean slot its backend is the ring's.
             if pkt.tcp_end {
@@ -120,13 +121,14 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
                     new: pkt.tcp_syn,
                     ..flow::Choice::default()
                 },
+                Some(backend),
             )
         }
         None => match flow::established(&pkt.key, pkt.tcp_end, pkt.tcp_syn) {
-            flow::Established::Hit(_, _) if stop_after(stage::LIVENESS) => {
+            flow::Established::Hit(..) if stop_after(stage::LIVENESS) => {
                 return Ok(xdp_action::XDP_TX);
             }
-            flow::Established::Hit(svc, choice) => (svc, choice),
+            flow::Established::Hit(svc, choice, backend) => (svc, choice, Some(backend)),
             // For no VIP address (the filter is sure): no service; perhaps a backend's reply to a
             // NAT flow. Checked after the flow-table miss, so flow hits do not pay for it.
             _ if !select::maybe_vip(&pkt.key) => {
@@ -149,7 +151,7 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
                     how |= flow::how::OPENING;
                 }
                 match flow::lookup_or_schedule(svc, &pkt.key, how) {
-                    Ok(c) => (svc, c),
+                    Ok(c) => (svc, c, None),
                     // Every backend is down or drained, and the service prefers a drop to the kernel.
                     Err(reason::PASS_NO_BACKEND) if svc.flags & SERVICE_F_DROP_NO_BACKEND != 0 => {
                         stats::reason(reason::DROP_NO_BACKEND);
@@ -160,7 +162,10 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
             }
         },
     };
-    let backend = select::backend(choice.id).ok_or(reason::PASS_NO_BACKEND)?;
+    let backend = match known {
+        Some(backend) => backend,
+        None => select::backend(choice.id).ok_or(reason::PASS_NO_BACKEND)?,
+    };
     let (action, slot) = forward(ctx, pkt, svc.mode, backend, &choice)?;
     if stop_after(stage::FORWARD) {
         return Ok(action);

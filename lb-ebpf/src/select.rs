@@ -151,17 +151,16 @@ pub fn fast_service(key: &FlowKey) -> Option<&'static ServiceMeta> {
 
 /// The ring fast path (`ring_fast_path: true`): for a TCP packet of such a service (its
 /// [`fast_service`]), the backend of its ring slot when the slot is clean (every connection
-/// there has the ring's backend) and the backend usable — no flow-table lookup. `None`
-/// sends the packet the table's way: a dirty slot, no usable backend.
+/// there has the ring's backend) and the backend usable — no flow-table lookup: its id and
+/// entry. `None` sends the packet the table's way: a dirty slot, no usable backend.
 #[inline(always)]
-pub fn ring_fast(svc: &'static ServiceMeta, key: &FlowKey) -> Option<u32> {
+pub fn ring_fast(svc: &'static ServiceMeta, key: &FlowKey) -> Option<(u32, &'static Backend)> {
     let pos = ring_pos(svc, key);
     if dirty(svc, pos)? {
         return None;
     }
     let id = ring_slot(svc, pos)?;
-    backend(id)?;
-    Some(id)
+    Some((id, backend(id)?))
 }
 
 /// The ring slot of `key` in `svc`'s ring (its `hash_fields`).
