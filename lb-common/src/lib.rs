@@ -303,8 +303,10 @@ pub struct FlowValue {
     pub snat_port_be: u16,
     /// [`FLOW_F_FIN_CLIENT`] | [`FLOW_F_FIN_BACKEND`] | [`FLOW_F_SNAT`] | [`FLOW_F_ENDED`].
     pub flags: u16,
-    /// NAT: when the client side last made sure of the reply mapping, in units of
-    /// 2^[`NAT_CHECK_SHIFT`] ns of the coarse monotonic clock (wrapping). (`flags` was a u32
+    /// NAT: when the client side last made sure of the reply mapping, the low 16 bits of
+    /// `bpf_jiffies64` (wrapping; a check is due a second, `CONFIG_HZ` jiffies, later).
+    /// (Until 2026-11-24 in units of 2^28 ns of the coarse clock; an adopted table's old
+    /// values only make one check come early or up to a second late. `flags` was a u32
     /// holding only the low bits before: same layout.)
     pub nat_checked: u16,
     /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE: the clock as of the last tick)
@@ -346,13 +348,6 @@ pub const FLOW_F_FIN_BACKEND: u16 = 2;
 pub const FLOW_F_SNAT: u16 = 4;
 /// `FlowValue::flags`: the flow's end was counted (`BACKEND_ACTIVE` decremented once).
 pub const FLOW_F_ENDED: u16 = 8;
-
-/// `FlowValue::nat_checked` unit: 2^28 ns (~268 ms).
-pub const NAT_CHECK_SHIFT: u32 = 28;
-/// A NAT flow's client packets make sure its reply mapping still exists (and make it again
-/// if LRU eviction took it) when this many units have passed since the last time (~0.8–1.1 s),
-/// and on every FIN or RST; a hash lookup per packet in between would cost ~30 ns each.
-pub const NAT_CHECK_UNITS: u16 = 4;
 
 /// Key of `NAT_REPLIES`: a reply's 5-tuple as it arrives from the backend (`FlowKey`
 /// layout: src = backend, dst = client or full-NAT source). Value: what to restore.
@@ -727,8 +722,14 @@ pub mod stage {
     pub const RING_SERVICE: u8 = 10;
     /// Ring fast path: the slot's hash, dirty bit, backend id and backend checked.
     pub const RING_SLOT: u8 = 11;
+    /// TUN: the next hop (cached FIB result) and the egress interface's tunnel source.
+    pub const TUN_ROUTE: u8 = 12;
+    /// TUN: room made for the outer header (`bpf_xdp_adjust_head`), MACs written.
+    pub const TUN_ROOM: u8 = 13;
+    /// TUN: the outer header written (before the send).
+    pub const TUN_HEADER: u8 = 14;
     /// The highest stage (every cut from 0 to here is a build the benchmark may load).
-    pub const LAST: u8 = RING_SLOT;
+    pub const LAST: u8 = TUN_HEADER;
     /// The stages of a DR flow hit, for the report.
     pub const DR_HIT: [(u8, &str); 5] = [
         (PARSE, "parse"),
@@ -746,6 +747,24 @@ pub mod stage {
         ),
         (RING_SLOT, "ring slot: hash, dirty bit, backend"),
         (FORWARD, "forward (MACs)"),
+    ];
+    /// The stages of a TUN flow hit (IPIP) after the ones it shares with DR. The cuts before
+    /// [`TUN_ROOM`] leave the packet as it came; from there on it has the outer header's room
+    /// again, which the benchmark's driver strips before each run.
+    pub const TUN_HIT: [(u8, &str); 7] = [
+        (PARSE, "parse"),
+        (FLOW_LOOKUP, "flow-table lookup"),
+        (SERVICE, "service check"),
+        (LIVENESS, "backend and flow liveness"),
+        (
+            TUN_ROUTE,
+            "next hop (cached), egress interface and tunnel source",
+        ),
+        (
+            TUN_ROOM,
+            "the driver's strip, then room (bpf_xdp_adjust_head) and MACs",
+        ),
+        (TUN_HEADER, "outer header (IPv4: its checksum)"),
     ];
     /// The stages of a NAT client packet of an established flow.
     pub const NAT_FORWARD: [(u8, &str); 8] = [

@@ -380,12 +380,79 @@ pub fn program_version(opts: &LoadOptions<'_>) -> u64 {
             u8::from(opts.ring_fast),
         ])
         .chain(&idle.to_le_bytes())
+        .chain(&kernel_hz().to_le_bytes())
     {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     // 0 means "unknown" in META.
     h.max(1)
+}
+
+/// The running kernel's timer ticks per second (`CONFIG_HZ`), which the data path needs to
+/// count its per-packet freshness checks in jiffies (`JIFFIES_HZ`): from the kernel's
+/// config (`/proc/config.gz`, `/boot/config-<release>`), else measured from the jiffies
+/// `/proc/timer_list` shows 100 ms apart. Found once per process.
+pub fn kernel_hz() -> u32 {
+    static HZ: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        let from_config = config_text().and_then(|t| config_hz(&t));
+        from_config.or_else(measured_hz).unwrap_or_else(|| {
+            // Every check then comes early, never late (HZ is 100 to 1000).
+            log::warn!("kernel HZ unknown (no kernel config, no /proc/timer_list): assuming 100");
+            100
+        })
+    })
+}
+
+/// The running kernel's build configuration, if it exposes it.
+fn config_text() -> Option<String> {
+    use std::io::Read;
+    if let Ok(f) = std::fs::File::open("/proc/config.gz") {
+        let mut text = String::new();
+        if flate2::read::GzDecoder::new(f)
+            .read_to_string(&mut text)
+            .is_ok()
+        {
+            return Some(text);
+        }
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    std::fs::read_to_string(format!("/boot/config-{}", release.trim())).ok()
+}
+
+/// `CONFIG_HZ` of a kernel configuration (a plausible one: 24 to 10000).
+pub fn config_hz(config: &str) -> Option<u32> {
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("CONFIG_HZ="))
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|hz| (24..=10_000).contains(hz))
+}
+
+/// Ticks per second from two readings of `/proc/timer_list` 100 ms apart, snapped to the
+/// nearest value Linux offers (100, 250, 300, 1000).
+fn measured_hz() -> Option<u32> {
+    let read = || -> Option<(u64, std::time::Instant)> {
+        let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+        let at = std::time::Instant::now();
+        let j = text
+            .lines()
+            .find_map(|l| l.strip_prefix("jiffies: "))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some((j, at))
+    };
+    let (j0, t0) = read()?;
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let (j1, t1) = read()?;
+    let rate = (j1.checked_sub(j0)? as f64) / t1.duration_since(t0).as_secs_f64();
+    [100u32, 250, 300, 1000].into_iter().min_by(|a, b| {
+        (f64::from(*a) - rate)
+            .abs()
+            .total_cmp(&(f64::from(*b) - rate).abs())
+    })
 }
 
 /// Names of the interfaces a pinned director is attached to.
@@ -433,6 +500,8 @@ impl Director {
         loader.override_global("STOP_AFTER", &opts.stop_after, true);
         let ring_fast = u8::from(opts.ring_fast);
         loader.override_global("RING_FAST", &ring_fast, true);
+        let hz = kernel_hz();
+        loader.override_global("JIFFIES_HZ", &hz, true);
         let mut adopting = false;
         if let Some(dir) = pin_dir {
             check_bpffs(dir)?;
@@ -878,4 +947,34 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
     }
     std::fs::remove_dir(dir)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_hz_reads_the_kernel_configs_line() {
+        let config =
+            "# CONFIG_HZ_100 is not set\nCONFIG_HZ_250=y\nCONFIG_HZ=250\nCONFIG_HZ_PERIODIC=n\n";
+        assert_eq!(config_hz(config), Some(250));
+        assert_eq!(
+            config_hz("CONFIG_HZ_1000=y\n"),
+            None,
+            "only CONFIG_HZ= itself"
+        );
+        assert_eq!(config_hz("CONFIG_HZ=0\n"), None, "implausible");
+        assert_eq!(config_hz(""), None);
+    }
+
+    /// What the data path is told is what the kernel's jiffies do: a wrong HZ would stretch
+    /// or shrink every per-packet "once a second" (next-hop cache, NAT mapping checks).
+    #[test]
+    fn kernel_hz_is_the_rate_jiffies_advance_at() {
+        let Some(measured) = measured_hz() else {
+            eprintln!("skipped: /proc/timer_list is not readable here");
+            return;
+        };
+        assert_eq!(kernel_hz(), measured);
+    }
 }

@@ -113,6 +113,17 @@ fn bench_quick_runs_every_path_and_reports() {
             "floor below the whole path:\n{stdout}"
         );
     }
+    // The TUN (IPIP) breakdown: the floor behind the driver, 7 stages, the send, the whole.
+    let tun = cells(&table(&stdout, "| TUN stage"), &[2]);
+    assert_eq!(
+        tun.len(),
+        10,
+        "floor, 7 TUN stages, send, whole path:\n{stdout}"
+    );
+    assert!(
+        tun.iter().all(|r| r[0] > 0.0) && tun[0][0] < tun[9][0],
+        "floor below the whole path:\n{stdout}"
+    );
     let control = table(&stdout, "| control plane");
     assert_eq!(control.len(), 10, "control-plane rows:\n{stdout}");
     let e2e = table(&stdout, "| end to end");

@@ -14,9 +14,10 @@ use aya_ebpf::{
         bpf_fib_lookup as FibLookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_fib_lookup, bpf_jiffies64},
     macros::btf_map,
     programs::XdpContext,
+    Global,
 };
 use lb_common::{
     reason, IfaceInfo, AF_INET6, IFACE_F_PRESENT, IFACE_SLOTS, MAX_BACKENDS, MAX_IFACES,
@@ -79,12 +80,25 @@ pub struct NextHop {
     pub mtu: u32,
 }
 
+/// The kernel's timer ticks per second (`CONFIG_HZ`), set at load time by the controller (a
+/// read-only global, see `DEBUG_LOG`). The per-packet freshness checks count in jiffies:
+/// `bpf_jiffies64` reads one variable, where `bpf_ktime_get_coarse_ns` walks the
+/// timekeeper's seqcount, and that cost a TUN hit ~4 ns (`bench --only stages`).
+#[unsafe(no_mangle)]
+static JIFFIES_HZ: Global<u32> = Global::new(100);
+
+/// Jiffies now, and the kernel's jiffies per second ([`JIFFIES_HZ`]).
+#[inline(always)]
+pub fn jiffies() -> (u64, u32) {
+    (unsafe { bpf_jiffies64() }, JIFFIES_HZ.load())
+}
+
 /// A backend's next hop as the FIB last answered it on this CPU (see [`route_to_backend`]).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct CachedHop {
-    /// `bpf_ktime_get_coarse_ns` after which the entry is stale.
-    pub expires_ns: u64,
+    /// `bpf_jiffies64` after which the entry is stale.
+    pub expires_j: u64,
     /// The destination and ingress interface the answer was for.
     pub addr: [u8; 16],
     pub ingress: u32,
@@ -96,9 +110,8 @@ pub struct CachedHop {
     pub _pad: [u8; 3],
 }
 
-/// How long a cached next hop is used before the FIB is asked again: route, neighbour and
-/// MTU changes reach a backend's packets within this time.
-pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+// A cached next hop is used for a second ([`JIFFIES_HZ`] jiffies) before the FIB is asked
+// again: route, neighbour and MTU changes reach a backend's packets within that time.
 
 /// Slots of [`NEXT_HOPS`] for NAT replies' routes to clients, after the backends' ones; a
 /// client address picks one by hash (a collision only means another FIB lookup).
@@ -166,9 +179,9 @@ fn route_cached(
         return route(ctx, family, dst, tot_len);
     };
     let c = unsafe { &mut *c };
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let (now, hz) = jiffies();
     let ingress = ctx.ingress_ifindex() as u32;
-    if c.expires_ns > now
+    if c.expires_j > now
         && c.ingress == ingress
         && c.family == family
         && tot_len as u32 <= c.mtu
@@ -184,7 +197,7 @@ fn route_cached(
     let r = route(ctx, family, dst, tot_len)?;
     if let Route::Via(hop) = &r {
         if hop.mtu != 0 {
-            c.expires_ns = now + NEXT_HOP_TTL_NS;
+            c.expires_j = now + u64::from(hz);
             lb_ebpf::copy16(&mut c.addr, dst);
             c.ingress = ingress;
             c.ifindex = hop.ifindex;

@@ -5,16 +5,13 @@
 //! incrementally (RFC 1624); TTL / hop limit drops by one as in any router. TCP FIN in both
 //! directions (then the last ACK) or RST ends the flow and its NAT state.
 
+use aya_ebpf::bindings::{xdp_action, xdp_md};
 use aya_ebpf::btf_maps::{Array as BtfArray, LruHashMap as BtfLruHashMap};
-use aya_ebpf::{
-    bindings::{xdp_action, xdp_md},
-    helpers::bpf_ktime_get_coarse_ns,
-};
 use aya_ebpf::{macros::btf_map, programs::XdpContext};
 use lb_common::{
     flow_hash, reason, stage, Backend, FlowKey, FlowValue, NatReply, SnatAddr, SnatConfig, AF_INET,
     FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_SNAT, FLOW_TABLE_CAPACITY, IPPROTO_TCP,
-    IPPROTO_UDP, MAX_SNAT_ADDRS, NAT_CHECK_SHIFT, NAT_CHECK_UNITS, NAT_REPLY_F_FIN_BACKEND,
+    IPPROTO_UDP, MAX_SNAT_ADDRS, NAT_REPLY_F_FIN_BACKEND,
 };
 use lb_ebpf::{frame_len, ptr_at, STATUS_OK};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
@@ -463,16 +460,18 @@ fn prepare_out(
 }
 
 /// Whether this client packet makes sure of the reply mapping: for a new flow, a FIN or RST,
-/// an entry the caller did not have, and otherwise about once a second per flow
-/// ([`NAT_CHECK_UNITS`]); the entry then records the time.
+/// an entry the caller did not have, and otherwise once a second per flow (`JIFFIES_HZ`
+/// jiffies; it remakes a mapping LRU eviction took, where a hash lookup on every packet
+/// would cost ~30 ns); the entry then records the time.
 #[inline(always)]
 fn mapping_due(entry: *mut FlowValue, new: bool, closing: bool) -> bool {
     if entry.is_null() {
         return true;
     }
     let e = unsafe { &mut *entry };
-    let now = (unsafe { bpf_ktime_get_coarse_ns() } >> NAT_CHECK_SHIFT) as u16;
-    if new || closing || now.wrapping_sub(e.nat_checked) >= NAT_CHECK_UNITS {
+    let (now, hz) = crate::fwd::jiffies();
+    let now = now as u16;
+    if new || closing || u32::from(now.wrapping_sub(e.nat_checked)) >= hz {
         e.nat_checked = now;
         return true;
     }

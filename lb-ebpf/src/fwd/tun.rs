@@ -3,9 +3,13 @@
 //! the backend's family. The next hop comes from the kernel FIB (`bpf_fib_lookup`), which
 //! also checks the egress MTU: too big gets ICMP back to the client, never a silent drop.
 
-use aya_ebpf::{bindings::xdp_md, helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{xdp_action, xdp_md},
+    helpers::bpf_xdp_adjust_head,
+    programs::XdpContext,
+};
 use lb_common::{
-    flow_hash, reason, Backend, IfaceInfo, AF_INET, AF_INET6, DEFAULT_TTL, IFACE_F_SRC4,
+    flow_hash, reason, stage, Backend, IfaceInfo, AF_INET, AF_INET6, DEFAULT_TTL, IFACE_F_SRC4,
     IFACE_F_SRC6, IPPROTO_IPIP, IPPROTO_IPV6,
 };
 use lb_ebpf::{frame_len, ptr_at, store_u16, store_u32, STATUS_OK};
@@ -125,6 +129,9 @@ fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Re
     if egress.flags & needs == 0 {
         return Err(reason::PASS_NO_TUN_SOURCE);
     }
+    if crate::stop_after(stage::TUN_ROUTE) {
+        return Ok(Tun::Sent(xdp_action::XDP_TX));
+    }
 
     // Make room: the new frame is Ethernet (14) + outer header + the inner IP packet; a VLAN
     // tag of the input is dropped (the egress is chosen by the FIB, not by the tag).
@@ -141,6 +148,9 @@ fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Re
         (fib.dmac, fib.smac)
     };
     set_macs(ctx, dst_mac, src_mac)?;
+    if crate::stop_after(stage::TUN_ROOM) {
+        return Ok(Tun::Sent(xdp_action::XDP_TX));
+    }
     let inner_proto = if pkt.key.family == AF_INET {
         IPPROTO_IPIP
     } else {
@@ -189,6 +199,9 @@ fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Re
             store_u16(h, ETH_P_IP.to_be());
             put_words(h.add(2), &words);
         }
+    }
+    if crate::stop_after(stage::TUN_HEADER) {
+        return Ok(Tun::Sent(xdp_action::XDP_TX));
     }
     if no_neigh {
         return Err(reason::PASS_NO_NEIGH);

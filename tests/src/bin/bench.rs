@@ -27,7 +27,7 @@ struct Args {
 enum Section {
     /// ns/packet through BPF_PROG_TEST_RUN (includes `stages`).
     Packet,
-    /// Only the stage breakdowns (DR hit, NAT client packet, NAT reply).
+    /// Only the stage breakdowns (DR hit, ring fast path, NAT client packet and reply, TUN hit).
     Stages,
     /// Maglev builds, reconcile, config → maps, failover.
     Control,
@@ -831,6 +831,7 @@ fn stage_breakdown(quick: bool) -> String {
         .iter()
         .chain(&stage::NAT_FORWARD)
         .chain(&stage::NAT_REPLY)
+        .chain(&stage::TUN_HIT)
         .map(|&(n, _)| n)
         .collect();
     stops.sort_unstable();
@@ -926,6 +927,68 @@ fn stage_breakdown(quick: bool) -> String {
             &[mins],
         );
     }
+    out += &tun_stages(rounds, repeat, up0, &mut cut, floor, full);
+    out
+}
+
+/// A TUN (IPIP) flow hit's stages, behind the driver. The cuts before `TUN_ROOM` leave the
+/// packet as it came and run on the plain client packet; the later ones (and the whole path)
+/// re-add the outer header's room, so they run on the director's own output with the driver
+/// stripping the outer header first (the strip's cost lands in the `TUN_ROOM` step).
+fn tun_stages(
+    rounds: usize,
+    repeat: u32,
+    up0: u32,
+    cut: &mut [Cut],
+    floor: usize,
+    full: usize,
+) -> String {
+    let plain = Pkt::tcp("198.18.2.1", "198.18.0.110", 40000, 80).build();
+    for c in cut.iter_mut() {
+        c.driver_bits(0);
+        assert_eq!(
+            lb_tests::run_program_on(c.h.director.director_program(), &plain, up0).0,
+            XDP_TX
+        );
+    }
+    let (verdict, wrapped) =
+        lb_tests::run_program_on(cut[full].h.director.director_program(), &plain, up0);
+    assert_eq!(verdict, XDP_TX, "TUN path to the lab's backends");
+    let stops = stage::TUN_HIT
+        .iter()
+        .map(|&(n, _)| n)
+        .chain([stage::FORWARD, 0]);
+    let mut variants: Vec<(usize, &[u8])> = vec![(floor, &plain[..])];
+    for n in stops {
+        let i = cut
+            .iter()
+            .position(|c| c.stop == n && !c.floor)
+            .expect("cut");
+        if n == 0 || n >= stage::TUN_ROOM || n == stage::FORWARD {
+            cut[i].driver_bits(STRIP_OUTER);
+            variants.push((i, &wrapped[..]));
+        } else {
+            variants.push((i, &plain[..]));
+        }
+    }
+    let cut = &*cut;
+    let mins = interleaved(rounds, &variants, |&(i, pkt)| {
+        driven(&cut[i].h, pkt, repeat, up0)
+    });
+    let mut out = String::from(
+        "\nWhere a TUN (IPIP) flow hit's time goes, behind the driver (same method; from the \
+         room step on, the driver strips the outer header the director puts back, and that \
+         step includes the strip):\n\n",
+    );
+    out += &stage_table(
+        "TUN stage",
+        &["IPIP"],
+        ["floor behind the driver"]
+            .into_iter()
+            .chain(stage::TUN_HIT.iter().map(|&(_, name)| name))
+            .chain(["send", "counters (the whole path)"]),
+        &[mins],
+    );
     out
 }
 
@@ -990,7 +1053,7 @@ struct Cut {
     floor: bool,
     h: Harness,
     template: Array<MapData, [u8; TEMPLATE_LEN]>,
-    _driver: (ProgramArray<MapData>, Array<MapData, u32>),
+    driver: (ProgramArray<MapData>, Array<MapData, u32>),
 }
 
 impl Cut {
@@ -1013,8 +1076,13 @@ impl Cut {
             floor,
             h,
             template,
-            _driver: driver,
+            driver,
         }
+    }
+
+    /// What the driver does before each run (see `xdplb_bench_driver`).
+    fn driver_bits(&mut self, bits: u32) {
+        self.driver.1.set(0, bits, 0).unwrap();
     }
 
     /// The packet the driver restores before every run.
