@@ -349,8 +349,9 @@ pub const FLOW_F_SNAT: u16 = 4;
 /// `FlowValue::flags`: the flow's end was counted (`BACKEND_ACTIVE` decremented once).
 pub const FLOW_F_ENDED: u16 = 8;
 
-/// Key of `NAT_REPLIES`: a reply's 5-tuple as it arrives from the backend (`FlowKey`
-/// layout: src = backend, dst = client or full-NAT source). Value: what to restore.
+/// Value of `NAT_REPLIES4`/`NAT_REPLIES6`, keyed by a reply's 5-tuple as it arrives from the
+/// backend (`FlowKey` layout, IPv4 as [`FlowKey4`]: src = backend, dst = client or full-NAT
+/// source): what to restore.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct NatReply {
@@ -772,7 +773,7 @@ pub mod stage {
         (FLOW_LOOKUP, "flow-table lookup"),
         (SERVICE, "service check"),
         (LIVENESS, "backend and flow liveness"),
-        (NAT_MAPPING, "reply mapping (NAT_REPLIES) made sure of"),
+        (NAT_MAPPING, "reply mapping (NAT_REPLIES4) made sure of"),
         (NAT_REWRITE, "rewrite (addresses, ports, checksums, TTL)"),
         (NAT_ROUTE, "next hop (cached), MACs, send"),
         (FORWARD, "flow lifecycle (FIN/RST)"),
@@ -801,7 +802,9 @@ pub mod maps {
     pub const REASONS: &str = "REASONS";
     pub const VIPS: &str = "VIPS";
     pub const TX_PORTS: &str = "TX_PORTS";
-    pub const NAT_REPLIES: &str = "NAT_REPLIES";
+    /// The NAT reply mappings, one per family like the flow table.
+    pub const NAT_REPLIES4: &str = "NAT_REPLIES4";
+    pub const NAT_REPLIES6: &str = "NAT_REPLIES6";
     pub const SNAT_POOL: &str = "SNAT_POOL";
     pub const SNAT_CONFIG: &str = "SNAT_CONFIG";
     pub const META: &str = "META";
@@ -815,7 +818,7 @@ pub mod maps {
     pub const RING_DIRTY: &str = "RING_DIRTY";
     pub const RING_HELD: &str = "RING_HELD";
     /// Every map the director pins, in a stable order.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 25] = [
         SERVICES,
         RINGS,
         BACKENDS,
@@ -827,7 +830,8 @@ pub mod maps {
         REASONS,
         VIPS,
         TX_PORTS,
-        NAT_REPLIES,
+        NAT_REPLIES4,
+        NAT_REPLIES6,
         SNAT_POOL,
         SNAT_CONFIG,
         META,
@@ -862,8 +866,9 @@ pub mod meta {
 /// skip the `SERVICES` hash); 6 = `FLOWS` split into `FLOWS4` (16-byte keys) and `FLOWS6`;
 /// 7 = `RINGS` packs four u16 slots per element ([`RingEntry`]); 8 = `RING_DIRTY` and
 /// `FAST_SERVICES` (the ring fast path); 9 = `RING_HELD` (new connections on clean slots
-/// are not recorded).
-pub const LAYOUT_VERSION: u64 = 9;
+/// are not recorded); 10 = `NAT_REPLIES` split into `NAT_REPLIES4` (16-byte keys) and
+/// `NAT_REPLIES6`.
+pub const LAYOUT_VERSION: u64 = 10;
 
 /// A pending incremental Internet checksum update (RFC 1624 eq. 3: HC' = ~(~HC + ~m + m'))
 /// over words read in memory byte order, as the data plane loads them from the packet: one's

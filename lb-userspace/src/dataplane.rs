@@ -87,7 +87,7 @@ pub struct Maps {
     pub reasons: PerCpuArray<MapData, u64>,
     pub vips: HashMap<MapData, VipAddr, u32>,
     pub tx_ports: DevMapHash<MapData>,
-    pub nat_replies: HashMap<MapData, FlowKey, NatReply>,
+    pub nat_replies: NatReplies,
     pub snat_pool: Array<MapData, SnatAddr>,
     pub snat_config: Array<MapData, SnatConfig>,
     pub meta: Array<MapData, u64>,
@@ -102,15 +102,33 @@ pub struct Maps {
     pub ring_held: Array<MapData, lb_common::RingEntry>,
 }
 
-/// The connection table: the data plane keeps IPv4 flows (`FLOWS4`, 16-byte keys) and IPv6
-/// flows (`FLOWS6`) apart; the controller sees one table of [`FlowKey`]s.
-pub struct Flows {
-    pub v4: HashMap<MapData, FlowKey4, FlowValue>,
-    pub v6: HashMap<MapData, FlowKey, FlowValue>,
+/// A table the data plane keeps apart by family: IPv4 entries under 16-byte keys
+/// ([`FlowKey4`]; the kernel hashes and compares the whole key), IPv6 ones under
+/// [`FlowKey`]s. The controller sees one table of [`FlowKey`]s.
+pub struct ByFamily<V: aya::Pod> {
+    pub v4: HashMap<MapData, FlowKey4, V>,
+    pub v6: HashMap<MapData, FlowKey, V>,
 }
 
-impl Flows {
-    pub fn get(&self, key: &FlowKey) -> Option<FlowValue> {
+/// The connection table (`FLOWS4`, `FLOWS6`).
+pub type Flows = ByFamily<FlowValue>;
+
+/// The NAT reply mappings (`NAT_REPLIES4`, `NAT_REPLIES6`), keyed by the reply's 5-tuple.
+pub type NatReplies = ByFamily<NatReply>;
+
+impl<V: aya::Pod> ByFamily<V> {
+    fn open(
+        get: &mut impl FnMut(&'static str) -> Result<Map>,
+        v4: &'static str,
+        v6: &'static str,
+    ) -> Result<Self> {
+        Ok(ByFamily {
+            v4: get(v4)?.try_into()?,
+            v6: get(v6)?.try_into()?,
+        })
+    }
+
+    pub fn get(&self, key: &FlowKey) -> Option<V> {
         if key.family == lb_common::AF_INET {
             self.v4.get(&FlowKey4::of(key), 0).ok()
         } else {
@@ -127,8 +145,8 @@ impl Flows {
         Ok(())
     }
 
-    /// Every flow (entries that vanish during the walk are skipped).
-    pub fn iter(&self) -> impl Iterator<Item = (FlowKey, FlowValue)> + '_ {
+    /// Every entry (entries that vanish during the walk are skipped).
+    pub fn iter(&self) -> impl Iterator<Item = (FlowKey, V)> + '_ {
         let v4 = self
             .v4
             .iter()
@@ -144,17 +162,14 @@ impl Maps {
             services: get(maps::SERVICES)?.try_into()?,
             rings: get(maps::RINGS)?.try_into()?,
             backends: get(maps::BACKENDS)?.try_into()?,
-            flows: Flows {
-                v4: get(maps::FLOWS4)?.try_into()?,
-                v6: get(maps::FLOWS6)?.try_into()?,
-            },
+            flows: Flows::open(&mut get, maps::FLOWS4, maps::FLOWS6)?,
             ifaces: get(maps::IFACES)?.try_into()?,
             service_stats: get(maps::SERVICE_STATS)?.try_into()?,
             backend_stats: get(maps::BACKEND_STATS)?.try_into()?,
             reasons: get(maps::REASONS)?.try_into()?,
             vips: get(maps::VIPS)?.try_into()?,
             tx_ports: get(maps::TX_PORTS)?.try_into()?,
-            nat_replies: get(maps::NAT_REPLIES)?.try_into()?,
+            nat_replies: NatReplies::open(&mut get, maps::NAT_REPLIES4, maps::NAT_REPLIES6)?,
             snat_pool: get(maps::SNAT_POOL)?.try_into()?,
             snat_config: get(maps::SNAT_CONFIG)?.try_into()?,
             meta: get(maps::META)?.try_into()?,
@@ -492,7 +507,8 @@ impl Director {
         loader.map_max_entries(maps::FLOWS4, opts.flow_table_size);
         loader.map_max_entries(maps::FLOWS6, opts.flow_table_size);
         // One reply mapping per NAT flow.
-        loader.map_max_entries(maps::NAT_REPLIES, opts.flow_table_size);
+        loader.map_max_entries(maps::NAT_REPLIES4, opts.flow_table_size);
+        loader.map_max_entries(maps::NAT_REPLIES6, opts.flow_table_size);
         let debug_log = u8::from(opts.debug_log);
         loader.override_global("DEBUG_LOG", &debug_log, true);
         let udp_idle_ns = opts.udp_idle.as_nanos() as u64;
@@ -869,7 +885,6 @@ pub fn sweep(
     let replies: Vec<FlowKey> = m
         .nat_replies
         .iter()
-        .filter_map(|r| r.ok())
         .filter(|(_, r)| expired.contains(&r.flow))
         .map(|(k, _)| k)
         .collect();

@@ -397,7 +397,7 @@ fn a_lost_reply_mapping_is_made_again_within_a_second() {
         // Client packets keep flowing; within about a second one of them makes it again
         // (the check is not a hash lookup on every packet).
         let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
-        while h.director.maps.nat_replies.get(&reply.key(), 0).is_err() {
+        while h.director.maps.nat_replies.get(&reply.key()).is_none() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the client's packets made the mapping again within 1.5 s"
@@ -431,7 +431,7 @@ fn fullnat_ports_return_to_the_pool_when_the_flow_ends() {
             6,
         );
         assert!(
-            h.director.maps.nat_replies.get(&held, 0).is_ok(),
+            h.director.maps.nat_replies.get(&held).is_some(),
             "port {port} held by the flow"
         );
         let rst = Pkt {
@@ -440,7 +440,7 @@ fn fullnat_ports_return_to_the_pool_when_the_flow_ends() {
         };
         assert_eq!(run(&h, up0, &rst.build()).0, XDP_TX);
         assert!(
-            h.director.maps.nat_replies.get(&held, 0).is_err(),
+            h.director.maps.nat_replies.get(&held).is_none(),
             "port {port} free again after RST"
         );
         // The same client tuple is a new flow now, with a held port again.
@@ -454,7 +454,7 @@ fn fullnat_ports_return_to_the_pool_when_the_flow_ends() {
             port2,
             6,
         );
-        assert!(h.director.maps.nat_replies.get(&held2, 0).is_ok());
+        assert!(h.director.maps.nat_replies.get(&held2).is_some());
     });
 }
 
@@ -484,7 +484,7 @@ fn idle_udp_flows_end_and_their_nat_state_goes() {
             17,
         );
         assert!(
-            h.director.maps.nat_replies.get(&reply, 0).is_ok(),
+            h.director.maps.nat_replies.get(&reply).is_some(),
             "UDP reply mapping"
         );
         let new_flows = |h: &Harness| -> u64 {
@@ -523,7 +523,7 @@ fn idle_udp_flows_end_and_their_nat_state_goes() {
             "flow entry removed"
         );
         assert!(
-            h.director.maps.nat_replies.get(&reply, 0).is_err(),
+            h.director.maps.nat_replies.get(&reply).is_none(),
             "reply mapping removed"
         );
         assert!(

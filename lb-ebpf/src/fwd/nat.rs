@@ -1,7 +1,7 @@
 //! NAT (LVS NAT, "half NAT") and full-NAT. The client's packet gets the backend's address and
 //! port as destination (full-NAT: also a director address and port from the pool as
 //! source); the backend's reply comes back through the director and is matched in
-//! `NAT_REPLIES`, which restores the VIP (and, full-NAT, the client). Checksums are updated
+//! `NAT_REPLIES4`/`NAT_REPLIES6`, which restores the VIP (and, full-NAT, the client). Checksums are updated
 //! incrementally (RFC 1624); TTL / hop limit drops by one as in any router. TCP FIN in both
 //! directions (then the last ACK) or RST ends the flow and its NAT state.
 
@@ -9,9 +9,9 @@ use aya_ebpf::bindings::{xdp_action, xdp_md};
 use aya_ebpf::btf_maps::{Array as BtfArray, LruHashMap as BtfLruHashMap};
 use aya_ebpf::{macros::btf_map, programs::XdpContext};
 use lb_common::{
-    flow_hash, reason, stage, Backend, FlowKey, FlowValue, NatReply, SnatAddr, SnatConfig, AF_INET,
-    FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_SNAT, FLOW_TABLE_CAPACITY, IPPROTO_TCP,
-    IPPROTO_UDP, MAX_SNAT_ADDRS, NAT_REPLY_F_FIN_BACKEND,
+    flow_hash, reason, stage, Backend, FlowKey, FlowKey4, FlowValue, NatReply, SnatAddr,
+    SnatConfig, AF_INET, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_SNAT, FLOW_TABLE_CAPACITY,
+    IPPROTO_TCP, IPPROTO_UDP, MAX_SNAT_ADDRS, NAT_REPLY_F_FIN_BACKEND,
 };
 use lb_ebpf::{frame_len, ptr_at, STATUS_OK};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
@@ -23,14 +23,48 @@ use crate::{
     parse::Parsed,
 };
 
-/// Reply 5-tuple (as it arrives from the backend) -> what to restore. One LRU with a common
-/// list: replies may arrive on any CPU. Sized like the flow table by the controller.
 /// `how` word of the NAT forward path: bit 0 full-NAT, bit 1 new flow, the backend id above.
 const HOW_ID_SHIFT: u32 = 8;
 
+/// Reply 5-tuple (as it arrives from the backend) -> what to restore. LRUs with a common
+/// list: replies may arrive on any CPU. One per family like the flow table, so IPv4 replies
+/// are hashed as 16-byte keys ([`FlowKey4`]); each sized like the flow table by the
+/// controller.
 #[btf_map]
-static NAT_REPLIES: BtfLruHashMap<FlowKey, NatReply, { FLOW_TABLE_CAPACITY as usize }> =
+static NAT_REPLIES4: BtfLruHashMap<FlowKey4, NatReply, { FLOW_TABLE_CAPACITY as usize }> =
     BtfLruHashMap::new();
+
+#[btf_map]
+static NAT_REPLIES6: BtfLruHashMap<FlowKey, NatReply, { FLOW_TABLE_CAPACITY as usize }> =
+    BtfLruHashMap::new();
+
+/// The reply mapping of reply 5-tuple `key`.
+#[inline(always)]
+fn mapping(key: &FlowKey) -> Option<*mut NatReply> {
+    if key.family == AF_INET {
+        NAT_REPLIES4.get_ptr_mut(&FlowKey4::of(key))
+    } else {
+        NAT_REPLIES6.get_ptr_mut(key)
+    }
+}
+
+#[inline(always)]
+fn map_reply(key: &FlowKey, reply: &NatReply) {
+    let _ = if key.family == AF_INET {
+        NAT_REPLIES4.insert(&FlowKey4::of(key), reply, 0)
+    } else {
+        NAT_REPLIES6.insert(key, reply, 0)
+    };
+}
+
+#[inline(always)]
+fn unmap_reply(key: &FlowKey) {
+    let _ = if key.family == AF_INET {
+        NAT_REPLIES4.remove(&FlowKey4::of(key))
+    } else {
+        NAT_REPLIES6.remove(key)
+    };
+}
 
 /// Full-NAT source addresses (IPv4 first, then IPv6; see `SnatConfig`).
 #[btf_map]
@@ -297,7 +331,7 @@ fn snat_source(
                 .checked_rem(range)
                 .unwrap_or(0);
         probe.dport_be = (port as u16).to_be();
-        if unsafe { NAT_REPLIES.get(&probe) }.is_none() {
+        if mapping(&probe).is_none() {
             e.snat_addr = slot as u16;
             e.snat_port_be = probe.dport_be;
             e.flags |= FLOW_F_SNAT;
@@ -427,7 +461,7 @@ fn prepare_out(
     // the mapping is due to be made sure of).
     if mapping_due(entry, new, closing) {
         let reply_key = reply_key(key, backend, &src_addr, sport_be, dport_be);
-        if new || unsafe { NAT_REPLIES.get(&reply_key) }.is_none() {
+        if new || mapping(&reply_key).is_none() {
             let reply = NatReply {
                 vip: key.dst,
                 client: key.src,
@@ -445,7 +479,7 @@ fn prepare_out(
                 service: backend.service,
                 backend: id,
             };
-            let _ = NAT_REPLIES.insert(&reply_key, &reply, 0);
+            map_reply(&reply_key, &reply);
         }
     }
     rw.dst = backend.addr;
@@ -529,7 +563,7 @@ fn lifecycle_client(
 #[inline(always)]
 fn close(flow_key: &FlowKey, reply_key: &FlowKey) {
     flow::forget(flow_key);
-    let _ = NAT_REPLIES.remove(reply_key);
+    unmap_reply(reply_key);
     crate::stats::reason(reason::NAT_FLOW_CLOSED);
 }
 
@@ -566,9 +600,7 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     if pkt.key.proto != IPPROTO_TCP && pkt.key.proto != IPPROTO_UDP {
         return Err(reason::PASS_NON_VIP);
     }
-    let r = NAT_REPLIES
-        .get_ptr_mut(&pkt.key)
-        .ok_or(reason::PASS_NON_VIP)?;
+    let r = mapping(&pkt.key).ok_or(reason::PASS_NON_VIP)?;
     // SAFETY: a map value, valid for this run (RCU).
     let r = unsafe { &mut *r };
     let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();
