@@ -88,15 +88,20 @@ packet_store!(
     (store_u64, u64, "u64")
 );
 
-/// Copy a 16-byte address as two words (an array assignment becomes a memmove call, see
-/// [`zeroed_in_place`]).
+/// Copy a 16-byte address as four 4-byte words, one load and one store instruction each (an
+/// array assignment becomes a call of a byte-loop `memmove`, see [`zeroed_in_place`], and
+/// `read_unaligned` assembles each word from single bytes). Packet memory may sit at any
+/// offset; on the stack both sides must be 4-aligned (the verifier rejects misaligned stack
+/// access): addresses in our `repr(C)` structs are.
 #[inline(always)]
 pub fn copy16(dst: &mut [u8; 16], src: &[u8; 16]) {
-    let (s, d) = (src.as_ptr() as *const u64, dst.as_mut_ptr() as *mut u64);
-    // SAFETY: 16 bytes each; unaligned reads and writes, as packet data may be 2-aligned.
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: 16 bytes each.
     unsafe {
-        d.write_unaligned(s.read_unaligned());
-        d.add(1).write_unaligned(s.add(1).read_unaligned());
+        store_u32(d, load_u32(s));
+        store_u32(d.add(4), load_u32(s.add(4)));
+        store_u32(d.add(8), load_u32(s.add(8)));
+        store_u32(d.add(12), load_u32(s.add(12)));
     }
 }
 

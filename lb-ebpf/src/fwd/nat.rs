@@ -606,15 +606,16 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();
     // SAFETY: all zeros is a valid rewrite (nothing set); 40 bytes, 4-aligned.
     let rw = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
-    rw.src = r.vip;
+    // Word copies: an array assignment here was two calls of a byte-loop memmove per reply.
+    lb_ebpf::copy16(&mut rw.src, &r.vip);
     rw.sport_be = r.vip_port_be;
     rw.set = SET_SRC;
     if r.fullnat != 0 {
-        rw.dst = r.client;
+        lb_ebpf::copy16(&mut rw.dst, &r.client);
         rw.dport_be = r.client_port_be;
         rw.set |= SET_DST;
     } else {
-        rw.dst = pkt.key.dst;
+        lb_ebpf::copy16(&mut rw.dst, &pkt.key.dst);
     }
     let family = u32::from(r.flow.family);
     let (service, backend) = (r.service, r.backend);
