@@ -382,8 +382,9 @@ pub const NAT_REPLY_F_FIN_BACKEND: u8 = 1;
 /// family and which port range.
 pub const MAX_SNAT_ADDRS: u32 = 64;
 
-/// Value of `SNAT_POOL`.
-#[repr(C)]
+/// Value of `SNAT_POOL`. 4-aligned (same layout): at alignment 1 every full-NAT packet's
+/// source address was copied out of the map byte by byte.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SnatAddr {
     pub addr: [u8; 16],

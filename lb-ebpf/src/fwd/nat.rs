@@ -281,14 +281,16 @@ fn route_and_send(
 
 /// The full-NAT source of a flow: kept in the flow entry (`entry`, may be null) once
 /// chosen; for a new flow an address of the backend's family from the pool (by flow hash)
-/// and a port not used by another flow toward the same backend port.
+/// and a port not used by another flow toward the same backend port. The address goes to
+/// `src` (4-aligned: copied as words), the port is returned.
 #[inline(always)]
 fn snat_source(
     key: &FlowKey,
     entry: *mut FlowValue,
     backend: &Backend,
     dport_be: u16,
-) -> Result<([u8; 16], u16), u32> {
+    src: &mut [u8; 16],
+) -> Result<u16, u32> {
     if entry.is_null() {
         return Err(reason::PASS_SNAT_EXHAUSTED);
     }
@@ -306,7 +308,8 @@ fn snat_source(
         let addr = SNAT_POOL
             .get(e.snat_addr as u32)
             .ok_or(reason::PASS_SNAT_EXHAUSTED)?;
-        return Ok((addr.addr, e.snat_port_be));
+        lb_ebpf::copy16(src, &addr.addr);
+        return Ok(e.snat_port_be);
     }
     let hash = flow_hash(key);
     // checked_rem: a plain `%` by a runtime value carries a panic path the verifier rejects.
@@ -335,7 +338,8 @@ fn snat_source(
             e.snat_addr = slot as u16;
             e.snat_port_be = probe.dport_be;
             e.flags |= FLOW_F_SNAT;
-            return Ok((addr, probe.dport_be));
+            lb_ebpf::copy16(src, &addr);
+            return Ok(probe.dport_be);
         }
         i += 1;
     }
@@ -449,18 +453,20 @@ fn prepare_out(
     } else {
         key.dport_be
     };
-    let (src_addr, sport_be) = if fullnat {
-        match snat_source(key, entry, backend, dport_be) {
-            Ok(s) => s,
+    // The source the backend sees (`rw.src`; applied only with `SET_SRC`, full-NAT).
+    let sport_be = if fullnat {
+        match snat_source(key, entry, backend, dport_be, &mut rw.src) {
+            Ok(port) => port,
             Err(slot) => return slot,
         }
     } else {
-        (key.src, key.sport_be)
+        lb_ebpf::copy16(&mut rw.src, &key.src);
+        key.sport_be
     };
     // What the backend's reply will look like, and what it must get back (built only when
     // the mapping is due to be made sure of).
     if mapping_due(entry, new, closing) {
-        let reply_key = reply_key(key, backend, &src_addr, sport_be, dport_be);
+        let reply_key = reply_key(key, backend, &rw.src, sport_be, dport_be);
         if new || mapping(&reply_key).is_none() {
             let reply = NatReply {
                 vip: key.dst,
@@ -482,11 +488,10 @@ fn prepare_out(
             map_reply(&reply_key, &reply);
         }
     }
-    rw.dst = backend.addr;
+    lb_ebpf::copy16(&mut rw.dst, &backend.addr);
     rw.dport_be = dport_be;
     rw.set = SET_DST;
     if fullnat {
-        rw.src = src_addr;
         rw.sport_be = sport_be;
         rw.set |= SET_SRC;
     }
