@@ -31,32 +31,57 @@ static FLOWS6: BtfLruHashMap<
     { BPF_F_NO_COMMON_LRU as usize },
 > = BtfLruHashMap::new();
 
+/// A table the data plane keeps apart by family, as two LRU hashes of the same capacity:
+/// IPv4 entries under 16-byte [`FlowKey4`]s (the kernel hashes and compares the whole key),
+/// IPv6 ones under [`FlowKey`]s. The flow table ([`flows`]) and the NAT reply mappings.
+pub struct ByFamily<V: 'static, const FLAGS: usize> {
+    pub v4: &'static BtfLruHashMap<FlowKey4, V, { FLOW_TABLE_CAPACITY as usize }, FLAGS>,
+    pub v6: &'static BtfLruHashMap<FlowKey, V, { FLOW_TABLE_CAPACITY as usize }, FLAGS>,
+}
+
+impl<V, const FLAGS: usize> ByFamily<V, FLAGS> {
+    /// The entry of `key` (to read, or to update in place).
+    #[inline(always)]
+    pub fn get(&self, key: &FlowKey) -> Option<*mut V> {
+        if key.family == AF_INET {
+            self.v4.get_ptr_mut(FlowKey4::of(key))
+        } else {
+            self.v6.get_ptr_mut(key)
+        }
+    }
+
+    #[inline(always)]
+    pub fn insert(&self, key: &FlowKey, value: &V) -> bool {
+        if key.family == AF_INET {
+            self.v4.insert(FlowKey4::of(key), value, 0).is_ok()
+        } else {
+            self.v6.insert(key, value, 0).is_ok()
+        }
+    }
+
+    #[inline(always)]
+    pub fn remove(&self, key: &FlowKey) {
+        let _ = if key.family == AF_INET {
+            self.v4.remove(FlowKey4::of(key))
+        } else {
+            self.v6.remove(key)
+        };
+    }
+}
+
+/// The connection table (built where it is used, so every access names its map directly).
+#[inline(always)]
+fn flows() -> ByFamily<FlowValue, { BPF_F_NO_COMMON_LRU as usize }> {
+    ByFamily {
+        v4: &FLOWS4,
+        v6: &FLOWS6,
+    }
+}
+
 /// The table entry of a flow (to read, or to update in place: NAT state, UDP clock).
 #[inline(always)]
 pub fn entry(key: &FlowKey) -> Option<*mut FlowValue> {
-    if key.family == AF_INET {
-        FLOWS4.get_ptr_mut(&FlowKey4::of(key))
-    } else {
-        FLOWS6.get_ptr_mut(key)
-    }
-}
-
-#[inline(always)]
-fn insert(key: &FlowKey, value: &FlowValue) -> bool {
-    if key.family == AF_INET {
-        FLOWS4.insert(&FlowKey4::of(key), value, 0).is_ok()
-    } else {
-        FLOWS6.insert(key, value, 0).is_ok()
-    }
-}
-
-#[inline(always)]
-fn remove(key: &FlowKey) {
-    let _ = if key.family == AF_INET {
-        FLOWS4.remove(&FlowKey4::of(key))
-    } else {
-        FLOWS6.remove(key)
-    };
+    flows().get(key)
 }
 
 /// End a flow (NAT close, RST): the next packet of this 5-tuple is a new flow.
@@ -68,7 +93,7 @@ pub fn forget(key: &FlowKey) {
             select::active_add(v.backend, -1);
         }
     }
-    remove(key);
+    flows().remove(key);
 }
 
 /// The client ends a connection the ring fast path sends (FIN or RST on a clean slot): end
@@ -287,7 +312,7 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
             last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
             ..FlowValue::default()
         };
-        if !insert(key, &value) {
+        if !flows().insert(key, &value) {
             crate::stats::reason(reason::FLOW_INSERT_FAILED);
         } else {
             select::active_add(id, 1);

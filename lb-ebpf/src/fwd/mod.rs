@@ -97,7 +97,9 @@ pub fn jiffies() -> (u64, u32) {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct CachedHop {
-    /// `bpf_jiffies64` after which the entry is stale.
+    /// `bpf_jiffies64` after which the entry is stale: a second ([`JIFFIES_HZ`] jiffies)
+    /// after the FIB answered, so route, neighbour and MTU changes reach a backend's packets
+    /// within that time.
     pub expires_j: u64,
     /// The destination and ingress interface the answer was for.
     pub addr: [u8; 16],
@@ -109,9 +111,6 @@ pub struct CachedHop {
     pub family: u8,
     pub _pad: [u8; 3],
 }
-
-// A cached next hop is used for a second ([`JIFFIES_HZ`] jiffies) before the FIB is asked
-// again: route, neighbour and MTU changes reach a backend's packets within that time.
 
 /// Slots of [`NEXT_HOPS`] for NAT replies' routes to clients, after the backends' ones; a
 /// client address picks one by hash (a collision only means another FIB lookup).

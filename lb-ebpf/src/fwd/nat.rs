@@ -38,32 +38,13 @@ static NAT_REPLIES4: BtfLruHashMap<FlowKey4, NatReply, { FLOW_TABLE_CAPACITY as 
 static NAT_REPLIES6: BtfLruHashMap<FlowKey, NatReply, { FLOW_TABLE_CAPACITY as usize }> =
     BtfLruHashMap::new();
 
-/// The reply mapping of reply 5-tuple `key`.
+/// The reply mappings, by reply 5-tuple.
 #[inline(always)]
-fn mapping(key: &FlowKey) -> Option<*mut NatReply> {
-    if key.family == AF_INET {
-        NAT_REPLIES4.get_ptr_mut(&FlowKey4::of(key))
-    } else {
-        NAT_REPLIES6.get_ptr_mut(key)
+fn replies() -> flow::ByFamily<NatReply, 0> {
+    flow::ByFamily {
+        v4: &NAT_REPLIES4,
+        v6: &NAT_REPLIES6,
     }
-}
-
-#[inline(always)]
-fn map_reply(key: &FlowKey, reply: &NatReply) {
-    let _ = if key.family == AF_INET {
-        NAT_REPLIES4.insert(&FlowKey4::of(key), reply, 0)
-    } else {
-        NAT_REPLIES6.insert(key, reply, 0)
-    };
-}
-
-#[inline(always)]
-fn unmap_reply(key: &FlowKey) {
-    let _ = if key.family == AF_INET {
-        NAT_REPLIES4.remove(&FlowKey4::of(key))
-    } else {
-        NAT_REPLIES6.remove(key)
-    };
 }
 
 /// Full-NAT source addresses (IPv4 first, then IPv6; see `SnatConfig`).
@@ -334,7 +315,7 @@ fn snat_source(
                 .checked_rem(range)
                 .unwrap_or(0);
         probe.dport_be = (port as u16).to_be();
-        if mapping(&probe).is_none() {
+        if replies().get(&probe).is_none() {
             e.snat_addr = slot as u16;
             e.snat_port_be = probe.dport_be;
             e.flags |= FLOW_F_SNAT;
@@ -467,7 +448,7 @@ fn prepare_out(
     // the mapping is due to be made sure of).
     if mapping_due(entry, new, closing) {
         let reply_key = reply_key(key, backend, &rw.src, sport_be, dport_be);
-        if new || mapping(&reply_key).is_none() {
+        if new || replies().get(&reply_key).is_none() {
             let reply = NatReply {
                 vip: key.dst,
                 client: key.src,
@@ -485,7 +466,7 @@ fn prepare_out(
                 service: backend.service,
                 backend: id,
             };
-            map_reply(&reply_key, &reply);
+            replies().insert(&reply_key, &reply);
         }
     }
     lb_ebpf::copy16(&mut rw.dst, &backend.addr);
@@ -568,7 +549,7 @@ fn lifecycle_client(
 #[inline(always)]
 fn close(flow_key: &FlowKey, reply_key: &FlowKey) {
     flow::forget(flow_key);
-    unmap_reply(reply_key);
+    replies().remove(reply_key);
     crate::stats::reason(reason::NAT_FLOW_CLOSED);
 }
 
@@ -605,7 +586,7 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     if pkt.key.proto != IPPROTO_TCP && pkt.key.proto != IPPROTO_UDP {
         return Err(reason::PASS_NON_VIP);
     }
-    let r = mapping(&pkt.key).ok_or(reason::PASS_NON_VIP)?;
+    let r = replies().get(&pkt.key).ok_or(reason::PASS_NON_VIP)?;
     // SAFETY: a map value, valid for this run (RCU).
     let r = unsafe { &mut *r };
     let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();

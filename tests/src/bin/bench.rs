@@ -964,7 +964,8 @@ fn tun_stages(
             .iter()
             .position(|c| c.stop == n && !c.floor)
             .expect("cut");
-        if n == 0 || n >= stage::TUN_ROOM || n == stage::FORWARD {
+        // The cuts that put the outer header's room back, and the whole path.
+        if matches!(n, stage::TUN_ROOM | stage::TUN_HEADER | stage::FORWARD | 0) {
             cut[i].driver_bits(STRIP_OUTER);
             variants.push((i, &wrapped[..]));
         } else {
