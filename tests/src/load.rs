@@ -224,7 +224,11 @@ impl Load {
             let mut next = Instant::now();
             while !st.load(Ordering::SeqCst) && Instant::now() < started + max {
                 let at = started.elapsed();
-                let result = short(target);
+                // A failure says how long it took: a refusal is immediate, a lost SYN or
+                // greeting takes the timeout.
+                let result = short(target).map_err(|e| {
+                    format!("{e} (after {} ms)", (started.elapsed() - at).as_millis())
+                });
                 rep.lock()
                     .expect("report")
                     .attempts

@@ -173,7 +173,10 @@ fn failed_backend_leaves_within_fall_times_interval_and_comes_back() {
     if let Some(last) = last_failure {
         assert!(
             last >= t0 && last - t0 <= deadline,
-            "failures outside the failover window: {}",
+            "failures outside the failover window ({:?} .. {:?} after the load started): {:?}; {}",
+            t0,
+            t0 + deadline,
+            failed,
             report.summary()
         );
     }
