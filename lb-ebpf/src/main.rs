@@ -50,6 +50,16 @@ pub(crate) fn stop_after(stage: u8) -> bool {
     STOP_AFTER.load() == stage
 }
 
+/// Whether the stage breakdown cut the packet at the end of the forwarding or inside it
+/// (the NAT and TUN stages): it ends before the counters, so every cut's time leaves them
+/// out and the tables' last step ("the whole path") is what they cost. (Until 2026-11-24
+/// only the `FORWARD` cut did: the NAT and TUN cuts inside counted them, which moved their
+/// cost into the step of the first such cut.)
+#[inline(always)]
+fn cut_in_forward() -> bool {
+    STOP_AFTER.load() >= stage::FORWARD
+}
+
 #[xdp]
 pub fn xdplb(ctx: XdpContext) -> u32 {
     match try_xdplb(&ctx) {
@@ -167,7 +177,7 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
         None => select::backend(choice.id).ok_or(reason::PASS_NO_BACKEND)?,
     };
     let (action, slot) = forward(ctx, pkt, svc.mode, backend, &choice)?;
-    if stop_after(stage::FORWARD) {
+    if cut_in_forward() {
         return Ok(action);
     }
     stats::forwarded(svc.id, choice.id, pkt.len, choice.new);
@@ -190,6 +200,9 @@ fn not_for_a_vip(ctx: &XdpContext, pkt: &parse::Parsed, slot: u32) -> Result<u32
     }
     let action =
         fwd::nat::reply(ctx, pkt).map_err(|e| if e == reason::PASS_NON_VIP { slot } else { e })?;
+    if cut_in_forward() {
+        return Ok(action);
+    }
     stats::reason(reason::FWD_NAT_REPLY);
     Ok(action)
 }

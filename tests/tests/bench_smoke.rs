@@ -58,7 +58,7 @@ fn bench_quick_runs_every_path_and_reports() {
         String::from_utf8_lossy(&out.stderr)
     );
     let rows = table(&stdout, "| path");
-    assert_eq!(rows.len(), 26, "one row per path:\n{stdout}");
+    assert_eq!(rows.len(), 28, "one row per path:\n{stdout}");
     // The kernel's view of the program sizes: "director N insns, J B; floor M insns, K B."
     let sizes = stdout
         .lines()

@@ -137,16 +137,26 @@ pub fn word<const N: usize>(a: &[u8; N], i: usize) -> u32 {
     u32::from_be(unsafe { lb_ebpf::load_u32(a.as_ptr().add(4 * i)) })
 }
 
-/// [`route`] toward backend `id` (at `dst`), from the cache (see [`route_cached`]).
+/// The interface the packet came in on. Each read is three dependent loads (the verifier
+/// expands the context field to `rxq->dev->ifindex`), so a path reads it once and passes
+/// it on ([`route_to_backend`], [`send`]).
+#[inline(always)]
+pub fn ingress(ctx: &XdpContext) -> u32 {
+    ctx.ingress_ifindex() as u32
+}
+
+/// [`route`] toward backend `id` (at `dst`), from the cache (see [`route_cached`]);
+/// `ingress` is [`ingress`].
 #[inline(always)]
 pub fn route_to_backend(
     ctx: &XdpContext,
+    ingress: u32,
     id: u32,
     family: u8,
     dst: &[u8; 16],
     tot_len: usize,
 ) -> Result<Route, u32> {
-    route_cached(ctx, id, family, dst, tot_len)
+    route_cached(ctx, ingress, id, family, dst, tot_len)
 }
 
 /// [`route`] toward a client (a NAT reply's destination), from the cache slot its address
@@ -154,13 +164,14 @@ pub fn route_to_backend(
 #[inline(always)]
 pub fn route_to_client(
     ctx: &XdpContext,
+    ingress: u32,
     family: u8,
     dst: &[u8; 16],
     tot_len: usize,
 ) -> Result<Route, u32> {
     let h = (word(dst, 0) ^ word(dst, 1) ^ word(dst, 2) ^ word(dst, 3)).wrapping_mul(0x9e37_79b9);
     let slot = MAX_BACKENDS + (h >> 22) % CLIENT_HOP_SLOTS;
-    route_cached(ctx, slot, family, dst, tot_len)
+    route_cached(ctx, ingress, slot, family, dst, tot_len)
 }
 
 /// [`route`] to `dst`, answered from [`NEXT_HOPS`] slot `slot` while fresh, for the same
@@ -169,17 +180,17 @@ pub fn route_to_client(
 #[inline(always)]
 fn route_cached(
     ctx: &XdpContext,
+    ingress: u32,
     slot: u32,
     family: u8,
     dst: &[u8; 16],
     tot_len: usize,
 ) -> Result<Route, u32> {
     let Some(c) = NEXT_HOPS.get_ptr_mut(slot) else {
-        return route(ctx, family, dst, tot_len);
+        return route(ctx, ingress, family, dst, tot_len);
     };
     let c = unsafe { &mut *c };
     let (now, hz) = jiffies();
-    let ingress = ctx.ingress_ifindex() as u32;
     if c.expires_j > now
         && c.ingress == ingress
         && c.family == family
@@ -193,7 +204,7 @@ fn route_cached(
             mtu: c.mtu,
         }));
     }
-    let r = route(ctx, family, dst, tot_len)?;
+    let r = route(ctx, ingress, family, dst, tot_len)?;
     if let Route::Via(hop) = &r {
         if hop.mtu != 0 {
             c.expires_j = now + u64::from(hz);
@@ -217,14 +228,20 @@ pub enum Route {
     TooBig(u32),
 }
 
-/// FIB lookup for `dst` (our `family` tag), checking `tot_len` (IP bytes) against the MTU.
-/// No route, blackhole, forwarding disabled: `PASS_FIB_FAILED`.
+/// FIB lookup for `dst` (our `family` tag) from the `ingress` interface, checking `tot_len`
+/// (IP bytes) against the MTU. No route, blackhole, forwarding disabled: `PASS_FIB_FAILED`.
 #[inline(always)]
-pub fn route(ctx: &XdpContext, family: u8, dst: &[u8; 16], tot_len: usize) -> Result<Route, u32> {
+pub fn route(
+    ctx: &XdpContext,
+    ingress: u32,
+    family: u8,
+    dst: &[u8; 16],
+    tot_len: usize,
+) -> Result<Route, u32> {
     let mut slot = core::mem::MaybeUninit::<FibLookup>::uninit();
     // SAFETY: the kernel's parameter struct is plain data (64 bytes, 4-aligned).
     let fib = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
-    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.ifindex = ingress;
     fib.__bindgen_anon_1.tot_len = tot_len as u16;
     if family == AF_INET6 {
         fib.family = FIB_AF_INET6;
@@ -262,10 +279,10 @@ pub fn route(ctx: &XdpContext, family: u8, dst: &[u8; 16], tot_len: usize) -> Re
     }
 }
 
-/// Out of `ifindex`: back where it came from (`XDP_TX`) or through the devmap.
+/// Out of `ifindex`: back where it came from (`ingress`: `XDP_TX`) or through the devmap.
 #[inline(always)]
-pub fn send(ctx: &XdpContext, ifindex: u32) -> Result<u32, u32> {
-    if ifindex == ctx.ingress_ifindex() as u32 {
+pub fn send(ingress: u32, ifindex: u32) -> Result<u32, u32> {
+    if ifindex == ingress {
         return Ok(xdp_action::XDP_TX);
     }
     // Flags: on a missing port the helper returns XDP_PASS (the controller adds every port).

@@ -19,7 +19,7 @@ use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use crate::{
     csum,
     flow::{self, Choice},
-    fwd::{route_to_backend, route_to_client, send, set_macs, Route},
+    fwd::{ingress, route_to_backend, route_to_client, send, set_macs, Route},
     parse::Parsed,
 };
 
@@ -244,10 +244,11 @@ fn route_and_send(
     backend_id: u32,
     ip_len: usize,
 ) -> Result<u32, u32> {
+    let ingress = ingress(ctx);
     let found = if backend_id == TO_CLIENT {
-        route_to_client(ctx, family, dst, ip_len)?
+        route_to_client(ctx, ingress, family, dst, ip_len)?
     } else {
-        route_to_backend(ctx, backend_id, family, dst, ip_len)?
+        route_to_backend(ctx, ingress, backend_id, family, dst, ip_len)?
     };
     let hop = match found {
         Route::Via(hop) => hop,
@@ -257,7 +258,7 @@ fn route_and_send(
         Route::TooBig(_) => return Err(reason::PASS_TOO_BIG_NO_DF),
     };
     set_macs(ctx, hop.dmac, hop.smac)?;
-    send(ctx, hop.ifindex)
+    send(ingress, hop.ifindex)
 }
 
 /// The full-NAT source of a flow: kept in the flow entry (`entry`, may be null) once

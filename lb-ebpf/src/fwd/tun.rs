@@ -20,7 +20,7 @@ use network_types::{
 
 use crate::{
     csum,
-    fwd::{iface, route_to_backend, send, set_macs, word, Route},
+    fwd::{iface, ingress, route_to_backend, send, set_macs, word, Route},
     parse::Parsed,
 };
 
@@ -101,14 +101,14 @@ pub extern "C" fn xdplb_tun_forward(
 
 #[inline(always)]
 fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Result<Tun, u32> {
-    let ingress = ctx.ingress_ifindex() as u32;
+    let ingress = ingress(ctx);
     let inner_len = frame_len(ctx) - pkt.l3();
     let outer6 = backend.family == AF_INET6;
     let hdr_len = if outer6 { Ipv6Hdr::LEN } else { Ipv4Hdr::LEN };
     let outer_len = inner_len + hdr_len;
 
     // Route to the backend; the kernel also compares the outer size with the path MTU.
-    let fib = match route_to_backend(ctx, id, backend.family, &backend.addr, outer_len)? {
+    let fib = match route_to_backend(ctx, ingress, id, backend.family, &backend.addr, outer_len)? {
         Route::Via(hop) => (hop, false),
         Route::NoNeigh(hop) => (hop, true),
         Route::TooBig(mtu) => {
@@ -124,7 +124,6 @@ fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Re
     let (fib, no_neigh) = fib;
 
     let egress: &IfaceInfo = iface(fib.ifindex).ok_or(reason::PASS_UNKNOWN_IFACE)?;
-    let hash = flow_hash(&pkt.key);
     let needs = if outer6 { IFACE_F_SRC6 } else { IFACE_F_SRC4 };
     if egress.flags & needs == 0 {
         return Err(reason::PASS_NO_TUN_SOURCE);
@@ -162,6 +161,8 @@ fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Re
     if outer6 {
         let h = ptr_at::<[u8; 2 + Ipv6Hdr::LEN]>(ctx, EthHdr::LEN - 2)
             .ok_or(reason::PASS_MALFORMED)? as *mut u8;
+        // The flow hash fills the flow label (and the source's host bits with entropy).
+        let hash = flow_hash(&pkt.key);
         let s6 = &egress.src6;
         let tail = source_tail(word(s6, 3), egress.src6_entropy_bits, hash);
         let words = [
@@ -184,7 +185,12 @@ fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Re
     } else {
         let h = ptr_at::<[u8; 2 + Ipv4Hdr::LEN]>(ctx, EthHdr::LEN - 2)
             .ok_or(reason::PASS_MALFORMED)? as *mut u8;
-        let src = source_tail(word(&egress.src4, 0), egress.src4_entropy_bits, hash);
+        // The flow hash only where entropy fills the source's host bits (opt-in): the hash
+        // is a serial chain of multiplies.
+        let src = match egress.src4_entropy_bits {
+            0 => word(&egress.src4, 0),
+            bits => source_tail(word(&egress.src4, 0), bits, flow_hash(&pkt.key)),
+        };
         // Version/IHL, TOS, length | id 0, DF | TTL, protocol, checksum | source | destination.
         let mut words = [
             0x4500_0000 | ((pkt.tos as u32) << 16) | outer_len as u32,
@@ -206,5 +212,5 @@ fn encapsulate(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Re
     if no_neigh {
         return Err(reason::PASS_NO_NEIGH);
     }
-    send(ctx, fib.ifindex).map(Tun::Sent)
+    send(ingress, fib.ifindex).map(Tun::Sent)
 }

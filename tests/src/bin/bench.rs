@@ -137,6 +137,22 @@ services:
       - address: 2001:db8:5::13
 ";
 
+/// [`CONFIG`] continued for the per-packet table: a full-NAT service and its source pool
+/// (sized for `CONFIG`'s table; the flow-count rows' larger tables would need a larger
+/// pool).
+const FULLNAT: &str = "  - name: full
+    vip: 198.18.0.121
+    port: 80
+    protocol: tcp
+    mode: fullnat
+    backends:
+      - address: 198.18.5.22
+fullnat:
+  pool: [198.18.5.100, 198.18.5.101]
+  port_min: 20000
+  port_max: 60000
+";
+
 /// Driver settings (see `xdplb_bench_driver`).
 const STRIP_OUTER: u32 = 1;
 const NEW_FLOW: u32 = 2;
@@ -591,7 +607,7 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
     } else {
         (1_000_000u32, 5)
     };
-    let mut h = Harness::new(CONFIG);
+    let mut h = Harness::new(&format!("{CONFIG}{FULLNAT}"));
     FibLab::register_up0(&mut h);
     let up0 = lb_userspace::netlink::ifindex("up0").expect("up0");
     let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build();
@@ -631,6 +647,8 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
             "DR flow hit, IPv4 UDP (reads the clock: idle timeout)",
             false,
         ),
+        Row::new("full-NAT forward (flow hit), IPv4 TCP", true),
+        Row::new("full-NAT reply, IPv4 TCP", true),
     ];
     let sched_pkts: Vec<Vec<u8>> = [81u16, 82, 84, 85]
         .iter()
@@ -743,6 +761,24 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
             u64::from(repeat),
             "every reply run translated"
         );
+
+        // Full NAT: the flow's pool port (from the director's first output) addresses the
+        // backend's reply.
+        let (full_client, full_reply) = fullnat_packets(&h, up0);
+        for (i, pkt, slot) in [
+            (16, &full_client, reason::FWD_NAT),
+            (17, &full_reply, reason::FWD_NAT_REPLY),
+        ] {
+            template.set(0, as_template(pkt), 0).unwrap();
+            let before = h.reason(slot);
+            rows[i].samples.push(driven(&h, pkt, repeat, up0));
+            assert_eq!(
+                h.reason(slot) - before,
+                u64::from(repeat),
+                "{}: every run translated",
+                rows[i].path
+            );
+        }
 
         // New-flow selection cost per scheduler: the driver gives every run a new 5-tuple.
         cfg.set(0, NEW_FLOW, 0).unwrap();
@@ -1045,6 +1081,21 @@ fn nat_packets() -> (Vec<u8>, Vec<u8>) {
     let mut reply = Pkt::tcp("198.18.5.21", "198.18.2.1", 8080, 40000);
     reply.payload = vec![0x5a; TEMPLATE_LEN - 54];
     (client.build(), reply.build())
+}
+
+/// A full-NAT client packet (opening its flow in `h`'s director) and the backend's reply
+/// to the pool address and port the director gave the flow (from its output).
+fn fullnat_packets(h: &Harness, up0: u32) -> (Vec<u8>, Vec<u8>) {
+    let mut client = Pkt::tcp("198.18.2.1", "198.18.0.121", 40000, 80);
+    client.payload = vec![0x5a; TEMPLATE_LEN - 54];
+    let client = client.build();
+    let (verdict, out) = lb_tests::run_program_on(h.director.director_program(), &client, up0);
+    assert_eq!(verdict, XDP_TX, "full-NAT path to the lab's backend");
+    let pool = std::net::Ipv4Addr::new(out[26], out[27], out[28], out[29]).to_string();
+    let pool_port = u16::from_be_bytes([out[34], out[35]]);
+    let mut reply = Pkt::tcp("198.18.5.22", &pool, 80, pool_port);
+    reply.payload = vec![0x5a; TEMPLATE_LEN - 54];
+    (client, reply.build())
 }
 
 /// A director cut after stage `stop` (0: whole) for [`stage_breakdown`], with its benchmark
