@@ -214,11 +214,11 @@ fn not_for_a_vip(ctx: &XdpContext, pkt: &parse::Parsed, slot: u32) -> Result<u32
 fn bench_stage(pkt: &parse::Parsed) -> bool {
     let s = STOP_AFTER.load();
     if s >= stage::FLOW_LOOKUP {
-        let Some(v) = flow::entry(&pkt.key) else {
+        let Some((service, _)) = flow::found(&pkt.key) else {
             return false;
         };
         if s >= stage::SERVICE {
-            return select::service_by_id(unsafe { (*v).service }, &pkt.key).is_some();
+            return select::service_by_id(service, &pkt.key).is_some();
         }
     }
     true

@@ -820,3 +820,72 @@ fn bench_driver_paces_frames_a_gap_apart() {
         "5 µs apart: {paced:?} per frame, unpaced {unpaced:?}"
     );
 }
+
+/// The per-CPU flow cache (`FLOW_CACHE`) answers an IPv4 TCP flow's packets for a second
+/// after the table did; SYN, FIN and RST go to the table and empty the slot. Shown by
+/// changing the table entry's backend behind the cache's back: packets follow the cache
+/// within the second, the table at a SYN, a FIN and after the second. Without the cache
+/// every packet would follow the table at once.
+#[test]
+fn flow_cache_answers_for_a_second_and_the_table_decides_at_syn_fin_and_after() {
+    // BPF_PROG_TEST_RUN runs on the calling CPU, and the cache is per CPU.
+    lb_tests::pin_to(0, 0);
+    let mut h = Harness::new(CONFIG);
+    let ack = Pkt::tcp("198.18.2.77", "198.18.0.100", 41234, 80);
+    let k = ack.key();
+    let k4 = lb_common::FlowKey4::of(&k);
+    let first = h.predicted_backend(0, &k);
+    let other = *h
+        .desired
+        .backends
+        .keys()
+        .find(|&&id| id != first && h.desired.backends[&id].service == h.desired.services[0].id)
+        .expect("another backend of the service");
+    fn dst_mac(h: &Harness, p: &Pkt) -> [u8; 6] {
+        let (verdict, out) = h.run(&p.build());
+        assert_eq!(verdict, XDP_TX);
+        <[u8; 6]>::try_from(&out[..6]).unwrap()
+    }
+    let point_table_at = |h: &mut Harness, id: u32| {
+        let flows = &mut h.director.maps.flows.v4;
+        let mut v = flows.get(&k4, 0).expect("flow in FLOWS4");
+        v.backend = id;
+        flows.insert(k4, v, 0).expect("rewrite the entry");
+    };
+    let (mac_first, mac_other) = (h.backend_mac(first), h.backend_mac(other));
+
+    assert_eq!(dst_mac(&h, &ack), mac_first, "new flow, scheduled");
+    assert_eq!(
+        dst_mac(&h, &ack),
+        mac_first,
+        "table hit: the slot is filled"
+    );
+    point_table_at(&mut h, other);
+    assert_eq!(dst_mac(&h, &ack), mac_first, "the cache answers");
+    let before = h.reason(reason::FWD_DR);
+    for _ in 0..5 {
+        assert_eq!(dst_mac(&h, &ack), mac_first, "the cache answers");
+    }
+    assert_eq!(
+        h.reason(reason::FWD_DR) - before,
+        5,
+        "and counts as forwarded"
+    );
+
+    let mut syn = ack.clone();
+    syn.tcp_flags = lb_tests::TCP_SYN;
+    assert_eq!(dst_mac(&h, &syn), mac_other, "a SYN goes to the table");
+    assert_eq!(dst_mac(&h, &ack), mac_other, "and emptied the slot");
+
+    point_table_at(&mut h, first);
+    assert_eq!(dst_mac(&h, &ack), mac_other, "refilled from the table");
+    let mut fin = ack.clone();
+    fin.tcp_flags = lb_tests::TCP_FIN | lb_tests::TCP_ACK;
+    assert_eq!(dst_mac(&h, &fin), mac_first, "a FIN goes to the table");
+    assert_eq!(dst_mac(&h, &ack), mac_first, "and emptied the slot");
+
+    point_table_at(&mut h, other);
+    assert_eq!(dst_mac(&h, &ack), mac_first, "the cache answers");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(dst_mac(&h, &ack), mac_other, "for a second at most");
+}

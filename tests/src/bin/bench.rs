@@ -611,9 +611,17 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
     FibLab::register_up0(&mut h);
     let up0 = lb_userspace::netlink::ifindex("up0").expect("up0");
     let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build();
+    // The same flow's SYN: it goes to the table (not the flow cache), so it makes the entry
+    // again where the new-flow runs evicted it.
+    let mut syn = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80);
+    syn.tcp_flags = lb_tests::TCP_SYN;
+    let v4_syn = syn.build();
     let v6 = Pkt::tcp("2001:db8:2::1", "2001:db8::100", 40000, 80).build();
     let udp4 = Pkt::udp("198.18.2.1", "198.18.0.100", 40000, 53).build();
     let tun_plain = Pkt::tcp("198.18.2.1", "198.18.0.110", 40000, 80).build();
+    let mut syn = Pkt::tcp("198.18.2.1", "198.18.0.110", 40000, 80);
+    syn.tcp_flags = lb_tests::TCP_SYN;
+    let tun_syn = syn.build();
     let tun6_plain = Pkt::tcp("2001:db8:2::1", "2001:db8::110", 40000, 80).build();
 
     let director_fd = lb_tests::program_fd(&mut h.director, dataplane::PROGRAM);
@@ -660,7 +668,7 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
     for _ in 0..runs {
         // (Re-)establish the flows the hit paths reuse: the new-flow runs evict them. The
         // TUN input is the director's own output, so stripping and re-adding is a fixpoint.
-        assert_eq!(h.run(&v4).0, XDP_TX);
+        assert_eq!(h.run(&v4_syn).0, XDP_TX);
         assert_eq!(h.run(&v6).0, XDP_TX);
         assert_eq!(h.run(&udp4).0, XDP_TX);
         let (verdict, tun_wrapped) =
@@ -701,7 +709,7 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
 
         // The DR new-flow runs filled the table: the TUN flow may be gone; open it again.
         assert_eq!(
-            lb_tests::run_program_on(h.director.director_program(), &tun_plain, up0).0,
+            lb_tests::run_program_on(h.director.director_program(), &tun_syn, up0).0,
             XDP_TX
         );
         cfg.set(0, STRIP_OUTER, 0).unwrap();
