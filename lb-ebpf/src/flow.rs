@@ -198,7 +198,7 @@ pub enum Established {
 pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
     let hit = cached(key, tcp_end || tcp_syn);
     if hit != CACHE_MISS {
-        let (service, id) = ((hit >> 32) as u32, hit as u32);
+        let (service, id) = unpack(hit);
         if let (Some(svc), Some(backend)) =
             (select::service_by_id(service, key), select::backend(id))
         {
@@ -223,7 +223,7 @@ pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
     let Some(backend) = still_live(v, key, client_ends(svc, tcp_end), tcp_syn) else {
         return Established::Stale;
     };
-    if !tcp_end && !tcp_syn && (svc.mode == mode::DR || svc.mode == mode::TUN) {
+    if cacheable(key) && !tcp_end && !tcp_syn && (svc.mode == mode::DR || svc.mode == mode::TUN) {
         // Filled here only: a new flow's entry is made further on, and its next packet
         // fills the slot.
         cache_fill(key, v.backend, v.service);
@@ -277,12 +277,31 @@ static FLOW_CACHE: BtfPerCpuArray<CacheSlot, { 1 << CACHE_BITS }> = BtfPerCpuArr
 /// [`cached`]: no answer.
 const CACHE_MISS: u64 = u64::MAX;
 
+/// Whether [`FLOW_CACHE`] may hold `key`'s flow: IPv4 TCP (its key fits the slot's two
+/// words). Checked inline before [`cache_fill`], so other flows' table hits do not pay its
+/// call. ([`cached`] checks it inside: the same check before its call, in the director's
+/// frame, cost that frame the stack slot the NAT call chain needs.)
+#[inline(always)]
+fn cacheable(key: &FlowKey) -> bool {
+    key.family == AF_INET && key.proto == IPPROTO_TCP
+}
+
+/// A [`cached`] answer as (service id, backend id).
+#[inline(always)]
+fn unpack(hit: u64) -> (u32, u32) {
+    ((hit >> 32) as u32, hit as u32)
+}
+
 /// The cached (service id << 32 | backend id) of `key`, or [`CACHE_MISS`]. With `bypass`
 /// (SYN, FIN, RST: the table decides) the slot is emptied if it holds the flow. Out of line:
 /// its registers would cost the director's frame stack the NAT reply's call chain needs.
 #[inline(never)]
 fn cached(key: &FlowKey, bypass: bool) -> u64 {
-    let Some((c, k0, k1)) = cache_slot(key) else {
+    if !cacheable(key) {
+        return CACHE_MISS;
+    }
+    let (c, k0, k1) = cache_slot(key);
+    let Some(c) = c else {
         return CACHE_MISS;
     };
     // SAFETY: a live per-CPU array slot.
@@ -300,13 +319,13 @@ fn cached(key: &FlowKey, bypass: bool) -> u64 {
     u64::from(c.service) << 32 | u64::from(c.backend)
 }
 
-/// Remember the table's answer for `key` (a hit of a DR or TUN flow) for a second, unless
+/// Remember the table's answer for `key` ([`cacheable`]; a hit of a DR or TUN flow) for a second, unless
 /// the slot answers for another flow still: with more flows than slots, flows that share
 /// a slot would otherwise take it from each other on every packet, each paying the
 /// write and none the hit.
 #[inline(never)]
 fn cache_fill(key: &FlowKey, backend: u32, service: u32) {
-    if let Some((c, k0, k1)) = cache_slot(key) {
+    if let (Some(c), k0, k1) = cache_slot(key) {
         // SAFETY: a live per-CPU array slot.
         let c = unsafe { &mut *c };
         let (now, hz) = crate::fwd::jiffies();
@@ -321,15 +340,12 @@ fn cache_fill(key: &FlowKey, backend: u32, service: u32) {
     }
 }
 
-/// `key`'s slot and its two key words, for IPv4 TCP only: the addresses (each stored by the
-/// parser as an 8-byte word with zeros above), and ports, protocol and family (one 8-byte
-/// word). The slot index is the words' xor by a 64-bit multiply (Fibonacci hashing): its
-/// high bits mix every input bit.
+/// `key`'s slot and its two key words, for a [`cacheable`] key: the addresses (each stored
+/// by the parser as an 8-byte word with zeros above), and ports, protocol and family (one
+/// 8-byte word). The slot index is the words' xor by a 64-bit multiply (Fibonacci hashing):
+/// its high bits mix every input bit.
 #[inline(always)]
-fn cache_slot(key: &FlowKey) -> Option<(*mut CacheSlot, u64, u64)> {
-    if key.family != AF_INET || key.proto != IPPROTO_TCP {
-        return None;
-    }
+fn cache_slot(key: &FlowKey) -> (Option<*mut CacheSlot>, u64, u64) {
     let base = key as *const FlowKey as *const u8;
     // SAFETY: 8-byte words inside the 8-aligned, 40-byte key (offsets 0, 16, 32).
     let (k0, k1) = unsafe {
@@ -339,7 +355,7 @@ fn cache_slot(key: &FlowKey) -> Option<(*mut CacheSlot, u64, u64)> {
         )
     };
     let i = ((k0 ^ k1).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - CACHE_BITS)) as u32;
-    FLOW_CACHE.get_ptr_mut(i).map(|c| (c, k0, k1))
+    (FLOW_CACHE.get_ptr_mut(i), k0, k1)
 }
 
 /// The service and backend ids of an established flow as [`established`] would find them
@@ -348,7 +364,7 @@ fn cache_slot(key: &FlowKey) -> Option<(*mut CacheSlot, u64, u64)> {
 pub fn found(key: &FlowKey) -> Option<(u32, u32)> {
     match cached(key, false) {
         CACHE_MISS => entry(key).map(|v| unsafe { ((*v).service, (*v).backend) }),
-        hit => Some(((hit >> 32) as u32, hit as u32)),
+        hit => Some(unpack(hit)),
     }
 }
 
