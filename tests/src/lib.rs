@@ -364,6 +364,14 @@ impl Pkt {
         flow_key(self.src, self.dst, self.sport, self.dport, self.proto)
     }
 
+    /// The same packet with TCP flags `flags` ([`TCP_SYN`], ...).
+    pub fn with_flags(&self, flags: u8) -> Pkt {
+        Pkt {
+            tcp_flags: flags,
+            ..self.clone()
+        }
+    }
+
     pub fn with_macs(&self, src: [u8; 6], dst: [u8; 6]) -> Pkt {
         Pkt {
             src_mac: src,

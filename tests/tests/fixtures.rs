@@ -872,15 +872,13 @@ fn flow_cache_answers_for_a_second_and_the_table_decides_at_syn_fin_and_after() 
         "and counts as forwarded"
     );
 
-    let mut syn = ack.clone();
-    syn.tcp_flags = lb_tests::TCP_SYN;
+    let syn = ack.with_flags(lb_tests::TCP_SYN);
     assert_eq!(dst_mac(&h, &syn), mac_other, "a SYN goes to the table");
     assert_eq!(dst_mac(&h, &ack), mac_other, "and emptied the slot");
 
     point_table_at(&mut h, first);
     assert_eq!(dst_mac(&h, &ack), mac_other, "refilled from the table");
-    let mut fin = ack.clone();
-    fin.tcp_flags = lb_tests::TCP_FIN | lb_tests::TCP_ACK;
+    let fin = ack.with_flags(lb_tests::TCP_FIN | lb_tests::TCP_ACK);
     assert_eq!(dst_mac(&h, &fin), mac_first, "a FIN goes to the table");
     assert_eq!(dst_mac(&h, &ack), mac_first, "and emptied the slot");
 

@@ -63,9 +63,7 @@ const VIP: &str = "198.18.0.100";
 const CLIENT: &str = "198.18.5.7";
 
 fn pkt(sport: u16, dport: u16, flags: u8) -> Pkt {
-    let mut p = Pkt::tcp(CLIENT, VIP, sport, dport);
-    p.tcp_flags = flags;
-    p
+    Pkt::tcp(CLIENT, VIP, sport, dport).with_flags(flags)
 }
 
 /// The backend (last octet of its MAC) a packet went to.
@@ -174,8 +172,7 @@ fn clean_slots_skip_the_table_and_changed_slots_keep_their_connections() {
 
     // A VIP's exact-port service wins over its every-port fast one: never by the ring.
     let to = |sport: u16, port: u16| {
-        let mut p = Pkt::tcp(CLIENT, "198.18.0.101", sport, port);
-        p.tcp_flags = TCP_ACK;
+        let p = Pkt::tcp(CLIENT, "198.18.0.101", sport, port).with_flags(TCP_ACK);
         send(&lab, &p)
     };
     let (table0, ring0) = counts(&lab);
@@ -380,8 +377,7 @@ services:
     let mut lab = Reconciled::new(&yaml);
     assert_eq!(sweep(&mut lab).cleaned, RING_SIZE as usize);
     let to = |sport: u16, dport: u16| {
-        let mut p = Pkt::tcp(CLIENT, "198.18.0.102", sport, dport);
-        p.tcp_flags = TCP_ACK;
+        let p = Pkt::tcp(CLIENT, "198.18.0.102", sport, dport).with_flags(TCP_ACK);
         send(&lab, &p)
     };
     for s in 0..50 {

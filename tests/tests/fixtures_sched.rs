@@ -211,8 +211,7 @@ fn data_plane_counts_active_flows_and_wlc_steers_away_from_the_busy_backend() {
     let total: u64 = [a, b, c].iter().map(|x| lab.active(x, 84, 6)).sum();
     assert_eq!(total, 90, "one count per new flow");
     // A client FIN ends a DR flow's count once (a second FIN does not count again).
-    let mut fin = Pkt::tcp("198.18.4.1", VIP, 40_000, 84);
-    fin.tcp_flags = TCP_FIN;
+    let fin = Pkt::tcp("198.18.4.1", VIP, 40_000, 84).with_flags(TCP_FIN);
     lab.send(&fin);
     lab.send(&fin);
     let total: u64 = [a, b, c].iter().map(|x| lab.active(x, 84, 6)).sum();
@@ -307,11 +306,7 @@ fn persistence_holds_across_ring_changes_until_down_or_expired() {
 #[test]
 fn a_syn_on_a_connection_the_client_ended_is_scheduled_afresh() {
     let mut lab = Lab::new();
-    let pkt = |sport: u16, flags: u8| {
-        let mut p = Pkt::tcp("198.18.6.1", VIP, sport, 80);
-        p.tcp_flags = flags;
-        p
-    };
+    let pkt = |sport: u16, flags: u8| Pkt::tcp("198.18.6.1", VIP, sport, 80).with_flags(flags);
     // Two connections on one backend: the first ends, the other stays open.
     let owner = lab.send(&pkt(6000, TCP_SYN));
     let open = (6001..6010)

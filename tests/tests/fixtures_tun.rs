@@ -278,8 +278,7 @@ fn ring_fast_path_encapsulates_as_the_table_does() {
             .sweep(std::time::Duration::from_secs(300))
             .expect("sweep");
         assert_eq!(swept.cleaned, lb_common::RING_SIZE as usize);
-        let mut p = Pkt::tcp("198.18.2.1", "198.18.0.100", 41000, 80);
-        p.tcp_flags = lb_tests::TCP_ACK;
+        let p = Pkt::tcp("198.18.2.1", "198.18.0.100", 41000, 80).with_flags(lb_tests::TCP_ACK);
         let backend = h.desired.backends[&h.predicted_backend(0, &p.key())].addr;
         let expected = ipip(
             v4("198.18.0.3"),

@@ -441,10 +441,9 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     }
     const FAST: usize = 3;
     assert!(tables[FAST].0.config.services[0].ring_fast_path);
-    let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build();
-    let mut syn = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80);
-    syn.tcp_flags = lb_tests::TCP_SYN;
-    let syn4 = syn.build();
+    let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80);
+    let syn4 = v4.with_flags(lb_tests::TCP_SYN).build();
+    let v4 = v4.build();
     // (table, flows (0: a new one every run, a SYN), row)
     let mut cases: Vec<(usize, u32, Row)> = [
         (0, 1, "DR flow hit, 1 established flow (driver cycles)"),
@@ -610,18 +609,16 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
     let mut h = Harness::new(&format!("{CONFIG}{FULLNAT}"));
     FibLab::register_up0(&mut h);
     let up0 = lb_userspace::netlink::ifindex("up0").expect("up0");
-    let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80).build();
+    let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80);
     // The same flow's SYN: it goes to the table (not the flow cache), so it makes the entry
     // again where the new-flow runs evicted it.
-    let mut syn = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80);
-    syn.tcp_flags = lb_tests::TCP_SYN;
-    let v4_syn = syn.build();
+    let v4_syn = v4.with_flags(lb_tests::TCP_SYN).build();
+    let v4 = v4.build();
     let v6 = Pkt::tcp("2001:db8:2::1", "2001:db8::100", 40000, 80).build();
     let udp4 = Pkt::udp("198.18.2.1", "198.18.0.100", 40000, 53).build();
-    let tun_plain = Pkt::tcp("198.18.2.1", "198.18.0.110", 40000, 80).build();
-    let mut syn = Pkt::tcp("198.18.2.1", "198.18.0.110", 40000, 80);
-    syn.tcp_flags = lb_tests::TCP_SYN;
-    let tun_syn = syn.build();
+    let tun_plain = Pkt::tcp("198.18.2.1", "198.18.0.110", 40000, 80);
+    let tun_syn = tun_plain.with_flags(lb_tests::TCP_SYN).build();
+    let tun_plain = tun_plain.build();
     let tun6_plain = Pkt::tcp("2001:db8:2::1", "2001:db8::110", 40000, 80).build();
 
     let director_fd = lb_tests::program_fd(&mut h.director, dataplane::PROGRAM);
