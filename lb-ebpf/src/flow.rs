@@ -1,8 +1,8 @@
 //! The connection table: an established flow keeps its backend whatever the rings say.
 
-use aya_ebpf::btf_maps::{LruHashMap as BtfLruHashMap, PerCpuArray as BtfPerCpuArray};
+use aya_ebpf::btf_maps::{Array as BtfArray, LruHashMap as BtfLruHashMap};
 use aya_ebpf::{
-    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::btf_map,
     Global,
 };
@@ -243,7 +243,7 @@ pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
 /// held it when the slot was filled.
 #[repr(C)]
 pub struct CacheSlot {
-    /// The key as two words (see [`cache_slot`]); `k1` = 0 is an empty slot (a real key
+    /// The key as two words (see [`cache_set`]); `k1` = 0 is an empty slot (a real key
     /// has the protocol and family in it).
     k0: u64,
     k1: u64,
@@ -256,34 +256,51 @@ pub struct CacheSlot {
     expires_j: u64,
 }
 
-/// log2 of [`FLOW_CACHE`]'s slots: 16384 slots of 32 bytes, 512 KB per CPU.
-const CACHE_BITS: u32 = 14;
+/// One set of [`FLOW_CACHE`]: two slots, 64 bytes, one cache line (the array's values start
+/// on a page, see there). A flow may sit in either slot of the set its key hashes to.
+#[repr(C)]
+pub struct CacheSet {
+    slots: [CacheSlot; 2],
+}
 
-/// Per CPU, direct-mapped: the flow table's answer for recently seen IPv4 TCP flows of DR
-/// and TUN services, for a second. A hit costs an array slot (the verifier inlines the
-/// lookup), a multiply and two compares, where the LRU hash costs a jhash, a bucket walk
-/// and a key compare — and, with many flows in a large table, cache and TLB misses on the
-/// bucket array and the entry (`bench`: DR hit 28 -> 20 ns, TUN 51 -> 40). What the table
-/// would decide differently is kept out: SYN, FIN and RST go to the table and empty the
-/// slot; the service and backend are checked on every hit as on a table hit (a removed or
-/// reset backend misses at once); NAT flows (the table entry holds their state) and UDP
-/// (the idle clock) are not cached. What the slot does not see — the controller removing
-/// the table entry, LRU eviction — reaches packets within the second. The table entry's
-/// LRU reference is refreshed once a second, when the slot is refilled. Not pinned: a new
-/// program starts empty.
+/// log2 of [`FLOW_CACHE`]'s sets per CPU, set at load time from `flow_cache_size` (a
+/// read-only global, see `DEBUG_LOG`); 0: no cache, and the verifier removes its code.
+#[unsafe(no_mangle)]
+static CACHE_SET_BITS: Global<u32> = Global::new(0);
+
+/// The flow table's answer for recently seen IPv4 TCP flows of DR and TUN services, for a
+/// second; a region of 2^[`CACHE_SET_BITS`] two-way sets per CPU (the controller sizes the
+/// array for every possible CPU; a CPU indexes its own region by
+/// `bpf_get_smp_processor_id`, which the verifier inlines).
+///
+/// A hit costs one cache line, a multiply and a few compares, where the LRU hash costs a
+/// jhash, a bucket walk and a key compare — and, with many flows, cache misses on the
+/// bucket and on the entry (`bench`: DR hit 28 -> 20 ns, TUN 51 -> 40). A plain array, not
+/// a per-CPU one: a per-CPU array finds each value through a pointer table (one more
+/// dependent load, cold with many flows: at 10k flows end to end the direct-mapped per-CPU
+/// version cost as much as the table it saved). `BPF_F_MMAPABLE` only for its layout: the
+/// kernel then starts the values on a page, so each set is one cache line.
+///
+/// What the table would decide differently is kept out: SYN, FIN and RST go to the table
+/// and empty the flow's slot; the service and backend are checked on every hit as on a
+/// table hit (a removed or reset backend misses at once); NAT flows (the table entry holds
+/// their state) and UDP (the idle clock) are not cached. What the slot does not see — the
+/// controller removing the table entry, LRU eviction — reaches packets within the second.
+/// The table entry's LRU reference is refreshed once a second, when the slot is refilled.
+/// Not pinned: a new program starts empty.
 #[btf_map]
-static FLOW_CACHE: BtfPerCpuArray<CacheSlot, { 1 << CACHE_BITS }> = BtfPerCpuArray::new();
+static FLOW_CACHE: BtfArray<CacheSet, 1, { lb_common::BPF_F_MMAPABLE as usize }> = BtfArray::new();
 
 /// [`cached`]: no answer.
 const CACHE_MISS: u64 = u64::MAX;
 
 /// Whether [`FLOW_CACHE`] may hold `key`'s flow: IPv4 TCP (its key fits the slot's two
-/// words). Checked inline before [`cache_fill`], so other flows' table hits do not pay its
-/// call. ([`cached`] checks it inside: the same check before its call, in the director's
-/// frame, cost that frame the stack slot the NAT call chain needs.)
+/// words), with the cache on. Checked inline before [`cache_fill`], so other flows' table
+/// hits do not pay its call. ([`cached`] checks it inside: the same check before its call,
+/// in the director's frame, cost that frame the stack slot the NAT call chain needs.)
 #[inline(always)]
 fn cacheable(key: &FlowKey) -> bool {
-    key.family == AF_INET && key.proto == IPPROTO_TCP
+    CACHE_SET_BITS.load() != 0 && key.family == AF_INET && key.proto == IPPROTO_TCP
 }
 
 /// A [`cached`] answer as (service id, backend id).
@@ -292,23 +309,33 @@ fn unpack(hit: u64) -> (u32, u32) {
     ((hit >> 32) as u32, hit as u32)
 }
 
+/// Whether `slot` holds the flow whose key words are `k0`, `k1`.
+#[inline(always)]
+fn holds(slot: &CacheSlot, k0: u64, k1: u64) -> bool {
+    slot.k0 == k0 && slot.k1 == k1
+}
+
 /// The cached (service id << 32 | backend id) of `key`, or [`CACHE_MISS`]. With `bypass`
-/// (SYN, FIN, RST: the table decides) the slot is emptied if it holds the flow. Out of line:
-/// its registers would cost the director's frame stack the NAT reply's call chain needs.
+/// (SYN, FIN, RST: the table decides) the flow's slot is emptied. Out of line: its
+/// registers would cost the director's frame stack the NAT reply's call chain needs.
 #[inline(never)]
 fn cached(key: &FlowKey, bypass: bool) -> u64 {
     if !cacheable(key) {
         return CACHE_MISS;
     }
-    let (c, k0, k1) = cache_slot(key);
-    let Some(c) = c else {
+    let (set, k0, k1) = cache_set(key);
+    let Some(set) = set else {
         return CACHE_MISS;
     };
-    // SAFETY: a live per-CPU array slot.
-    let c = unsafe { &mut *c };
-    if c.k0 != k0 || c.k1 != k1 {
+    // SAFETY: a live array value, this CPU's.
+    let set = unsafe { &mut *set };
+    let c = if holds(&set.slots[0], k0, k1) {
+        &mut set.slots[0]
+    } else if holds(&set.slots[1], k0, k1) {
+        &mut set.slots[1]
+    } else {
         return CACHE_MISS;
-    }
+    };
     if bypass {
         c.k1 = 0;
         return CACHE_MISS;
@@ -319,33 +346,44 @@ fn cached(key: &FlowKey, bypass: bool) -> u64 {
     u64::from(c.service) << 32 | u64::from(c.backend)
 }
 
-/// Remember the table's answer for `key` ([`cacheable`]; a hit of a DR or TUN flow) for a second, unless
-/// the slot answers for another flow still: with more flows than slots, flows that share
-/// a slot would otherwise take it from each other on every packet, each paying the
+/// Remember the table's answer for `key` ([`cacheable`]; a hit of a DR or TUN flow) for a
+/// second: in the flow's own slot of its set, else in an empty or expired one. A slot that
+/// answers for another flow still is not taken: with more flows than slots, flows that
+/// share a set would otherwise take it from each other on every packet, each paying the
 /// write and none the hit.
 #[inline(never)]
 fn cache_fill(key: &FlowKey, backend: u32, service: u32) {
-    if let (Some(c), k0, k1) = cache_slot(key) {
-        // SAFETY: a live per-CPU array slot.
-        let c = unsafe { &mut *c };
-        let (now, hz) = crate::fwd::jiffies();
-        if c.k1 != 0 && (c.k0 != k0 || c.k1 != k1) && now < c.expires_j {
-            return;
-        }
-        c.k0 = k0;
-        c.k1 = k1;
-        c.backend = backend;
-        c.service = service;
-        c.expires_j = now + u64::from(hz);
-    }
+    let (Some(set), k0, k1) = cache_set(key) else {
+        return;
+    };
+    // SAFETY: a live array value, this CPU's.
+    let set = unsafe { &mut *set };
+    let (now, hz) = crate::fwd::jiffies();
+    let free = |s: &CacheSlot| s.k1 == 0 || now >= s.expires_j;
+    let c = if holds(&set.slots[0], k0, k1) {
+        &mut set.slots[0]
+    } else if holds(&set.slots[1], k0, k1) {
+        &mut set.slots[1]
+    } else if free(&set.slots[0]) {
+        &mut set.slots[0]
+    } else if free(&set.slots[1]) {
+        &mut set.slots[1]
+    } else {
+        return;
+    };
+    c.k0 = k0;
+    c.k1 = k1;
+    c.backend = backend;
+    c.service = service;
+    c.expires_j = now + u64::from(hz);
 }
 
-/// `key`'s slot and its two key words, for a [`cacheable`] key: the addresses (each stored
-/// by the parser as an 8-byte word with zeros above), and ports, protocol and family (one
-/// 8-byte word). The slot index is the words' xor by a 64-bit multiply (Fibonacci hashing):
-/// its high bits mix every input bit.
+/// `key`'s set on this CPU and its two key words, for a [`cacheable`] key: the addresses
+/// (each stored by the parser as an 8-byte word with zeros above), and ports, protocol and
+/// family (one 8-byte word), as [`lb_common::flow_cache_words`] has them; the set within the
+/// CPU's region is [`lb_common::flow_cache_set`]'s.
 #[inline(always)]
-fn cache_slot(key: &FlowKey) -> (Option<*mut CacheSlot>, u64, u64) {
+fn cache_set(key: &FlowKey) -> (Option<*mut CacheSet>, u64, u64) {
     let base = key as *const FlowKey as *const u8;
     // SAFETY: 8-byte words inside the 8-aligned, 40-byte key (offsets 0, 16, 32).
     let (k0, k1) = unsafe {
@@ -354,8 +392,10 @@ fn cache_slot(key: &FlowKey) -> (Option<*mut CacheSlot>, u64, u64) {
             lb_ebpf::load_u64(base.add(32)),
         )
     };
-    let i = ((k0 ^ k1).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - CACHE_BITS)) as u32;
-    (FLOW_CACHE.get_ptr_mut(i), k0, k1)
+    let bits = CACHE_SET_BITS.load();
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let i = lb_common::flow_cache_set(k0, k1, bits);
+    (FLOW_CACHE.get_ptr_mut(cpu << bits | i), k0, k1)
 }
 
 /// The service and backend ids of an established flow as [`established`] would find them

@@ -29,6 +29,10 @@ pub struct Config {
     /// Capacity of the connection table (default [`FLOW_TABLE_CAPACITY`]).
     #[serde(default)]
     pub flow_table_size: Option<u32>,
+    /// Slots of the per-CPU flow cache in front of the connection table (default
+    /// [`lb_common::FLOW_CACHE_SLOTS`]; 0: off).
+    #[serde(default)]
+    pub flow_cache_size: Option<u32>,
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: Option<Metrics>,
@@ -761,6 +765,20 @@ impl Config {
                 );
             }
         }
+        if let Some(slots) = self.flow_cache_size {
+            if slots != 0
+                && (!slots.is_power_of_two()
+                    || !(4..=lb_common::FLOW_CACHE_SLOTS_MAX).contains(&slots))
+            {
+                err(
+                    "flow_cache_size".into(),
+                    format!(
+                        "{slots} is not 0 (off) or a power of two from 4 to {} (e.g. 65536)",
+                        lb_common::FLOW_CACHE_SLOTS_MAX
+                    ),
+                );
+            }
+        }
         if let Some(t) = &self.udp_idle_timeout {
             match humantime::parse_duration(t) {
                 Err(e) => err(
@@ -1095,6 +1113,10 @@ impl Config {
     pub fn flow_table_size(&self) -> u32 {
         self.flow_table_size.unwrap_or(FLOW_TABLE_CAPACITY)
     }
+
+    pub fn flow_cache_size(&self) -> u32 {
+        self.flow_cache_size.unwrap_or(lb_common::FLOW_CACHE_SLOTS)
+    }
 }
 
 fn validate_check(s: &Service, hc: &HealthCheck, p: &str, err: &mut impl FnMut(String, String)) {
@@ -1332,6 +1354,28 @@ services:
         assert_eq!(c.services[1].port, 0);
         assert_eq!(c.services[0].scheduler, Scheduler::Maglev);
         assert_eq!(c.flow_table_size(), FLOW_TABLE_CAPACITY);
+    }
+
+    #[test]
+    fn flow_cache_size_is_off_or_a_power_of_two() {
+        let with =
+            |v: &str| GOOD.replace("services:\n", &format!("flow_cache_size: {v}\nservices:\n"));
+        assert_eq!(
+            Config::parse(GOOD, &AnyHost).unwrap().flow_cache_size(),
+            lb_common::FLOW_CACHE_SLOTS
+        );
+        for (v, slots) in [("0", 0), ("4", 4), ("1048576", 1 << 20)] {
+            assert_eq!(
+                Config::parse(&with(v), &AnyHost).unwrap().flow_cache_size(),
+                slots
+            );
+        }
+        for v in ["1", "2", "3", "65535", "33554432"] {
+            let e = one_error(&with(v));
+            assert_eq!(e.path, "flow_cache_size", "{v}");
+            assert_eq!(e.line, Some(4), "{v}");
+            assert!(e.message.contains("power of two"), "{e}");
+        }
     }
 
     #[test]

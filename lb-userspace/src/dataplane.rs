@@ -70,6 +70,8 @@ pub enum Error {
     Layout { dir: PathBuf, found: u64 },
     #[error("{0} is missing from the XDP object")]
     MissingMap(&'static str),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -366,6 +368,8 @@ pub struct LoadOptions<'a> {
     pub stop_after: u8,
     /// A service has `ring_fast_path: true`: compile the ring fast path in.
     pub ring_fast: bool,
+    /// Slots of the per-CPU flow cache (`flow_cache_size`): 0 (off) or a power of two ≥ 4.
+    pub flow_cache_size: u32,
 }
 
 impl Default for LoadOptions<'_> {
@@ -378,12 +382,35 @@ impl Default for LoadOptions<'_> {
             udp_idle: std::time::Duration::from_nanos(lb_common::UDP_IDLE_DEFAULT_NS),
             stop_after: 0,
             ring_fast: false,
+            flow_cache_size: lb_common::FLOW_CACHE_SLOTS,
         }
     }
 }
 
 /// Identity of the program a set of options loads: the object and its load-time
 /// constants (64-bit FNV-1a, stable across builds and platforms).
+/// The flow cache's layout for `slots` per CPU: (log2 of its two-slot sets per CPU, 0 when
+/// off; the array's entries: that many sets for every possible CPU, 1 when off).
+fn flow_cache_layout(slots: u32) -> Result<(u32, u32)> {
+    if slots == 0 {
+        return Ok((0, 1));
+    }
+    if !slots.is_power_of_two() || !(4..=lb_common::FLOW_CACHE_SLOTS_MAX).contains(&slots) {
+        return Err(Error::Invalid(format!(
+            "flow cache of {slots} slots: 0 (off) or a power of two from 4 to {}",
+            lb_common::FLOW_CACHE_SLOTS_MAX
+        )));
+    }
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Io(e))? as u64;
+    let bits = (slots / 2).trailing_zeros();
+    let sets = u32::try_from(cpus << bits).map_err(|_| {
+        Error::Invalid(format!(
+            "flow cache of {slots} slots on {cpus} CPUs is too large; lower flow_cache_size"
+        ))
+    })?;
+    Ok((bits, sets))
+}
+
 pub fn program_version(opts: &LoadOptions<'_>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let idle = opts.udp_idle.as_nanos() as u64;
@@ -396,6 +423,7 @@ pub fn program_version(opts: &LoadOptions<'_>) -> u64 {
         ])
         .chain(&idle.to_le_bytes())
         .chain(&kernel_hz().to_le_bytes())
+        .chain(&opts.flow_cache_size.to_le_bytes())
     {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
@@ -518,6 +546,9 @@ impl Director {
         loader.override_global("RING_FAST", &ring_fast, true);
         let hz = kernel_hz();
         loader.override_global("JIFFIES_HZ", &hz, true);
+        let (set_bits, sets) = flow_cache_layout(opts.flow_cache_size)?;
+        loader.override_global("CACHE_SET_BITS", &set_bits, true);
+        loader.map_max_entries(maps::FLOW_CACHE, sets);
         let mut adopting = false;
         if let Some(dir) = pin_dir {
             check_bpffs(dir)?;
@@ -967,6 +998,40 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flow_cache_layout_is_a_region_of_two_slot_sets_per_cpu() {
+        let cpus = aya::util::nr_cpus().unwrap() as u32;
+        assert_eq!(
+            flow_cache_layout(0).unwrap(),
+            (0, 1),
+            "off: one unused entry"
+        );
+        assert_eq!(
+            flow_cache_layout(4).unwrap(),
+            (1, cpus << 1),
+            "two sets per CPU"
+        );
+        assert_eq!(flow_cache_layout(65536).unwrap(), (15, cpus << 15));
+        for bad in [1, 2, 3, 65535, lb_common::FLOW_CACHE_SLOTS_MAX * 2] {
+            let e = flow_cache_layout(bad).unwrap_err().to_string();
+            assert!(e.contains("power of two"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_new_flow_cache_size_is_a_new_program() {
+        // A reload compares versions and swaps the program when they differ.
+        let at = |flow_cache_size| {
+            program_version(&LoadOptions {
+                flow_cache_size,
+                ..Default::default()
+            })
+        };
+        assert_eq!(at(65536), at(65536));
+        assert_ne!(at(65536), at(32768));
+        assert_ne!(at(65536), at(0));
+    }
 
     #[test]
     fn config_hz_reads_the_kernel_configs_line() {

@@ -198,6 +198,7 @@ impl Controller {
             debug_log: self.debug_log,
             udp_idle: cfg.udp_idle_timeout(),
             ring_fast: cfg.ring_fast(),
+            flow_cache_size: cfg.flow_cache_size(),
             ..Default::default()
         }
     }
@@ -841,6 +842,7 @@ pub async fn run(opts: RunOptions<'_>) -> anyhow::Result<()> {
         debug_log: opts.debug_log,
         udp_idle: cfg.udp_idle_timeout(),
         ring_fast: cfg.ring_fast(),
+        flow_cache_size: cfg.flow_cache_size(),
         ..Default::default()
     })?;
     let (ids, runtime) = match director.origin {

@@ -158,6 +158,7 @@ impl Harness {
             adopt: false,
             stop_after,
             ring_fast: config.ring_fast(),
+            flow_cache_size: config.flow_cache_size(),
         })
         .expect("load XDP object");
         director.apply(&desired).expect("fill maps");

@@ -48,12 +48,12 @@ struct Lane {
 }
 
 impl Lab {
-    fn new() -> Lab {
+    fn new(targets: &[Target]) -> Lab {
         let tag = std::process::id();
         let gen = TempNs::new(&format!("xpg{tag}"));
         gen.ip(&["link", "set", "lo", "up"]);
         let mut lanes = Vec::new();
-        for (i, target) in Target::ALL.into_iter().enumerate() {
+        for (i, &target) in targets.iter().enumerate() {
             let dir = TempNs::new(&format!("xpd{i}-{tag}"));
             let gen_if = format!("t{i}");
             sh(&[
@@ -115,7 +115,7 @@ fn if_mac(ns: Option<&str>, dev: &str) -> [u8; 6] {
 }
 
 /// What sits in the director's namespace.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 pub enum Target {
     /// MAC swap + XDP_TX.
     Ceiling,
@@ -700,8 +700,11 @@ fn perf_symbols(text: &str) -> Vec<(String, f64)> {
 /// cache lines bounce between the cores; on 2026-11-23 DR delivered 0.6× the ceiling flat
 /// out, yet forwarded what it was offered at 3 Mpps as the ceiling did). The loss-bounded
 /// rate is how forwarding devices are compared (RFC 2544 throughput, FD.io CSIT's PDR).
-pub fn rows(quick: bool) -> Vec<PpsRow> {
-    let lab = Lab::new();
+///
+/// `targets`: which of [`Target::ALL`] (all for the report; fewer to compare a change
+/// quickly, `bench --only e2e --targets ceiling,dr`).
+pub fn rows(quick: bool, targets: &[Target]) -> Vec<PpsRow> {
+    let lab = Lab::new(targets);
     let (runs, count) = if quick { (2, 200_000) } else { (7, 2_000_000) };
     let (pdr_runs, trial_s, steps) = if quick { (1, 0.03, 2) } else { (5, 0.2, 6) };
     let servers: Vec<_> = lab
@@ -712,9 +715,9 @@ pub fn rows(quick: bool) -> Vec<PpsRow> {
     let gen = Generator::new(&lab);
     // Row `i * FLOWS.len() + f`: target `i` (and lane `i`) at `FLOWS[f]`, as the report reads them.
     const FLOWS: [u32; 2] = [1, 10_000];
-    let mut out: Vec<PpsRow> = Target::ALL
-        .into_iter()
-        .flat_map(|target| {
+    let mut out: Vec<PpsRow> = targets
+        .iter()
+        .flat_map(|&target| {
             FLOWS.map(|flows| PpsRow {
                 target,
                 flows,
@@ -727,7 +730,7 @@ pub fn rows(quick: bool) -> Vec<PpsRow> {
             })
         })
         .collect();
-    let n = Target::ALL.len();
+    let n = targets.len();
     // Round r starts at target r.
     let order = |round: usize| (0..n).map(move |k| (k + round) % n);
     let flat_out = |lane: usize, flows: u32| {

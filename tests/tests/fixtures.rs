@@ -833,7 +833,6 @@ fn flow_cache_answers_for_a_second_and_the_table_decides_at_syn_fin_and_after() 
     let mut h = Harness::new(CONFIG);
     let ack = Pkt::tcp("198.18.2.77", "198.18.0.100", 41234, 80);
     let k = ack.key();
-    let k4 = lb_common::FlowKey4::of(&k);
     let first = h.predicted_backend(0, &k);
     let other = *h
         .desired
@@ -841,17 +840,6 @@ fn flow_cache_answers_for_a_second_and_the_table_decides_at_syn_fin_and_after() 
         .keys()
         .find(|&&id| id != first && h.desired.backends[&id].service == h.desired.services[0].id)
         .expect("another backend of the service");
-    fn dst_mac(h: &Harness, p: &Pkt) -> [u8; 6] {
-        let (verdict, out) = h.run(&p.build());
-        assert_eq!(verdict, XDP_TX);
-        <[u8; 6]>::try_from(&out[..6]).unwrap()
-    }
-    let point_table_at = |h: &mut Harness, id: u32| {
-        let flows = &mut h.director.maps.flows.v4;
-        let mut v = flows.get(&k4, 0).expect("flow in FLOWS4");
-        v.backend = id;
-        flows.insert(k4, v, 0).expect("rewrite the entry");
-    };
     let (mac_first, mac_other) = (h.backend_mac(first), h.backend_mac(other));
 
     assert_eq!(dst_mac(&h, &ack), mac_first, "new flow, scheduled");
@@ -860,7 +848,7 @@ fn flow_cache_answers_for_a_second_and_the_table_decides_at_syn_fin_and_after() 
         mac_first,
         "table hit: the slot is filled"
     );
-    point_table_at(&mut h, other);
+    point_table_at(&mut h, &ack, other);
     assert_eq!(dst_mac(&h, &ack), mac_first, "the cache answers");
     let before = h.reason(reason::FWD_DR);
     for _ in 0..5 {
@@ -876,14 +864,141 @@ fn flow_cache_answers_for_a_second_and_the_table_decides_at_syn_fin_and_after() 
     assert_eq!(dst_mac(&h, &syn), mac_other, "a SYN goes to the table");
     assert_eq!(dst_mac(&h, &ack), mac_other, "and emptied the slot");
 
-    point_table_at(&mut h, first);
+    point_table_at(&mut h, &ack, first);
     assert_eq!(dst_mac(&h, &ack), mac_other, "refilled from the table");
     let fin = ack.with_flags(lb_tests::TCP_FIN | lb_tests::TCP_ACK);
     assert_eq!(dst_mac(&h, &fin), mac_first, "a FIN goes to the table");
     assert_eq!(dst_mac(&h, &ack), mac_first, "and emptied the slot");
 
-    point_table_at(&mut h, other);
+    point_table_at(&mut h, &ack, other);
     assert_eq!(dst_mac(&h, &ack), mac_first, "the cache answers");
     std::thread::sleep(std::time::Duration::from_millis(1100));
     assert_eq!(dst_mac(&h, &ack), mac_other, "for a second at most");
+}
+
+/// The destination MAC of `p`'s forwarded frame.
+fn dst_mac(h: &Harness, p: &Pkt) -> [u8; 6] {
+    let (verdict, out) = h.run(&p.build());
+    assert_eq!(verdict, XDP_TX);
+    <[u8; 6]>::try_from(&out[..6]).unwrap()
+}
+
+/// Point `p`'s flow-table entry at backend `id` behind the cache's back, and return the
+/// MAC a packet gets when the table decides (the cache's answer is the one before).
+fn point_table_at(h: &mut Harness, p: &Pkt, id: u32) -> [u8; 6] {
+    let k4 = lb_common::FlowKey4::of(&p.key());
+    let flows = &mut h.director.maps.flows.v4;
+    let mut v = flows.get(&k4, 0).expect("flow in FLOWS4");
+    v.backend = id;
+    flows.insert(k4, v, 0).expect("rewrite the entry");
+    h.backend_mac(id)
+}
+
+/// The flow cache is two-way: two flows whose keys pick the same set are both answered
+/// from it; a third waits for a slot (its table hits do not evict a fresh one) and takes
+/// the one a FIN empties. A direct-mapped cache would answer only the first.
+#[test]
+fn flow_cache_sets_hold_two_flows_and_a_third_takes_a_freed_slot() {
+    lb_tests::pin_to(0, 0);
+    let mut h = Harness::new(CONFIG);
+    let bits = (lb_common::FLOW_CACHE_SLOTS / 2).trailing_zeros();
+    let pkt = |i: u32| {
+        Pkt::tcp(
+            &format!("198.18.{}.{}", 2 + i / 64_512 % 200, 1 + i / 252 % 254),
+            "198.18.0.100",
+            (1024 + i % 64_512) as u16,
+            80,
+        )
+    };
+    let set_of = |p: &Pkt| {
+        let (k0, k1) = lb_common::flow_cache_words(&p.key());
+        lb_common::flow_cache_set(k0, k1, bits)
+    };
+    let a = pkt(0);
+    let mut same: Vec<Pkt> = (1..2_000_000)
+        .map(pkt)
+        .filter(|p| set_of(p) == set_of(&a))
+        .take(2)
+        .collect();
+    assert_eq!(same.len(), 2, "two more flows in the first one's set");
+    let c = same.pop().unwrap();
+    let b = same.pop().unwrap();
+    let service = h.desired.services[0].id;
+    let ids: Vec<u32> = h
+        .desired
+        .backends
+        .iter()
+        .filter(|(_, b)| b.service == service)
+        .map(|(&id, _)| id)
+        .collect();
+    // Each flow: new (scheduled), then a table hit that fills a slot if one is free.
+    let mut cached = Vec::new();
+    for p in [&a, &b, &c] {
+        let first = dst_mac(&h, p);
+        assert_eq!(dst_mac(&h, p), first, "same backend on the table hit");
+        let other = *ids.iter().find(|&&id| h.backend_mac(id) != first).unwrap();
+        cached.push((first, point_table_at(&mut h, p, other)));
+    }
+    assert_eq!(dst_mac(&h, &a), cached[0].0, "first flow: from the cache");
+    assert_eq!(
+        dst_mac(&h, &b),
+        cached[1].0,
+        "second flow, same set: from the cache"
+    );
+    assert_eq!(
+        dst_mac(&h, &c),
+        cached[2].1,
+        "third flow: the set is full, the table"
+    );
+
+    // A's FIN empties its slot; C's next table hit takes it.
+    let fin = a.with_flags(lb_tests::TCP_FIN | lb_tests::TCP_ACK);
+    assert_eq!(dst_mac(&h, &fin), cached[0].1, "a FIN goes to the table");
+    assert_eq!(
+        dst_mac(&h, &c),
+        cached[2].1,
+        "table hit, fills the freed slot"
+    );
+    let was = *ids
+        .iter()
+        .find(|&&id| h.backend_mac(id) == cached[2].0)
+        .unwrap();
+    point_table_at(&mut h, &c, was);
+    assert_eq!(
+        dst_mac(&h, &c),
+        cached[2].1,
+        "third flow: now from the cache"
+    );
+    assert_eq!(
+        dst_mac(&h, &b),
+        cached[1].0,
+        "second flow: still from the cache"
+    );
+}
+
+/// `flow_cache_size: 0` turns the cache off: every packet follows the table at once.
+#[test]
+fn flow_cache_size_zero_leaves_every_packet_to_the_table() {
+    lb_tests::pin_to(0, 0);
+    let mut h = Harness::new(&CONFIG.replace(
+        "flow_table_size: 4096",
+        "flow_table_size: 4096\nflow_cache_size: 0",
+    ));
+    let ack = Pkt::tcp("198.18.2.77", "198.18.0.100", 41234, 80);
+    let first = dst_mac(&h, &ack);
+    assert_eq!(dst_mac(&h, &ack), first, "table hit");
+    let service = h.desired.services[0].id;
+    let other = *h
+        .desired
+        .backends
+        .iter()
+        .find(|(&id, b)| b.service == service && h.backend_mac(id) != first)
+        .unwrap()
+        .0;
+    let mac = point_table_at(&mut h, &ack, other);
+    assert_eq!(
+        dst_mac(&h, &ack),
+        mac,
+        "the table decides, no cache in front"
+    );
 }

@@ -21,6 +21,10 @@ struct Args {
     /// Only these sections (default: all; the plot needs `e2e`).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
+    /// The end-to-end section's targets (default: all, as the report needs; fewer to
+    /// compare a change quickly).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    targets: Vec<lb_tests::pps_bench::Target>,
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -322,7 +326,12 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("target/bench");
     if want(Section::E2e) {
         use lb_tests::{median, pps_bench::Target as T};
-        let pps = lb_tests::pps_bench::rows(quick);
+        let lanes = if args.targets.is_empty() {
+            T::ALL.to_vec()
+        } else {
+            args.targets.clone()
+        };
+        let pps = lb_tests::pps_bench::rows(quick, &lanes);
         report += &lb_tests::pps_bench::report(&pps);
         lb_tests::plot::pps_png(
             &pps,
