@@ -239,22 +239,30 @@ pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
     )
 }
 
-/// One slot of [`FLOW_CACHE`]: an IPv4 TCP flow of a DR or TUN service, as the flow table
-/// held it when the slot was filled.
+/// One slot of [`FLOW_CACHE`]: a TCP flow of a DR or TUN service, either family, as the
+/// flow table held it when the slot was filled. The destination is not in it: a hit is
+/// checked against its service's VIP, which only the flow's own destination matches, so the
+/// source and the ports word name the flow. Ids ride in bits the key and clock leave free,
+/// so two slots share a cache line.
 #[repr(C)]
 pub struct CacheSlot {
-    /// The key as two words (see [`cache_set`]); `k1` = 0 is an empty slot (a real key
-    /// has the protocol and family in it).
-    k0: u64,
-    k1: u64,
-    backend: u32,
-    service: u32,
-    /// `bpf_jiffies64` from which the slot no longer answers: a second ([`JIFFIES_HZ`]
-    /// jiffies) after the table did.
+    /// The source address as two words (IPv4: its word, and 0).
+    src: [u64; 2],
+    /// The key's last word (ports, protocol, family; its top 16 bits are padding, 0) with
+    /// the backend id in those 16 bits. No tuple ([`TUPLE`] bits 0): an empty slot.
+    tuple_backend: u64,
+    /// `bpf_jiffies64` from which the slot no longer answers — a second ([`JIFFIES_HZ`]
+    /// jiffies) after the table did — with the service id in the top 8 bits ([`CLOCK`]).
     ///
     /// [`JIFFIES_HZ`]: crate::fwd::jiffies
-    expires_j: u64,
+    expires_service: u64,
 }
+
+/// [`CacheSlot::tuple_backend`]'s tuple bits.
+const TUPLE: u64 = (1 << 48) - 1;
+/// [`CacheSlot::expires_service`]'s clock bits (2^56 jiffies: two million years at 1000 Hz).
+const CLOCK: u64 = (1 << 56) - 1;
+const _: () = assert!(lb_common::MAX_BACKENDS <= 1 << 16 && lb_common::MAX_SERVICES <= 1 << 8);
 
 /// One set of [`FLOW_CACHE`]: two slots, 64 bytes, one cache line (the array's values start
 /// on a page, see there). A flow may sit in either slot of the set its key hashes to.
@@ -268,18 +276,18 @@ pub struct CacheSet {
 #[unsafe(no_mangle)]
 static CACHE_SET_BITS: Global<u32> = Global::new(0);
 
-/// The flow table's answer for recently seen IPv4 TCP flows of DR and TUN services, for a
+/// The flow table's answer for recently seen TCP flows of DR and TUN services, for a
 /// second; a region of 2^[`CACHE_SET_BITS`] two-way sets per CPU (the controller sizes the
 /// array for every possible CPU; a CPU indexes its own region by
 /// `bpf_get_smp_processor_id`, which the verifier inlines).
 ///
-/// A hit costs one cache line, a multiply and a few compares, where the LRU hash costs a
-/// jhash, a bucket walk and a key compare — and, with many flows, cache misses on the
-/// bucket and on the entry (`bench`: DR hit 28 -> 20 ns, TUN 51 -> 40). A plain array, not
-/// a per-CPU one: a per-CPU array finds each value through a pointer table (one more
-/// dependent load, cold with many flows: at 10k flows end to end the direct-mapped per-CPU
-/// version cost as much as the table it saved). `BPF_F_MMAPABLE` only for its layout: the
-/// kernel then starts the values on a page, so each set is one cache line.
+/// A hit costs one cache line, three multiplies and a few compares, where the LRU hash
+/// costs a jhash, a bucket walk and a key compare — and, with many flows, cache misses on
+/// the bucket and on the entry. A plain array, not a per-CPU one: a per-CPU array finds
+/// each value through a pointer table (one more dependent load, cold with many flows: at
+/// 10k flows end to end the direct-mapped per-CPU version cost as much as the table it
+/// saved). `BPF_F_MMAPABLE` only for its layout: the kernel then starts the values on a
+/// page, so each set is one cache line.
 ///
 /// What the table would decide differently is kept out: SYN, FIN and RST go to the table
 /// and empty the flow's slot; the service and backend are checked on every hit as on a
@@ -294,13 +302,13 @@ static FLOW_CACHE: BtfArray<CacheSet, 1, { lb_common::BPF_F_MMAPABLE as usize }>
 /// [`cached`]: no answer.
 const CACHE_MISS: u64 = u64::MAX;
 
-/// Whether [`FLOW_CACHE`] may hold `key`'s flow: IPv4 TCP (its key fits the slot's two
-/// words), with the cache on. Checked inline before [`cache_fill`], so other flows' table
-/// hits do not pay its call. ([`cached`] checks it inside: the same check before its call,
-/// in the director's frame, cost that frame the stack slot the NAT call chain needs.)
+/// Whether [`FLOW_CACHE`] may hold `key`'s flow: TCP, with the cache on. Checked inline
+/// before [`cache_fill`], so other flows' table hits do not pay its call. ([`cached`]
+/// checks it inside: the same check before its call, in the director's frame, cost that
+/// frame the stack slot the NAT call chain needs.)
 #[inline(always)]
 fn cacheable(key: &FlowKey) -> bool {
-    CACHE_SET_BITS.load() != 0 && key.family == AF_INET && key.proto == IPPROTO_TCP
+    CACHE_SET_BITS.load() != 0 && key.proto == IPPROTO_TCP
 }
 
 /// A [`cached`] answer as (service id, backend id).
@@ -309,10 +317,10 @@ fn unpack(hit: u64) -> (u32, u32) {
     ((hit >> 32) as u32, hit as u32)
 }
 
-/// Whether `slot` holds the flow whose key words are `k0`, `k1`.
+/// Whether `slot` holds the flow whose key words ([`cache_set`]) are `w`.
 #[inline(always)]
-fn holds(slot: &CacheSlot, k0: u64, k1: u64) -> bool {
-    slot.k0 == k0 && slot.k1 == k1
+fn holds(slot: &CacheSlot, w: &[u64; 3]) -> bool {
+    slot.src[0] == w[0] && slot.src[1] == w[1] && slot.tuple_backend & TUPLE == w[2]
 }
 
 /// The cached (service id << 32 | backend id) of `key`, or [`CACHE_MISS`]. With `bypass`
@@ -323,27 +331,28 @@ fn cached(key: &FlowKey, bypass: bool) -> u64 {
     if !cacheable(key) {
         return CACHE_MISS;
     }
-    let (set, k0, k1) = cache_set(key);
+    let (set, w) = cache_set(key);
     let Some(set) = set else {
         return CACHE_MISS;
     };
     // SAFETY: a live array value, this CPU's.
     let set = unsafe { &mut *set };
-    let c = if holds(&set.slots[0], k0, k1) {
+    let c = if holds(&set.slots[0], &w) {
         &mut set.slots[0]
-    } else if holds(&set.slots[1], k0, k1) {
+    } else if holds(&set.slots[1], &w) {
         &mut set.slots[1]
     } else {
         return CACHE_MISS;
     };
     if bypass {
-        c.k1 = 0;
+        c.tuple_backend = 0;
         return CACHE_MISS;
     }
-    if unsafe { bpf_jiffies64() } >= c.expires_j {
+    let e = c.expires_service;
+    if unsafe { bpf_jiffies64() } >= e & CLOCK {
         return CACHE_MISS;
     }
-    u64::from(c.service) << 32 | u64::from(c.backend)
+    (e >> 56) << 32 | c.tuple_backend >> 48
 }
 
 /// Remember the table's answer for `key` ([`cacheable`]; a hit of a DR or TUN flow) for a
@@ -353,16 +362,16 @@ fn cached(key: &FlowKey, bypass: bool) -> u64 {
 /// write and none the hit.
 #[inline(never)]
 fn cache_fill(key: &FlowKey, backend: u32, service: u32) {
-    let (Some(set), k0, k1) = cache_set(key) else {
+    let (Some(set), w) = cache_set(key) else {
         return;
     };
     // SAFETY: a live array value, this CPU's.
     let set = unsafe { &mut *set };
     let (now, hz) = crate::fwd::jiffies();
-    let free = |s: &CacheSlot| s.k1 == 0 || now >= s.expires_j;
-    let c = if holds(&set.slots[0], k0, k1) {
+    let free = |s: &CacheSlot| s.tuple_backend & TUPLE == 0 || now >= s.expires_service & CLOCK;
+    let c = if holds(&set.slots[0], &w) {
         &mut set.slots[0]
-    } else if holds(&set.slots[1], k0, k1) {
+    } else if holds(&set.slots[1], &w) {
         &mut set.slots[1]
     } else if free(&set.slots[0]) {
         &mut set.slots[0]
@@ -371,31 +380,30 @@ fn cache_fill(key: &FlowKey, backend: u32, service: u32) {
     } else {
         return;
     };
-    c.k0 = k0;
-    c.k1 = k1;
-    c.backend = backend;
-    c.service = service;
-    c.expires_j = now + u64::from(hz);
+    c.src = [w[0], w[1]];
+    c.tuple_backend = w[2] | u64::from(backend) << 48;
+    c.expires_service = (now + u64::from(hz)) & CLOCK | u64::from(service) << 56;
 }
 
-/// `key`'s set on this CPU and its two key words, for a [`cacheable`] key: the addresses
-/// (each stored by the parser as an 8-byte word with zeros above), and ports, protocol and
-/// family (one 8-byte word), as [`lb_common::flow_cache_words`] has them; the set within the
-/// CPU's region is [`lb_common::flow_cache_set`]'s.
+/// `key`'s set on this CPU and its three words, as [`lb_common::flow_cache_words`] has
+/// them: the source address (each family's stored by the parser as whole 8-byte words,
+/// IPv4's with zeros above), and ports, protocol and family; the set within the CPU's
+/// region is [`lb_common::flow_cache_set`]'s.
 #[inline(always)]
-fn cache_set(key: &FlowKey) -> (Option<*mut CacheSet>, u64, u64) {
+fn cache_set(key: &FlowKey) -> (Option<*mut CacheSet>, [u64; 3]) {
     let base = key as *const FlowKey as *const u8;
-    // SAFETY: 8-byte words inside the 8-aligned, 40-byte key (offsets 0, 16, 32).
-    let (k0, k1) = unsafe {
-        (
-            lb_ebpf::load_u64(base) | (lb_ebpf::load_u64(base.add(16)) << 32),
+    // SAFETY: 8-byte words inside the 8-aligned, 40-byte key (offsets 0, 8, 32).
+    let w = unsafe {
+        [
+            lb_ebpf::load_u64(base),
+            lb_ebpf::load_u64(base.add(8)),
             lb_ebpf::load_u64(base.add(32)),
-        )
+        ]
     };
     let bits = CACHE_SET_BITS.load();
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let i = lb_common::flow_cache_set(k0, k1, bits);
-    (FLOW_CACHE.get_ptr_mut(cpu << bits | i), k0, k1)
+    let i = lb_common::flow_cache_set(&w, bits);
+    (FLOW_CACHE.get_ptr_mut(cpu << bits | i), w)
 }
 
 /// The service and backend ids of an established flow as [`established`] would find them

@@ -886,11 +886,18 @@ fn dst_mac(h: &Harness, p: &Pkt) -> [u8; 6] {
 /// Point `p`'s flow-table entry at backend `id` behind the cache's back, and return the
 /// MAC a packet gets when the table decides (the cache's answer is the one before).
 fn point_table_at(h: &mut Harness, p: &Pkt, id: u32) -> [u8; 6] {
-    let k4 = lb_common::FlowKey4::of(&p.key());
-    let flows = &mut h.director.maps.flows.v4;
-    let mut v = flows.get(&k4, 0).expect("flow in FLOWS4");
-    v.backend = id;
-    flows.insert(k4, v, 0).expect("rewrite the entry");
+    let k = p.key();
+    let flows = &mut h.director.maps.flows;
+    if k.family == lb_common::AF_INET {
+        let k4 = lb_common::FlowKey4::of(&k);
+        let mut v = flows.v4.get(&k4, 0).expect("flow in FLOWS4");
+        v.backend = id;
+        flows.v4.insert(k4, v, 0).expect("rewrite the entry");
+    } else {
+        let mut v = flows.v6.get(&k, 0).expect("flow in FLOWS6");
+        v.backend = id;
+        flows.v6.insert(k, v, 0).expect("rewrite the entry");
+    }
     h.backend_mac(id)
 }
 
@@ -910,10 +917,7 @@ fn flow_cache_sets_hold_two_flows_and_a_third_takes_a_freed_slot() {
             80,
         )
     };
-    let set_of = |p: &Pkt| {
-        let (k0, k1) = lb_common::flow_cache_words(&p.key());
-        lb_common::flow_cache_set(k0, k1, bits)
-    };
+    let set_of = |p: &Pkt| lb_common::flow_cache_set(&lb_common::flow_cache_words(&p.key()), bits);
     let a = pkt(0);
     let mut same: Vec<Pkt> = (1..2_000_000)
         .map(pkt)
@@ -974,6 +978,62 @@ fn flow_cache_sets_hold_two_flows_and_a_third_takes_a_freed_slot() {
         cached[1].0,
         "second flow: still from the cache"
     );
+}
+
+/// IPv6 TCP flows are cached as IPv4 ones are (the slot keeps the source's two words):
+/// within the second the cache answers, a SYN goes to the table.
+#[test]
+fn flow_cache_answers_ipv6_flows_too() {
+    lb_tests::pin_to(0, 0);
+    let mut h = Harness::new(CONFIG);
+    let ack = Pkt::tcp("2001:db8:2::77", "2001:db8::100", 41234, 443);
+    let first = dst_mac(&h, &ack);
+    assert_eq!(dst_mac(&h, &ack), first, "table hit: the slot is filled");
+    let service = h.desired.services[2].id;
+    let other = *h
+        .desired
+        .backends
+        .iter()
+        .find(|(&id, b)| b.service == service && h.backend_mac(id) != first)
+        .expect("another backend of web6")
+        .0;
+    let table = point_table_at(&mut h, &ack, other);
+    assert_eq!(dst_mac(&h, &ack), first, "the cache answers");
+    let syn = ack.with_flags(lb_tests::TCP_SYN);
+    assert_eq!(dst_mac(&h, &syn), table, "a SYN goes to the table");
+}
+
+/// The cache's key leaves the destination out (a hit is checked against its service's
+/// VIP): the same client address and ports toward another VIP is another flow, balanced
+/// over that VIP's backends, and the first flow keeps its answer.
+#[test]
+fn flow_cache_tells_flows_apart_by_their_vip() {
+    lb_tests::pin_to(0, 0);
+    let h = Harness::new(CONFIG);
+    let web = Pkt::tcp("198.18.2.77", "198.18.0.100", 41234, 80);
+    let all = Pkt::tcp("198.18.2.77", "198.18.0.200", 41234, 80);
+    let web_mac = dst_mac(&h, &web);
+    assert_eq!(dst_mac(&h, &web), web_mac, "table hit: the slot is filled");
+    assert_eq!(dst_mac(&h, &web), web_mac, "from the cache");
+    let all_ports: Vec<[u8; 6]> = h
+        .desired
+        .backends
+        .iter()
+        .filter(|(_, b)| b.service == h.desired.services[4].id)
+        .map(|(&id, _)| h.backend_mac(id))
+        .collect();
+    for _ in 0..3 {
+        let mac = dst_mac(&h, &all);
+        assert!(
+            all_ports.contains(&mac),
+            "{mac:02x?}: not an all-ports backend"
+        );
+        assert_eq!(
+            dst_mac(&h, &web),
+            web_mac,
+            "the first flow keeps its backend"
+        );
+    }
 }
 
 /// `flow_cache_size: 0` turns the cache off: every packet follows the table at once.
