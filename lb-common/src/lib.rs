@@ -131,6 +131,12 @@ pub fn flow_cache_words(key: &FlowKey) -> [u64; 3] {
 /// the data path reads 0 set bits as off) to 16M slots (512 MB per CPU).
 pub const FLOW_CACHE_SLOTS_MAX: u32 = 1 << 24;
 
+/// Whether `slots` is a `flow_cache_size` the data plane can use: 0 (off), or a power of
+/// two from 4 to [`FLOW_CACHE_SLOTS_MAX`]. (The config check and the loader ask this.)
+pub fn flow_cache_size_valid(slots: u32) -> bool {
+    slots == 0 || (slots.is_power_of_two() && (4..=FLOW_CACHE_SLOTS_MAX).contains(&slots))
+}
+
 pub const AF_INET: u8 = 4;
 pub const AF_INET6: u8 = 6;
 pub const IPPROTO_TCP: u8 = 6;

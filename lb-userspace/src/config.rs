@@ -766,10 +766,7 @@ impl Config {
             }
         }
         if let Some(slots) = self.flow_cache_size {
-            if slots != 0
-                && (!slots.is_power_of_two()
-                    || !(4..=lb_common::FLOW_CACHE_SLOTS_MAX).contains(&slots))
-            {
+            if !lb_common::flow_cache_size_valid(slots) {
                 err(
                     "flow_cache_size".into(),
                     format!(

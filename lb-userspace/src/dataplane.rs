@@ -392,14 +392,14 @@ impl Default for LoadOptions<'_> {
 /// The flow cache's layout for `slots` per CPU: (log2 of its two-slot sets per CPU, 0 when
 /// off; the array's entries: that many sets for every possible CPU, 1 when off).
 fn flow_cache_layout(slots: u32) -> Result<(u32, u32)> {
-    if slots == 0 {
-        return Ok((0, 1));
-    }
-    if !slots.is_power_of_two() || !(4..=lb_common::FLOW_CACHE_SLOTS_MAX).contains(&slots) {
+    if !lb_common::flow_cache_size_valid(slots) {
         return Err(Error::Invalid(format!(
             "flow cache of {slots} slots: 0 (off) or a power of two from 4 to {}",
             lb_common::FLOW_CACHE_SLOTS_MAX
         )));
+    }
+    if slots == 0 {
+        return Ok((0, 1));
     }
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Io(e))? as u64;
     let bits = (slots / 2).trailing_zeros();

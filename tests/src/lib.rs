@@ -195,6 +195,17 @@ impl Harness {
             .expect("service in SERVICES")
     }
 
+    /// The ids of desired service `service`'s backends.
+    pub fn backends_of(&self, service: usize) -> Vec<u32> {
+        let id = self.desired.services[service].id;
+        self.desired
+            .backends
+            .iter()
+            .filter(|(_, b)| b.service == id)
+            .map(|(&b, _)| b)
+            .collect()
+    }
+
     pub fn backend_mac(&self, id: u32) -> [u8; 6] {
         self.desired.backends[&id].mac
     }

@@ -834,12 +834,7 @@ fn flow_cache_answers_for_a_second_and_the_table_decides_at_syn_fin_and_after() 
     let ack = Pkt::tcp("198.18.2.77", "198.18.0.100", 41234, 80);
     let k = ack.key();
     let first = h.predicted_backend(0, &k);
-    let other = *h
-        .desired
-        .backends
-        .keys()
-        .find(|&&id| id != first && h.desired.backends[&id].service == h.desired.services[0].id)
-        .expect("another backend of the service");
+    let other = other_backend(&h, 0, h.backend_mac(first));
     let (mac_first, mac_other) = (h.backend_mac(first), h.backend_mac(other));
 
     assert_eq!(dst_mac(&h, &ack), mac_first, "new flow, scheduled");
@@ -881,6 +876,14 @@ fn dst_mac(h: &Harness, p: &Pkt) -> [u8; 6] {
     let (verdict, out) = h.run(&p.build());
     assert_eq!(verdict, XDP_TX);
     <[u8; 6]>::try_from(&out[..6]).unwrap()
+}
+
+/// A backend of desired service `service` whose MAC is not `mac`.
+fn other_backend(h: &Harness, service: usize, mac: [u8; 6]) -> u32 {
+    h.backends_of(service)
+        .into_iter()
+        .find(|&id| h.backend_mac(id) != mac)
+        .expect("another backend of the service")
 }
 
 /// Point `p`'s flow-table entry at backend `id` behind the cache's back, and return the
@@ -927,20 +930,13 @@ fn flow_cache_sets_hold_two_flows_and_a_third_takes_a_freed_slot() {
     assert_eq!(same.len(), 2, "two more flows in the first one's set");
     let c = same.pop().unwrap();
     let b = same.pop().unwrap();
-    let service = h.desired.services[0].id;
-    let ids: Vec<u32> = h
-        .desired
-        .backends
-        .iter()
-        .filter(|(_, b)| b.service == service)
-        .map(|(&id, _)| id)
-        .collect();
+    let ids = h.backends_of(0);
     // Each flow: new (scheduled), then a table hit that fills a slot if one is free.
     let mut cached = Vec::new();
     for p in [&a, &b, &c] {
         let first = dst_mac(&h, p);
         assert_eq!(dst_mac(&h, p), first, "same backend on the table hit");
-        let other = *ids.iter().find(|&&id| h.backend_mac(id) != first).unwrap();
+        let other = other_backend(&h, 0, first);
         cached.push((first, point_table_at(&mut h, p, other)));
     }
     assert_eq!(dst_mac(&h, &a), cached[0].0, "first flow: from the cache");
@@ -989,14 +985,7 @@ fn flow_cache_answers_ipv6_flows_too() {
     let ack = Pkt::tcp("2001:db8:2::77", "2001:db8::100", 41234, 443);
     let first = dst_mac(&h, &ack);
     assert_eq!(dst_mac(&h, &ack), first, "table hit: the slot is filled");
-    let service = h.desired.services[2].id;
-    let other = *h
-        .desired
-        .backends
-        .iter()
-        .find(|(&id, b)| b.service == service && h.backend_mac(id) != first)
-        .expect("another backend of web6")
-        .0;
+    let other = other_backend(&h, 2, first);
     let table = point_table_at(&mut h, &ack, other);
     assert_eq!(dst_mac(&h, &ack), first, "the cache answers");
     let syn = ack.with_flags(lb_tests::TCP_SYN);
@@ -1016,11 +1005,9 @@ fn flow_cache_tells_flows_apart_by_their_vip() {
     assert_eq!(dst_mac(&h, &web), web_mac, "table hit: the slot is filled");
     assert_eq!(dst_mac(&h, &web), web_mac, "from the cache");
     let all_ports: Vec<[u8; 6]> = h
-        .desired
-        .backends
-        .iter()
-        .filter(|(_, b)| b.service == h.desired.services[4].id)
-        .map(|(&id, _)| h.backend_mac(id))
+        .backends_of(4)
+        .into_iter()
+        .map(|id| h.backend_mac(id))
         .collect();
     for _ in 0..3 {
         let mac = dst_mac(&h, &all);
@@ -1047,14 +1034,7 @@ fn flow_cache_size_zero_leaves_every_packet_to_the_table() {
     let ack = Pkt::tcp("198.18.2.77", "198.18.0.100", 41234, 80);
     let first = dst_mac(&h, &ack);
     assert_eq!(dst_mac(&h, &ack), first, "table hit");
-    let service = h.desired.services[0].id;
-    let other = *h
-        .desired
-        .backends
-        .iter()
-        .find(|(&id, b)| b.service == service && h.backend_mac(id) != first)
-        .unwrap()
-        .0;
+    let other = other_backend(&h, 0, first);
     let mac = point_table_at(&mut h, &ack, other);
     assert_eq!(
         dst_mac(&h, &ack),
