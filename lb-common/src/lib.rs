@@ -377,6 +377,23 @@ pub const fn udp_expired(age_ns: u64, idle_ns: u64) -> bool {
     age_ns > idle_ns.saturating_add(udp_touch_ns(idle_ns))
 }
 
+/// How many jiffies (`hz` per second) the flow cache may answer for a UDP flow whose table
+/// entry's clock is `age_ns` old after the packet that fills the slot: until the table would
+/// next refresh that clock ([`udp_touch_ns`]), so the table sees the flow as often as without
+/// the cache and its idle timeout ([`udp_expired`]) and the controller's sweep judge the same
+/// clock; at most a second, as for TCP. Rounded down twice (ns to jiffies by 2^30 instead of
+/// 10^9, and one jiffy less, as `jiffies` may step before the coarse clock does); 0: do not
+/// fill.
+pub const fn udp_cache_ticks(age_ns: u64, idle_ns: u64, hz: u32) -> u64 {
+    let touch = udp_touch_ns(idle_ns);
+    if age_ns >= touch {
+        return 0;
+    }
+    let ticks = ((touch - age_ns).saturating_mul(hz as u64)) >> 30;
+    let ticks = if ticks > hz as u64 { hz as u64 } else { ticks };
+    ticks.saturating_sub(1)
+}
+
 /// Default idle timeout of UDP flows (`udp_idle_timeout`).
 pub const UDP_IDLE_DEFAULT_NS: u64 = 30_000_000_000;
 
@@ -1051,6 +1068,38 @@ mod tests {
             );
         }
         assert!(!udp_expired(0, 0) && udp_expired(1, 0));
+    }
+
+    #[test]
+    fn udp_cache_ticks_end_before_the_table_would_refresh() {
+        const S: u64 = 1_000_000_000;
+        for hz in [100u32, 250, 300, 1000] {
+            let tick = S / u64::from(hz);
+            for idle in [0, S / 2, S, 30 * S, 3600 * S] {
+                let touch = udp_touch_ns(idle);
+                for age in [
+                    0,
+                    1,
+                    touch / 3,
+                    touch / 2,
+                    touch.saturating_sub(tick),
+                    touch,
+                ] {
+                    let t = udp_cache_ticks(age, idle, hz);
+                    // One jiffy of the two clocks' skew on top: still within the touch
+                    // (0: no slot).
+                    assert!(
+                        t == 0 || age + (t + 1) * tick <= touch,
+                        "hz {hz} idle {idle} age {age}: {t} ticks"
+                    );
+                    assert!(t < u64::from(hz), "at most a second");
+                }
+            }
+            // A just refreshed clock under the default timeout: most of the second.
+            let fresh = udp_cache_ticks(0, 30 * S, hz);
+            assert!(fresh >= u64::from(hz) * 9 / 10 - 1, "hz {hz}: {fresh}");
+            assert_eq!(udp_cache_ticks(0, 0, hz), 0, "no timeout: never cached");
+        }
         assert!(!udp_expired(u64::MAX, u64::MAX), "no overflow");
     }
 

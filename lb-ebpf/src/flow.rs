@@ -7,9 +7,9 @@ use aya_ebpf::{
     Global,
 };
 use lb_common::{
-    mode, reason, udp_expired, udp_touch_ns, Backend, FlowKey, FlowKey4, FlowValue, ServiceMeta,
-    AF_INET, BPF_F_NO_COMMON_LRU, FLOW_F_ENDED, FLOW_TABLE_CAPACITY, IPPROTO_TCP, IPPROTO_UDP,
-    UDP_IDLE_DEFAULT_NS,
+    mode, reason, udp_cache_ticks, udp_expired, udp_touch_ns, Backend, FlowKey, FlowKey4,
+    FlowValue, ServiceMeta, AF_INET, BPF_F_NO_COMMON_LRU, FLOW_F_ENDED, FLOW_TABLE_CAPACITY,
+    IPPROTO_TCP, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
 };
 
 use crate::select;
@@ -220,13 +220,13 @@ pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
     let Some(svc) = select::service_by_id(v.service, key) else {
         return Established::Stale;
     };
-    let Some(backend) = still_live(v, key, client_ends(svc, tcp_end), tcp_syn) else {
+    let Some((backend, age)) = still_live(v, key, client_ends(svc, tcp_end), tcp_syn) else {
         return Established::Stale;
     };
     if cacheable(key) && !tcp_end && !tcp_syn && (svc.mode == mode::DR || svc.mode == mode::TUN) {
         // Filled here only: a new flow's entry is made further on, and its next packet
         // fills the slot.
-        cache_fill(key, v.backend, v.service);
+        cache_fill(key, v.backend, v.service, age);
     }
     Established::Hit(
         svc,
@@ -239,8 +239,8 @@ pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
     )
 }
 
-/// One slot of [`FLOW_CACHE`]: a TCP flow of a DR or TUN service, either family, as the
-/// flow table held it when the slot was filled. The destination is not in it: a hit is
+/// One slot of [`FLOW_CACHE`]: a TCP or UDP flow of a DR or TUN service, either family, as
+/// the flow table held it when the slot was filled. The destination is not in it: a hit is
 /// checked against its service's VIP, which only the flow's own destination matches, so the
 /// source and the ports word name the flow. Ids ride in bits the key and clock leave free,
 /// so two slots share a cache line.
@@ -276,10 +276,11 @@ pub struct CacheSet {
 #[unsafe(no_mangle)]
 static CACHE_SET_BITS: Global<u32> = Global::new(0);
 
-/// The flow table's answer for recently seen TCP flows of DR and TUN services, for a
-/// second; a region of 2^[`CACHE_SET_BITS`] two-way sets per CPU (the controller sizes the
-/// array for every possible CPU; a CPU indexes its own region by
-/// `bpf_get_smp_processor_id`, which the verifier inlines).
+/// The flow table's answer for recently seen TCP and UDP flows of DR and TUN services, for
+/// a second (UDP: until the table would refresh the flow's idle clock); a region of
+/// 2^[`CACHE_SET_BITS`] two-way sets per CPU (the controller sizes the array for every
+/// possible CPU; a CPU indexes its own region by `bpf_get_smp_processor_id`, which the
+/// verifier inlines).
 ///
 /// A hit costs one cache line, three multiplies and a few compares, where the LRU hash
 /// costs a jhash, a bucket walk and a key compare — and, with many flows, cache misses on
@@ -292,23 +293,25 @@ static CACHE_SET_BITS: Global<u32> = Global::new(0);
 /// What the table would decide differently is kept out: SYN, FIN and RST go to the table
 /// and empty the flow's slot; the service and backend are checked on every hit as on a
 /// table hit (a removed or reset backend misses at once); NAT flows (the table entry holds
-/// their state) and UDP (the idle clock) are not cached. What the slot does not see — the
-/// controller removing the table entry, LRU eviction — reaches packets within the second.
-/// The table entry's LRU reference is refreshed once a second, when the slot is refilled.
-/// Not pinned: a new program starts empty.
+/// their state) are not cached. A UDP flow's slot answers only until the table would next
+/// refresh the flow's clock ([`lb_common::udp_cache_ticks`]): the table then sees the flow
+/// as often as without the cache, so its idle timeout is judged on the same clock. What the
+/// slot does not see — the controller removing the table entry, LRU eviction — reaches
+/// packets within the second. The table entry's LRU reference is refreshed once a second,
+/// when the slot is refilled. Not pinned: a new program starts empty.
 #[btf_map]
 static FLOW_CACHE: BtfArray<CacheSet, 1, { lb_common::BPF_F_MMAPABLE as usize }> = BtfArray::new();
 
 /// [`cached`]: no answer.
 const CACHE_MISS: u64 = u64::MAX;
 
-/// Whether [`FLOW_CACHE`] may hold `key`'s flow: TCP, with the cache on. Checked inline
-/// before [`cache_fill`], so other flows' table hits do not pay its call. ([`cached`]
-/// checks it inside: the same check before its call, in the director's frame, cost that
-/// frame the stack slot the NAT call chain needs.)
+/// Whether [`FLOW_CACHE`] may hold `key`'s flow: TCP or UDP, with the cache on. Checked
+/// inline before [`cache_fill`], so other flows' table hits do not pay its call.
+/// ([`cached`] checks it inside: the same check before its call, in the director's frame,
+/// cost that frame the stack slot the NAT call chain needs.)
 #[inline(always)]
 fn cacheable(key: &FlowKey) -> bool {
-    CACHE_SET_BITS.load() != 0 && key.proto == IPPROTO_TCP
+    CACHE_SET_BITS.load() != 0 && (key.proto == IPPROTO_TCP || key.proto == IPPROTO_UDP)
 }
 
 /// A [`cached`] answer as (service id, backend id).
@@ -356,18 +359,27 @@ fn cached(key: &FlowKey, bypass: bool) -> u64 {
 }
 
 /// Remember the table's answer for `key` ([`cacheable`]; a hit of a DR or TUN flow) for a
-/// second: in the flow's own slot of its set, else in an empty or expired one. A slot that
-/// answers for another flow still is not taken: with more flows than slots, flows that
-/// share a set would otherwise take it from each other on every packet, each paying the
-/// write and none the hit.
+/// second (UDP, whose table clock is `age` ns old: until the table would refresh it, see
+/// [`udp_cache_ticks`]): in the flow's own slot of its set, else in an empty or expired
+/// one. A slot that answers for another flow still is not taken: with more flows than
+/// slots, flows that share a set would otherwise take it from each other on every packet,
+/// each paying the write and none the hit.
 #[inline(never)]
-fn cache_fill(key: &FlowKey, backend: u32, service: u32) {
+fn cache_fill(key: &FlowKey, backend: u32, service: u32, age: u64) {
+    let (now, hz) = crate::fwd::jiffies();
+    let ticks = if key.proto == IPPROTO_UDP {
+        udp_cache_ticks(age, UDP_IDLE_NS.load(), hz)
+    } else {
+        u64::from(hz)
+    };
+    if ticks == 0 {
+        return;
+    }
     let (Some(set), w) = cache_set(key) else {
         return;
     };
     // SAFETY: a live array value, this CPU's.
     let set = unsafe { &mut *set };
-    let (now, hz) = crate::fwd::jiffies();
     let free = |s: &CacheSlot| s.tuple_backend & TUPLE == 0 || now >= s.expires_service & CLOCK;
     let c = if holds(&set.slots[0], &w) {
         &mut set.slots[0]
@@ -382,7 +394,7 @@ fn cache_fill(key: &FlowKey, backend: u32, service: u32) {
     };
     c.src = [w[0], w[1]];
     c.tuple_backend = w[2] | u64::from(backend) << 48;
-    c.expires_service = (now + u64::from(hz)) & CLOCK | u64::from(service) << 56;
+    c.expires_service = (now + ticks) & CLOCK | u64::from(service) << 56;
 }
 
 /// `key`'s set on this CPU and its three words, as [`lb_common::flow_cache_words`] has
@@ -436,14 +448,15 @@ pub fn opens(v: &FlowValue, opening: bool) -> bool {
 /// client ended and now opens again ([`opens`]), and its backend was neither removed from
 /// the config nor reset (those flows are rescheduled). If so, refresh the UDP clock (when
 /// it is older than `udp_touch_ns`) and, when the client `ending` the connection, stop
-/// counting it as active for its backend (once). `Some`: the backend's entry.
+/// counting it as active for its backend (once). `Some`: the backend's entry, and the
+/// age of the entry's UDP clock after this packet (0: TCP, or just refreshed).
 #[inline(always)]
 fn still_live(
     v: &mut FlowValue,
     key: &FlowKey,
     ending: bool,
     opening: bool,
-) -> Option<&'static Backend> {
+) -> Option<(&'static Backend, u64)> {
     let age = if key.proto == IPPROTO_UDP {
         unsafe { bpf_ktime_get_coarse_ns() }.saturating_sub(v.last_seen_ns)
     } else {
@@ -454,13 +467,16 @@ fn still_live(
         return None;
     }
     let backend = select::backend(v.backend)?;
-    if age > udp_touch_ns(idle) {
+    let age = if age > udp_touch_ns(idle) {
         v.last_seen_ns += age;
-    }
+        0
+    } else {
+        age
+    };
     if ending {
         mark_ended(v);
     }
-    Some(backend)
+    Some((backend, age))
 }
 
 /// Idle timeout of UDP flows in ns, set at load time (`udp_idle_timeout`).

@@ -1042,3 +1042,76 @@ fn flow_cache_size_zero_leaves_every_packet_to_the_table() {
         "the table decides, no cache in front"
     );
 }
+
+/// UDP flows are cached too, but a slot answers only until the table would refresh the
+/// flow's idle clock (`udp_idle_timeout` 1 s: every 125 ms), so the table keeps seeing the
+/// flow as often as without the cache. Without UDP in the cache the first check fails;
+/// with a slot valid for the whole second, the second.
+#[test]
+fn flow_cache_answers_udp_flows_until_the_table_would_refresh_their_clock() {
+    lb_tests::pin_to(0, 0);
+    let mut h = Harness::new(&format!("udp_idle_timeout: 1s\n{CONFIG}"));
+    let refresh = std::time::Duration::from_millis(125);
+    // A try counts when this VM did not stall half the refresh interval between the packet
+    // that filled the slot and the one that checks it.
+    for sport in 5400u16..5405 {
+        let p = Pkt::udp("198.18.2.78", "198.18.0.100", sport, 53);
+        let first = dst_mac(&h, &p);
+        let filled = std::time::Instant::now();
+        assert_eq!(dst_mac(&h, &p), first, "table hit: the slot is filled");
+        let other = other_backend(&h, 1, first);
+        let table = point_table_at(&mut h, &p, other);
+        let answer = dst_mac(&h, &p);
+        if filled.elapsed() >= refresh / 2 {
+            continue;
+        }
+        assert_eq!(answer, first, "the cache answers");
+        std::thread::sleep(refresh + std::time::Duration::from_millis(75));
+        assert_eq!(
+            dst_mac(&h, &p),
+            table,
+            "no longer than the table's refresh interval"
+        );
+        return;
+    }
+    panic!("this VM stalled in every try");
+}
+
+/// A UDP flow answered from the cache keeps its table entry as without the cache: after
+/// 0.9 s of packets 20 ms apart and a 0.7 s pause (under the 1 s timeout), the next packet
+/// is the same flow and the sweep leaves it alone. Were the slot to answer for a second
+/// from its fill, the table's clock would still be the first packet's, 1.6 s old, and the
+/// flow would end.
+#[test]
+fn udp_flows_answered_from_the_cache_keep_their_idle_clock() {
+    lb_tests::pin_to(0, 0);
+    let idle = std::time::Duration::from_secs(1);
+    let mut h = Harness::new(&format!("udp_idle_timeout: 1s\n{CONFIG}"));
+    let new_flows = |h: &Harness| {
+        lb_userspace::dataplane::Maps::sum_counters(&h.director.maps.service_stats, 1)
+            .unwrap()
+            .new_flows
+    };
+    for sport in [5500u16, 5501, 5502] {
+        let bytes = Pkt::udp("198.18.2.79", "198.18.0.100", sport, 53).build();
+        assert_eq!(h.run(&bytes).0, XDP_TX);
+        let flows = new_flows(&h);
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(900) {
+            assert_eq!(h.run(&bytes).0, XDP_TX);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(h.run(&bytes).0, XDP_TX);
+        let last = std::time::Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let swept = lb_userspace::dataplane::sweep_idle_udp(&mut h.director.maps, idle).unwrap();
+        assert_eq!(h.run(&bytes).0, XDP_TX);
+        // Checked only when this VM did not stall the pause past the timeout.
+        if last.elapsed() < idle - std::time::Duration::from_millis(50) {
+            assert_eq!(swept, 0, "flow {sport} swept while active");
+            assert_eq!(new_flows(&h), flows, "flow {sport} started anew while active");
+            return;
+        }
+    }
+    panic!("this VM stalled past the timeout in every try");
+}
