@@ -131,6 +131,10 @@ pub fn flow_cache_words(key: &FlowKey) -> [u64; 3] {
 /// the data path reads 0 set bits as off) to 16M slots (512 MB per CPU).
 pub const FLOW_CACHE_SLOTS_MAX: u32 = 1 << 24;
 
+/// CPUs the flow cache serves at most: a backend's FIN or RST on a NAT flow empties the
+/// flow's slot in every CPU's region, a loop the verifier walks once per CPU.
+pub const MAX_CPUS: u32 = 1024;
+
 /// Whether `slots` is a `flow_cache_size` the data plane can use: 0 (off), or a power of
 /// two from 4 to [`FLOW_CACHE_SLOTS_MAX`]. (The config check and the loader ask this.)
 pub fn flow_cache_size_valid(slots: u32) -> bool {

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     mode, reason, udp_cache_ticks, udp_expired, udp_touch_ns, Backend, FlowKey, FlowKey4,
-    FlowValue, ServiceMeta, AF_INET, BPF_F_NO_COMMON_LRU, FLOW_F_ENDED, FLOW_TABLE_CAPACITY,
-    IPPROTO_TCP, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
+    FlowValue, ServiceMeta, AF_INET, BPF_F_NO_COMMON_LRU, FLOW_F_ENDED, FLOW_F_FIN_BACKEND,
+    FLOW_F_FIN_CLIENT, FLOW_TABLE_CAPACITY, IPPROTO_TCP, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
 };
 
 use crate::select;
@@ -128,6 +128,9 @@ pub struct Choice {
     /// The flow's table entry when the fast path ([`established`]) found it, else null; the
     /// NAT path updates it in place without hashing the 5-tuple again.
     pub entry: *mut FlowValue,
+    /// The answer came from [`FLOW_CACHE`]: for a NAT flow, its reply mapping is not due to
+    /// be made sure of and its entry holds no FIN (see [`cache_fill`]).
+    pub cached: bool,
 }
 
 impl Default for Choice {
@@ -136,6 +139,7 @@ impl Default for Choice {
             id: 0,
             new: false,
             entry: core::ptr::null_mut(),
+            cached: false,
         }
     }
 }
@@ -206,8 +210,8 @@ pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
                 svc,
                 Choice {
                     id,
-                    new: false,
-                    entry: core::ptr::null_mut(),
+                    cached: true,
+                    ..Choice::default()
                 },
                 backend,
             );
@@ -223,27 +227,31 @@ pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
     let Some((backend, age)) = still_live(v, key, client_ends(svc, tcp_end), tcp_syn) else {
         return Established::Stale;
     };
-    if cacheable(key) && !tcp_end && !tcp_syn && (svc.mode == mode::DR || svc.mode == mode::TUN) {
+    if cacheable(key)
+        && !tcp_end
+        && !tcp_syn
+        && (svc.mode == mode::DR || svc.mode == mode::TUN || svc.mode == mode::NAT)
+    {
         // Filled here only: a new flow's entry is made further on, and its next packet
         // fills the slot.
-        cache_fill(key, v.backend, v.service, age);
+        cache_fill(key, v, age, svc.mode == mode::NAT);
     }
     Established::Hit(
         svc,
         Choice {
             id: v.backend,
-            new: false,
             entry: v,
+            ..Choice::default()
         },
         backend,
     )
 }
 
-/// One slot of [`FLOW_CACHE`]: a TCP or UDP flow of a DR or TUN service, either family, as
-/// the flow table held it when the slot was filled. The destination is not in it: a hit is
-/// checked against its service's VIP, which only the flow's own destination matches, so the
-/// source and the ports word name the flow. Ids ride in bits the key and clock leave free,
-/// so two slots share a cache line.
+/// One slot of [`FLOW_CACHE`]: a TCP or UDP flow of a DR, TUN or NAT service, either
+/// family, as the flow table held it when the slot was filled. The destination is not in
+/// it: a hit is checked against its service's VIP, which only the flow's own destination
+/// matches, so the source and the ports word name the flow. Ids ride in bits the key and
+/// clock leave free, so two slots share a cache line.
 #[repr(C)]
 pub struct CacheSlot {
     /// The source address as two words (IPv4: its word, and 0).
@@ -276,8 +284,8 @@ pub struct CacheSet {
 #[unsafe(no_mangle)]
 static CACHE_SET_BITS: Global<u32> = Global::new(0);
 
-/// The flow table's answer for recently seen TCP and UDP flows of DR and TUN services, for
-/// a second (UDP: until the table would refresh the flow's idle clock); a region of
+/// The flow table's answer for recently seen TCP and UDP flows of DR, TUN and NAT services,
+/// for a second or less (see [`cache_fill`]); a region of
 /// 2^[`CACHE_SET_BITS`] two-way sets per CPU (the controller sizes the array for every
 /// possible CPU; a CPU indexes its own region by `bpf_get_smp_processor_id`, which the
 /// verifier inlines).
@@ -292,13 +300,15 @@ static CACHE_SET_BITS: Global<u32> = Global::new(0);
 ///
 /// What the table would decide differently is kept out: SYN, FIN and RST go to the table
 /// and empty the flow's slot; the service and backend are checked on every hit as on a
-/// table hit (a removed or reset backend misses at once); NAT flows (the table entry holds
-/// their state) are not cached. A UDP flow's slot answers only until the table would next
-/// refresh the flow's clock ([`lb_common::udp_cache_ticks`]): the table then sees the flow
-/// as often as without the cache, so its idle timeout is judged on the same clock. What the
-/// slot does not see — the controller removing the table entry, LRU eviction — reaches
-/// packets within the second. The table entry's LRU reference is refreshed once a second,
-/// when the slot is refilled. Not pinned: a new program starts empty.
+/// table hit (a removed or reset backend misses at once). A UDP flow's slot answers only
+/// until the table would next refresh the flow's clock ([`lb_common::udp_cache_ticks`]):
+/// the table then sees the flow as often as without the cache, so its idle timeout is
+/// judged on the same clock. A NAT flow's answers only until its reply mapping is due to be
+/// made sure of, never once a FIN was seen, and a backend's FIN or RST empties it on every
+/// CPU ([`cache_forget`]); full-NAT flows are not cached (their source lives in the entry).
+/// What the slot does not see — the controller removing the table entry, LRU eviction —
+/// reaches packets within the second. The table entry's LRU reference is refreshed once a
+/// second, when the slot is refilled. Not pinned: a new program starts empty.
 #[btf_map]
 static FLOW_CACHE: BtfArray<CacheSet, 1, { lb_common::BPF_F_MMAPABLE as usize }> = BtfArray::new();
 
@@ -358,23 +368,39 @@ fn cached(key: &FlowKey, bypass: bool) -> u64 {
     (e >> 56) << 32 | c.tuple_backend >> 48
 }
 
-/// Remember the table's answer for `key` ([`cacheable`]; a hit of a DR or TUN flow) for a
-/// second (UDP, whose table clock is `age` ns old: until the table would refresh it, see
-/// [`udp_cache_ticks`]): in the flow's own slot of its set, else in an empty or expired
-/// one. A slot that answers for another flow still is not taken: with more flows than
-/// slots, flows that share a set would otherwise take it from each other on every packet,
-/// each paying the write and none the hit.
+/// Remember the table's answer `v` for `key` ([`cacheable`]; a hit of a DR, TUN or `nat`
+/// flow) for a second, or less where the table has more to do sooner: a UDP flow's, whose
+/// table clock is `age` ns old, until the table would refresh it ([`udp_cache_ticks`]); a
+/// NAT flow's until its reply mapping is due to be made sure of again (a second after the
+/// last time, see `fwd::nat`), and not at all once either side sent a FIN (the table
+/// entry follows the close). In the flow's own slot of its set, else in an empty or
+/// expired one. A slot that answers for another flow still is not taken: with more flows
+/// than slots, flows that share a set would otherwise take it from each other on every
+/// packet, each paying the write and none the hit.
 #[inline(never)]
-fn cache_fill(key: &FlowKey, backend: u32, service: u32, age: u64) {
+fn cache_fill(key: &FlowKey, v: *const FlowValue, age: u64, nat: bool) {
+    // SAFETY: the flow's live table entry.
+    let v = unsafe { &*v };
     let (now, hz) = crate::fwd::jiffies();
-    let ticks = if key.proto == IPPROTO_UDP {
+    let mut ticks = if key.proto == IPPROTO_UDP {
         udp_cache_ticks(age, UDP_IDLE_NS.load(), hz)
     } else {
         u64::from(hz)
     };
+    if nat {
+        if v.flags & (FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND) != 0 {
+            return;
+        }
+        // Due now (this packet makes sure of it): a second from now; else the rest of it.
+        let since = u64::from((now as u16).wrapping_sub(v.nat_checked));
+        if since < u64::from(hz) && u64::from(hz) - since < ticks {
+            ticks = u64::from(hz) - since;
+        }
+    }
     if ticks == 0 {
         return;
     }
+    let (backend, service) = (v.backend, v.service);
     let (Some(set), w) = cache_set(key) else {
         return;
     };
@@ -403,6 +429,15 @@ fn cache_fill(key: &FlowKey, backend: u32, service: u32, age: u64) {
 /// region is [`lb_common::flow_cache_set`]'s.
 #[inline(always)]
 fn cache_set(key: &FlowKey) -> (Option<*mut CacheSet>, [u64; 3]) {
+    let (i, w) = cache_index(key);
+    let bits = CACHE_SET_BITS.load();
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    (FLOW_CACHE.get_ptr_mut(cpu << bits | i), w)
+}
+
+/// [`cache_set`]'s set within a CPU's region, and the key words.
+#[inline(always)]
+fn cache_index(key: &FlowKey) -> (u32, [u64; 3]) {
     let base = key as *const FlowKey as *const u8;
     // SAFETY: 8-byte words inside the 8-aligned, 40-byte key (offsets 0, 8, 32).
     let w = unsafe {
@@ -412,10 +447,37 @@ fn cache_set(key: &FlowKey) -> (Option<*mut CacheSet>, [u64; 3]) {
             lb_ebpf::load_u64(base.add(32)),
         ]
     };
+    (lb_common::flow_cache_set(&w, CACHE_SET_BITS.load()), w)
+}
+
+/// CPUs with a region in [`FLOW_CACHE`] (the possible ones), set at load time with
+/// [`CACHE_SET_BITS`].
+#[unsafe(no_mangle)]
+static CACHE_CPUS: Global<u32> = Global::new(0);
+
+/// Empty `key`'s slot on every CPU: the backend ended a NAT flow or began to (FIN, RST),
+/// which the client's CPU may not see, and the table must decide its next packets. Out of
+/// line: the loop stays out of the callers' verification.
+#[inline(never)]
+pub fn cache_forget(key: &FlowKey) {
+    if !cacheable(key) {
+        return;
+    }
+    let (i, w) = cache_index(key);
     let bits = CACHE_SET_BITS.load();
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let i = lb_common::flow_cache_set(&w, bits);
-    (FLOW_CACHE.get_ptr_mut(cpu << bits | i), w)
+    let mut cpu = 0;
+    while cpu < CACHE_CPUS.load() && cpu < lb_common::MAX_CPUS {
+        if let Some(set) = FLOW_CACHE.get_ptr_mut(cpu << bits | i) {
+            // SAFETY: a live array value.
+            let set = unsafe { &mut *set };
+            for c in &mut set.slots {
+                if holds(c, &w) {
+                    c.tuple_backend = 0;
+                }
+            }
+        }
+        cpu += 1;
+    }
 }
 
 /// The service and backend ids of an established flow as [`established`] would find them
@@ -504,8 +566,7 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
             // `Choice` with 32-bit loads, and the verifier rejects a pointer filled by halves.
             return Ok(Choice {
                 id: v.backend,
-                new: false,
-                entry: core::ptr::null_mut(),
+                ..Choice::default()
             });
         }
         // Rescheduled below: the old backend loses the flow.
@@ -540,6 +601,6 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
     Ok(Choice {
         id,
         new: true,
-        entry: core::ptr::null_mut(),
+        ..Choice::default()
     })
 }

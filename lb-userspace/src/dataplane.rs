@@ -387,8 +387,6 @@ impl Default for LoadOptions<'_> {
     }
 }
 
-/// Identity of the program a set of options loads: the object and its load-time
-/// constants (64-bit FNV-1a, stable across builds and platforms).
 /// The flow cache's layout for `slots` per CPU: (log2 of its two-slot sets per CPU, 0 when
 /// off; the array's entries: that many sets for every possible CPU, 1 when off).
 fn flow_cache_layout(slots: u32) -> Result<(u32, u32)> {
@@ -402,6 +400,12 @@ fn flow_cache_layout(slots: u32) -> Result<(u32, u32)> {
         return Ok((0, 1));
     }
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Io(e))? as u64;
+    if cpus > u64::from(lb_common::MAX_CPUS) {
+        return Err(Error::Invalid(format!(
+            "the flow cache serves at most {} CPUs, this machine has {cpus}; set flow_cache_size: 0",
+            lb_common::MAX_CPUS
+        )));
+    }
     let bits = (slots / 2).trailing_zeros();
     let sets = u32::try_from(cpus << bits).map_err(|_| {
         Error::Invalid(format!(
@@ -411,6 +415,8 @@ fn flow_cache_layout(slots: u32) -> Result<(u32, u32)> {
     Ok((bits, sets))
 }
 
+/// Identity of the program a set of options loads: the object and its load-time
+/// constants (64-bit FNV-1a, stable across builds and platforms).
 pub fn program_version(opts: &LoadOptions<'_>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let idle = opts.udp_idle.as_nanos() as u64;
@@ -548,6 +554,8 @@ impl Director {
         loader.override_global("JIFFIES_HZ", &hz, true);
         let (set_bits, sets) = flow_cache_layout(opts.flow_cache_size)?;
         loader.override_global("CACHE_SET_BITS", &set_bits, true);
+        let cache_cpus = sets >> set_bits;
+        loader.override_global("CACHE_CPUS", &cache_cpus, true);
         loader.map_max_entries(maps::FLOW_CACHE, sets);
         let mut adopting = false;
         if let Some(dir) = pin_dir {

@@ -1109,7 +1109,11 @@ fn udp_flows_answered_from_the_cache_keep_their_idle_clock() {
         // Checked only when this VM did not stall the pause past the timeout.
         if last.elapsed() < idle - std::time::Duration::from_millis(50) {
             assert_eq!(swept, 0, "flow {sport} swept while active");
-            assert_eq!(new_flows(&h), flows, "flow {sport} started anew while active");
+            assert_eq!(
+                new_flows(&h),
+                flows,
+                "flow {sport} started anew while active"
+            );
             return;
         }
     }

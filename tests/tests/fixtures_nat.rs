@@ -572,3 +572,102 @@ fn reply_route_to_the_client_is_cached_for_a_second() {
         );
     });
 }
+
+/// New flows of the `nat` service so far.
+fn nat_new_flows(h: &Harness) -> u64 {
+    lb_userspace::dataplane::Maps::sum_counters(&h.director.maps.service_stats, 0)
+        .unwrap()
+        .new_flows
+}
+
+/// NAT flows are answered from the flow cache (`FLOW_CACHE`) after a table hit, as DR and
+/// TUN flows are: with the table entry taken away behind the cache's back, the client's
+/// packets stay the same flow (no new one scheduled) until the slot ends, which is when the
+/// reply mapping is due to be made sure of (within the second): the lost mapping is then
+/// made again. Without NAT in the cache the first packet after the removal is a new flow.
+#[test]
+fn nat_flows_are_cached_until_their_reply_mapping_is_due() {
+    lb_tests::require_root();
+    FibLab::new("natflowc").run(|| {
+        lb_tests::pin_to(0, 0);
+        let (mut h, up0) = harness();
+        let (client, reply) = open_nat_flow(&h, up0, 40040);
+        let (verdict, out) = run(&h, up0, &client.build());
+        assert_eq!(verdict, XDP_TX, "table hit: the slot is filled");
+        let flows = nat_new_flows(&h);
+        h.director
+            .maps
+            .flows
+            .remove(&client.key())
+            .expect("flow in the table");
+        evict_mapping(&mut h, up0, &reply);
+        assert_eq!(
+            run(&h, up0, &client.build()),
+            (XDP_TX, out),
+            "the cache answers, rewritten as before"
+        );
+        assert_eq!(nat_new_flows(&h), flows, "no new flow: the cache answered");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+        while nat_new_flows(&h) == flows {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the table decides again within the second"
+            );
+            assert_eq!(run(&h, up0, &client.build()).0, XDP_TX);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(
+            run(&h, up0, &reply.build()).0,
+            XDP_TX,
+            "and the mapping is made again"
+        );
+    });
+}
+
+/// A NAT flow's cached slot does not outlive its close: the backend's RST, seen on another
+/// CPU, empties it on every CPU, so the client's next packet is a new flow with a new reply
+/// mapping (answered from the slot, it would reach the backend with no mapping for its
+/// reply); and a flow the client closes first ends at its last ACK.
+#[test]
+fn a_nat_flows_close_reaches_its_cached_slot() {
+    lb_tests::require_root();
+    FibLab::new("natcclose").run(|| {
+        lb_tests::pin_to(0, 0);
+        let (h, up0) = harness();
+        let (client, reply) = open_nat_flow(&h, up0, 40050);
+        let with = |p: &Pkt, tcp_flags: u8| {
+            Pkt {
+                tcp_flags,
+                ..p.clone()
+            }
+            .build()
+        };
+        assert_eq!(run(&h, up0, &client.build()).0, XDP_TX, "slot filled");
+        let flows = nat_new_flows(&h);
+        lb_tests::pin_to(0, 1);
+        let closed = h.reason(reason::NAT_FLOW_CLOSED);
+        assert_eq!(run(&h, up0, &with(&reply, TCP_RST)).0, XDP_TX);
+        assert_eq!(h.reason(reason::NAT_FLOW_CLOSED), closed + 1, "backend RST");
+        lb_tests::pin_to(0, 0);
+        assert_eq!(run(&h, up0, &client.build()).0, XDP_TX);
+        assert_eq!(
+            nat_new_flows(&h),
+            flows + 1,
+            "the next packet is a new flow"
+        );
+        assert_eq!(run(&h, up0, &reply.build()).0, XDP_TX, "with its mapping");
+
+        // Cached again, then closed by the client first: FIN, the backend's FIN, and the
+        // client's last ACK, which the table sees.
+        assert_eq!(run(&h, up0, &client.build()).0, XDP_TX, "slot filled");
+        assert_eq!(run(&h, up0, &with(&client, TCP_FIN)).0, XDP_TX);
+        assert_eq!(run(&h, up0, &with(&reply, TCP_FIN)).0, XDP_TX);
+        let closed = h.reason(reason::NAT_FLOW_CLOSED);
+        assert_eq!(run(&h, up0, &client.build()).0, XDP_TX, "last ACK");
+        assert_eq!(
+            h.reason(reason::NAT_FLOW_CLOSED),
+            closed + 1,
+            "ends the flow"
+        );
+    });
+}

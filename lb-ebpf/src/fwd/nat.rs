@@ -23,8 +23,13 @@ use crate::{
     parse::Parsed,
 };
 
-/// `how` word of the NAT forward path: bit 0 full-NAT, bit 1 new flow, the backend id above.
+/// `how` word of the NAT forward path: bit 0 full-NAT, bit 1 new flow, bit 2 answered by
+/// the flow cache ([`HOW_CACHED`]), the backend id above.
 const HOW_ID_SHIFT: u32 = 8;
+
+/// The flow cache answered ([`Choice::cached`]): no entry, no FIN in it, and the reply
+/// mapping is not due (the slot lasts until it is, see `flow::cache_fill`).
+const HOW_CACHED: u32 = 4;
 
 /// Reply 5-tuple (as it arrives from the backend) -> what to restore. LRUs with a common
 /// list: replies may arrive on any CPU. One per family like the flow table, so IPv4 replies
@@ -338,7 +343,10 @@ pub fn forward(ctx: &XdpContext, pkt: &Parsed, choice: &Choice, fullnat: bool) -
         ctx.ctx,
         pkt,
         choice.entry,
-        u32::from(fullnat) | (u32::from(choice.new) << 1) | (choice.id << HOW_ID_SHIFT),
+        u32::from(fullnat)
+            | (u32::from(choice.new) << 1)
+            | if choice.cached { HOW_CACHED } else { 0 }
+            | (choice.id << HOW_ID_SHIFT),
         &mut out,
     ) {
         STATUS_OK => Ok(out),
@@ -383,10 +391,10 @@ fn forward_inner(
     let backend = crate::select::backend(how >> HOW_ID_SHIFT).ok_or(reason::PASS_NO_BACKEND)?;
     let flags = tcp_flags(ctx, pkt);
     // The flow's entry: from the fast path's lookup; looked up here only when it is needed
-    // and the caller had none (a flow scheduled just now, an ICMP error).
-    // `pkt.tcp_end`: TCP with FIN or RST (the parser's summary).
+    // and the caller had none (a flow scheduled just now, an ICMP error; not for a flow the
+    // cache answered). `pkt.tcp_end`: TCP with FIN or RST (the parser's summary).
     let (fullnat, new, closing) = (how & 1 != 0, how & 2 != 0, pkt.tcp_end);
-    let entry = if !entry.is_null() || (new && !fullnat && !closing) {
+    let entry = if !entry.is_null() || how & HOW_CACHED != 0 || (new && !fullnat && !closing) {
         entry
     } else {
         flow::entry(&pkt.key).unwrap_or(core::ptr::null_mut())
@@ -447,7 +455,7 @@ fn prepare_out(
     };
     // What the backend's reply will look like, and what it must get back (built only when
     // the mapping is due to be made sure of).
-    if mapping_due(entry, new, closing) {
+    if how & HOW_CACHED == 0 && mapping_due(entry, new, closing) {
         let reply_key = reply_key(key, backend, &rw.src, sport_be, dport_be);
         if new || replies().get(&reply_key).is_none() {
             let reply = NatReply {
@@ -641,6 +649,10 @@ fn lifecycle_backend(reply: &FlowKey, r: &mut NatReply, flags: u8) {
         return;
     }
     let flow_key = r.flow;
+    if flags & (TCP_FIN | TCP_RST) != 0 {
+        // The client's CPU may have the flow cached: its next packets go to the table.
+        flow::cache_forget(&flow_key);
+    }
     let Some(e) = flow::entry(&flow_key) else {
         return;
     };
