@@ -834,7 +834,10 @@ pub mod stage {
         (FLOW_LOOKUP, "flow-table lookup"),
         (SERVICE, "service check"),
         (LIVENESS, "backend and flow liveness"),
-        (NAT_MAPPING, "reply mapping (NAT_REPLIES4) made sure of"),
+        (
+            NAT_MAPPING,
+            "reply mapping (NAT_REPLIES4) made sure of, when due",
+        ),
         (NAT_REWRITE, "rewrite (addresses, ports, checksums, TTL)"),
         (NAT_ROUTE, "next hop (cached), MACs, send"),
         (FORWARD, "flow lifecycle (FIN/RST)"),
@@ -842,7 +845,7 @@ pub mod stage {
     /// The stages of a backend's reply in NAT mode.
     pub const NAT_REPLY: [(u8, &str); 5] = [
         (PARSE, "parse"),
-        (NOT_VIP, "flow-table miss, not a VIP (filter)"),
+        (NOT_VIP, "flow-cache miss, not a VIP (filter)"),
         (NAT_MAPPING, "reply mapping lookup, lifecycle"),
         (NAT_REWRITE, "rewrite (addresses, ports, checksums, TTL)"),
         (NAT_ROUTE, "next hop (cached), MACs, send"),

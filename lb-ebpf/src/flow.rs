@@ -186,6 +186,9 @@ pub enum Established {
     /// A usable entry: the flow's service, its choice and the backend's entry (found by the
     /// liveness check; the caller need not look it up again).
     Hit(&'static ServiceMeta, Choice, &'static Backend),
+    /// Not for a VIP address (the filter is sure): no flow or service can match; the table
+    /// was not asked.
+    NotVip,
     /// No entry: a new flow.
     Absent,
     /// An entry that does not hold as it is (an idle UDP flow, a removed or reset backend, a
@@ -216,6 +219,11 @@ pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
                 backend,
             );
         }
+    }
+    // A NAT reply, the host's own traffic: the VIP filter, an array word, spares them the
+    // table's miss (a hash walk). After the cache, whose hits do not pay for it.
+    if !select::maybe_vip(key) {
+        return Established::NotVip;
     }
     let Some(v) = entry(key) else {
         return Established::Absent;

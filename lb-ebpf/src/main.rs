@@ -139,9 +139,8 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
                 return Ok(xdp_action::XDP_TX);
             }
             flow::Established::Hit(svc, choice, backend) => (svc, choice, Some(backend)),
-            // For no VIP address (the filter is sure): no service; perhaps a backend's reply to a
-            // NAT flow. Checked after the flow-table miss, so flow hits do not pay for it.
-            _ if !select::maybe_vip(&pkt.key) => {
+            // For no VIP address: no service; perhaps a backend's reply to a NAT flow.
+            flow::Established::NotVip => {
                 return not_for_a_vip(ctx, pkt, reason::PASS_NON_VIP);
             }
             miss => {
