@@ -198,9 +198,9 @@ pub enum Established {
 
 /// The fast path: a packet of an established flow whose service (by the id the flow
 /// recorded, checked against the packet's destination) and backend are still usable — a
-/// [`FLOW_CACHE`] slot or one hash lookup (this table), and array reads. Otherwise the packet goes the full way
-/// ([`crate::select::service`], then [`lookup_or_schedule`]), told whether there was an
-/// entry at all, so a new flow is looked up once, not twice.
+/// [`FLOW_CACHE`] slot or one hash lookup (this table), and array reads. Otherwise the
+/// packet goes the full way ([`crate::select::service`], then [`lookup_or_schedule`]),
+/// told whether there was an entry at all, so a new flow is looked up once, not twice.
 #[inline(always)]
 pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
     let hit = cached(key, tcp_end || tcp_syn);
@@ -267,10 +267,8 @@ pub struct CacheSlot {
     /// The key's last word (ports, protocol, family; its top 16 bits are padding, 0) with
     /// the backend id in those 16 bits. No tuple ([`TUPLE`] bits 0): an empty slot.
     tuple_backend: u64,
-    /// `bpf_jiffies64` from which the slot no longer answers — a second ([`JIFFIES_HZ`]
-    /// jiffies) after the table did — with the service id in the top 8 bits ([`CLOCK`]).
-    ///
-    /// [`JIFFIES_HZ`]: crate::fwd::jiffies
+    /// `bpf_jiffies64` from which the slot no longer answers — at most a second after the
+    /// table did, see [`cache_fill`] — with the service id in the top 8 bits ([`CLOCK`]).
     expires_service: u64,
 }
 

@@ -213,6 +213,13 @@ impl Harness {
     pub fn reason(&self, slot: u32) -> u64 {
         self.director.maps.reason_totals().expect("read REASONS")[slot as usize]
     }
+
+    /// New flows counted for service id `service` so far, all CPUs.
+    pub fn new_flows(&self, service: u32) -> u64 {
+        lb_userspace::dataplane::Maps::sum_counters(&self.director.maps.service_stats, service)
+            .expect("read SERVICE_STATS")
+            .new_flows
+    }
 }
 
 pub fn run_program(prog: &aya::programs::Xdp, input: &[u8]) -> (u32, Vec<u8>) {

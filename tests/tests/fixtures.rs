@@ -547,11 +547,6 @@ fn udp_flows_with_packets_closer_than_the_timeout_are_kept() {
     let idle = std::time::Duration::from_secs(1);
     let mut h = Harness::new(&format!("udp_idle_timeout: 1s\n{CONFIG}"));
     let gap = std::time::Duration::from_millis(600);
-    let new_flows = |h: &Harness| {
-        lb_userspace::dataplane::Maps::sum_counters(&h.director.maps.service_stats, 1)
-            .unwrap()
-            .new_flows
-    };
     // A packet is checked only when this VM did not stall past the timeout since the one
     // before (then starting anew would be right); a try needs three checked packets.
     for sport in [5300u16, 5301, 5302] {
@@ -559,7 +554,7 @@ fn udp_flows_with_packets_closer_than_the_timeout_are_kept() {
         let bytes = pkt.build();
         let mut before = std::time::Instant::now();
         assert_eq!(h.run(&bytes).0, XDP_TX);
-        let mut flows = new_flows(&h);
+        let mut flows = h.new_flows(1);
         let mut checked = 0;
         for _ in 0..5 {
             std::thread::sleep(gap.saturating_sub(before.elapsed()));
@@ -571,14 +566,14 @@ fn udp_flows_with_packets_closer_than_the_timeout_are_kept() {
             if !stalled {
                 assert_eq!(swept.unwrap(), 0, "flow {sport} swept while active");
                 assert_eq!(
-                    new_flows(&h),
+                    h.new_flows(1),
                     flows,
                     "flow {sport} started anew while active"
                 );
                 checked += 1;
             }
             before = now;
-            flows = new_flows(&h);
+            flows = h.new_flows(1);
         }
         if checked >= 3 {
             assert!(h.director.maps.flows.get(&pkt.key()).is_some());
@@ -893,6 +888,17 @@ fn other_backend(h: &Harness, service: usize, mac: [u8; 6]) -> u32 {
         .expect("another backend of the service")
 }
 
+/// `p`'s flow made (scheduled) and hit once in the table, which fills its cache slot where
+/// there is a cache, then its table entry pointed at another backend of desired service
+/// `service` behind the cache's back: (the MAC the slot answers with, the MAC the table
+/// now gives).
+fn fill_then_repoint(h: &mut Harness, p: &Pkt, service: usize) -> ([u8; 6], [u8; 6]) {
+    let first = dst_mac(h, p);
+    assert_eq!(dst_mac(h, p), first, "same backend on the table hit");
+    let other = other_backend(h, service, first);
+    (first, point_table_at(h, p, other))
+}
+
 /// Point `p`'s flow-table entry at backend `id` behind the cache's back, and return the
 /// MAC a packet gets when the table decides (the cache's answer is the one before).
 fn point_table_at(h: &mut Harness, p: &Pkt, id: u32) -> [u8; 6] {
@@ -941,10 +947,7 @@ fn flow_cache_sets_hold_two_flows_and_a_third_takes_a_freed_slot() {
     // Each flow: new (scheduled), then a table hit that fills a slot if one is free.
     let mut cached = Vec::new();
     for p in [&a, &b, &c] {
-        let first = dst_mac(&h, p);
-        assert_eq!(dst_mac(&h, p), first, "same backend on the table hit");
-        let other = other_backend(&h, 0, first);
-        cached.push((first, point_table_at(&mut h, p, other)));
+        cached.push(fill_then_repoint(&mut h, p, 0));
     }
     assert_eq!(dst_mac(&h, &a), cached[0].0, "first flow: from the cache");
     assert_eq!(
@@ -990,10 +993,7 @@ fn flow_cache_answers_ipv6_flows_too() {
     lb_tests::pin_to(0, 0);
     let mut h = Harness::new(CONFIG);
     let ack = Pkt::tcp("2001:db8:2::77", "2001:db8::100", 41234, 443);
-    let first = dst_mac(&h, &ack);
-    assert_eq!(dst_mac(&h, &ack), first, "table hit: the slot is filled");
-    let other = other_backend(&h, 2, first);
-    let table = point_table_at(&mut h, &ack, other);
+    let (first, table) = fill_then_repoint(&mut h, &ack, 2);
     assert_eq!(dst_mac(&h, &ack), first, "the cache answers");
     let syn = ack.with_flags(lb_tests::TCP_SYN);
     assert_eq!(dst_mac(&h, &syn), table, "a SYN goes to the table");
@@ -1039,10 +1039,7 @@ fn flow_cache_size_zero_leaves_every_packet_to_the_table() {
         "flow_table_size: 4096\nflow_cache_size: 0",
     ));
     let ack = Pkt::tcp("198.18.2.77", "198.18.0.100", 41234, 80);
-    let first = dst_mac(&h, &ack);
-    assert_eq!(dst_mac(&h, &ack), first, "table hit");
-    let other = other_backend(&h, 0, first);
-    let mac = point_table_at(&mut h, &ack, other);
+    let (_, mac) = fill_then_repoint(&mut h, &ack, 0);
     assert_eq!(
         dst_mac(&h, &ack),
         mac,
@@ -1059,15 +1056,12 @@ fn flow_cache_answers_udp_flows_until_the_table_would_refresh_their_clock() {
     lb_tests::pin_to(0, 0);
     let mut h = Harness::new(&format!("udp_idle_timeout: 1s\n{CONFIG}"));
     let refresh = std::time::Duration::from_millis(125);
-    // A try counts when this VM did not stall half the refresh interval between the packet
-    // that filled the slot and the one that checks it.
+    // A try counts when this VM did not stall half the refresh interval between the flow's
+    // first packet (the slot is filled by the next) and the one that checks it.
     for sport in 5400u16..5405 {
         let p = Pkt::udp("198.18.2.78", "198.18.0.100", sport, 53);
-        let first = dst_mac(&h, &p);
         let filled = std::time::Instant::now();
-        assert_eq!(dst_mac(&h, &p), first, "table hit: the slot is filled");
-        let other = other_backend(&h, 1, first);
-        let table = point_table_at(&mut h, &p, other);
+        let (first, table) = fill_then_repoint(&mut h, &p, 1);
         let answer = dst_mac(&h, &p);
         if filled.elapsed() >= refresh / 2 {
             continue;
@@ -1094,15 +1088,10 @@ fn udp_flows_answered_from_the_cache_keep_their_idle_clock() {
     lb_tests::pin_to(0, 0);
     let idle = std::time::Duration::from_secs(1);
     let mut h = Harness::new(&format!("udp_idle_timeout: 1s\n{CONFIG}"));
-    let new_flows = |h: &Harness| {
-        lb_userspace::dataplane::Maps::sum_counters(&h.director.maps.service_stats, 1)
-            .unwrap()
-            .new_flows
-    };
     for sport in [5500u16, 5501, 5502] {
         let bytes = Pkt::udp("198.18.2.79", "198.18.0.100", sport, 53).build();
         assert_eq!(h.run(&bytes).0, XDP_TX);
-        let flows = new_flows(&h);
+        let flows = h.new_flows(1);
         let start = std::time::Instant::now();
         while start.elapsed() < std::time::Duration::from_millis(900) {
             assert_eq!(h.run(&bytes).0, XDP_TX);
@@ -1117,7 +1106,7 @@ fn udp_flows_answered_from_the_cache_keep_their_idle_clock() {
         if last.elapsed() < idle - std::time::Duration::from_millis(50) {
             assert_eq!(swept, 0, "flow {sport} swept while active");
             assert_eq!(
-                new_flows(&h),
+                h.new_flows(1),
                 flows,
                 "flow {sport} started anew while active"
             );

@@ -271,10 +271,7 @@ fn rst_and_fin_both_ways_end_the_flow() {
         let (client, reply) = open_nat_flow(&h, up0, 40020);
 
         // RST from the client: forwarded, and the mapping is gone.
-        let rst = Pkt {
-            tcp_flags: TCP_RST,
-            ..client.clone()
-        };
+        let rst = client.with_flags(TCP_RST);
         let closed = h.reason(reason::NAT_FLOW_CLOSED);
         assert_eq!(
             run(&h, up0, &rst.build()).0,
@@ -290,32 +287,8 @@ fn rst_and_fin_both_ways_end_the_flow() {
 
         // A new flow, closed by FIN both ways and the client's last ACK.
         assert_eq!(run(&h, up0, &client.build()).0, XDP_TX);
-        assert_eq!(
-            run(
-                &h,
-                up0,
-                &Pkt {
-                    tcp_flags: TCP_FIN,
-                    ..client.clone()
-                }
-                .build()
-            )
-            .0,
-            XDP_TX
-        );
-        assert_eq!(
-            run(
-                &h,
-                up0,
-                &Pkt {
-                    tcp_flags: TCP_FIN,
-                    ..reply.clone()
-                }
-                .build()
-            )
-            .0,
-            XDP_TX
-        );
+        assert_eq!(run(&h, up0, &client.with_flags(TCP_FIN).build()).0, XDP_TX);
+        assert_eq!(run(&h, up0, &reply.with_flags(TCP_FIN).build()).0, XDP_TX);
         let closed = h.reason(reason::NAT_FLOW_CLOSED);
         assert_eq!(
             run(&h, up0, &client.build()).0,
@@ -335,13 +308,6 @@ fn rst_and_fin_both_ways_end_the_flow() {
 
         // The backend closes first: its FIN, the client's FIN, then the backend's last ACK
         // ends the flow. Plain backend packets before its FIN end nothing.
-        let with = |p: &Pkt, tcp_flags: u8| {
-            Pkt {
-                tcp_flags,
-                ..p.clone()
-            }
-            .build()
-        };
         let closed_by = |h: &Harness, p: &[u8]| {
             let before = h.reason(reason::NAT_FLOW_CLOSED);
             assert_eq!(run(h, up0, p).0, XDP_TX);
@@ -353,9 +319,9 @@ fn rst_and_fin_both_ways_end_the_flow() {
             0,
             "a plain reply ends nothing"
         );
-        assert_eq!(closed_by(&h, &with(&reply, TCP_FIN)), 0);
+        assert_eq!(closed_by(&h, &reply.with_flags(TCP_FIN).build()), 0);
         assert_eq!(closed_by(&h, &reply.build()), 0, "FIN one way only");
-        assert_eq!(closed_by(&h, &with(&client, TCP_FIN)), 0);
+        assert_eq!(closed_by(&h, &client.with_flags(TCP_FIN).build()), 0);
         assert_eq!(
             closed_by(&h, &reply.build()),
             1,
@@ -365,16 +331,20 @@ fn rst_and_fin_both_ways_end_the_flow() {
 
         // RST from the backend ends the flow too.
         assert_eq!(closed_by(&h, &client.build()), 0);
-        assert_eq!(closed_by(&h, &with(&reply, TCP_RST)), 1, "backend RST");
+        assert_eq!(
+            closed_by(&h, &reply.with_flags(TCP_RST).build()),
+            1,
+            "backend RST"
+        );
         assert_eq!(run(&h, up0, &reply.build()).0, XDP_PASS);
 
         // A reply mapping lost to LRU eviction after the backend's FIN is made again by the
         // client's next packet, and still knows of that FIN: the backend's last ACK ends it.
         assert_eq!(closed_by(&h, &client.build()), 0);
-        assert_eq!(closed_by(&h, &with(&reply, TCP_FIN)), 0);
+        assert_eq!(closed_by(&h, &reply.with_flags(TCP_FIN).build()), 0);
         evict_mapping(&mut h, up0, &reply);
         assert_eq!(
-            closed_by(&h, &with(&client, TCP_FIN)),
+            closed_by(&h, &client.with_flags(TCP_FIN).build()),
             0,
             "mapping made again"
         );
@@ -434,10 +404,7 @@ fn fullnat_ports_return_to_the_pool_when_the_flow_ends() {
             h.director.maps.nat_replies.get(&held).is_some(),
             "port {port} held by the flow"
         );
-        let rst = Pkt {
-            tcp_flags: TCP_RST,
-            ..p.clone()
-        };
+        let rst = p.with_flags(TCP_RST);
         assert_eq!(run(&h, up0, &rst.build()).0, XDP_TX);
         assert!(
             h.director.maps.nat_replies.get(&held).is_none(),
@@ -489,11 +456,7 @@ fn idle_udp_flows_end_and_their_nat_state_goes() {
         );
         let new_flows = |h: &Harness| -> u64 {
             (0..h.desired.services.len() as u32)
-                .map(|s| {
-                    lb_userspace::dataplane::Maps::sum_counters(&h.director.maps.service_stats, s)
-                        .unwrap()
-                        .new_flows
-                })
+                .map(|s| h.new_flows(s))
                 .sum()
         };
         let before = new_flows(&h);
@@ -573,13 +536,6 @@ fn reply_route_to_the_client_is_cached_for_a_second() {
     });
 }
 
-/// New flows of the `nat` service so far.
-fn nat_new_flows(h: &Harness) -> u64 {
-    lb_userspace::dataplane::Maps::sum_counters(&h.director.maps.service_stats, 0)
-        .unwrap()
-        .new_flows
-}
-
 /// NAT flows are answered from the flow cache (`FLOW_CACHE`) after a table hit, as DR and
 /// TUN flows are: with the table entry taken away behind the cache's back, the client's
 /// packets stay the same flow (no new one scheduled) until the slot ends, which is when the
@@ -594,7 +550,7 @@ fn nat_flows_are_cached_until_their_reply_mapping_is_due() {
         let (client, reply) = open_nat_flow(&h, up0, 40040);
         let (verdict, out) = run(&h, up0, &client.build());
         assert_eq!(verdict, XDP_TX, "table hit: the slot is filled");
-        let flows = nat_new_flows(&h);
+        let flows = h.new_flows(0);
         h.director
             .maps
             .flows
@@ -606,9 +562,9 @@ fn nat_flows_are_cached_until_their_reply_mapping_is_due() {
             (XDP_TX, out),
             "the cache answers, rewritten as before"
         );
-        assert_eq!(nat_new_flows(&h), flows, "no new flow: the cache answered");
+        assert_eq!(h.new_flows(0), flows, "no new flow: the cache answered");
         let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
-        while nat_new_flows(&h) == flows {
+        while h.new_flows(0) == flows {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the table decides again within the second"
@@ -635,33 +591,22 @@ fn a_nat_flows_close_reaches_its_cached_slot() {
         lb_tests::pin_to(0, 0);
         let (h, up0) = harness();
         let (client, reply) = open_nat_flow(&h, up0, 40050);
-        let with = |p: &Pkt, tcp_flags: u8| {
-            Pkt {
-                tcp_flags,
-                ..p.clone()
-            }
-            .build()
-        };
         assert_eq!(run(&h, up0, &client.build()).0, XDP_TX, "slot filled");
-        let flows = nat_new_flows(&h);
+        let flows = h.new_flows(0);
         lb_tests::pin_to(0, 1);
         let closed = h.reason(reason::NAT_FLOW_CLOSED);
-        assert_eq!(run(&h, up0, &with(&reply, TCP_RST)).0, XDP_TX);
+        assert_eq!(run(&h, up0, &reply.with_flags(TCP_RST).build()).0, XDP_TX);
         assert_eq!(h.reason(reason::NAT_FLOW_CLOSED), closed + 1, "backend RST");
         lb_tests::pin_to(0, 0);
         assert_eq!(run(&h, up0, &client.build()).0, XDP_TX);
-        assert_eq!(
-            nat_new_flows(&h),
-            flows + 1,
-            "the next packet is a new flow"
-        );
+        assert_eq!(h.new_flows(0), flows + 1, "the next packet is a new flow");
         assert_eq!(run(&h, up0, &reply.build()).0, XDP_TX, "with its mapping");
 
         // Cached again, then closed by the client first: FIN, the backend's FIN, and the
         // client's last ACK, which the table sees.
         assert_eq!(run(&h, up0, &client.build()).0, XDP_TX, "slot filled");
-        assert_eq!(run(&h, up0, &with(&client, TCP_FIN)).0, XDP_TX);
-        assert_eq!(run(&h, up0, &with(&reply, TCP_FIN)).0, XDP_TX);
+        assert_eq!(run(&h, up0, &client.with_flags(TCP_FIN).build()).0, XDP_TX);
+        assert_eq!(run(&h, up0, &reply.with_flags(TCP_FIN).build()).0, XDP_TX);
         let closed = h.reason(reason::NAT_FLOW_CLOSED);
         assert_eq!(run(&h, up0, &client.build()).0, XDP_TX, "last ACK");
         assert_eq!(
