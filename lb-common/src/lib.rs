@@ -127,6 +127,20 @@ pub fn flow_cache_words(key: &FlowKey) -> [u64; 3] {
     [w[0], w[1], w[4]]
 }
 
+/// The mark of a NAT reply's slot in the flow cache: the top bit of the key's family byte
+/// (bit 47 of its ports word), never set in a packet's key, so a reply's slot and a client
+/// flow's never hold each other's words.
+pub const FLOW_CACHE_REPLY: u64 = 1 << 47;
+
+/// A NAT reply's words ([`flow_cache_words`] for the slot that answers it, keyed by the
+/// reply as it arrives from the backend): its destination's two (the client; the source,
+/// the backend, is checked against the backend id the slot holds) and the ports word, marked
+/// with [`FLOW_CACHE_REPLY`].
+pub fn flow_cache_reply_words(key: &FlowKey) -> [u64; 3] {
+    let w: &[u64; 5] = bytemuck::cast_ref(key);
+    [w[2], w[3], w[4] | FLOW_CACHE_REPLY]
+}
+
 /// Bounds of `flow_cache_size` other than 0 (off): powers of two from two sets (4 slots;
 /// the data path reads 0 set bits as off) to 16M slots (512 MB per CPU).
 pub const FLOW_CACHE_SLOTS_MAX: u32 = 1 << 24;
@@ -529,7 +543,8 @@ pub struct Backend {
     pub family: u8,
     /// [`BACKEND_F_VALID`] | [`BACKEND_F_RESET`] | [`BACKEND_F_DOWN`] | [`BACKEND_F_DRAINED`].
     pub flags: u8,
-    /// Service id the backend belongs to (for `xdplb status`; the data plane ignores it).
+    /// Service id the backend belongs to (for `xdplb status`; the data plane checks a cached
+    /// NAT reply's ids with it).
     pub service: u32,
     /// Configured weight (for `xdplb status`; the ring already encodes it).
     pub weight: u32,
@@ -769,7 +784,8 @@ pub mod stage {
     pub const LIVENESS: u8 = 4;
     /// Forwarded (MACs, encapsulation or NAT), before the counters.
     pub const FORWARD: u8 = 5;
-    /// NAT: the reply mapping made sure of (client side) or found (reply side).
+    /// NAT: the reply mapping made sure of (client side) or found, in the flow cache or the
+    /// mapping table (reply side).
     pub const NAT_MAPPING: u8 = 6;
     /// NAT: addresses, ports, checksums and TTL rewritten.
     pub const NAT_REWRITE: u8 = 7;
@@ -846,7 +862,10 @@ pub mod stage {
     pub const NAT_REPLY: [(u8, &str); 5] = [
         (PARSE, "parse"),
         (NOT_VIP, "flow-cache miss, not a VIP (filter)"),
-        (NAT_MAPPING, "reply mapping lookup, lifecycle"),
+        (
+            NAT_MAPPING,
+            "flow cache (half-NAT), else the mapping lookup and lifecycle",
+        ),
         (NAT_REWRITE, "rewrite (addresses, ports, checksums, TTL)"),
         (NAT_ROUTE, "next hop (cached), MACs, send"),
     ];
@@ -1386,5 +1405,13 @@ mod tests {
             0,
             "IPv6: both halves of the source"
         );
+        // A reply's words: its destination (the client) and the marked ports word, which
+        // no packet's own words equal.
+        let r = flow_cache_reply_words(&a);
+        assert_eq!(r[0], u64::from(u32::from_ne_bytes([198, 18, 8, 100])));
+        assert_eq!(r[2], wa[2] | FLOW_CACHE_REPLY);
+        assert_ne!(r[2], wa[2]);
+        assert_eq!(flow_cache_words(&a)[2] & FLOW_CACHE_REPLY, 0);
+        assert_eq!(flow_cache_words(&v6)[2] & FLOW_CACHE_REPLY, 0);
     }
 }

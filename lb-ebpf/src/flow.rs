@@ -256,10 +256,13 @@ pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
 }
 
 /// One slot of [`FLOW_CACHE`]: a TCP or UDP flow of a DR, TUN or NAT service, either
-/// family, as the flow table held it when the slot was filled. The destination is not in
-/// it: a hit is checked against its service's VIP, which only the flow's own destination
-/// matches, so the source and the ports word name the flow. Ids ride in bits the key and
-/// clock leave free, so two slots share a cache line.
+/// family, as the flow table held it when the slot was filled — or the replies of a
+/// half-NAT flow, as its reply mapping held them ([`reply_cache_fill`]). The destination
+/// is not in a flow's slot: a hit is checked against its service's VIP, which only the
+/// flow's own destination matches, so the source and the ports word name the flow. A
+/// reply's slot holds the reply's destination (the client) and marked ports word instead;
+/// its source must be the slot's backend. Ids ride in bits the key and clock leave free,
+/// so two slots share a cache line.
 #[repr(C)]
 pub struct CacheSlot {
     /// The source address as two words (IPv4: its word, and 0).
@@ -312,6 +315,8 @@ static CACHE_SET_BITS: Global<u32> = Global::new(0);
 /// judged on the same clock. A NAT flow's answers only until its reply mapping is due to be
 /// made sure of, never once a FIN was seen, and a backend's FIN or RST empties it on every
 /// CPU ([`cache_forget`]); full-NAT flows are not cached (their source lives in the entry).
+/// A half-NAT flow's replies are cached too, keyed by the reply (see [`reply_cache_fill`]),
+/// so they skip the `NAT_REPLIES` lookup.
 /// What the slot does not see — the controller removing the table entry, LRU eviction —
 /// reaches packets within the second. The table entry's LRU reference is refreshed once a
 /// second, when the slot is refilled. Not pinned: a new program starts empty.
@@ -342,15 +347,34 @@ fn holds(slot: &CacheSlot, w: &[u64; 3]) -> bool {
     slot.src[0] == w[0] && slot.src[1] == w[1] && slot.tuple_backend & TUPLE == w[2]
 }
 
-/// The cached (service id << 32 | backend id) of `key`, or [`CACHE_MISS`]. With `bypass`
-/// (SYN, FIN, RST: the table decides) the flow's slot is emptied. Out of line: its
-/// registers would cost the director's frame stack the NAT reply's call chain needs.
-#[inline(never)]
+/// The cached (service id << 32 | backend id) of `key`'s flow, or [`CACHE_MISS`]. With
+/// `bypass` (SYN, FIN, RST: the table decides) the flow's slot is emptied.
+#[inline(always)]
 fn cached(key: &FlowKey, bypass: bool) -> u64 {
+    probe::<CLIENT>(key, bypass)
+}
+
+/// A NAT reply's cached (service id, backend id): the ids of the flow whose reply mapping
+/// `key` (the reply as it arrives) matched when the slot was filled, see
+/// [`reply_cache_fill`]. The caller checks them against the packet
+/// (`select::reply_source`). With `bypass` (SYN, FIN, RST) the slot is emptied.
+#[inline(always)]
+pub fn reply_cached(key: &FlowKey, bypass: bool) -> Option<(u32, u32)> {
+    match probe::<REPLY>(key, bypass) {
+        CACHE_MISS => None,
+        hit => Some(unpack(hit)),
+    }
+}
+
+/// [`cached`] and [`reply_cached`]: the answer of the slot keyed by `key`'s client-flow
+/// words or, with `R`, its reply words. Out of line: its registers would cost the
+/// director's frame stack the NAT reply's call chain needs.
+#[inline(never)]
+fn probe<const R: bool>(key: &FlowKey, bypass: bool) -> u64 {
     if !cacheable(key) {
         return CACHE_MISS;
     }
-    let (set, w) = cache_set(key);
+    let (set, w) = cache_set::<R>(key);
     let Some(set) = set else {
         return CACHE_MISS;
     };
@@ -379,10 +403,7 @@ fn cached(key: &FlowKey, bypass: bool) -> u64 {
 /// table clock is `age` ns old, until the table would refresh it ([`udp_cache_ticks`]); a
 /// NAT flow's until its reply mapping is due to be made sure of again (a second after the
 /// last time, see `fwd::nat`), and not at all once either side sent a FIN (the table
-/// entry follows the close). In the flow's own slot of its set, else in an empty or
-/// expired one. A slot that answers for another flow still is not taken: with more flows
-/// than slots, flows that share a set would otherwise take it from each other on every
-/// packet, each paying the write and none the hit.
+/// entry follows the close). Where: see [`cache_put`].
 #[inline(never)]
 fn cache_fill(key: &FlowKey, v: *const FlowValue, age: u64, nat: bool) {
     // SAFETY: the flow's live table entry.
@@ -406,8 +427,33 @@ fn cache_fill(key: &FlowKey, v: *const FlowValue, age: u64, nat: bool) {
     if ticks == 0 {
         return;
     }
-    let (backend, service) = (v.backend, v.service);
-    let (Some(set), w) = cache_set(key) else {
+    cache_put::<CLIENT>(key, v.service, v.backend, now, now + ticks);
+}
+
+/// Remember a NAT reply's flow ids (`service`, `backend`) for a second: the caller matched
+/// `key` (the reply as it arrives) to a mapping that restores exactly what
+/// `select::reply_source` finds from those ids, on a half-NAT flow (full-NAT's client is in
+/// the mapping only), without FIN or RST from the backend so far (the table follows the
+/// close from there). What the table does not show the slot — the mapping evicted or swept,
+/// the client's RST or last ACK — is a miss within the second or, for the close, empties
+/// the slot on every CPU ([`cache_forget`]).
+#[inline(never)]
+pub fn reply_cache_fill(key: &FlowKey, service: u32, backend: u32) {
+    if !cacheable(key) {
+        return;
+    }
+    let (now, hz) = crate::fwd::jiffies();
+    cache_put::<REPLY>(key, service, backend, now, now + u64::from(hz));
+}
+
+/// Put the ids in `key`'s slot (its client-flow words or, with `R`, its reply words) from
+/// jiffy `now` until jiffy `expires`: in the key's own slot of its set, else in an empty or expired one. A
+/// slot that answers for another key still is not taken: with more flows than slots, flows
+/// that share a set would otherwise take it from each other on every packet, each paying
+/// the write and none the hit.
+#[inline(always)]
+fn cache_put<const R: bool>(key: &FlowKey, service: u32, backend: u32, now: u64, expires: u64) {
+    let (Some(set), w) = cache_set::<R>(key) else {
         return;
     };
     // SAFETY: a live array value, this CPU's.
@@ -426,16 +472,22 @@ fn cache_fill(key: &FlowKey, v: *const FlowValue, age: u64, nat: bool) {
     };
     c.src = [w[0], w[1]];
     c.tuple_backend = w[2] | u64::from(backend) << 48;
-    c.expires_service = (now + ticks) & CLOCK | u64::from(service) << 56;
+    c.expires_service = expires & CLOCK | u64::from(service) << 56;
 }
 
+/// [`cache_set`] and its kin: a client flow's slot, keyed by its source and ports word.
+const CLIENT: bool = false;
+/// A NAT reply's slot, keyed by its destination and the marked ports word.
+const REPLY: bool = true;
+
 /// `key`'s set on this CPU and its three words, as [`lb_common::flow_cache_words`] has
-/// them: the source address (each family's stored by the parser as whole 8-byte words,
-/// IPv4's with zeros above), and ports, protocol and family; the set within the CPU's
-/// region is [`lb_common::flow_cache_set`]'s.
+/// them (with `R`, [`lb_common::flow_cache_reply_words`]): the source address (each
+/// family's stored by the parser as whole 8-byte words, IPv4's with zeros above; with `R`
+/// the destination's), and ports, protocol and family; the set within the CPU's region is
+/// [`lb_common::flow_cache_set`]'s.
 #[inline(always)]
-fn cache_set(key: &FlowKey) -> (Option<*mut CacheSet>, [u64; 3]) {
-    let (i, w) = cache_index(key);
+fn cache_set<const R: bool>(key: &FlowKey) -> (Option<*mut CacheSet>, [u64; 3]) {
+    let (i, w) = cache_index::<R>(key);
     let bits = CACHE_SET_BITS.load();
     let cpu = unsafe { bpf_get_smp_processor_id() };
     (FLOW_CACHE.get_ptr_mut(cpu << bits | i), w)
@@ -443,17 +495,29 @@ fn cache_set(key: &FlowKey) -> (Option<*mut CacheSet>, [u64; 3]) {
 
 /// [`cache_set`]'s set within a CPU's region, and the key words.
 #[inline(always)]
-fn cache_index(key: &FlowKey) -> (u32, [u64; 3]) {
-    let base = key as *const FlowKey as *const u8;
-    // SAFETY: 8-byte words inside the 8-aligned, 40-byte key (offsets 0, 8, 32).
-    let w = unsafe {
-        [
-            lb_ebpf::load_u64(base),
-            lb_ebpf::load_u64(base.add(8)),
-            lb_ebpf::load_u64(base.add(32)),
-        ]
-    };
+fn cache_index<const R: bool>(key: &FlowKey) -> (u32, [u64; 3]) {
+    let w = key_words::<R>(key);
     (lb_common::flow_cache_set(&w, CACHE_SET_BITS.load()), w)
+}
+
+/// [`cache_index`]'s words of `key`.
+#[inline(always)]
+fn key_words<const R: bool>(key: &FlowKey) -> [u64; 3] {
+    let base = key as *const FlowKey as *const u8;
+    let (addr, mark) = if R {
+        (16, lb_common::FLOW_CACHE_REPLY)
+    } else {
+        (0, 0)
+    };
+    // SAFETY: 8-byte words inside the 8-aligned, 40-byte key (offsets 0 or 16, 8 or 24, and
+    // 32).
+    unsafe {
+        [
+            lb_ebpf::load_u64(base.add(addr)),
+            lb_ebpf::load_u64(base.add(addr + 8)),
+            lb_ebpf::load_u64(base.add(32)) | mark,
+        ]
+    }
 }
 
 /// CPUs with a region in [`FLOW_CACHE`] (the possible ones), set at load time with
@@ -461,15 +525,16 @@ fn cache_index(key: &FlowKey) -> (u32, [u64; 3]) {
 #[unsafe(no_mangle)]
 static CACHE_CPUS: Global<u32> = Global::new(0);
 
-/// Empty `key`'s slot on every CPU: the backend ended a NAT flow or began to (FIN, RST),
-/// which the client's CPU may not see, and the table must decide its next packets. Out of
-/// line: the loop stays out of the callers' verification.
+/// Empty `key`'s slot on every CPU (with `R`, the slot of `key` as a NAT reply): the
+/// backend ended a NAT flow or began to (FIN, RST), or the client did, which the other
+/// side's CPU may not see, and the table must decide its next packets. Out of line: the
+/// loop stays out of the callers' verification.
 #[inline(never)]
-pub fn cache_forget(key: &FlowKey) {
+pub fn cache_forget<const R: bool>(key: &FlowKey) {
     if !cacheable(key) {
         return;
     }
-    let (i, w) = cache_index(key);
+    let (i, w) = cache_index::<R>(key);
     let bits = CACHE_SET_BITS.load();
     let mut cpu = 0;
     while cpu < CACHE_CPUS.load() && cpu < lb_common::MAX_CPUS {

@@ -6,7 +6,7 @@ use aya_ebpf::btf_maps::{
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, macros::btf_map};
 use lb_common::{
-    fast_slot, flow_hash_fields, reason, sched, vip_filter_bit_of_halves, Backend, FlowKey,
+    fast_slot, flow_hash_fields, mode, reason, sched, vip_filter_bit_of_halves, Backend, FlowKey,
     PersistKey, PersistValue, RingEntry, ServiceMeta, ServiceSlot, VipAddr, VipKey, BACKEND_F_DOWN,
     BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID, FAST_SLOTS, FAST_SLOT_SHARED,
     MAX_BACKENDS, MAX_SERVICES, MAX_VIPS, NO_BACKEND, PERSIST_CAPACITY, RINGS_PER_SERVICE,
@@ -42,6 +42,35 @@ fn service_slot(id: u32, key: &FlowKey) -> Option<&'static ServiceSlot> {
         return None;
     }
     Some(slot)
+}
+
+/// What a NAT reply (`key`, as it arrives from the backend) of a flow of `service` to
+/// `backend` gets as its source: the service's VIP and port. `None` where the ids do not fit
+/// the packet — not a NAT service of the packet's family and protocol, a backend no longer
+/// usable or of another service, or not the packet's source address and port — or where
+/// the port cannot be told from them: an every-port service whose backend has its own port
+/// (the client's destination port is in the reply mapping only).
+#[inline(always)]
+pub fn reply_source(service: u32, id: u32, key: &FlowKey) -> Option<(&'static [u8; 16], u16)> {
+    let slot = SERVICE_SLOTS.get(service)?;
+    let b = backend(id)?;
+    let k = &slot.key;
+    if slot.meta.mode != mode::NAT
+        || k.family != key.family
+        || k.proto != key.proto
+        || b.family != key.family
+        || b.service != service
+        || !lb_ebpf::eq16(&b.addr, &key.src)
+    {
+        return None;
+    }
+    let vip_port = match (k.port_be, b.port_be) {
+        (0, 0) => key.sport_be,
+        (0, _) => return None,
+        (port, _) => port,
+    };
+    let backend_port = if b.port_be != 0 { b.port_be } else { vip_port };
+    (key.sport_be == backend_port).then_some((&k.addr, vip_port))
 }
 
 /// All rings back to back, four slots per element: ring `r` is elements

@@ -214,6 +214,31 @@ impl Harness {
         self.director.maps.reason_totals().expect("read REASONS")[slot as usize]
     }
 
+    /// Empty the flow-cache set of the key words `w` ([`lb_common::flow_cache_words`] or
+    /// [`lb_common::flow_cache_reply_words`]) on every CPU, both slots: a fixture that takes
+    /// a table entry or mapping away as LRU eviction would, and wants the next packet to see
+    /// that at once rather than within the second the slot may still answer.
+    pub fn empty_cache_set(&mut self, w: &[u64; 3]) {
+        let slots = self.config.flow_cache_size();
+        if slots == 0 {
+            return;
+        }
+        let bits = (slots / 2).trailing_zeros();
+        let set = lb_common::flow_cache_set(w, bits);
+        let map = self
+            .director
+            .ebpf_mut()
+            .map_mut(lb_common::maps::FLOW_CACHE)
+            .expect("FLOW_CACHE");
+        let mut cache: aya::maps::Array<_, [u64; 8]> =
+            aya::maps::Array::try_from(map).expect("FLOW_CACHE is an array of 64-byte sets");
+        for cpu in 0..aya::util::nr_cpus().expect("possible CPUs") as u32 {
+            cache
+                .set(cpu << bits | set, [0; 8], 0)
+                .expect("empty the set");
+        }
+    }
+
     /// New flows counted for service id `service` so far, all CPUs.
     pub fn new_flows(&self, service: u32) -> u64 {
         lb_userspace::dataplane::Maps::sum_counters(&self.director.maps.service_stats, service)

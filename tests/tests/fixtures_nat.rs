@@ -54,6 +54,29 @@ services:
     mode: fullnat
     backends:
       - address: 2001:db8:5::13
+  - name: nat-b
+    vip: 198.18.0.102
+    port: 80
+    protocol: tcp
+    mode: nat
+    backends:
+      - address: 198.18.5.14
+        port: 8080
+  - name: nat-any
+    vip: 198.18.0.103
+    port: 0
+    protocol: tcp
+    mode: nat
+    backends:
+      - address: 198.18.5.15
+        port: 8080
+  - name: nat-any-same
+    vip: 198.18.0.104
+    port: 0
+    protocol: tcp
+    mode: nat
+    backends:
+      - address: 198.18.5.16
 ";
 
 fn harness() -> (Harness, u32) {
@@ -86,12 +109,23 @@ fn expect(p: &Pkt, src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
 /// A client packet of the `nat` service from `sport` and its backend's reply, after both went
 /// through (the flow and its reply mapping exist).
 fn open_nat_flow(h: &Harness, up0: u32, sport: u16) -> (Pkt, Pkt) {
-    let client = Pkt::tcp("198.18.2.1", "198.18.0.100", sport, 80);
+    open_flow_to(
+        h,
+        up0,
+        Pkt::tcp("198.18.2.1", "198.18.0.100", sport, 80),
+        "198.18.5.11",
+        8080,
+    )
+}
+
+/// `client`'s packet and the reply of its backend at `backend`:`port`, after both went
+/// through (the flow and its reply mapping exist).
+fn open_flow_to(h: &Harness, up0: u32, client: Pkt, backend: &str, port: u16) -> (Pkt, Pkt) {
     let reply = Pkt {
-        src: "198.18.5.11".parse().unwrap(),
+        src: backend.parse().unwrap(),
         dst: client.src,
-        sport: 8080,
-        dport: sport,
+        sport: port,
+        dport: client.sport,
         ..client.clone()
     }
     .with_macs(GW_MAC, UP_MAC);
@@ -100,13 +134,27 @@ fn open_nat_flow(h: &Harness, up0: u32, sport: u16) -> (Pkt, Pkt) {
     (client, reply)
 }
 
-/// Take `reply`'s mapping away while its flow lives on, as LRU eviction would.
+/// What the director makes of a backend's `reply` to `client`: the VIP and its port as
+/// the source, TTL 63, to the gateway.
+fn restored(reply: &Pkt, client: &Pkt) -> Vec<u8> {
+    expect(
+        reply,
+        &client.dst.to_string(),
+        client.dport,
+        &client.src.to_string(),
+        client.sport,
+    )
+}
+
+/// Take `reply`'s mapping away while its flow lives on, as LRU eviction would (and the
+/// reply's flow-cache slot, which would answer for up to a second more).
 fn evict_mapping(h: &mut Harness, up0: u32, reply: &Pkt) {
     h.director
         .maps
         .nat_replies
         .remove(&reply.key())
         .expect("mapping present");
+    h.empty_cache_set(&lb_common::flow_cache_reply_words(&reply.key()));
     assert_eq!(run(h, up0, &reply.build()).0, XDP_PASS, "mapping gone");
 }
 
@@ -613,6 +661,171 @@ fn a_nat_flows_close_reaches_its_cached_slot() {
             h.reason(reason::NAT_FLOW_CLOSED),
             closed + 1,
             "ends the flow"
+        );
+    });
+}
+
+/// A half-NAT reply is answered from the flow cache (no `NAT_REPLIES` lookup) for up to a
+/// second after the mapping answered it: with the mapping taken away, the next replies are
+/// still restored exactly, and within the second they pass (the mapping decides again).
+/// Both families. Without the reply-side cache the first reply after the removal passes.
+#[test]
+fn nat_replies_are_cached_for_up_to_a_second() {
+    lb_tests::require_root();
+    FibLab::new("natrcache").run(|| {
+        lb_tests::pin_to(0, 0);
+        let (mut h, up0) = harness();
+        let flows = [
+            (
+                Pkt::tcp("198.18.2.1", "198.18.0.100", 40060, 80),
+                "198.18.5.11",
+                8080,
+            ),
+            (
+                Pkt::tcp("2001:db8:2::1", "2001:db8::100", 40060, 80),
+                "2001:db8:5::11",
+                80,
+            ),
+        ];
+        for (client, backend, port) in flows {
+            let (client, reply) = open_flow_to(&h, up0, client, backend, port);
+            // The reply above filled the slot (the mapping answered it).
+            h.director
+                .maps
+                .nat_replies
+                .remove(&reply.key())
+                .expect("mapping present");
+            let replied = h.reason(reason::FWD_NAT_REPLY);
+            assert_eq!(
+                run(&h, up0, &reply.build()),
+                (XDP_TX, restored(&reply, &client)),
+                "{backend}: the cache answers, restored exactly"
+            );
+            assert_eq!(h.reason(reason::FWD_NAT_REPLY), replied + 1);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+            while run(&h, up0, &reply.build()).0 == XDP_TX {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{backend}: the mapping decides again within the second"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    });
+}
+
+/// A cached reply is checked against the packet: two backends replying from the same port
+/// to the same client address and port share the slot's words, and each reply gets its
+/// own VIP back (the slot's backend must be the packet's source). An every-port service
+/// whose backend has its own port is never answered from the cache (the client's port is
+/// in the mapping only: the slot is filled only where the service and backend restore what
+/// the mapping does, and a hit checks that again); one whose backend keeps the port is,
+/// with that port.
+#[test]
+fn cached_replies_restore_their_own_flows_vip_and_port() {
+    lb_tests::require_root();
+    FibLab::new("natrown").run(|| {
+        lb_tests::pin_to(0, 0);
+        let (mut h, up0) = harness();
+        let (a, a_reply) = open_nat_flow(&h, up0, 40070);
+        let (b, b_reply) = open_flow_to(
+            &h,
+            up0,
+            Pkt::tcp("198.18.2.1", "198.18.0.102", 40070, 80),
+            "198.18.5.14",
+            8080,
+        );
+        assert_eq!(
+            lb_common::flow_cache_reply_words(&a_reply.key()),
+            lb_common::flow_cache_reply_words(&b_reply.key()),
+            "the two replies share their slot's words"
+        );
+        for _ in 0..3 {
+            for (client, reply) in [(&a, &a_reply), (&b, &b_reply)] {
+                assert_eq!(
+                    run(&h, up0, &reply.build()),
+                    (XDP_TX, restored(reply, client)),
+                    "{}: its own VIP",
+                    reply.src
+                );
+            }
+        }
+        // Every-port services: the client's destination port is restored as it was.
+        for (vip, backend, port) in [
+            ("198.18.0.103", "198.18.5.15", 8080),
+            ("198.18.0.104", "198.18.5.16", 443),
+        ] {
+            let client = Pkt::tcp("198.18.2.1", vip, 40071, 443);
+            let (client, reply) = open_flow_to(&h, up0, client, backend, port);
+            assert_eq!(
+                run(&h, up0, &reply.build()),
+                (XDP_TX, restored(&reply, &client)),
+                "{vip}: port 443 back"
+            );
+            h.director
+                .maps
+                .nat_replies
+                .remove(&reply.key())
+                .expect("mapping present");
+            let cached = run(&h, up0, &reply.build()).0 == XDP_TX;
+            assert_eq!(
+                cached,
+                port == 443,
+                "{vip}: answered from the cache only where the backend keeps the port"
+            );
+        }
+    });
+}
+
+/// The close of a half-NAT flow reaches its replies' slots on every CPU: after the client's
+/// RST, the backend's FIN or its RST (each seen on CPU 0), replies that CPU 1 had cached
+/// go to the mapping again — after a RST they pass (no mapping), and after the backend's
+/// FIN and the client's, the backend's last ACK on CPU 1 ends the flow. Answered from the
+/// slot, each would be restored as if the flow were open.
+#[test]
+fn a_nat_flows_close_reaches_its_cached_replies() {
+    lb_tests::require_root();
+    FibLab::new("natrclose").run(|| {
+        let cached_on_1 = |h: &Harness, up0: u32, reply: &Pkt| {
+            lb_tests::pin_to(0, 1);
+            for _ in 0..2 {
+                assert_eq!(run(h, up0, &reply.build()).0, XDP_TX, "CPU 1 replies");
+            }
+            lb_tests::pin_to(0, 0);
+        };
+        lb_tests::pin_to(0, 0);
+        let (h, up0) = harness();
+        for (sport, client_resets) in [(40080, true), (40081, false)] {
+            let (client, reply) = open_nat_flow(&h, up0, sport);
+            cached_on_1(&h, up0, &reply);
+            let rst = if client_resets { &client } else { &reply };
+            assert_eq!(run(&h, up0, &rst.with_flags(TCP_RST).build()).0, XDP_TX);
+            lb_tests::pin_to(0, 1);
+            assert_eq!(
+                run(&h, up0, &reply.build()).0,
+                XDP_PASS,
+                "after the {} RST: no mapping",
+                if client_resets {
+                    "client's"
+                } else {
+                    "backend's"
+                }
+            );
+            lb_tests::pin_to(0, 0);
+        }
+        // The backend's FIN, then the client's; the backend's last ACK on CPU 1.
+        let (client, reply) = open_nat_flow(&h, up0, 40082);
+        cached_on_1(&h, up0, &reply);
+        assert_eq!(run(&h, up0, &reply.with_flags(TCP_FIN).build()).0, XDP_TX);
+        assert_eq!(run(&h, up0, &client.with_flags(TCP_FIN).build()).0, XDP_TX);
+        let closed = h.reason(reason::NAT_FLOW_CLOSED);
+        lb_tests::pin_to(0, 1);
+        assert_eq!(run(&h, up0, &reply.build()).0, XDP_TX, "last ACK");
+        lb_tests::pin_to(0, 0);
+        assert_eq!(
+            h.reason(reason::NAT_FLOW_CLOSED),
+            closed + 1,
+            "the backend's last ACK ends the flow"
         );
     });
 }

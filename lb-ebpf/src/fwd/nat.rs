@@ -1,7 +1,9 @@
 //! NAT (LVS NAT, "half NAT") and full-NAT. The client's packet gets the backend's address and
 //! port as destination (full-NAT: also a director address and port from the pool as
 //! source); the backend's reply comes back through the director and is matched in
-//! `NAT_REPLIES4`/`NAT_REPLIES6`, which restores the VIP (and, full-NAT, the client). Checksums are updated
+//! `NAT_REPLIES4`/`NAT_REPLIES6`, which restores the VIP (and, full-NAT, the client); a
+//! half-NAT reply the mapping answered is answered from the flow cache for up to a second
+//! after (`flow::reply_cache_fill`). Checksums are updated
 //! incrementally (RFC 1624); TTL / hop limit drops by one as in any router. TCP FIN in both
 //! directions (then the last ACK) or RST ends the flow and its NAT state.
 
@@ -333,6 +335,27 @@ fn snat_source(
     Err(reason::PASS_SNAT_EXHAUSTED)
 }
 
+/// Marks the action [`xdplb_nat_forward`] returns when the packet ended a half-NAT flow: its
+/// caller empties the reply's flow-cache slot on every CPU ([`forget_reply`]). There, not
+/// in the NAT path: that path's frame leaves no stack for one more call.
+const CLOSED_HALF_NAT: u32 = 1 << 8;
+
+/// Empty on every CPU the flow-cache slot of the reply of `key`'s half-NAT flow to backend
+/// `id`, which [`xdplb_nat_forward`] just ended. (A backend no longer usable has no slot
+/// that answers: `select::reply_source` checks it.) Out of line: the reply key stays off
+/// the director's frame.
+#[inline(never)]
+fn forget_reply(key: &FlowKey, id: u32) {
+    if let Some(backend) = crate::select::backend(id) {
+        let dport_be = if backend.port_be != 0 {
+            backend.port_be
+        } else {
+            key.dport_be
+        };
+        flow::cache_forget::<true>(&reply_key(key, backend, &key.src, key.sport_be, dport_be));
+    }
+}
+
 /// Client -> VIP packet of an established or new flow to backend `choice.id`.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, pkt: &Parsed, choice: &Choice, fullnat: bool) -> Result<u32, u32> {
@@ -349,6 +372,10 @@ pub fn forward(ctx: &XdpContext, pkt: &Parsed, choice: &Choice, fullnat: bool) -
             | (choice.id << HOW_ID_SHIFT),
         &mut out,
     ) {
+        STATUS_OK if out & CLOSED_HALF_NAT != 0 => {
+            forget_reply(&pkt.key, choice.id);
+            Ok(out & !CLOSED_HALF_NAT)
+        }
         STATUS_OK => Ok(out),
         slot => Err(slot),
     }
@@ -421,7 +448,9 @@ fn forward_inner(
     if crate::stop_after(stage::NAT_ROUTE) {
         return Ok(xdp_action::XDP_TX);
     }
-    lifecycle_client(&pkt.key, entry, backend, rw, flags);
+    if lifecycle_client(&pkt.key, entry, backend, rw, flags) {
+        return Ok(action | CLOSED_HALF_NAT);
+    }
     Ok(action)
 }
 
@@ -527,7 +556,8 @@ fn reply_key(
 }
 
 /// Flow lifecycle on a client packet: RST ends the flow; so does the client's last ACK
-/// after FIN from both sides (when the client closed first); a FIN is remembered.
+/// after FIN from both sides (when the client closed first); a FIN is remembered. Whether
+/// it ended a half-NAT flow, whose replies the flow cache may hold on any CPU.
 #[inline(always)]
 fn lifecycle_client(
     key: &FlowKey,
@@ -535,9 +565,9 @@ fn lifecycle_client(
     backend: &Backend,
     rw: &Rewrite,
     flags: u8,
-) {
+) -> bool {
     if entry.is_null() {
-        return;
+        return false;
     }
     let e = unsafe { &mut *entry };
     let both = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
@@ -550,11 +580,15 @@ fn lifecycle_client(
             (key.src, key.sport_be)
         };
         close(key, &reply_key(key, backend, &src, sport, rw.dport_be));
+        return rw.set & SET_SRC == 0;
     } else if flags & TCP_FIN != 0 {
         e.flags |= FLOW_F_FIN_CLIENT;
     }
+    false
 }
 
+/// End a NAT flow: its table entry and its reply mapping. (Its flow-cache slots: the
+/// caller's.)
 #[inline(always)]
 fn close(flow_key: &FlowKey, reply_key: &FlowKey) {
     flow::forget(flow_key);
@@ -595,28 +629,15 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     if pkt.key.proto != IPPROTO_TCP && pkt.key.proto != IPPROTO_UDP {
         return Err(reason::PASS_NON_VIP);
     }
-    let r = replies().get(&pkt.key).ok_or(reason::PASS_NON_VIP)?;
-    // SAFETY: a map value, valid for this run (RCU).
-    let r = unsafe { &mut *r };
     let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();
     // SAFETY: all zeros is a valid rewrite (nothing set); 40 bytes, 4-aligned.
     let rw = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
-    // Word copies: an array assignment here was two calls of a byte-loop memmove per reply.
-    lb_ebpf::copy16(&mut rw.src, &r.vip);
-    rw.sport_be = r.vip_port_be;
-    rw.set = SET_SRC;
-    if r.fullnat != 0 {
-        lb_ebpf::copy16(&mut rw.dst, &r.client);
-        rw.dport_be = r.client_port_be;
-        rw.set |= SET_DST;
-    } else {
-        lb_ebpf::copy16(&mut rw.dst, &pkt.key.dst);
-    }
-    let family = u32::from(r.flow.family);
-    let (service, backend) = (r.service, r.backend);
-    if pkt.key.proto == IPPROTO_TCP {
-        lifecycle_backend(&pkt.key, r, tcp_flags(ctx, pkt));
-    }
+    // A half-NAT reply the flow cache knows (no FIN or RST from the backend so far, so no
+    // lifecycle); else the mapping.
+    let (service, backend, family) = match cached_reply(pkt, rw) {
+        NO_REPLY => mapped(ctx, pkt, rw)?,
+        ids => ((ids >> 32) as u32, ids as u32, u32::from(pkt.key.family)),
+    };
     if crate::stop_after(stage::NAT_MAPPING) {
         return Ok(xdp_action::XDP_TX);
     }
@@ -639,6 +660,62 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     Ok(action)
 }
 
+/// [`cached_reply`]: the flow cache does not answer.
+const NO_REPLY: u64 = u64::MAX;
+
+/// A half-NAT reply the flow cache answers: `rw` gets the VIP and port from the service
+/// the slot names (`select::reply_source`); (service id << 32 | backend id), else
+/// [`NO_REPLY`]. Out of line: its temporaries stay off the reply's frame, which shares the
+/// 512-byte stack with the director's.
+#[inline(never)]
+fn cached_reply(pkt: &Parsed, rw: &mut Rewrite) -> u64 {
+    let Some((service, backend)) = flow::reply_cached(&pkt.key, pkt.tcp_end || pkt.tcp_syn) else {
+        return NO_REPLY;
+    };
+    let Some((vip, vip_port)) = crate::select::reply_source(service, backend, &pkt.key) else {
+        return NO_REPLY;
+    };
+    lb_ebpf::copy16(&mut rw.src, vip);
+    rw.sport_be = vip_port;
+    rw.set = SET_SRC;
+    lb_ebpf::copy16(&mut rw.dst, &pkt.key.dst);
+    u64::from(service) << 32 | u64::from(backend)
+}
+
+/// A reply by its mapping (`NAT_REPLIES4`/`NAT_REPLIES6`): `rw` gets what to restore, the
+/// flow's lifecycle moves on, and a half-NAT flow's reply is remembered in the flow cache
+/// where the cache would restore the same ([`flow::reply_cache_fill`]). (service id,
+/// backend id, the client's family).
+#[inline(always)]
+fn mapped(ctx: &XdpContext, pkt: &Parsed, rw: &mut Rewrite) -> Result<(u32, u32, u32), u32> {
+    let r = replies().get(&pkt.key).ok_or(reason::PASS_NON_VIP)?;
+    // SAFETY: a map value, valid for this run (RCU).
+    let r = unsafe { &mut *r };
+    // Word copies: an array assignment here was two calls of a byte-loop memmove per reply.
+    lb_ebpf::copy16(&mut rw.src, &r.vip);
+    rw.sport_be = r.vip_port_be;
+    rw.set = SET_SRC;
+    if r.fullnat != 0 {
+        lb_ebpf::copy16(&mut rw.dst, &r.client);
+        rw.dport_be = r.client_port_be;
+        rw.set |= SET_DST;
+    } else {
+        lb_ebpf::copy16(&mut rw.dst, &pkt.key.dst);
+    }
+    let (service, backend) = (r.service, r.backend);
+    if pkt.key.proto == IPPROTO_TCP {
+        lifecycle_backend(&pkt.key, r, tcp_flags(ctx, pkt));
+    }
+    if r.fullnat == 0 && !pkt.tcp_end && !pkt.tcp_syn && r.flags & NAT_REPLY_F_FIN_BACKEND == 0 {
+        if let Some((vip, port)) = crate::select::reply_source(service, backend, &pkt.key) {
+            if port == r.vip_port_be && lb_ebpf::eq16(vip, &r.vip) {
+                flow::reply_cache_fill(&pkt.key, service, backend);
+            }
+        }
+    }
+    Ok((service, backend, u32::from(r.flow.family)))
+}
+
 /// Flow lifecycle on a backend packet (`r`: its mapping): RST ends the flow; so does the
 /// backend's last ACK after FIN from both sides (when the backend closed first); a FIN is
 /// remembered. The flow entry is looked up only for those: a packet without FIN or RST
@@ -650,8 +727,10 @@ fn lifecycle_backend(reply: &FlowKey, r: &mut NatReply, flags: u8) {
     }
     let flow_key = r.flow;
     if flags & (TCP_FIN | TCP_RST) != 0 {
-        // The client's CPU may have the flow cached: its next packets go to the table.
-        flow::cache_forget(&flow_key);
+        // The client's CPU may have the flow cached, another CPU its replies (this one's
+        // slot went with the FIN or RST): their next packets go to the table.
+        flow::cache_forget::<false>(&flow_key);
+        flow::cache_forget::<true>(reply);
     }
     let Some(e) = flow::entry(&flow_key) else {
         return;
