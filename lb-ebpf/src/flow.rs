@@ -337,7 +337,7 @@ fn cacheable(key: &FlowKey) -> bool {
 
 /// A [`cached`] answer as (service id, backend id).
 #[inline(always)]
-fn unpack(hit: u64) -> (u32, u32) {
+pub fn unpack(hit: u64) -> (u32, u32) {
     ((hit >> 32) as u32, hit as u32)
 }
 
@@ -447,10 +447,10 @@ pub fn reply_cache_fill(key: &FlowKey, service: u32, backend: u32) {
 }
 
 /// Put the ids in `key`'s slot (its client-flow words or, with `R`, its reply words) from
-/// jiffy `now` until jiffy `expires`: in the key's own slot of its set, else in an empty or expired one. A
-/// slot that answers for another key still is not taken: with more flows than slots, flows
-/// that share a set would otherwise take it from each other on every packet, each paying
-/// the write and none the hit.
+/// jiffy `now` until jiffy `expires`: in the key's own slot of its set, else in an empty or
+/// expired one. A slot that answers for another key still is not taken: with more flows
+/// than slots, flows that share a set would otherwise take it from each other on every
+/// packet, each paying the write and none the hit.
 #[inline(always)]
 fn cache_put<const R: bool>(key: &FlowKey, service: u32, backend: u32, now: u64, expires: u64) {
     let (Some(set), w) = cache_set::<R>(key) else {
@@ -496,13 +496,6 @@ fn cache_set<const R: bool>(key: &FlowKey) -> (Option<*mut CacheSet>, [u64; 3]) 
 /// [`cache_set`]'s set within a CPU's region, and the key words.
 #[inline(always)]
 fn cache_index<const R: bool>(key: &FlowKey) -> (u32, [u64; 3]) {
-    let w = key_words::<R>(key);
-    (lb_common::flow_cache_set(&w, CACHE_SET_BITS.load()), w)
-}
-
-/// [`cache_index`]'s words of `key`.
-#[inline(always)]
-fn key_words<const R: bool>(key: &FlowKey) -> [u64; 3] {
     let base = key as *const FlowKey as *const u8;
     let (addr, mark) = if R {
         (16, lb_common::FLOW_CACHE_REPLY)
@@ -511,13 +504,14 @@ fn key_words<const R: bool>(key: &FlowKey) -> [u64; 3] {
     };
     // SAFETY: 8-byte words inside the 8-aligned, 40-byte key (offsets 0 or 16, 8 or 24, and
     // 32).
-    unsafe {
+    let w = unsafe {
         [
             lb_ebpf::load_u64(base.add(addr)),
             lb_ebpf::load_u64(base.add(addr + 8)),
             lb_ebpf::load_u64(base.add(32)) | mark,
         ]
-    }
+    };
+    (lb_common::flow_cache_set(&w, CACHE_SET_BITS.load()), w)
 }
 
 /// CPUs with a region in [`FLOW_CACHE`] (the possible ones), set at load time with

@@ -5,7 +5,7 @@
 use etherparse::IpHeaders;
 use lb_common::reason;
 use lb_tests::{
-    netns::{FibLab, GW_MAC, UP_MAC},
+    netns::{wait_for, FibLab, GW_MAC, UP_MAC},
     Harness, Pkt, TCP_FIN, TCP_RST, XDP_PASS, XDP_TX,
 };
 
@@ -78,6 +78,10 @@ services:
     backends:
       - address: 198.18.5.16
 ";
+
+/// How long a fixture waits for what happens "within the second" (the flow cache's slots,
+/// the reply mapping's check): the second and room for a slow machine.
+const SECOND_AND_A_HALF: std::time::Duration = std::time::Duration::from_millis(1500);
 
 fn harness() -> (Harness, u32) {
     let mut h = Harness::new(CONFIG);
@@ -414,15 +418,16 @@ fn a_lost_reply_mapping_is_made_again_within_a_second() {
         evict_mapping(&mut h, up0, &reply);
         // Client packets keep flowing; within about a second one of them makes it again
         // (the check is not a hash lookup on every packet).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
-        while h.director.maps.nat_replies.get(&reply.key()).is_none() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the client's packets made the mapping again within 1.5 s"
-            );
-            assert_eq!(run(&h, up0, &client.build()).0, XDP_TX);
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_for(
+            "the client's packets to make the mapping again",
+            SECOND_AND_A_HALF,
+            || {
+                h.director.maps.nat_replies.get(&reply.key()).is_some() || {
+                    assert_eq!(run(&h, up0, &client.build()).0, XDP_TX);
+                    false
+                }
+            },
+        );
         let (verdict, out) = run(&h, up0, &reply.build());
         assert_eq!(verdict, XDP_TX, "replies translated again");
         assert_eq!(
@@ -611,15 +616,12 @@ fn nat_flows_are_cached_until_their_reply_mapping_is_due() {
             "the cache answers, rewritten as before"
         );
         assert_eq!(h.new_flows(0), flows, "no new flow: the cache answered");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
-        while h.new_flows(0) == flows {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the table decides again within the second"
-            );
-            assert_eq!(run(&h, up0, &client.build()).0, XDP_TX);
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_for("the table to decide again", SECOND_AND_A_HALF, || {
+            h.new_flows(0) != flows || {
+                assert_eq!(run(&h, up0, &client.build()).0, XDP_TX);
+                false
+            }
+        });
         assert_eq!(
             run(&h, up0, &reply.build()).0,
             XDP_TX,
@@ -702,14 +704,11 @@ fn nat_replies_are_cached_for_up_to_a_second() {
                 "{backend}: the cache answers, restored exactly"
             );
             assert_eq!(h.reason(reason::FWD_NAT_REPLY), replied + 1);
-            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
-            while run(&h, up0, &reply.build()).0 == XDP_TX {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{backend}: the mapping decides again within the second"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+            wait_for(
+                &format!("{backend}: the mapping to decide again"),
+                SECOND_AND_A_HALF,
+                || run(&h, up0, &reply.build()).0 != XDP_TX,
+            );
         }
     });
 }

@@ -347,12 +347,18 @@ const CLOSED_HALF_NAT: u32 = 1 << 8;
 #[inline(never)]
 fn forget_reply(key: &FlowKey, id: u32) {
     if let Some(backend) = crate::select::backend(id) {
-        let dport_be = if backend.port_be != 0 {
-            backend.port_be
-        } else {
-            key.dport_be
-        };
+        let dport_be = backend_port(backend, key);
         flow::cache_forget::<true>(&reply_key(key, backend, &key.src, key.sport_be, dport_be));
+    }
+}
+
+/// The port a NAT flow reaches `backend` on: its own, or the client's destination port.
+#[inline(always)]
+fn backend_port(backend: &Backend, key: &FlowKey) -> u16 {
+    if backend.port_be != 0 {
+        backend.port_be
+    } else {
+        key.dport_be
     }
 }
 
@@ -467,11 +473,7 @@ fn prepare_out(
 ) -> u32 {
     let key = &pkt.key;
     let (fullnat, new, id) = (how & 1 != 0, how & 2 != 0, how >> HOW_ID_SHIFT);
-    let dport_be = if backend.port_be != 0 {
-        backend.port_be
-    } else {
-        key.dport_be
-    };
+    let dport_be = backend_port(backend, key);
     // The source the backend sees (`rw.src`; applied only with `SET_SRC`, full-NAT).
     let sport_be = if fullnat {
         match snat_source(key, entry, backend, dport_be, &mut rw.src) {
@@ -636,7 +638,10 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     // lifecycle); else the mapping.
     let (service, backend, family) = match cached_reply(pkt, rw) {
         NO_REPLY => mapped(ctx, pkt, rw)?,
-        ids => ((ids >> 32) as u32, ids as u32, u32::from(pkt.key.family)),
+        ids => {
+            let (service, backend) = flow::unpack(ids);
+            (service, backend, u32::from(pkt.key.family))
+        }
     };
     if crate::stop_after(stage::NAT_MAPPING) {
         return Ok(xdp_action::XDP_TX);
@@ -660,7 +665,8 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     Ok(action)
 }
 
-/// [`cached_reply`]: the flow cache does not answer.
+/// [`cached_reply`]: the flow cache does not answer. (Its answers are packed as the flow
+/// cache's, see `flow::unpack`.)
 const NO_REPLY: u64 = u64::MAX;
 
 /// A half-NAT reply the flow cache answers: `rw` gets the VIP and port from the service
