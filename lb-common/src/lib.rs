@@ -106,15 +106,33 @@ pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// 2 MB per CPU; at 10k flows on a CPU about 1 % find their set full.
 pub const FLOW_CACHE_SLOTS: u32 = 1 << 16;
 
-/// The flow cache's set (of 2^`bits` per CPU) for a key's words ([`flow_cache_words`]):
-/// the high bits of `((w0·C ⊕ w1)·C ⊕ w2)·C`, C the 64-bit golden ratio. A product's high
-/// bits depend on every bit below them, and each multiply moves what came before up before
-/// the next word joins in. (One multiply of the xor of the words put clients numbered in
-/// sequence — the end-to-end bench's 10k — in a third of the sets.) `bits` in 1..=63.
+/// The flow cache's set (of 2^`bits` per CPU) for a key's words ([`flow_cache_words`] or
+/// [`flow_cache_reply_words`]): [`flow_cache_set_of`] the client's address and port — a
+/// client flow's source address and port, a NAT reply's destination address and port. So a
+/// half-NAT flow's slot and its replies' slot share a set, one cache line: the reply finds
+/// it as its client packet left it (at 10k flows end to end, a reply's own set was one more
+/// cold line per round trip). And every reply from one backend's port probes the same set
+/// as a client flow first (the miss that leads to its reply slot): a line that stays warm.
 #[inline(always)]
 pub fn flow_cache_set(w: &[u64; 3], bits: u32) -> u32 {
+    let port = if w[2] & FLOW_CACHE_REPLY != 0 {
+        w[2] >> 16
+    } else {
+        w[2]
+    };
+    flow_cache_set_of(w[0], w[1], port & 0xffff, bits)
+}
+
+/// The set of a client's address (its two words, see [`flow_cache_words`]) and port (the
+/// big-endian value as loaded, host order of the 16 bits): the high bits of
+/// `((a0·C ⊕ a1)·C ⊕ port)·C`, C the 64-bit golden ratio. A product's high bits depend on
+/// every bit below them, and each multiply moves what came before up before the next word
+/// joins in. (One multiply of the xor of the words put clients numbered in sequence — the
+/// end-to-end bench's 10k — in a third of the sets.) `bits` in 1..=63.
+#[inline(always)]
+pub fn flow_cache_set_of(a0: u64, a1: u64, port: u64, bits: u32) -> u32 {
     const C: u64 = 0x9e37_79b9_7f4a_7c15;
-    let h = (w[0].wrapping_mul(C) ^ w[1]).wrapping_mul(C) ^ w[2];
+    let h = (a0.wrapping_mul(C) ^ a1).wrapping_mul(C) ^ port;
     h.wrapping_mul(C).wrapping_shr(64 - bits) as u32
 }
 
@@ -1413,5 +1431,55 @@ mod tests {
         assert_ne!(r[2], wa[2]);
         assert_eq!(flow_cache_words(&a)[2] & FLOW_CACHE_REPLY, 0);
         assert_eq!(flow_cache_words(&v6)[2] & FLOW_CACHE_REPLY, 0);
+    }
+
+    #[test]
+    fn a_half_nat_flows_replies_share_its_flow_cache_set() {
+        // Client 198.18.9.1:40000 to the VIP; its backend 198.18.5.11:8080 answers.
+        let flow = FlowKey4 {
+            src: [198, 18, 9, 1],
+            dst: [198, 18, 8, 100],
+            sport_be: 40000u16.to_be(),
+            dport_be: 80u16.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        }
+        .key();
+        let reply = |backend: [u8; 4], cport: u16| {
+            FlowKey4 {
+                src: backend,
+                dst: [198, 18, 9, 1],
+                sport_be: 8080u16.to_be(),
+                dport_be: cport.to_be(),
+                proto: IPPROTO_TCP,
+                _pad: [0; 3],
+            }
+            .key()
+        };
+        let set = |w: &[u64; 3]| flow_cache_set(w, 15);
+        let client_set = set(&flow_cache_words(&flow));
+        assert_eq!(
+            set(&flow_cache_reply_words(&reply([198, 18, 5, 11], 40000))),
+            client_set,
+            "the reply's slot is in its flow's set"
+        );
+        assert_ne!(
+            set(&flow_cache_reply_words(&reply([198, 18, 5, 11], 40001))),
+            client_set,
+            "the client's port picks the set"
+        );
+        // A reply probed as a client flow: the set of the backend's address and port, the
+        // same for every client of that backend.
+        assert_eq!(
+            set(&flow_cache_words(&reply([198, 18, 5, 11], 40000))),
+            set(&flow_cache_words(&reply([198, 18, 5, 11], 50000))),
+        );
+        // The set follows the client's address and port only (with the other fields, the
+        // tag words still tell flows apart).
+        let mut other_vip = flow;
+        other_vip.dst[3] = 101;
+        other_vip.dport_be = 443u16.to_be();
+        assert_eq!(set(&flow_cache_words(&other_vip)), client_set);
+        assert_ne!(flow_cache_words(&other_vip), flow_cache_words(&flow));
     }
 }

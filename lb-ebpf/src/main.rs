@@ -294,6 +294,67 @@ pub fn xdplb_sink(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_DROP
 }
 
+/// What [`xdplb_respond`] answers and counts: [0] the service port (host order), [1] the
+/// VIP (its four bytes as they sit in the packet, read as one native word).
+#[map]
+static BENCH_RESPOND: Array<u32> = Array::with_max_entries(2, 0);
+
+/// End-to-end benchmark backend and client in one (the two-way rows): on the generator's
+/// veth, a TCP/IPv4 frame to the service port (`BENCH_RESPOND[0]`) is a client packet the
+/// director forwarded, and is answered as its backend would: MACs, addresses, ports, and
+/// sequence and acknowledgement numbers swapped (swaps leave both checksums as they are),
+/// then `XDP_TX` back to the director. A frame from the VIP's service port is that answer
+/// as the director returned it: counted in [`SINK`] and dropped. Anything else (a reply
+/// that left the director unrewritten) is dropped uncounted: a loss.
+#[xdp]
+pub fn xdplb_respond(ctx: XdpContext) -> u32 {
+    const ETH_IPV4: u16 = 0x0800;
+    let (Some(port), Some(vip), Some(h)) = (
+        BENCH_RESPOND.get(0).copied(),
+        BENCH_RESPOND.get(1).copied(),
+        lb_ebpf::ptr_at::<[u8; 14 + 20 + 16]>(&ctx, 0),
+    ) else {
+        return xdp_action::XDP_DROP;
+    };
+    let h = h as *mut u8;
+    // SAFETY: 50 bytes from the frame's start, bounds-checked; word loads and stores.
+    unsafe {
+        use lb_ebpf::{load_u16, load_u32, store_u16, store_u32};
+        if load_u16(h.add(12)) != ETH_IPV4.to_be()
+            || *h.add(14) != 0x45
+            || *h.add(23) != lb_common::IPPROTO_TCP
+        {
+            return xdp_action::XDP_DROP;
+        }
+        let port = (port as u16).to_be();
+        if load_u16(h.add(36)) == port {
+            for (a, b, n) in [(0, 6, 6), (26, 30, 4), (34, 36, 2), (38, 42, 4)] {
+                // Word pairs (a MAC as a word and a half-word).
+                let (x, y) = (load_u32(h.add(a)), load_u32(h.add(b)));
+                if n == 2 {
+                    store_u16(h.add(a), y as u16);
+                    store_u16(h.add(b), x as u16);
+                } else {
+                    store_u32(h.add(a), y);
+                    store_u32(h.add(b), x);
+                }
+                if n == 6 {
+                    let (x, y) = (load_u16(h.add(a + 4)), load_u16(h.add(b + 4)));
+                    store_u16(h.add(a + 4), y);
+                    store_u16(h.add(b + 4), x);
+                }
+            }
+            return xdp_action::XDP_TX;
+        }
+        if load_u16(h.add(34)) == port && load_u32(h.add(26)) == vip {
+            if let Some(c) = SINK.get_ptr_mut(0) {
+                *c += 1;
+            }
+        }
+    }
+    xdp_action::XDP_DROP
+}
+
 /// End-to-end benchmark generator tail: transmit the frame as it is (live-frames mode sends
 /// `XDP_TX` out of the interface given as ingress).
 #[xdp]

@@ -28,6 +28,9 @@ pub const FLOOR_PROGRAM: &str = "xdplb_floor";
 /// End-to-end benchmark receiver (count and drop) and generator tail (`XDP_TX` as is).
 pub const SINK_PROGRAM: &str = "xdplb_sink";
 pub const TX_PROGRAM: &str = "xdplb_tx";
+/// End-to-end benchmark backend and client for the two-way rows: answers client packets
+/// as their backend, counts the director's replies (`BENCH_RESPOND`).
+pub const RESPOND_PROGRAM: &str = "xdplb_respond";
 /// Benchmark driver: optionally strips an outer header and/or makes a new 5-tuple per run
 /// (`BENCH_CFG`), then tail-calls `BENCH_NEXT[0]`.
 pub const BENCH_DRIVER_PROGRAM: &str = "xdplb_bench_driver";

@@ -214,11 +214,13 @@ impl Harness {
         self.director.maps.reason_totals().expect("read REASONS")[slot as usize]
     }
 
-    /// Empty the flow-cache set of the key words `w` ([`lb_common::flow_cache_words`] or
-    /// [`lb_common::flow_cache_reply_words`]) on every CPU, both slots: a fixture that takes
-    /// a table entry or mapping away as LRU eviction would, and wants the next packet to see
-    /// that at once rather than within the second the slot may still answer.
-    pub fn empty_cache_set(&mut self, w: &[u64; 3]) {
+    /// Empty the flow-cache slot holding the key words `w` ([`lb_common::flow_cache_words`]
+    /// or [`lb_common::flow_cache_reply_words`]) on every CPU, as the data plane's
+    /// `cache_forget` does: a fixture that takes a table entry or mapping away as LRU
+    /// eviction would, and wants the next packet to see that at once rather than within the
+    /// second the slot may still answer. The set's other slot stays (a half-NAT flow's own
+    /// slot shares the set of its replies').
+    pub fn forget_cached(&mut self, w: &[u64; 3]) {
         let slots = self.config.flow_cache_size();
         if slots == 0 {
             return;
@@ -230,12 +232,19 @@ impl Harness {
             .ebpf_mut()
             .map_mut(lb_common::maps::FLOW_CACHE)
             .expect("FLOW_CACHE");
+        // A set: two slots of (source words, tuple word with the backend id in its top 16
+        // bits, clock and service id).
         let mut cache: aya::maps::Array<_, [u64; 8]> =
             aya::maps::Array::try_from(map).expect("FLOW_CACHE is an array of 64-byte sets");
         for cpu in 0..aya::util::nr_cpus().expect("possible CPUs") as u32 {
-            cache
-                .set(cpu << bits | set, [0; 8], 0)
-                .expect("empty the set");
+            let at = cpu << bits | set;
+            let mut v = cache.get(&at, 0).expect("read the set");
+            for slot in v.chunks_exact_mut(4) {
+                if slot[0] == w[0] && slot[1] == w[1] && slot[2] & ((1 << 48) - 1) == w[2] {
+                    slot[2] = 0;
+                }
+            }
+            cache.set(at, v, 0).expect("write the set");
         }
     }
 

@@ -20,12 +20,17 @@ fn label(r: &PpsRow) -> String {
     let mode = r
         .target
         .name()
-        .split([':', '('])
+        .split([':', '(', ','])
         .next()
         .unwrap_or("")
         .trim();
     let mode = mode.strip_prefix("xdplb ").unwrap_or(mode);
     let mode = mode.strip_suffix(" DNAT").unwrap_or(mode);
+    let mode = if r.target.two_way() {
+        format!("{mode} 2-way")
+    } else {
+        mode.to_string()
+    };
     let flows = if r.flows >= 1000 {
         format!("{}k", r.flows / 1000)
     } else {

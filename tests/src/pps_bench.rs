@@ -4,7 +4,10 @@
 //! backend's MAC on the same segment); an XDP sink on the generator's veth counts what comes
 //! back. The ceiling is the same path with a plain MAC-swap XDP_TX program in the director's
 //! place. Every target has its own director namespace and veth pair, all attached at once,
-//! and the runs go round the targets (see [`rows`]).
+//! and the runs go round the targets (see [`rows`]). The two-way targets answer every
+//! forwarded packet as its backend would (`xdplb_respond` on the generator's veth, in place
+//! of the sink) and count the replies the director sends back: round trips, two packets
+//! through the director each (NAT's reply path and nftables' conntrack both ways).
 
 use std::{
     sync::mpsc,
@@ -27,6 +30,11 @@ use crate::{
 };
 
 const VIP: &str = "198.18.8.100";
+/// Where the two-way rows' clients are: the driver puts a flow's number in the source's low
+/// 16 bits, so the one-way rows' clients (198.18.x.y, from 198.18.9.1) include the director's
+/// own segment, 198.18.8.0/24, to which answers could not be routed.
+const TWO_WAY_CLIENT: &str = "198.19.0.1";
+const TWO_WAY_CLIENTS: &str = "198.19.0.0/16";
 /// Frame size of the generator's template (as the bench driver's RESTORE expects).
 const FRAME: usize = 128;
 
@@ -82,6 +90,8 @@ impl Lab {
                 ]);
             }
             dir.ip(&["route", "add", "198.18.9.0/24", "via", "198.18.8.1"]);
+            // The two-way rows' clients (their answers are routed back to the generator).
+            dir.ip(&["route", "add", TWO_WAY_CLIENTS, "via", "198.18.8.1"]);
             dir.sysctl(&[
                 "net.ipv4.ip_forward=1",
                 "net.ipv4.conf.all.send_redirects=0",
@@ -130,16 +140,27 @@ pub enum Target {
     Nft,
     /// The director in DR mode with `ring_fast_path: true` (slots clean, as after a sweep).
     DrFast,
+    /// Two-way: [`Target::Ceiling`] with the backend answering every packet (the
+    /// generator's `xdplb_respond`), which the MAC swap sends back as well.
+    CeilingTwoWay,
+    /// Two-way: the director in NAT mode, forwarding each client packet and its backend's
+    /// answer (the reply path: flow cache, `NAT_REPLIES`).
+    NatTwoWay,
+    /// Two-way: nftables DNAT, the answers un-DNATed by conntrack on their way back.
+    NftTwoWay,
 }
 
 impl Target {
-    pub const ALL: [Target; 6] = [
+    pub const ALL: [Target; 9] = [
         Target::Ceiling,
         Target::Dr,
         Target::Tun,
         Target::Nat,
         Target::Nft,
         Target::DrFast,
+        Target::CeilingTwoWay,
+        Target::NatTwoWay,
+        Target::NftTwoWay,
     ];
 
     pub fn name(self) -> &'static str {
@@ -150,11 +171,52 @@ impl Target {
             Target::Nat => "xdplb NAT",
             Target::Nft => "nftables DNAT (numgen)",
             Target::DrFast => "xdplb DR, ring fast path",
+            Target::CeilingTwoWay => "ceiling, two-way: MAC swap + XDP_TX",
+            Target::NatTwoWay => "xdplb NAT, two-way",
+            Target::NftTwoWay => "nftables DNAT (numgen), two-way",
+        }
+    }
+
+    /// Whether the backend answers (the generator's `xdplb_respond`): the row counts round
+    /// trips, two packets through the director each.
+    pub fn two_way(self) -> bool {
+        matches!(
+            self,
+            Target::CeilingTwoWay | Target::NatTwoWay | Target::NftTwoWay
+        )
+    }
+
+    /// What sits in the director's namespace: the one-way target of the same setup.
+    fn base(self) -> Target {
+        match self {
+            Target::CeilingTwoWay => Target::Ceiling,
+            Target::NatTwoWay => Target::Nat,
+            Target::NftTwoWay => Target::Nft,
+            t => t,
+        }
+    }
+
+    /// The ceiling a row is compared with: the one that carries the same traffic.
+    fn ceiling(self) -> Target {
+        if self.two_way() {
+            Target::CeilingTwoWay
+        } else {
+            Target::Ceiling
+        }
+    }
+
+    /// The kernel peer a NAT row (and the peer's own row) is compared with; `None` for the
+    /// other modes.
+    fn nft_peer(self) -> Option<Target> {
+        match self.base() {
+            Target::Nat | Target::Nft if self.two_way() => Some(Target::NftTwoWay),
+            Target::Nat | Target::Nft => Some(Target::Nft),
+            _ => None,
         }
     }
 
     fn mode(self) -> Option<&'static str> {
-        match self {
+        match self.base() {
             Target::Dr | Target::DrFast => Some("dr"),
             Target::Tun => Some("tun"),
             Target::Nat => Some("nat"),
@@ -198,6 +260,7 @@ struct Server {
 
 /// Run the director side (`target` attached to eth0 of `dir`) until told to stop.
 fn serve(dir: &str, target: Target, gen_mac: [u8; 6]) -> Server {
+    let target = target.base();
     let nft = (target == Target::Nft).then(|| NftDnat::new(dir, "xdplb_bench", VIP, 80, &BACKENDS));
     let before = napi_threads();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
@@ -379,14 +442,19 @@ struct Generator {
 
 impl Generator {
     fn new(lab: &Lab) -> Generator {
-        let lanes: Vec<(String, [u8; 6], [u8; 6])> = lab
+        let lanes: Vec<(String, [u8; 6], [u8; 6], bool)> = lab
             .lanes
             .iter()
-            .map(|l| (l.gen_if.clone(), l.gen_mac, l.dir_mac))
+            .map(|l| (l.gen_if.clone(), l.gen_mac, l.dir_mac, l.target.two_way()))
             .collect();
         // Each lane's template frame and `xdp_md` (ingress: its veth), built once.
-        let lane_input = |(dev, gen_mac, dir_mac): &(String, [u8; 6], [u8; 6])| {
-            let mut p = Pkt::tcp("198.18.9.1", VIP, 40000, 80).with_macs(*gen_mac, *dir_mac);
+        let lane_input = |(dev, gen_mac, dir_mac, two_way): &(String, [u8; 6], [u8; 6], bool)| {
+            let client = if *two_way {
+                TWO_WAY_CLIENT
+            } else {
+                "198.18.9.1"
+            };
+            let mut p = Pkt::tcp(client, VIP, 40000, 80).with_macs(*gen_mac, *dir_mac);
             p.payload = vec![0x5a; FRAME - 54];
             // ACK: a segment conntrack (the nftables peer) picks up as an established stream.
             p.tcp_flags = crate::TCP_ACK;
@@ -406,10 +474,27 @@ impl Generator {
                 ..Default::default()
             })
             .expect("load generator object");
-            for (dev, _, _) in &lanes {
-                d.attach_program(dataplane::SINK_PROGRAM, dev)
-                    .expect("sink");
+            // One-way lanes count what comes back; two-way lanes answer it as the backend,
+            // then count the director's replies.
+            for (dev, _, _, two_way) in &lanes {
+                let program = if *two_way {
+                    dataplane::RESPOND_PROGRAM
+                } else {
+                    dataplane::SINK_PROGRAM
+                };
+                d.attach_program(program, dev).expect("sink or responder");
             }
+            let mut respond: Array<MapData, u32> = d
+                .ebpf_mut()
+                .take_map("BENCH_RESPOND")
+                .expect("BENCH_RESPOND")
+                .try_into()
+                .expect("array");
+            let vip: std::net::Ipv4Addr = VIP.parse().expect("VIP");
+            respond.set(0, 80, 0).expect("port");
+            respond
+                .set(1, u32::from_ne_bytes(vip.octets()), 0)
+                .expect("VIP");
             let tx_fd = crate::program_fd(&mut d, dataplane::TX_PROGRAM);
             let inputs: Vec<_> = lanes.iter().map(lane_input).collect();
             let (mut next, mut cfg) = crate::bench_driver(&mut d);
@@ -789,7 +874,7 @@ pub fn rows(quick: bool, targets: &[Target]) -> Vec<PpsRow> {
     // reads, so these runs are not among the delivered figures above); off when dropped.
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
     for (row, r) in out.iter_mut().enumerate() {
-        if r.target == Target::Nft {
+        if r.target.base() == Target::Nft {
             continue;
         }
         let i = row / FLOWS.len();
@@ -832,15 +917,15 @@ pub fn report(rows: &[PpsRow]) -> String {
         };
         let m = median(pick(r));
         let (min, max) = min_max(pick(r));
-        let vs_nft = match r.target {
-            Target::Nat | Target::Nft => format!("{:.2}", m / at(Target::Nft)),
-            _ => String::new(),
-        };
+        let vs_nft = r
+            .target
+            .nft_peer()
+            .map_or(String::new(), |nft| format!("{:.2}", m / at(nft)));
         format!(
             "| {} | {} | {m:.2} | {min:.2}–{max:.2} | {:.2} | {vs_nft} |",
             r.target.name(),
             r.flows,
-            m / at(Target::Ceiling),
+            m / at(r.target.ceiling()),
         )
     };
     let mut out = String::from(
@@ -884,16 +969,16 @@ fn core_table(rows: &[PpsRow]) -> String {
     for r in rows {
         let m = median(&r.core_ns);
         let (min, max) = min_max(&r.core_ns);
-        let vs_nft = match r.target {
-            Target::Nat | Target::Nft => ratio(at(Target::Nft, r.flows) / m),
-            _ => String::new(),
-        };
+        let vs_nft = r
+            .target
+            .nft_peer()
+            .map_or(String::new(), |nft| ratio(at(nft, r.flows) / m));
         out.push_str(&format!(
             "| {} | {} | {m:.0} | {min:.0}–{max:.0} | {:.2} | {} | {vs_nft} |\n",
             r.target.name(),
             r.flows,
             1e3 / m,
-            ratio(at(Target::Ceiling, r.flows) / m),
+            ratio(at(r.target.ceiling(), r.flows) / m),
         ));
     }
     out

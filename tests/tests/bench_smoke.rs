@@ -129,8 +129,8 @@ fn bench_quick_runs_every_path_and_reports() {
     let e2e = table(&stdout, "| end to end");
     assert_eq!(
         e2e.len(),
-        12,
-        "end-to-end rows (ceiling, DR, TUN, NAT, nftables, DR ring fast path × 1 and 10k flows):\n{stdout}"
+        18,
+        "end-to-end rows (ceiling, DR, TUN, NAT, nftables, DR ring fast path, and two-way ceiling, NAT, nftables × 1 and 10k flows):\n{stdout}"
     );
     for row in &e2e {
         let c: Vec<&str> = row.split('|').map(str::trim).collect();
@@ -228,10 +228,11 @@ fn bench_quick_runs_every_path_and_reports() {
         assert!(rps > 0.0, "wrk got answers: {row}");
     }
     let targets = table(&stdout, "| target");
-    // Four more by the director core's time where it has a core of its own.
+    // Two more for NAT × nftables two-way (by PDR); four more by the director core's time
+    // where it has a core of its own.
     assert_eq!(
         targets.len(),
-        if lb_tests::cpus() > 1 { 15 } else { 11 },
+        if lb_tests::cpus() > 1 { 17 } else { 13 },
         "issue 8's targets, each judged:\n{stdout}"
     );
     for row in &targets {

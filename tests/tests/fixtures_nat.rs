@@ -158,7 +158,7 @@ fn evict_mapping(h: &mut Harness, up0: u32, reply: &Pkt) {
         .nat_replies
         .remove(&reply.key())
         .expect("mapping present");
-    h.empty_cache_set(&lb_common::flow_cache_reply_words(&reply.key()));
+    h.forget_cached(&lb_common::flow_cache_reply_words(&reply.key()));
     assert_eq!(run(h, up0, &reply.build()).0, XDP_PASS, "mapping gone");
 }
 

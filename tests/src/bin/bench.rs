@@ -368,6 +368,21 @@ fn main() {
                 bound: (5.0, false),
             });
         }
+        // NAT against nftables once more with the backends answering (round trips: the
+        // reply path too), beside the target it informs.
+        for (flows, what) in [
+            (1, "end to end (PDR), NAT × nftables DNAT, two-way, 1 flow"),
+            (
+                10_000,
+                "end to end (PDR), NAT × nftables DNAT, two-way, 10k flows",
+            ),
+        ] {
+            targets.push(Target {
+                what,
+                measured: at(T::NatTwoWay, flows) / at(T::NftTwoWay, flows),
+                bound: (5.0, false),
+            });
+        }
         // The same two ratios by the director core's time per packet (capacity per core;
         // steal excluded), where the director has a core of its own.
         let core = |t: T, flows: u32| {
@@ -679,7 +694,7 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
         // The UDP flow has no SYN to send it past the flow cache, whose slot may still
         // answer for its evicted entry (and, on another CPU or once it ends, not: a new flow
         // in the hit runs). Emptied, the slot lets the packet make the entry again.
-        h.empty_cache_set(&udp4_words);
+        h.forget_cached(&udp4_words);
         assert_eq!(h.run(&udp4).0, XDP_TX);
         let (verdict, tun_wrapped) =
             lb_tests::run_program_on(h.director.director_program(), &tun_plain, up0);
