@@ -115,12 +115,17 @@ pub const FLOW_CACHE_SLOTS: u32 = 1 << 16;
 /// as a client flow first (the miss that leads to its reply slot): a line that stays warm.
 #[inline(always)]
 pub fn flow_cache_set(w: &[u64; 3], bits: u32) -> u32 {
-    let port = if w[2] & FLOW_CACHE_REPLY != 0 {
-        w[2] >> 16
-    } else {
-        w[2]
-    };
-    flow_cache_set_of(w[0], w[1], port & 0xffff, bits)
+    let port = flow_cache_client_port(w[2], w[2] & FLOW_CACHE_REPLY != 0);
+    flow_cache_set_of(w[0], w[1], port, bits)
+}
+
+/// The client's port in a key's ports word (source port in its low 16 bits, destination
+/// port above): a client flow's source port or, for a NAT reply (`reply`), its destination
+/// port. The big-endian value as loaded (see [`flow_cache_set_of`]).
+#[inline(always)]
+pub fn flow_cache_client_port(ports: u64, reply: bool) -> u64 {
+    let port = if reply { ports >> 16 } else { ports };
+    port & 0xffff
 }
 
 /// The set of a client's address (its two words, see [`flow_cache_words`]) and port (the

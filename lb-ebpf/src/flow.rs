@@ -511,9 +511,9 @@ fn cache_index<const R: bool>(key: &FlowKey) -> (u32, [u64; 3]) {
             lb_ebpf::load_u64(base.add(32)) | mark,
         ]
     };
-    // The client's port: a client flow's source port, a reply's destination port (the
-    // ports word holds the source port in its low 16 bits, the destination's above).
-    let port = if R { w[2] >> 16 } else { w[2] } & 0xffff;
+    // The set of the client's address and port (`lb_common::flow_cache_set`, with the
+    // reply mark known here rather than tested).
+    let port = lb_common::flow_cache_client_port(w[2], R);
     (
         lb_common::flow_cache_set_of(w[0], w[1], port, CACHE_SET_BITS.load()),
         w,

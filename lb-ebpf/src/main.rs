@@ -328,22 +328,22 @@ pub fn xdplb_respond(ctx: XdpContext) -> u32 {
         }
         let port = (port as u16).to_be();
         if load_u16(h.add(36)) == port {
-            for (a, b, n) in [(0, 6, 6), (26, 30, 4), (34, 36, 2), (38, 42, 4)] {
-                // Word pairs (a MAC as a word and a half-word).
+            let swap32 = |a: usize, b: usize| {
                 let (x, y) = (load_u32(h.add(a)), load_u32(h.add(b)));
-                if n == 2 {
-                    store_u16(h.add(a), y as u16);
-                    store_u16(h.add(b), x as u16);
-                } else {
-                    store_u32(h.add(a), y);
-                    store_u32(h.add(b), x);
-                }
-                if n == 6 {
-                    let (x, y) = (load_u16(h.add(a + 4)), load_u16(h.add(b + 4)));
-                    store_u16(h.add(a + 4), y);
-                    store_u16(h.add(b + 4), x);
-                }
-            }
+                store_u32(h.add(a), y);
+                store_u32(h.add(b), x);
+            };
+            let swap16 = |a: usize, b: usize| {
+                let (x, y) = (load_u16(h.add(a)), load_u16(h.add(b)));
+                store_u16(h.add(a), y);
+                store_u16(h.add(b), x);
+            };
+            // MACs (a word and a half-word each), addresses, ports, seq and ack.
+            swap32(0, 6);
+            swap16(4, 10);
+            swap32(26, 30);
+            swap16(34, 36);
+            swap32(38, 42);
             return xdp_action::XDP_TX;
         }
         if load_u16(h.add(34)) == port && load_u32(h.add(26)) == vip {
