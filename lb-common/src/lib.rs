@@ -164,6 +164,71 @@ pub fn flow_cache_reply_words(key: &FlowKey) -> [u64; 3] {
     [w[2], w[3], w[4] | FLOW_CACHE_REPLY]
 }
 
+/// The layout of a flow-cache slot's last two words (the data plane's `flow::CacheSlot`;
+/// the first two are the key's address words): one definition for the data plane and the
+/// tests that reach into `FLOW_CACHE`. Ids ride in bits the key and the clock leave free,
+/// so a slot is 32 bytes and a 64-byte set holds two.
+pub mod cache_slot {
+    /// The tuple word's key bits (ports, protocol, family; see
+    /// [`super::flow_cache_words`]). No tuple (these bits 0): an empty slot.
+    pub const TUPLE: u64 = (1 << 48) - 1;
+    /// Where a full-NAT flow's source port (network order, as stored) sits in the tuple
+    /// word: its top 16 bits, padding in the key.
+    pub const SNAT_PORT_SHIFT: u32 = 48;
+    /// The clock word's clock bits: the `bpf_jiffies64` from which the slot no longer
+    /// answers. 2^40 jiffies: 34 years at 1000 Hz from the kernel's start value (2^32 −
+    /// 300 s of jiffies); past that every slot reads expired, so the cache stops answering,
+    /// it never answers wrongly.
+    pub const CLOCK: u64 = (1 << 40) - 1;
+    /// Where the clock word's ids start ([`ids`]).
+    pub const IDS_SHIFT: u32 = 40;
+    pub const SNAT_ADDR_BITS: u32 = 6;
+    pub const BACKEND_BITS: u32 = 12;
+    pub const SERVICE_BITS: u32 = 6;
+    const IDS_BITS: u32 = SNAT_ADDR_BITS + BACKEND_BITS + SERVICE_BITS;
+    const _: () = assert!(
+        super::MAX_SNAT_ADDRS <= 1 << SNAT_ADDR_BITS
+            && super::MAX_BACKENDS <= 1 << BACKEND_BITS
+            && super::MAX_SERVICES <= 1 << SERVICE_BITS
+            && IDS_SHIFT + IDS_BITS == 64
+            && CLOCK == (1 << IDS_SHIFT) - 1
+    );
+
+    /// The clock word's ids, from bit 0 (shift by [`IDS_SHIFT`] to store): the full-NAT
+    /// pool address's index (`snat >> 16`; `snat` as the data plane's `Choice::snat` has
+    /// it, 0 for other flows), the backend id above it, the service id on top.
+    #[inline(always)]
+    pub fn ids(service: u32, backend: u32, snat: u32) -> u64 {
+        u64::from(service) << (SNAT_ADDR_BITS + BACKEND_BITS)
+            | u64::from(backend) << SNAT_ADDR_BITS
+            | u64::from(snat >> 16)
+    }
+
+    /// A slot's answer from its tuple and clock words: the ids ([`ids`]) with the full-NAT
+    /// port above them. Never `u64::MAX` (the data plane's "no answer").
+    #[inline(always)]
+    pub fn answer(tuple: u64, clock: u64) -> u64 {
+        clock >> IDS_SHIFT | (tuple >> SNAT_PORT_SHIFT) << IDS_BITS
+    }
+
+    /// An [`answer`]'s (service id, backend id).
+    #[inline(always)]
+    pub fn service_backend(answer: u64) -> (u32, u32) {
+        let ids = answer as u32;
+        (
+            ids >> (SNAT_ADDR_BITS + BACKEND_BITS) & ((1 << SERVICE_BITS) - 1),
+            ids >> SNAT_ADDR_BITS & ((1 << BACKEND_BITS) - 1),
+        )
+    }
+
+    /// An [`answer`]'s full-NAT source as `Choice::snat` has it: the pool address's index
+    /// << 16 | the port (network order). 0 for other flows.
+    #[inline(always)]
+    pub fn snat(answer: u64) -> u32 {
+        (answer as u32 & ((1 << SNAT_ADDR_BITS) - 1)) << 16 | (answer >> IDS_BITS) as u32 & 0xffff
+    }
+}
+
 /// Bounds of `flow_cache_size` other than 0 (off): powers of two from two sets (4 slots;
 /// the data path reads 0 set bits as off) to 16M slots (512 MB per CPU).
 pub const FLOW_CACHE_SLOTS_MAX: u32 = 1 << 24;
@@ -1372,6 +1437,33 @@ mod tests {
                     "fields {fields:#x}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn flow_cache_slots_give_back_every_id_they_hold() {
+        use cache_slot::*;
+        for (service, backend, snat) in [
+            (0, 0, 0),
+            (
+                MAX_SERVICES - 1,
+                MAX_BACKENDS - 1,
+                (MAX_SNAT_ADDRS - 1) << 16 | 0xffff,
+            ),
+            (5, 1234, 33 << 16 | 0x204e),
+            (MAX_SERVICES - 1, 0, 0),
+            (0, MAX_BACKENDS - 1, 0),
+            (0, 0, 1 << 16),
+        ] {
+            let key_word = TUPLE; // every key bit set: none may leak into the ids
+            let tuple = key_word | u64::from(snat & 0xffff) << SNAT_PORT_SHIFT;
+            let clock = CLOCK | ids(service, backend, snat) << IDS_SHIFT;
+            assert_eq!(tuple & TUPLE, key_word, "the key stays whole");
+            assert_eq!(clock & CLOCK, CLOCK, "the clock stays whole");
+            let a = answer(tuple, clock);
+            assert_ne!(a, u64::MAX);
+            assert_eq!(service_backend(a), (service, backend));
+            assert_eq!(cache_slot::snat(a), snat);
         }
     }
 

@@ -6,10 +6,12 @@ use aya_ebpf::{
     macros::btf_map,
     Global,
 };
+use lb_common::cache_slot::{self, CLOCK, IDS_SHIFT, SNAT_PORT_SHIFT, TUPLE};
 use lb_common::{
     mode, reason, udp_cache_ticks, udp_expired, udp_touch_ns, Backend, FlowKey, FlowKey4,
     FlowValue, ServiceMeta, AF_INET, BPF_F_NO_COMMON_LRU, FLOW_F_ENDED, FLOW_F_FIN_BACKEND,
-    FLOW_F_FIN_CLIENT, FLOW_TABLE_CAPACITY, IPPROTO_TCP, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
+    FLOW_F_FIN_CLIENT, FLOW_F_SNAT, FLOW_TABLE_CAPACITY, IPPROTO_TCP, IPPROTO_UDP,
+    UDP_IDLE_DEFAULT_NS,
 };
 
 use crate::select;
@@ -131,6 +133,9 @@ pub struct Choice {
     /// The answer came from [`FLOW_CACHE`]: for a NAT flow, its reply mapping is not due to
     /// be made sure of and its entry holds no FIN (see [`cache_fill`]).
     pub cached: bool,
+    /// With `cached`, a full-NAT flow's source as its entry holds it: the pool address's
+    /// index << 16 | the port (network order, as stored). 0 otherwise.
+    pub snat: u32,
 }
 
 impl Default for Choice {
@@ -140,6 +145,7 @@ impl Default for Choice {
             new: false,
             entry: core::ptr::null_mut(),
             cached: false,
+            snat: 0,
         }
     }
 }
@@ -214,6 +220,7 @@ pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
                 Choice {
                     id,
                     cached: true,
+                    snat: cache_slot::snat(hit),
                     ..Choice::default()
                 },
                 backend,
@@ -235,14 +242,10 @@ pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
     let Some((backend, age)) = still_live(v, key, client_ends(svc, tcp_end), tcp_syn) else {
         return Established::Stale;
     };
-    if cacheable(key)
-        && !tcp_end
-        && !tcp_syn
-        && (svc.mode == mode::DR || svc.mode == mode::TUN || svc.mode == mode::NAT)
-    {
+    if cacheable(key) && !tcp_end && !tcp_syn {
         // Filled here only: a new flow's entry is made further on, and its next packet
         // fills the slot.
-        cache_fill(key, v, age, svc.mode == mode::NAT);
+        cache_fill(key, v, age, svc.mode);
     }
     Established::Hit(
         svc,
@@ -255,8 +258,8 @@ pub fn established(key: &FlowKey, tcp_end: bool, tcp_syn: bool) -> Established {
     )
 }
 
-/// One slot of [`FLOW_CACHE`]: a TCP or UDP flow of a DR, TUN or NAT service, either
-/// family, as the flow table held it when the slot was filled — or the replies of a
+/// One slot of [`FLOW_CACHE`]: a TCP or UDP flow of a DR, TUN, NAT or full-NAT service,
+/// either family, as the flow table held it when the slot was filled — or the replies of a
 /// half-NAT flow, as its reply mapping held them ([`reply_cache_fill`]). The destination
 /// is not in a flow's slot: a hit is checked against its service's VIP, which only the
 /// flow's own destination matches, so the source and the ports word name the flow. A
@@ -268,18 +271,14 @@ pub struct CacheSlot {
     /// The source address as two words (IPv4: its word, and 0).
     src: [u64; 2],
     /// The key's last word (ports, protocol, family; its top 16 bits are padding, 0) with
-    /// the backend id in those 16 bits. No tuple ([`TUPLE`] bits 0): an empty slot.
-    tuple_backend: u64,
+    /// a full-NAT flow's source port in those 16 bits. No tuple ([`TUPLE`] bits 0): an
+    /// empty slot. (Layout: [`lb_common::cache_slot`].)
+    tuple_snat_port: u64,
     /// `bpf_jiffies64` from which the slot no longer answers — at most a second after the
-    /// table did, see [`cache_fill`] — with the service id in the top 8 bits ([`CLOCK`]).
-    expires_service: u64,
+    /// table did, see [`cache_fill`] — in the low [`CLOCK`] bits, and the ids above (the
+    /// full-NAT pool address's index, the backend id, the service id).
+    expires_ids: u64,
 }
-
-/// [`CacheSlot::tuple_backend`]'s tuple bits.
-const TUPLE: u64 = (1 << 48) - 1;
-/// [`CacheSlot::expires_service`]'s clock bits (2^56 jiffies: two million years at 1000 Hz).
-const CLOCK: u64 = (1 << 56) - 1;
-const _: () = assert!(lb_common::MAX_BACKENDS <= 1 << 16 && lb_common::MAX_SERVICES <= 1 << 8);
 
 /// One set of [`FLOW_CACHE`]: two slots, 64 bytes, one cache line (the array's values start
 /// on a page, see there). A flow may sit in either slot of the set its key hashes to.
@@ -314,7 +313,8 @@ static CACHE_SET_BITS: Global<u32> = Global::new(0);
 /// the table then sees the flow as often as without the cache, so its idle timeout is
 /// judged on the same clock. A NAT flow's answers only until its reply mapping is due to be
 /// made sure of, never once a FIN was seen, and a backend's FIN or RST empties it on every
-/// CPU ([`cache_forget`]); full-NAT flows are not cached (their source lives in the entry).
+/// CPU ([`cache_forget`]); so do full-NAT flows', which also hold the source their entry
+/// chose (the pool address's index and the port).
 /// A half-NAT flow's replies are cached too, keyed by the reply (see [`reply_cache_fill`]),
 /// so they skip the `NAT_REPLIES` lookup.
 /// What the slot does not see — the controller removing the table entry, LRU eviction —
@@ -323,8 +323,8 @@ static CACHE_SET_BITS: Global<u32> = Global::new(0);
 #[btf_map]
 static FLOW_CACHE: BtfArray<CacheSet, 1, { lb_common::BPF_F_MMAPABLE as usize }> = BtfArray::new();
 
-/// [`cached`]: no answer.
-const CACHE_MISS: u64 = u64::MAX;
+/// [`cached`], [`reply_cached`]: no answer.
+pub const CACHE_MISS: u64 = u64::MAX;
 
 /// Whether [`FLOW_CACHE`] may hold `key`'s flow: TCP or UDP, with the cache on. Checked
 /// inline before [`cache_fill`], so other flows' table hits do not pay its call.
@@ -338,32 +338,29 @@ fn cacheable(key: &FlowKey) -> bool {
 /// A [`cached`] answer as (service id, backend id).
 #[inline(always)]
 pub fn unpack(hit: u64) -> (u32, u32) {
-    ((hit >> 32) as u32, hit as u32)
+    cache_slot::service_backend(hit)
 }
 
 /// Whether `slot` holds the flow whose key words ([`cache_set`]) are `w`.
 #[inline(always)]
 fn holds(slot: &CacheSlot, w: &[u64; 3]) -> bool {
-    slot.src[0] == w[0] && slot.src[1] == w[1] && slot.tuple_backend & TUPLE == w[2]
+    slot.src[0] == w[0] && slot.src[1] == w[1] && slot.tuple_snat_port & TUPLE == w[2]
 }
 
-/// The cached (service id << 32 | backend id) of `key`'s flow, or [`CACHE_MISS`]. With
+/// The cached ids of `key`'s flow ([`cache_slot::answer`]), or [`CACHE_MISS`]. With
 /// `bypass` (SYN, FIN, RST: the table decides) the flow's slot is emptied.
 #[inline(always)]
 fn cached(key: &FlowKey, bypass: bool) -> u64 {
     probe::<CLIENT>(key, bypass)
 }
 
-/// A NAT reply's cached (service id, backend id): the ids of the flow whose reply mapping
-/// `key` (the reply as it arrives) matched when the slot was filled, see
+/// A NAT reply's cached ids ([`unpack`]), or [`CACHE_MISS`]: the ids of the flow whose
+/// reply mapping `key` (the reply as it arrives) matched when the slot was filled, see
 /// [`reply_cache_fill`]. The caller checks them against the packet
 /// (`select::reply_source`). With `bypass` (SYN, FIN, RST) the slot is emptied.
 #[inline(always)]
-pub fn reply_cached(key: &FlowKey, bypass: bool) -> Option<(u32, u32)> {
-    match probe::<REPLY>(key, bypass) {
-        CACHE_MISS => None,
-        hit => Some(unpack(hit)),
-    }
+pub fn reply_cached(key: &FlowKey, bypass: bool) -> u64 {
+    probe::<REPLY>(key, bypass)
 }
 
 /// [`cached`] and [`reply_cached`]: the answer of the slot keyed by `key`'s client-flow
@@ -388,26 +385,36 @@ fn probe<const R: bool>(key: &FlowKey, bypass: bool) -> u64 {
         return CACHE_MISS;
     };
     if bypass {
-        c.tuple_backend = 0;
+        c.tuple_snat_port = 0;
         return CACHE_MISS;
     }
-    let e = c.expires_service;
+    let e = c.expires_ids;
     if unsafe { bpf_jiffies64() } >= e & CLOCK {
         return CACHE_MISS;
     }
-    (e >> 56) << 32 | c.tuple_backend >> 48
+    cache_slot::answer(c.tuple_snat_port, e)
 }
 
-/// Remember the table's answer `v` for `key` ([`cacheable`]; a hit of a DR, TUN or `nat`
-/// flow) for a second, or less where the table has more to do sooner: a UDP flow's, whose
-/// table clock is `age` ns old, until the table would refresh it ([`udp_cache_ticks`]); a
-/// NAT flow's until its reply mapping is due to be made sure of again (a second after the
-/// last time, see `fwd::nat`), and not at all once either side sent a FIN (the table
-/// entry follows the close). Where: see [`cache_put`].
+/// Remember the table's answer `v` for `key` ([`cacheable`]; a hit of a flow of a service
+/// in `svc_mode`) for a second, or less where the table has more to do sooner: a UDP
+/// flow's, whose table clock is `age` ns old, until the table would refresh it
+/// ([`udp_cache_ticks`]); a NAT or full-NAT flow's until its reply mapping is due to be
+/// made sure of again (a second after the last time, see `fwd::nat`), and not at all once
+/// either side sent a FIN (the table entry follows the close). A full-NAT flow's slot
+/// holds the source its entry chose (none chosen: not cached). Where: see [`cache_put`].
 #[inline(never)]
-fn cache_fill(key: &FlowKey, v: *const FlowValue, age: u64, nat: bool) {
+fn cache_fill(key: &FlowKey, v: *const FlowValue, age: u64, svc_mode: u8) {
     // SAFETY: the flow's live table entry.
     let v = unsafe { &*v };
+    let nat = svc_mode == mode::NAT || svc_mode == mode::FULLNAT;
+    let snat = if svc_mode == mode::FULLNAT {
+        if v.flags & FLOW_F_SNAT == 0 {
+            return;
+        }
+        u32::from(v.snat_addr) << 16 | u32::from(v.snat_port_be)
+    } else {
+        0
+    };
     let (now, hz) = crate::fwd::jiffies();
     let mut ticks = if key.proto == IPPROTO_UDP {
         udp_cache_ticks(age, UDP_IDLE_NS.load(), hz)
@@ -427,7 +434,7 @@ fn cache_fill(key: &FlowKey, v: *const FlowValue, age: u64, nat: bool) {
     if ticks == 0 {
         return;
     }
-    cache_put::<CLIENT>(key, v.service, v.backend, now, now + ticks);
+    cache_put::<CLIENT>(key, v.service, v.backend, snat, now, now + ticks);
 }
 
 /// Remember a NAT reply's flow ids (`service`, `backend`) for a second: the caller matched
@@ -443,22 +450,30 @@ pub fn reply_cache_fill(key: &FlowKey, service: u32, backend: u32) {
         return;
     }
     let (now, hz) = crate::fwd::jiffies();
-    cache_put::<REPLY>(key, service, backend, now, now + u64::from(hz));
+    cache_put::<REPLY>(key, service, backend, 0, now, now + u64::from(hz));
 }
 
-/// Put the ids in `key`'s slot (its client-flow words or, with `R`, its reply words) from
-/// jiffy `now` until jiffy `expires`: in the key's own slot of its set, else in an empty or
-/// expired one. A slot that answers for another key still is not taken: with more flows
-/// than slots, flows that share a set would otherwise take it from each other on every
-/// packet, each paying the write and none the hit.
+/// Put the ids (and `snat`, a full-NAT flow's source as [`Choice::snat`] has it) in `key`'s
+/// slot (its client-flow words or, with `R`, its reply words) from jiffy `now` until jiffy
+/// `expires`: in the key's own slot of its set, else in an empty or expired one. A slot
+/// that answers for another key still is not taken: with more flows than slots, flows that
+/// share a set would otherwise take it from each other on every packet, each paying the
+/// write and none the hit.
 #[inline(always)]
-fn cache_put<const R: bool>(key: &FlowKey, service: u32, backend: u32, now: u64, expires: u64) {
+fn cache_put<const R: bool>(
+    key: &FlowKey,
+    service: u32,
+    backend: u32,
+    snat: u32,
+    now: u64,
+    expires: u64,
+) {
     let (Some(set), w) = cache_set::<R>(key) else {
         return;
     };
     // SAFETY: a live array value, this CPU's.
     let set = unsafe { &mut *set };
-    let free = |s: &CacheSlot| s.tuple_backend & TUPLE == 0 || now >= s.expires_service & CLOCK;
+    let free = |s: &CacheSlot| s.tuple_snat_port & TUPLE == 0 || now >= s.expires_ids & CLOCK;
     let c = if holds(&set.slots[0], &w) {
         &mut set.slots[0]
     } else if holds(&set.slots[1], &w) {
@@ -471,8 +486,8 @@ fn cache_put<const R: bool>(key: &FlowKey, service: u32, backend: u32, now: u64,
         return;
     };
     c.src = [w[0], w[1]];
-    c.tuple_backend = w[2] | u64::from(backend) << 48;
-    c.expires_service = expires & CLOCK | u64::from(service) << 56;
+    c.tuple_snat_port = w[2] | u64::from(snat & 0xffff) << SNAT_PORT_SHIFT;
+    c.expires_ids = expires & CLOCK | cache_slot::ids(service, backend, snat) << IDS_SHIFT;
 }
 
 /// [`cache_set`] and its kin: a client flow's slot, keyed by its source and ports word.
@@ -543,7 +558,7 @@ pub fn cache_forget<const R: bool>(key: &FlowKey) {
             let set = unsafe { &mut *set };
             for c in &mut set.slots {
                 if holds(c, &w) {
-                    c.tuple_backend = 0;
+                    c.tuple_snat_port = 0;
                 }
             }
         }

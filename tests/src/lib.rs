@@ -232,15 +232,18 @@ impl Harness {
             .ebpf_mut()
             .map_mut(lb_common::maps::FLOW_CACHE)
             .expect("FLOW_CACHE");
-        // A set: two slots of (source words, tuple word with the backend id in its top 16
-        // bits, clock and service id).
+        // A set: two slots of (source words, tuple word, clock word with the ids; see
+        // `lb_common::cache_slot`).
         let mut cache: aya::maps::Array<_, [u64; 8]> =
             aya::maps::Array::try_from(map).expect("FLOW_CACHE is an array of 64-byte sets");
         for cpu in 0..aya::util::nr_cpus().expect("possible CPUs") as u32 {
             let at = cpu << bits | set;
             let mut v = cache.get(&at, 0).expect("read the set");
             for slot in v.chunks_exact_mut(4) {
-                if slot[0] == w[0] && slot[1] == w[1] && slot[2] & ((1 << 48) - 1) == w[2] {
+                if slot[0] == w[0]
+                    && slot[1] == w[1]
+                    && slot[2] & lb_common::cache_slot::TUPLE == w[2]
+                {
                     slot[2] = 0;
                 }
             }

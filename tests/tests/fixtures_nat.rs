@@ -162,6 +162,26 @@ fn evict_mapping(h: &mut Harness, up0: u32, reply: &Pkt) {
     assert_eq!(run(h, up0, &reply.build()).0, XDP_PASS, "mapping gone");
 }
 
+/// The pool port a full-NAT flow left with: the source port of `out`, the director's output
+/// for `p`.
+fn pool_port(p: &Pkt, out: &[u8]) -> u16 {
+    let l4 = if p.src.is_ipv4() { 14 + 20 } else { 14 + 40 };
+    u16::from_be_bytes([out[l4], out[l4 + 1]])
+}
+
+/// `backend`'s reply (from port 80) to the full-NAT flow of `p` that reached it from
+/// `pool`:`port`.
+fn pool_reply(p: &Pkt, backend: &str, pool: &str, port: u16) -> Pkt {
+    Pkt {
+        src: backend.parse().unwrap(),
+        dst: pool.parse().unwrap(),
+        sport: 80,
+        dport: port,
+        ..p.clone()
+    }
+    .with_macs(GW_MAC, UP_MAC)
+}
+
 fn run(h: &Harness, up0: u32, input: &[u8]) -> (u32, Vec<u8>) {
     lb_tests::run_program_on(h.director.director_program(), input, up0)
 }
@@ -258,22 +278,14 @@ fn fullnat_allocates_distinct_pool_ports_and_translates_replies() {
                 let p = Pkt::tcp(client, vip, 41000 + i, 80);
                 let (v, out) = run(&h, up0, &p.build());
                 assert_eq!(v, XDP_TX);
-                let l4 = if p.src.is_ipv4() { 14 + 20 } else { 14 + 40 };
-                let port = u16::from_be_bytes([out[l4], out[l4 + 1]]);
+                let port = pool_port(&p, &out);
                 assert!((20000..=21023).contains(&port), "pool port {port}");
                 assert_eq!(out, expect(&p, pool, port, backend, 80), "{vip}: SNAT+DNAT");
                 // The flow keeps its source port.
                 assert_eq!(run(&h, up0, &p.build()).1, out, "same flow, same source");
                 ports.insert(port);
 
-                let reply = Pkt {
-                    src: backend.parse().unwrap(),
-                    dst: pool.parse().unwrap(),
-                    sport: 80,
-                    dport: port,
-                    ..p.clone()
-                }
-                .with_macs(GW_MAC, UP_MAC);
+                let reply = pool_reply(&p, backend, pool, port);
                 let (v, back) = run(&h, up0, &reply.build());
                 assert_eq!(v, XDP_TX);
                 assert_eq!(
@@ -826,5 +838,90 @@ fn a_nat_flows_close_reaches_its_cached_replies() {
             closed + 1,
             "the backend's last ACK ends the flow"
         );
+    });
+}
+
+/// A full-NAT flow is answered from the flow cache too, with the source its entry chose
+/// (pool address and port) kept in the slot: with the table entry taken away, its next
+/// packets still leave with the same source, byte for byte, and no new flow is counted;
+/// within the second the table decides again (a new flow). The backend's RST, seen on
+/// another CPU, empties the slot on every CPU, so the client's next packet is a new flow.
+/// Both families (the IPv6 pool address is the pool's second). Before the cache held
+/// full-NAT flows the first packet after the removal was a new flow with another port.
+#[test]
+fn fullnat_flows_are_cached_with_their_source() {
+    lb_tests::require_root();
+    FibLab::new("fullcache").run(|| {
+        lb_tests::pin_to(0, 0);
+        let (mut h, up0) = harness();
+        for (service, client, vip, backend, pool) in [
+            (
+                3,
+                "198.18.2.1",
+                "198.18.0.101",
+                "198.18.5.13",
+                "198.18.5.100",
+            ),
+            (
+                4,
+                "2001:db8:2::1",
+                "2001:db8::101",
+                "2001:db8:5::13",
+                "2001:db8:5::100",
+            ),
+        ] {
+            let p = Pkt::tcp(client, vip, 47000, 80);
+            let (v, first) = run(&h, up0, &p.build());
+            assert_eq!(v, XDP_TX, "{vip}: new flow");
+            let port = pool_port(&p, &first);
+            assert_eq!(
+                first,
+                expect(&p, pool, port, backend, 80),
+                "{vip}: SNAT+DNAT"
+            );
+            assert_eq!(
+                run(&h, up0, &p.build()),
+                (XDP_TX, first.clone()),
+                "table hit"
+            );
+            let flows = h.new_flows(service);
+            h.director
+                .maps
+                .flows
+                .remove(&p.key())
+                .expect("flow in the table");
+            assert_eq!(
+                run(&h, up0, &p.build()),
+                (XDP_TX, first.clone()),
+                "{vip}: the cache answers with the flow's own source"
+            );
+            assert_eq!(h.new_flows(service), flows, "{vip}: no new flow");
+            wait_for("the table to decide again", SECOND_AND_A_HALF, || {
+                let out = run(&h, up0, &p.build());
+                h.new_flows(service) != flows || {
+                    assert_eq!(out, (XDP_TX, first.clone()), "{vip}: while cached");
+                    false
+                }
+            });
+
+            // Cached again (its second packet fills the slot); the backend resets on CPU 1.
+            let (_, out) = run(&h, up0, &p.build());
+            assert_eq!(
+                run(&h, up0, &p.build()),
+                (XDP_TX, out.clone()),
+                "slot filled"
+            );
+            let reply = pool_reply(&p, backend, pool, pool_port(&p, &out));
+            let flows = h.new_flows(service);
+            lb_tests::pin_to(0, 1);
+            assert_eq!(run(&h, up0, &reply.with_flags(TCP_RST).build()).0, XDP_TX);
+            lb_tests::pin_to(0, 0);
+            assert_eq!(run(&h, up0, &p.build()).0, XDP_TX);
+            assert_eq!(
+                h.new_flows(service),
+                flows + 1,
+                "{vip}: after the backend's RST the next packet is a new flow"
+            );
+        }
     });
 }

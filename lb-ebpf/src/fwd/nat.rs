@@ -30,7 +30,8 @@ use crate::{
 const HOW_ID_SHIFT: u32 = 8;
 
 /// The flow cache answered ([`Choice::cached`]): no entry, no FIN in it, and the reply
-/// mapping is not due (the slot lasts until it is, see `flow::cache_fill`).
+/// mapping is not due (the slot lasts until it is, see `flow::cache_fill`); a full-NAT
+/// flow's source comes with the answer ([`Choice::snat`]).
 const HOW_CACHED: u32 = 4;
 
 /// Reply 5-tuple (as it arrives from the backend) -> what to restore. LRUs with a common
@@ -269,20 +270,19 @@ fn route_and_send(
 }
 
 /// The full-NAT source of a flow: kept in the flow entry (`entry`, may be null) once
-/// chosen; for a new flow an address of the backend's family from the pool (by flow hash)
-/// and a port not used by another flow toward the same backend port. The address goes to
-/// `src` (4-aligned: copied as words), the port is returned.
+/// chosen, and in its flow-cache slot (`cached`: the slot answered; `snat` then holds it, as
+/// `Choice::snat` has it); for a new flow an address of the backend's family from the pool
+/// (by flow hash) and a port not used by another flow toward the same backend port. The
+/// address goes to `src` (4-aligned: copied as words), the port is returned.
 #[inline(always)]
 fn snat_source(
     key: &FlowKey,
     entry: *mut FlowValue,
+    (cached, snat): (bool, &u32),
     backend: &Backend,
     dport_be: u16,
     src: &mut [u8; 16],
 ) -> Result<u16, u32> {
-    if entry.is_null() {
-        return Err(reason::PASS_SNAT_EXHAUSTED);
-    }
     let cfg = SNAT_CONFIG.get(0).ok_or(reason::PASS_SNAT_EXHAUSTED)?;
     let (base, count) = if backend.family == AF_INET {
         (0, cfg.v4_count)
@@ -292,14 +292,23 @@ fn snat_source(
     if count == 0 || cfg.port_max < cfg.port_min {
         return Err(reason::PASS_SNAT_EXHAUSTED);
     }
-    let e = unsafe { &mut *entry };
-    if e.flags & FLOW_F_SNAT != 0 {
-        let addr = SNAT_POOL
-            .get(e.snat_addr as u32)
-            .ok_or(reason::PASS_SNAT_EXHAUSTED)?;
+    // Read here, not passed by value: held across the calls before, it cost the NAT call's
+    // frame 8 bytes the stack does not have (see `xdplb_nat_forward`).
+    let chosen = if cached {
+        Some((*snat >> 16, *snat as u16))
+    } else if entry.is_null() {
+        return Err(reason::PASS_SNAT_EXHAUSTED);
+    } else {
+        // SAFETY: the flow's live table entry.
+        let e = unsafe { &*entry };
+        (e.flags & FLOW_F_SNAT != 0).then_some((u32::from(e.snat_addr), e.snat_port_be))
+    };
+    if let Some((index, port_be)) = chosen {
+        let addr = SNAT_POOL.get(index).ok_or(reason::PASS_SNAT_EXHAUSTED)?;
         lb_ebpf::copy16(src, &addr.addr);
-        return Ok(e.snat_port_be);
+        return Ok(port_be);
     }
+    let e = unsafe { &mut *entry };
     let hash = flow_hash(key);
     // checked_rem: a plain `%` by a runtime value carries a panic path the verifier rejects.
     let slot = base + hash.checked_rem(count).unwrap_or(0);
@@ -365,8 +374,9 @@ fn backend_port(backend: &Backend, key: &FlowKey) -> u16 {
 /// Client -> VIP packet of an established or new flow to backend `choice.id`.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, pkt: &Parsed, choice: &Choice, fullnat: bool) -> Result<u32, u32> {
-    // out = XDP action
-    let mut out = 0u32;
+    // In: a cached full-NAT flow's source (`Choice::snat`; a sixth argument a BPF call
+    // cannot take). Out: the XDP action.
+    let mut out = choice.snat;
     // Five arguments at most for a BPF call: flags and backend id share a word.
     match xdplb_nat_forward(
         ctx.ctx,
@@ -391,7 +401,8 @@ pub fn forward(ctx: &XdpContext, pkt: &Parsed, choice: &Choice, fullnat: bool) -
 /// global): the verifier checks it once, on its own, with arguments it knows only by type,
 /// instead of once per state a caller reaches it in. As a static function it was 509k of
 /// the director's 746k verified instructions. Plain types only (see `STATUS_OK`); pointer
-/// arguments may be null as far as the verifier knows, so they are checked.
+/// arguments may be null as far as the verifier knows, so they are checked. `out` holds
+/// a cached full-NAT flow's source on the way in (see [`forward`]).
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn xdplb_nat_forward(
@@ -405,7 +416,7 @@ pub extern "C" fn xdplb_nat_forward(
     let (Some(pkt), Some(out)) = (unsafe { pkt.as_ref() }, unsafe { out.as_mut() }) else {
         return reason::PASS_MALFORMED;
     };
-    match forward_inner(&XdpContext::new(ctx), pkt, entry, how) {
+    match forward_inner(&XdpContext::new(ctx), pkt, entry, how, out) {
         Ok(action) => {
             *out = action;
             STATUS_OK
@@ -420,6 +431,7 @@ fn forward_inner(
     pkt: &Parsed,
     entry: *mut FlowValue,
     how: u32,
+    cached_snat: &u32,
 ) -> Result<u32, u32> {
     let backend = crate::select::backend(how >> HOW_ID_SHIFT).ok_or(reason::PASS_NO_BACKEND)?;
     let flags = tcp_flags(ctx, pkt);
@@ -435,7 +447,15 @@ fn forward_inner(
     let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();
     // SAFETY: all zeros is a valid rewrite (nothing set); 40 bytes, 4-aligned.
     let rw = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
-    step(prepare_out(pkt, entry, backend, how, closing, rw))?;
+    step(prepare_out(
+        pkt,
+        entry,
+        backend,
+        how,
+        cached_snat,
+        closing,
+        rw,
+    ))?;
     if crate::stop_after(stage::NAT_MAPPING) {
         return Ok(xdp_action::XDP_TX);
     }
@@ -460,14 +480,16 @@ fn forward_inner(
     Ok(action)
 }
 
-/// Choose the flow's NAT addresses (full-NAT source allocation) and make sure the reply
-/// mapping exists; `rw` gets the rewrite to apply.
+/// Choose the flow's NAT addresses (full-NAT source allocation; a flow the cache answered
+/// brings its own, `cached_snat`) and make sure the reply mapping exists; `rw` gets the
+/// rewrite to apply.
 #[inline(always)]
 fn prepare_out(
     pkt: &Parsed,
     entry: *mut FlowValue,
     backend: &Backend,
     how: u32,
+    cached_snat: &u32,
     closing: bool,
     rw: &mut Rewrite,
 ) -> u32 {
@@ -476,7 +498,8 @@ fn prepare_out(
     let dport_be = backend_port(backend, key);
     // The source the backend sees (`rw.src`; applied only with `SET_SRC`, full-NAT).
     let sport_be = if fullnat {
-        match snat_source(key, entry, backend, dport_be, &mut rw.src) {
+        let cached = (how & HOW_CACHED != 0, cached_snat);
+        match snat_source(key, entry, cached, backend, dport_be, &mut rw.src) {
             Ok(port) => port,
             Err(slot) => return slot,
         }
@@ -665,19 +688,20 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     Ok(action)
 }
 
-/// [`cached_reply`]: the flow cache does not answer. (Its answers are packed as the flow
-/// cache's, see `flow::unpack`.)
-const NO_REPLY: u64 = u64::MAX;
+/// [`cached_reply`]: the flow cache does not answer.
+const NO_REPLY: u64 = flow::CACHE_MISS;
 
 /// A half-NAT reply the flow cache answers: `rw` gets the VIP and port from the service
-/// the slot names (`select::reply_source`); (service id << 32 | backend id), else
+/// the slot names (`select::reply_source`); the slot's ids (`flow::unpack`), else
 /// [`NO_REPLY`]. Out of line: its temporaries stay off the reply's frame, which shares the
 /// 512-byte stack with the director's.
 #[inline(never)]
 fn cached_reply(pkt: &Parsed, rw: &mut Rewrite) -> u64 {
-    let Some((service, backend)) = flow::reply_cached(&pkt.key, pkt.tcp_end || pkt.tcp_syn) else {
+    let hit = flow::reply_cached(&pkt.key, pkt.tcp_end || pkt.tcp_syn);
+    if hit == flow::CACHE_MISS {
         return NO_REPLY;
-    };
+    }
+    let (service, backend) = flow::unpack(hit);
     let Some((vip, vip_port)) = crate::select::reply_source(service, backend, &pkt.key) else {
         return NO_REPLY;
     };
@@ -685,7 +709,7 @@ fn cached_reply(pkt: &Parsed, rw: &mut Rewrite) -> u64 {
     rw.sport_be = vip_port;
     rw.set = SET_SRC;
     lb_ebpf::copy16(&mut rw.dst, &pkt.key.dst);
-    u64::from(service) << 32 | u64::from(backend)
+    hit
 }
 
 /// A reply by its mapping (`NAT_REPLIES4`/`NAT_REPLIES6`): `rw` gets what to restore, the
