@@ -244,7 +244,12 @@ fn main() -> Result<()> {
         Cmd::Bench { quick } => {
             setup()?;
             require_root("cargo xtask bench")?;
+            // The control section starts the controller itself (config edit, failover):
+            // the binary is not built by `cargo run` of the bench, which only links the
+            // library (a fresh clone failed there until 2026-12-06).
+            let xdplb = build_xdplb(true)?;
             let mut c = cargo();
+            c.env("XDPLB_BIN", &xdplb);
             c.args([
                 "run",
                 "--release",

@@ -602,22 +602,19 @@ fn targets_table(targets: &[Target]) -> String {
     );
     for t in targets {
         let (bound, at_most) = t.bound;
-        let met = if at_most {
-            t.measured <= bound
+        // A ratio over a PDR of 0 (no rate passed) has no value, and meets nothing (until
+        // 2026-12-06 an infinite ratio read "met").
+        let (measured, met) = if !t.measured.is_finite() {
+            ("n/a".to_string(), "n/a")
+        } else if (at_most && t.measured <= bound) || (!at_most && t.measured >= bound) {
+            (format!("{:.2}", t.measured), "yes")
         } else {
-            t.measured >= bound
-        };
-        // A ratio over a PDR of 0 (no rate passed) has no value.
-        let measured = if t.measured.is_finite() {
-            format!("{:.2}", t.measured)
-        } else {
-            "n/a".to_string()
+            (format!("{:.2}", t.measured), "**no**")
         };
         out.push_str(&format!(
-            "| {} | {} {bound} | {measured} | {} |\n",
+            "| {} | {} {bound} | {measured} | {met} |\n",
             t.what,
             if at_most { "≤" } else { "≥" },
-            if met { "yes" } else { "**no**" }
         ));
     }
     out
@@ -1214,4 +1211,30 @@ fn stage_table<'a>(
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_without_a_value_is_never_met() {
+        let row = |measured, bound| {
+            targets_table(&[Target {
+                what: "x",
+                measured,
+                bound,
+            }])
+            .lines()
+            .last()
+            .unwrap()
+            .to_string()
+        };
+        assert_eq!(row(6.0, (5.0, false)), "| x | ≥ 5 | 6.00 | yes |");
+        assert_eq!(row(4.0, (5.0, false)), "| x | ≥ 5 | 4.00 | **no** |");
+        assert_eq!(row(2.0, (2.5, true)), "| x | ≤ 2.5 | 2.00 | yes |");
+        // A PDR ratio over a peer that found no rate within the loss bound.
+        assert_eq!(row(f64::INFINITY, (5.0, false)), "| x | ≥ 5 | n/a | n/a |");
+        assert_eq!(row(f64::NAN, (2.5, true)), "| x | ≤ 2.5 | n/a | n/a |");
+    }
 }
