@@ -8,7 +8,9 @@
 //! directions (then the last ACK) or RST ends the flow and its NAT state.
 
 use aya_ebpf::bindings::{xdp_action, xdp_md};
-use aya_ebpf::btf_maps::{Array as BtfArray, LruHashMap as BtfLruHashMap};
+use aya_ebpf::btf_maps::{
+    Array as BtfArray, LruHashMap as BtfLruHashMap, PerCpuArray as BtfPerCpuArray,
+};
 use aya_ebpf::{macros::btf_map, programs::XdpContext};
 use lb_common::{
     flow_hash, reason, stage, Backend, FlowKey, FlowKey4, FlowValue, NatReply, SnatAddr,
@@ -54,6 +56,12 @@ fn replies() -> flow::ByFamily<NatReply, 0> {
         v6: &NAT_REPLIES6,
     }
 }
+
+/// Where a client packet builds the reply mapping it writes (88 bytes): off the NAT call's
+/// frame, which shares the 512-byte BPF stack with the director's (see
+/// [`xdplb_nat_forward`]). Per CPU: a program run has its CPU to itself.
+#[btf_map]
+static NAT_REPLY_SCRATCH: BtfPerCpuArray<NatReply, 1> = BtfPerCpuArray::new();
 
 /// Full-NAT source addresses (IPv4 first, then IPv6; see `SnatConfig`).
 #[btf_map]
@@ -512,24 +520,28 @@ fn prepare_out(
     if how & HOW_CACHED == 0 && mapping_due(entry, new, closing) {
         let reply_key = reply_key(key, backend, &rw.src, sport_be, dport_be);
         if new || replies().get(&reply_key).is_none() {
-            let reply = NatReply {
-                vip: key.dst,
-                client: key.src,
-                vip_port_be: key.dport_be,
-                client_port_be: key.sport_be,
-                fullnat: u8::from(fullnat),
-                // A mapping made again (after LRU eviction) keeps the close in view.
-                flags: if !entry.is_null() && unsafe { (*entry).flags } & FLOW_F_FIN_BACKEND != 0 {
-                    NAT_REPLY_F_FIN_BACKEND
-                } else {
-                    0
-                },
-                _pad: [0; 2],
-                flow: *key,
-                service: backend.service,
-                backend: id,
+            let Some(reply) = NAT_REPLY_SCRATCH.get_ptr_mut(0) else {
+                return reason::PASS_MALFORMED;
             };
-            replies().insert(&reply_key, &reply);
+            // SAFETY: this CPU's scratch value; every field is written below.
+            let reply = unsafe { &mut *reply };
+            lb_ebpf::copy16(&mut reply.vip, &key.dst);
+            lb_ebpf::copy16(&mut reply.client, &key.src);
+            reply.vip_port_be = key.dport_be;
+            reply.client_port_be = key.sport_be;
+            reply.fullnat = u8::from(fullnat);
+            // A mapping made again (after LRU eviction) keeps the close in view.
+            reply.flags = if !entry.is_null() && unsafe { (*entry).flags } & FLOW_F_FIN_BACKEND != 0
+            {
+                NAT_REPLY_F_FIN_BACKEND
+            } else {
+                0
+            };
+            reply._pad = [0; 2];
+            reply.flow = *key;
+            reply.service = backend.service;
+            reply.backend = id;
+            replies().insert(&reply_key, reply);
         }
     }
     lb_ebpf::copy16(&mut rw.dst, &backend.addr);
@@ -693,9 +705,9 @@ const NO_REPLY: u64 = flow::CACHE_MISS;
 
 /// A half-NAT reply the flow cache answers: `rw` gets the VIP and port from the service
 /// the slot names (`select::reply_source`); the slot's ids (`flow::unpack`), else
-/// [`NO_REPLY`]. Out of line: its temporaries stay off the reply's frame, which shares the
-/// 512-byte stack with the director's.
-#[inline(never)]
+/// [`NO_REPLY`]. Inline, with the probe (until 2026-12-06 two calls out of line, which
+/// the reply's frame no longer needs: 264 -> 256 bytes with them in).
+#[inline(always)]
 fn cached_reply(pkt: &Parsed, rw: &mut Rewrite) -> u64 {
     let hit = flow::reply_cached(&pkt.key, pkt.tcp_end || pkt.tcp_syn);
     if hit == flow::CACHE_MISS {
