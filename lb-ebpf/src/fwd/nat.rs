@@ -286,7 +286,7 @@ fn route_and_send(
 fn snat_source(
     key: &FlowKey,
     entry: *mut FlowValue,
-    (cached, snat): (bool, &u32),
+    (cached, snat): (bool, u32),
     backend: &Backend,
     dport_be: u16,
     src: &mut [u8; 16],
@@ -300,10 +300,8 @@ fn snat_source(
     if count == 0 || cfg.port_max < cfg.port_min {
         return Err(reason::PASS_SNAT_EXHAUSTED);
     }
-    // Read here, not passed by value: held across the calls before, it cost the NAT call's
-    // frame 8 bytes the stack does not have (see `xdplb_nat_forward`).
     let chosen = if cached {
-        Some((*snat >> 16, *snat as u16))
+        Some((snat >> 16, snat as u16))
     } else if entry.is_null() {
         return Err(reason::PASS_SNAT_EXHAUSTED);
     } else {
@@ -424,7 +422,7 @@ pub extern "C" fn xdplb_nat_forward(
     let (Some(pkt), Some(out)) = (unsafe { pkt.as_ref() }, unsafe { out.as_mut() }) else {
         return reason::PASS_MALFORMED;
     };
-    match forward_inner(&XdpContext::new(ctx), pkt, entry, how, out) {
+    match forward_inner(&XdpContext::new(ctx), pkt, entry, how, *out) {
         Ok(action) => {
             *out = action;
             STATUS_OK
@@ -439,7 +437,7 @@ fn forward_inner(
     pkt: &Parsed,
     entry: *mut FlowValue,
     how: u32,
-    cached_snat: &u32,
+    cached_snat: u32,
 ) -> Result<u32, u32> {
     let backend = crate::select::backend(how >> HOW_ID_SHIFT).ok_or(reason::PASS_NO_BACKEND)?;
     let flags = tcp_flags(ctx, pkt);
@@ -497,7 +495,7 @@ fn prepare_out(
     entry: *mut FlowValue,
     backend: &Backend,
     how: u32,
-    cached_snat: &u32,
+    cached_snat: u32,
     closing: bool,
     rw: &mut Rewrite,
 ) -> u32 {
