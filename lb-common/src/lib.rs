@@ -194,14 +194,34 @@ pub mod cache_slot {
             && CLOCK == (1 << IDS_SHIFT) - 1
     );
 
-    /// The clock word's ids, from bit 0 (shift by [`IDS_SHIFT`] to store): the full-NAT
-    /// pool address's index (`snat >> 16`; `snat` as the data plane's `Choice::snat` has
-    /// it, 0 for other flows), the backend id above it, the service id on top.
+    /// A full-NAT flow's source as one word (the data plane's `Choice::snat`): the pool
+    /// address's index << 16 | the port (network order, as stored). 0 for other flows.
+    #[inline(always)]
+    pub fn snat_word(index: u16, port_be: u16) -> u32 {
+        u32::from(index) << 16 | u32::from(port_be)
+    }
+
+    /// A [`snat_word`]'s (pool address index, port in network order).
+    #[inline(always)]
+    pub fn snat_parts(snat: u32) -> (u32, u16) {
+        (snat >> 16, snat as u16)
+    }
+
+    /// The tuple word of a slot: the key's word (its [`TUPLE`] bits) with the port of
+    /// `snat` (a [`snat_word`]) above it.
+    #[inline(always)]
+    pub fn tuple(key_word: u64, snat: u32) -> u64 {
+        key_word | u64::from(snat_parts(snat).1) << SNAT_PORT_SHIFT
+    }
+
+    /// The clock word's ids, from bit 0 (shift by [`IDS_SHIFT`] to store): the pool
+    /// address's index of `snat` (a [`snat_word`]), the backend id above it, the service id
+    /// on top.
     #[inline(always)]
     pub fn ids(service: u32, backend: u32, snat: u32) -> u64 {
         u64::from(service) << (SNAT_ADDR_BITS + BACKEND_BITS)
             | u64::from(backend) << SNAT_ADDR_BITS
-            | u64::from(snat >> 16)
+            | u64::from(snat_parts(snat).0)
     }
 
     /// A slot's answer from its tuple and clock words: the ids ([`ids`]) with the full-NAT
@@ -221,11 +241,13 @@ pub mod cache_slot {
         )
     }
 
-    /// An [`answer`]'s full-NAT source as `Choice::snat` has it: the pool address's index
-    /// << 16 | the port (network order). 0 for other flows.
+    /// An [`answer`]'s full-NAT source, a [`snat_word`] (0 for other flows).
     #[inline(always)]
     pub fn snat(answer: u64) -> u32 {
-        (answer as u32 & ((1 << SNAT_ADDR_BITS) - 1)) << 16 | (answer >> IDS_BITS) as u32 & 0xffff
+        snat_word(
+            (answer & ((1 << SNAT_ADDR_BITS) - 1)) as u16,
+            (answer >> IDS_BITS) as u16,
+        )
     }
 }
 
@@ -1448,15 +1470,15 @@ mod tests {
             (
                 MAX_SERVICES - 1,
                 MAX_BACKENDS - 1,
-                (MAX_SNAT_ADDRS - 1) << 16 | 0xffff,
+                snat_word(MAX_SNAT_ADDRS as u16 - 1, 0xffff),
             ),
-            (5, 1234, 33 << 16 | 0x204e),
+            (5, 1234, snat_word(33, 0x204e)),
             (MAX_SERVICES - 1, 0, 0),
             (0, MAX_BACKENDS - 1, 0),
-            (0, 0, 1 << 16),
+            (0, 0, snat_word(1, 0)),
         ] {
             let key_word = TUPLE; // every key bit set: none may leak into the ids
-            let tuple = key_word | u64::from(snat & 0xffff) << SNAT_PORT_SHIFT;
+            let tuple = cache_slot::tuple(key_word, snat);
             let clock = CLOCK | ids(service, backend, snat) << IDS_SHIFT;
             assert_eq!(tuple & TUPLE, key_word, "the key stays whole");
             assert_eq!(clock & CLOCK, CLOCK, "the clock stays whole");

@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::btf_map,
     Global,
 };
-use lb_common::cache_slot::{self, CLOCK, IDS_SHIFT, SNAT_PORT_SHIFT, TUPLE};
+use lb_common::cache_slot::{self, CLOCK, IDS_SHIFT, TUPLE};
 use lb_common::{
     mode, reason, udp_cache_ticks, udp_expired, udp_touch_ns, Backend, FlowKey, FlowKey4,
     FlowValue, ServiceMeta, AF_INET, BPF_F_NO_COMMON_LRU, FLOW_F_ENDED, FLOW_F_FIN_BACKEND,
@@ -133,8 +133,8 @@ pub struct Choice {
     /// The answer came from [`FLOW_CACHE`]: for a NAT flow, its reply mapping is not due to
     /// be made sure of and its entry holds no FIN (see [`cache_fill`]).
     pub cached: bool,
-    /// With `cached`, a full-NAT flow's source as its entry holds it: the pool address's
-    /// index << 16 | the port (network order, as stored). 0 otherwise.
+    /// With `cached`, a full-NAT flow's source as its entry holds it
+    /// (`lb_common::cache_slot::snat_word`). 0 otherwise.
     pub snat: u32,
 }
 
@@ -414,7 +414,7 @@ fn cache_fill(key: &FlowKey, v: *const FlowValue, age: u64, svc_mode: u8) {
         if v.flags & FLOW_F_SNAT == 0 {
             return;
         }
-        u32::from(v.snat_addr) << 16 | u32::from(v.snat_port_be)
+        cache_slot::snat_word(v.snat_addr, v.snat_port_be)
     } else {
         0
     };
@@ -489,7 +489,7 @@ fn cache_put<const R: bool>(
         return;
     };
     c.src = [w[0], w[1]];
-    c.tuple_snat_port = w[2] | u64::from(snat & 0xffff) << SNAT_PORT_SHIFT;
+    c.tuple_snat_port = cache_slot::tuple(w[2], snat);
     c.expires_ids = expires & CLOCK | cache_slot::ids(service, backend, snat) << IDS_SHIFT;
 }
 

@@ -301,7 +301,7 @@ fn snat_source(
         return Err(reason::PASS_SNAT_EXHAUSTED);
     }
     let chosen = if cached {
-        Some((snat >> 16, snat as u16))
+        Some(lb_common::cache_slot::snat_parts(snat))
     } else if entry.is_null() {
         return Err(reason::PASS_SNAT_EXHAUSTED);
     } else {
