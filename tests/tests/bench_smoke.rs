@@ -58,7 +58,22 @@ fn bench_quick_runs_every_path_and_reports() {
         String::from_utf8_lossy(&out.stderr)
     );
     let rows = table(&stdout, "| path");
-    assert_eq!(rows.len(), 28, "one row per path:\n{stdout}");
+    assert_eq!(rows.len(), 36, "one row per path:\n{stdout}");
+    // Flow hits at 1, 1k, 100k and 1M established flows for each forwarding mode the
+    // driver can cycle (DR, TUN IPIP, NAT forward).
+    for mode in [
+        "DR flow hit",
+        "TUN flow hit, IPIP",
+        "NAT forward (flow hit)",
+    ] {
+        for flows in ["1 established flow ", "1k", "100k", "1M"] {
+            let name = format!("| {mode}, {flows}");
+            assert!(
+                rows.iter().any(|r| r.starts_with(&name)),
+                "a row {name}…:\n{stdout}"
+            );
+        }
+    }
     // The kernel's view of the program sizes: "director N insns, J B; floor M insns, K B."
     let sizes = stdout
         .lines()

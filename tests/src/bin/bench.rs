@@ -192,9 +192,10 @@ impl Row {
     }
 }
 
-/// (forwarded DR + TUN, new flows over all services).
+/// (forwarded DR + TUN + NAT client packets, new flows over all services).
 fn counters(h: &Harness) -> (u64, u64) {
     let fwd = h.reason(reason::FWD_DR)
+        + h.reason(reason::FWD_NAT)
         + h.reason(reason::FWD_TUN)
         + h.reason(reason::FWD_DR_RING)
         + h.reason(reason::FWD_TUN_RING);
@@ -444,6 +445,10 @@ fn machine() -> String {
     format!("{} CPUs ({cpu}), Linux {kernel}", lb_tests::cpus())
 }
 
+/// How a [`flow_count_rows`] row runs: what the driver does before each run besides cycling
+/// the 5-tuple (`BENCH_CFG[0]` bits), the input, the interface it enters on.
+type Drive<'a> = (u32, &'a Vec<u8>, u32);
+
 /// Flow hits with N established flows: a director with a 4M-entry table, the driver cycling
 /// through N 5-tuples (`BENCH_CFG[1]`), warmed up so every measured run is a hit; and 16k
 /// flows in a 64k-entry and a 1M-entry (default) table, which shows what the table's size
@@ -452,6 +457,8 @@ fn machine() -> String {
 /// with its slots dirty, so every flow is in the table as if its SYN had been seen, then
 /// measured with them clean — every packet goes by the ring alone; and new connections
 /// (a SYN with a new 5-tuple every run) on clean slots, which go by the ring unrecorded.
+/// TUN (IPIP, the driver stripping the outer header) and NAT forward hits (the driver
+/// restoring the 128-byte packet) at the same flow counts run on the 4M-entry director.
 /// The rows take turns run by run, so a phase of this VM lands in all of them alike.
 fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     let big = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 4194304");
@@ -460,85 +467,165 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     let fast = fast_config(&big);
     for yaml in [big.as_str(), CONFIG, default.as_str(), fast.as_str()] {
         let mut h = Harness::new(yaml);
+        FibLab::register_up0(&mut h);
         let (next, cfg) = driving(&mut h, dataplane::PROGRAM, NEW_FLOW);
         tables.push((h, next, cfg));
     }
     const FAST: usize = 3;
     assert!(tables[FAST].0.config.services[0].ring_fast_path);
+    let up0 = lb_userspace::netlink::ifindex("up0").expect("up0");
     let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80);
     let syn4 = v4.with_flags(lb_tests::TCP_SYN).build();
     let v4 = v4.build();
-    // (table, flows (0: a new one every run, a SYN), row)
-    let mut cases: Vec<(usize, u32, Row)> = [
-        (0, 1, "DR flow hit, 1 established flow (driver cycles)"),
+    // TUN: the director's own output, whose outer header the driver strips before each run
+    // (then the cycled 5-tuple is the inner one). NAT: the driver restores the client
+    // packet, then cycles its 5-tuple.
+    let (verdict, tun_wrapped) = lb_tests::run_program_on(
+        tables[0].0.director.director_program(),
+        &Pkt::tcp("198.18.2.1", "198.18.0.110", 40000, 80).build(),
+        up0,
+    );
+    assert_eq!(verdict, XDP_TX, "TUN path to the lab's backends");
+    let nat_client = nat_packets().0;
+    template_map(&mut tables[0].0)
+        .set(
+            0,
+            <[u8; TEMPLATE_LEN]>::try_from(&nat_client[..]).unwrap(),
+            0,
+        )
+        .unwrap();
+    let dr = (0, &v4, 1);
+    let tun = (STRIP_OUTER, &tun_wrapped, up0);
+    let nat = (RESTORE, &nat_client, up0);
+    let syn = (0, &syn4, 1);
+    // (table, flows (0: a new one every run), row, how it runs (see `dr`))
+    let mut cases: Vec<(usize, u32, Row, Drive)> = [
+        (0, 1, "DR flow hit, 1 established flow (driver cycles)", dr),
         (
             0,
             1_000,
             "DR flow hit, 1k established flows (driver cycles)",
+            dr,
         ),
         (
             0,
             16_000,
             "DR flow hit, 16k established flows (driver cycles)",
+            dr,
         ),
         (
             1,
             16_000,
             "DR flow hit, 16k established flows, 64k-entry table (driver cycles)",
+            dr,
         ),
         (
             2,
             16_000,
             "DR flow hit, 16k established flows, 1M-entry table (the default; driver cycles)",
+            dr,
         ),
         (
             0,
             100_000,
             "DR flow hit, 100k established flows (driver cycles)",
+            dr,
         ),
         (
             0,
             1_000_000,
             "DR flow hit, 1M established flows (driver cycles)",
+            dr,
         ),
         (
             FAST,
             1,
             "DR flow hit, ring fast path, 1 established flow (driver cycles)",
+            dr,
         ),
         (
             FAST,
             1_000_000,
             "DR flow hit, ring fast path, 1M established flows (driver cycles)",
+            dr,
         ),
         (
             FAST,
             0,
             "DR new flow (SYN), ring fast path: clean slot, unrecorded",
+            syn,
+        ),
+        (
+            0,
+            1,
+            "TUN flow hit, IPIP, 1 established flow (driver cycles)",
+            tun,
+        ),
+        (
+            0,
+            1_000,
+            "TUN flow hit, IPIP, 1k established flows (driver cycles)",
+            tun,
+        ),
+        (
+            0,
+            100_000,
+            "TUN flow hit, IPIP, 100k established flows (driver cycles)",
+            tun,
+        ),
+        (
+            0,
+            1_000_000,
+            "TUN flow hit, IPIP, 1M established flows (driver cycles)",
+            tun,
+        ),
+        (
+            0,
+            1,
+            "NAT forward (flow hit), 1 established flow (driver cycles)",
+            nat,
+        ),
+        (
+            0,
+            1_000,
+            "NAT forward (flow hit), 1k established flows (driver cycles)",
+            nat,
+        ),
+        (
+            0,
+            100_000,
+            "NAT forward (flow hit), 100k established flows (driver cycles)",
+            nat,
+        ),
+        (
+            0,
+            1_000_000,
+            "NAT forward (flow hit), 1M established flows (driver cycles)",
+            nat,
         ),
     ]
     .into_iter()
-    .map(|(t, n, path)| (t, n, Row::new(path, true)))
+    .map(|(t, n, path, how)| (t, n, Row::new(path, true), how))
     .collect();
     for run in 0..runs {
-        for (t, n, row) in &mut cases {
+        for (t, n, row, (bits, pkt, ifindex)) in &mut cases {
             let (h, _, cfg) = &mut tables[*t];
+            cfg.set(0, *bits | NEW_FLOW, 0).unwrap();
             cfg.set(1, *n, 0).unwrap();
             let fast = *t == FAST;
             let opening = *n == 0;
-            let pkt = if opening { &syn4 } else { &v4 };
             // Warm up: every one of the N flows is created (first run) or touched again.
             if !opening {
                 if fast {
                     set_dirty(h, true);
                 }
-                driven(h, pkt, *n, 1);
+                driven(h, pkt, *n, *ifindex);
             }
             if fast {
                 set_dirty(h, false);
             }
             let ring = h.reason(reason::FWD_DR_RING);
-            let (ns, (fwd, new)) = counted(h, || driven(h, pkt, repeat, 1));
+            let (ns, (fwd, new)) = counted(h, || driven(h, pkt, repeat, *ifindex));
             if opening {
                 assert_eq!(
                     new,
@@ -560,7 +647,7 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
             row.samples.push(ns);
         }
     }
-    cases.into_iter().map(|(_, _, row)| row).collect()
+    cases.into_iter().map(|(_, _, row, _)| row).collect()
 }
 
 /// `yaml` with `ring_fast_path: true` on its first service (DR, maglev, TCP).
