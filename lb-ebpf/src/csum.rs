@@ -1,20 +1,4 @@
-//! Internet checksums (RFC 1071) over small, fixed-size buffers on the stack, and the
-//! incremental update of RFC 1624.
-
-/// One's-complement sum of big-endian 16-bit words, added to `sum` (not folded).
-#[inline(always)]
-pub fn add_words<const N: usize>(mut sum: u32, bytes: &[u8; N]) -> u32 {
-    let mut i = 0;
-    // Fixed bound (N is a constant): the verifier sees a finite loop.
-    while i + 1 < N {
-        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
-        i += 2;
-    }
-    if N % 2 == 1 {
-        sum += u32::from(bytes[N - 1]) << 8;
-    }
-    sum
-}
+//! Internet checksums (RFC 1071) over words, and the incremental update of RFC 1624.
 
 /// One's-complement sum of host-order 32-bit words standing for big-endian bytes (each
 /// counts as its two 16-bit halves), added to `sum` (not folded).

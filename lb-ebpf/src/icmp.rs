@@ -11,7 +11,7 @@ use lb_common::{
     reason, FlowKey, AF_INET, AF_INET6, DEFAULT_TTL, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
     IPPROTO_UDP,
 };
-use lb_ebpf::{frame_len, ptr_at, STATUS_OK};
+use lb_ebpf::{frame_len, ptr_at, put_words, STATUS_OK};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -157,6 +157,26 @@ fn steer(ctx: &XdpContext, pkt: &Parsed) -> Result<Icmp, u32> {
     Ok(Icmp::Steer(svc.mode, choice.id))
 }
 
+/// Big-endian word at `p + at` (host-order value).
+#[inline(always)]
+fn be_word(p: *const u8, at: usize) -> u32 {
+    // SAFETY: callers pass bounds-checked packet memory.
+    u32::from_be(unsafe { lb_ebpf::load_u32(p.add(at)) })
+}
+
+/// One's-complement sum (not folded) of the `N` quoted bytes at `p`, word by word.
+#[inline(always)]
+fn quote_sum<const N: usize>(p: *const u8) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i + 4 <= N {
+        let w = be_word(p, i);
+        sum += (w >> 16) + (w & 0xffff);
+        i += 4;
+    }
+    sum
+}
+
 /// The encapsulated packet would not fit the egress MTU: tell the client, from the VIP, how
 /// big its packets may be (`mtu` is already net of our outer header). The frame becomes the
 /// reply in place: cut after the quoted bytes, then grown at the front by the new IP + ICMP
@@ -195,19 +215,19 @@ fn build_too_big(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Result<(), u32> {
     // From the frame, not `pkt`: after the global TUN function the verifier takes `pkt` for
     // changed (it could write through its pointer), so `pkt.l3()` is any byte to it.
     let l3 = crate::parse::l3_offset(ctx);
-    // Addresses of the offending packet, before anything moves.
-    let (mut client, mut vip) = ([0u8; 16], [0u8; 16]);
+    // Addresses of the offending packet, before anything moves: big-endian words (IPv4:
+    // the first). Words, not byte arrays: LLVM splits a byte array into 32 values, which the
+    // helper calls below made it spill one stack slot each (a 344-byte frame).
+    let (mut client, mut vip) = ([0u32; 4], [0u32; 4]);
     if v4 {
-        let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_MALFORMED)?;
-        unsafe {
-            client[..4].copy_from_slice(&(*ip).src_addr);
-            vip[..4].copy_from_slice(&(*ip).dst_addr);
-        }
+        let ip = ptr_at::<Ipv4Hdr>(ctx, l3).ok_or(reason::PASS_MALFORMED)? as *const u8;
+        client[0] = be_word(ip, 12);
+        vip[0] = be_word(ip, 16);
     } else {
-        let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_MALFORMED)?;
-        unsafe {
-            client = (*ip).src_addr;
-            vip = (*ip).dst_addr;
+        let ip = ptr_at::<Ipv6Hdr>(ctx, l3).ok_or(reason::PASS_MALFORMED)? as *const u8;
+        for i in 0..4 {
+            client[i] = be_word(ip, 8 + 4 * i);
+            vip[i] = be_word(ip, 24 + 4 * i);
         }
     }
     let delta = (l3 + quote_len) as i32 - frame_len(ctx) as i32;
@@ -230,71 +250,52 @@ fn build_too_big(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Result<(), u32> {
         let out: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN).ok_or(reason::PASS_MALFORMED)?;
         unsafe { *out = *tag };
     }
-    let icmp_at = l3 + ip_len;
-    let icmp: *mut [u8; 8] = ptr_at(ctx, icmp_at).ok_or(reason::PASS_MALFORMED)?;
     if v4 {
-        let quote: *const [u8; QUOTE4] = ptr_at(ctx, icmp_at + 8).ok_or(reason::PASS_MALFORMED)?;
-        let m = (mtu as u16).to_be_bytes();
-        let mut hdr = [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0, m[0], m[1]];
-        let check = csum::finish(csum::add_words(csum::add_words(0, &hdr), unsafe {
-            &*quote
-        }));
-        hdr[2] = check[0];
-        hdr[3] = check[1];
-        let len = ((Ipv4Hdr::LEN + 8 + QUOTE4) as u16).to_be_bytes();
-        let mut ip: [u8; 20] = [
-            0x45,
-            0,
-            len[0],
-            len[1],
-            0,
-            0,
-            0,
-            0,
-            DEFAULT_TTL,
-            IPPROTO_ICMP,
-            0,
-            0,
-            vip[0],
-            vip[1],
-            vip[2],
-            vip[3],
-            client[0],
-            client[1],
-            client[2],
-            client[3],
+        // IPv4 header, ICMP header and the quote, bounds-checked at once.
+        let p = ptr_at::<[u8; Ipv4Hdr::LEN + 8 + QUOTE4]>(ctx, l3).ok_or(reason::PASS_MALFORMED)?
+            as *mut u8;
+        // Type, code, checksum | unused, next-hop MTU (RFC 1191).
+        let mut icmp = [
+            (u32::from(ICMP_DEST_UNREACH) << 24) | (u32::from(ICMP_FRAG_NEEDED) << 16),
+            mtu & 0xffff,
         ];
-        let check = csum::finish(csum::add_words(0, &ip));
-        ip[10] = check[0];
-        ip[11] = check[1];
-        let ip_out: *mut [u8; 20] = ptr_at(ctx, l3).ok_or(reason::PASS_MALFORMED)?;
+        let sum = quote_sum::<QUOTE4>(unsafe { p.add(Ipv4Hdr::LEN + 8) });
+        icmp[0] |= u32::from(u16::from_be_bytes(csum::finish(csum::add_u32s(sum, &icmp))));
+        // Version/IHL, TOS, length | id, fragment | TTL, protocol, checksum | source | dest.
+        let mut ip = [
+            0x4500_0000 | (Ipv4Hdr::LEN + 8 + QUOTE4) as u32,
+            0,
+            (u32::from(DEFAULT_TTL) << 24) | (u32::from(IPPROTO_ICMP) << 16),
+            vip[0],
+            client[0],
+        ];
+        ip[2] |= u32::from(u16::from_be_bytes(csum::finish(csum::add_u32s(0, &ip))));
+        // SAFETY: 56 bytes from `p`, bounds-checked.
         unsafe {
-            *icmp = hdr;
-            *ip_out = ip;
+            put_words(p, &ip);
+            put_words(p.add(Ipv4Hdr::LEN), &icmp);
         }
     } else {
-        let quote: *const [u8; QUOTE6] = ptr_at(ctx, icmp_at + 8).ok_or(reason::PASS_MALFORMED)?;
+        let p = ptr_at::<[u8; Ipv6Hdr::LEN + 8 + QUOTE6]>(ctx, l3).ok_or(reason::PASS_MALFORMED)?
+            as *mut u8;
         // IPv6 links carry at least 1280 bytes (RFC 8200 §5).
-        let m = if mtu < 1280 { 1280u32 } else { mtu }.to_be_bytes();
-        let mut hdr = [ICMPV6_PKT_TOO_BIG, 0, 0, 0, m[0], m[1], m[2], m[3]];
-        let payload = (8 + QUOTE6) as u16;
+        let mut icmp = [u32::from(ICMPV6_PKT_TOO_BIG) << 24, mtu.max(1280)];
+        let payload = (8 + QUOTE6) as u32;
         // Pseudo-header (RFC 8200 §8.1): addresses, upper-layer length, next header.
-        let mut sum = csum::add_words(csum::add_words(0, &vip), &client);
-        sum += u32::from(payload) + u32::from(IPPROTO_ICMPV6);
-        let check = csum::finish(csum::add_words(csum::add_words(sum, &hdr), unsafe {
-            &*quote
-        }));
-        hdr[2] = check[0];
-        hdr[3] = check[1];
-        let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_MALFORMED)?;
+        let mut sum = csum::add_u32s(csum::add_u32s(0, &vip), &client);
+        sum += payload + u32::from(IPPROTO_ICMPV6);
+        sum += quote_sum::<QUOTE6>(unsafe { p.add(Ipv6Hdr::LEN + 8) });
+        icmp[0] |= u32::from(u16::from_be_bytes(csum::finish(csum::add_u32s(sum, &icmp))));
+        let head = [
+            6 << 28,
+            (payload << 16) | (u32::from(IPPROTO_ICMPV6) << 8) | u32::from(DEFAULT_TTL),
+        ];
+        // SAFETY: 96 bytes from `p`, bounds-checked.
         unsafe {
-            *icmp = hdr;
-            (*ip).vcf = (6u32 << 28).to_be_bytes();
-            (*ip).payload_len = payload.to_be_bytes();
-            (*ip).next_hdr = IPPROTO_ICMPV6;
-            (*ip).hop_limit = DEFAULT_TTL;
-            (*ip).src_addr = vip;
-            (*ip).dst_addr = client;
+            put_words(p, &head);
+            put_words(p.add(8), &vip);
+            put_words(p.add(24), &client);
+            put_words(p.add(Ipv6Hdr::LEN), &icmp);
         }
     }
     Ok(())

@@ -88,6 +88,19 @@ packet_store!(
     (store_u64, u64, "u64")
 );
 
+/// Write host-order words as big-endian bytes at `p` (one store each).
+///
+/// # Safety
+/// `p .. p + 4 * N` must be bounds-checked packet memory.
+#[inline(always)]
+pub unsafe fn put_words<const N: usize>(p: *mut u8, words: &[u32; N]) {
+    let mut i = 0;
+    while i < N {
+        unsafe { store_u32(p.add(4 * i), words[i].to_be()) };
+        i += 1;
+    }
+}
+
 /// Copy a 16-byte address as four 4-byte words, one load and one store instruction each (an
 /// array assignment becomes a call of a byte-loop `memmove`, see [`zeroed_in_place`], and
 /// `read_unaligned` assembles each word from single bytes). Packet memory may sit at any

@@ -228,6 +228,12 @@ pub enum Route {
     TooBig(u32),
 }
 
+/// The FIB helper's 64-byte parameter block, off the frames of the paths that ask (the BPF
+/// stack is 512 bytes for the whole call chain; on the NAT functions' frames it took 64).
+/// Per CPU: a program run has its CPU to itself.
+#[btf_map]
+static FIB_SCRATCH: BtfPerCpuArray<FibLookup, 1> = BtfPerCpuArray::new();
+
 /// FIB lookup for `dst` (our `family` tag) from the `ingress` interface, checking `tot_len`
 /// (IP bytes) against the MTU. No route, blackhole, forwarding disabled: `PASS_FIB_FAILED`.
 #[inline(always)]
@@ -238,9 +244,11 @@ pub fn route(
     dst: &[u8; 16],
     tot_len: usize,
 ) -> Result<Route, u32> {
-    let mut slot = core::mem::MaybeUninit::<FibLookup>::uninit();
-    // SAFETY: the kernel's parameter struct is plain data (64 bytes, 4-aligned).
-    let fib = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
+    let fib = FIB_SCRATCH.get_ptr_mut(0).ok_or(reason::PASS_FIB_FAILED)?
+        as *mut core::mem::MaybeUninit<FibLookup>;
+    // SAFETY: this CPU's scratch value; the kernel's parameter struct is plain data (64
+    // bytes, 4-aligned).
+    let fib = unsafe { lb_ebpf::zeroed_in_place(&mut *fib) };
     fib.ifindex = ingress;
     fib.__bindgen_anon_1.tot_len = tot_len as u16;
     if family == AF_INET6 {

@@ -12,7 +12,7 @@ use lb_common::{
     flow_hash, reason, stage, Backend, IfaceInfo, AF_INET, AF_INET6, DEFAULT_TTL, IFACE_F_SRC4,
     IFACE_F_SRC6, IPPROTO_IPIP, IPPROTO_IPV6,
 };
-use lb_ebpf::{frame_len, ptr_at, store_u16, store_u32, STATUS_OK};
+use lb_ebpf::{frame_len, ptr_at, put_words, store_u16, STATUS_OK};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -38,19 +38,6 @@ fn source_tail(tail: u32, bits: u8, hash: u32) -> u32 {
         _ => u32::MAX,
     };
     (tail & !mask) | (hash & mask)
-}
-
-/// Write host-order words as big-endian bytes at `p` (one store each).
-///
-/// # Safety
-/// `p .. p + 4 * N` must be bounds-checked packet memory.
-#[inline(always)]
-unsafe fn put_words<const N: usize>(p: *mut u8, words: &[u32; N]) {
-    let mut i = 0;
-    while i < N {
-        unsafe { store_u32(p.add(4 * i), words[i].to_be()) };
-        i += 1;
-    }
 }
 
 /// What became of a TUN packet that was not passed to the kernel.
