@@ -376,6 +376,7 @@ const BENCH_STRIP_OUTER: u32 = 1;
 const BENCH_NEW_FLOW: u32 = 2;
 const BENCH_RESTORE: u32 = 4;
 const BENCH_STRIP_OUTER6: u32 = 8;
+const BENCH_CYCLE_DST: u32 = 16;
 
 /// Bytes of the packet template `BENCH_RESTORE` writes back before each run.
 const BENCH_TEMPLATE_LEN: usize = 128;
@@ -414,6 +415,23 @@ fn pace(gap: u32) {
     unsafe { *due = if now > behind_limit { now } else { target } + u64::from(gap) };
 }
 
+/// Write `(address, port)` into the low 16 bits of the IPv4 address at `ADDR` and the port
+/// at `PORT` of an untagged IPv4 TCP/UDP frame's first 52 bytes; both checksums follow (so
+/// the kernel's own path, the nftables peer, accepts the frames too).
+#[inline(always)]
+fn cycle_tuple<const ADDR: usize, const PORT: usize>(h: &mut [u8; 52], (addr, port): (u16, u16)) {
+    let word = |h: &[u8; 52], at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
+    let (old_addr, old_port) = (word(h, ADDR), word(h, PORT));
+    [h[ADDR], h[ADDR + 1]] = addr.to_be_bytes();
+    [h[PORT], h[PORT + 1]] = port.to_be_bytes();
+    // IPv4 header checksum at 24, TCP's at 50.
+    [h[24], h[25]] = csum::replace_word([h[24], h[25]], old_addr, addr);
+    if h[23] == lb_common::IPPROTO_TCP {
+        let c = csum::replace_word([h[50], h[51]], old_addr, addr);
+        [h[50], h[51]] = csum::replace_word(c, old_port, port);
+    }
+}
+
 /// Benchmark driver: `BPF_PROG_TEST_RUN` with `repeat` reuses one packet buffer, so paths
 /// that rewrite the packet would measure themselves on their own output. Before tail-calling
 /// the program under test (`BENCH_NEXT[0]`) this can
@@ -421,7 +439,9 @@ fn pace(gap: u32) {
 ///   sees the same client packet (the strip's cost is included in what is measured);
 /// - write back a 128-byte template packet (`BENCH_RESTORE`): NAT rewrites in place;
 /// - give the packet a 5-tuple never seen before (`BENCH_NEW_FLOW`): the inner IPv4 source's
-///   low 16 bits and the source port come from a sequence.
+///   low 16 bits and the source port come from a sequence — or, with `BENCH_CYCLE_DST`, the
+///   destination's and the destination port (a NAT reply to the clients the client packets
+///   of the same sequence came from).
 /// Expects untagged IPv4 TCP/UDP without options (optionally inside one IPv4 outer header).
 #[xdp]
 pub fn xdplb_bench_driver(ctx: XdpContext) -> u32 {
@@ -465,22 +485,19 @@ pub fn xdplb_bench_driver(ctx: XdpContext) -> u32 {
             *seq = next.checked_rem(cycle).unwrap_or(next);
             *seq
         };
-        // Ethernet (14) + IPv4 source address at 12; transport source port right after the
-        // 20-byte IPv4 header. Checksums (IPv4 header at 10, TCP at 16) follow the change,
-        // so the kernel's own path (the nftables peer) accepts the frames too.
+        // Ethernet (14) + IPv4 addresses at 12 and 16; transport ports right after the
+        // 20-byte IPv4 header.
         let Some(h) = lb_ebpf::ptr_at::<[u8; 14 + 20 + 18]>(&ctx, 0) else {
             return xdp_action::XDP_ABORTED;
         };
         let h = unsafe { &mut *h };
-        let word = |h: &[u8; 52], at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
-        let (old_src, old_port) = (word(h, 28), word(h, 34));
-        let (new_src, new_port) = (seq as u16, (seq >> 16) as u16 | 1024);
-        [h[28], h[29]] = new_src.to_be_bytes();
-        [h[34], h[35]] = new_port.to_be_bytes();
-        [h[24], h[25]] = csum::replace_word([h[24], h[25]], old_src, new_src);
-        if h[23] == lb_common::IPPROTO_TCP {
-            let c = csum::replace_word([h[50], h[51]], old_src, new_src);
-            [h[50], h[51]] = csum::replace_word(c, old_port, new_port);
+        let to = (seq as u16, (seq >> 16) as u16 | 1024);
+        // Constant offsets each way (the verifier takes a packet pointer moved by a variable
+        // for unchecked).
+        if cfg & BENCH_CYCLE_DST != 0 {
+            cycle_tuple::<32, 36>(h, to);
+        } else {
+            cycle_tuple::<28, 34>(h, to);
         }
     }
     unsafe { BENCH_NEXT.tail_call(&ctx, 0) };

@@ -1047,8 +1047,10 @@ impl FibLab {
             vec!["addr", "add", "2001:db8:1::3/64", "dev", "up0", "nodad"],
             vec!["route", "add", "198.18.5.0/24", "via", "198.18.0.1"],
             vec!["route", "add", "198.18.6.0/24", "via", "198.18.0.2"],
-            // Clients (NAT replies go back to them).
+            // Clients (NAT replies go back to them); 198.19/16 for the bench's NAT replies to
+            // as many clients as the driver cycles through (it writes the low 16 bits).
             vec!["route", "add", "198.18.2.0/24", "via", "198.18.0.1"],
+            vec!["route", "add", "198.19.0.0/16", "via", "198.18.0.1"],
             vec![
                 "-6",
                 "route",

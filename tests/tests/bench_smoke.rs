@@ -58,13 +58,14 @@ fn bench_quick_runs_every_path_and_reports() {
         String::from_utf8_lossy(&out.stderr)
     );
     let rows = table(&stdout, "| path");
-    assert_eq!(rows.len(), 36, "one row per path:\n{stdout}");
+    assert_eq!(rows.len(), 40, "one row per path:\n{stdout}");
     // Flow hits at 1, 1k, 100k and 1M established flows for each forwarding mode the
-    // driver can cycle (DR, TUN IPIP, NAT forward).
+    // driver can cycle (DR, TUN IPIP, NAT forward and reply).
     for mode in [
         "DR flow hit",
         "TUN flow hit, IPIP",
         "NAT forward (flow hit)",
+        "NAT reply",
     ] {
         for flows in ["1 established flow ", "1k", "100k", "1M"] {
             let name = format!("| {mode}, {flows}");

@@ -162,6 +162,7 @@ const STRIP_OUTER: u32 = 1;
 const NEW_FLOW: u32 = 2;
 const RESTORE: u32 = 4;
 const STRIP_OUTER6: u32 = 8;
+const CYCLE_DST: u32 = 16;
 /// Size of the packets the NAT rows restore before every run (the driver's template).
 const TEMPLATE_LEN: usize = 128;
 
@@ -192,10 +193,11 @@ impl Row {
     }
 }
 
-/// (forwarded DR + TUN + NAT client packets, new flows over all services).
+/// (forwarded DR + TUN + NAT packets either way, new flows over all services).
 fn counters(h: &Harness) -> (u64, u64) {
     let fwd = h.reason(reason::FWD_DR)
         + h.reason(reason::FWD_NAT)
+        + h.reason(reason::FWD_NAT_REPLY)
         + h.reason(reason::FWD_TUN)
         + h.reason(reason::FWD_DR_RING)
         + h.reason(reason::FWD_TUN_RING);
@@ -445,9 +447,18 @@ fn machine() -> String {
     format!("{} CPUs ({cpu}), Linux {kernel}", lb_tests::cpus())
 }
 
-/// How a [`flow_count_rows`] row runs: what the driver does before each run besides cycling
-/// the 5-tuple (`BENCH_CFG[0]` bits), the input, the interface it enters on.
-type Drive<'a> = (u32, &'a Vec<u8>, u32);
+/// How a [`flow_count_rows`] row runs.
+#[derive(Clone, Copy)]
+struct Drive<'a> {
+    /// What the driver does before each run besides cycling the 5-tuple (`BENCH_CFG[0]`).
+    bits: u32,
+    input: &'a [u8],
+    /// The interface the runs enter on.
+    ifindex: u32,
+    /// The warm-up's bits and input, where they differ: a NAT reply's flows are made by
+    /// client packets of the same cycle.
+    warm: Option<(u32, &'a [u8])>,
+}
 
 /// Flow hits with N established flows: a director with a 4M-entry table, the driver cycling
 /// through N 5-tuples (`BENCH_CFG[1]`), warmed up so every measured run is a hit; and 16k
@@ -457,8 +468,9 @@ type Drive<'a> = (u32, &'a Vec<u8>, u32);
 /// with its slots dirty, so every flow is in the table as if its SYN had been seen, then
 /// measured with them clean — every packet goes by the ring alone; and new connections
 /// (a SYN with a new 5-tuple every run) on clean slots, which go by the ring unrecorded.
-/// TUN (IPIP, the driver stripping the outer header) and NAT forward hits (the driver
-/// restoring the 128-byte packet) at the same flow counts run on the 4M-entry director.
+/// TUN (IPIP, the driver stripping the outer header), NAT forward hits and NAT replies (the
+/// driver restoring the 128-byte packet; for replies, cycling the destination) at the same
+/// flow counts run on the 4M-entry director.
 /// The rows take turns run by run, so a phase of this VM lands in all of them alike.
 fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     let big = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 4194304");
@@ -486,18 +498,24 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
         up0,
     );
     assert_eq!(verdict, XDP_TX, "TUN path to the lab's backends");
-    let nat_client = nat_packets().0;
-    template_map(&mut tables[0].0)
-        .set(
-            0,
-            <[u8; TEMPLATE_LEN]>::try_from(&nat_client[..]).unwrap(),
-            0,
-        )
-        .unwrap();
-    let dr = (0, &v4, 1);
-    let tun = (STRIP_OUTER, &tun_wrapped, up0);
-    let nat = (RESTORE, &nat_client, up0);
-    let syn = (0, &syn4, 1);
+    let (nat_client, _) = nat_packets();
+    // The replies' clients are routed (the lab routes 198.19/16 back to the clients).
+    let (cycled_client, cycled_reply) = nat_packets_from("198.19.2.1");
+    let mut template = template_map(&mut tables[0].0);
+    let drive = |bits, input, ifindex| Drive {
+        bits,
+        input,
+        ifindex,
+        warm: None,
+    };
+    let dr = drive(0, &v4, 1);
+    let tun = drive(STRIP_OUTER, &tun_wrapped, up0);
+    let nat = drive(RESTORE, &nat_client, up0);
+    let reply = Drive {
+        warm: Some((RESTORE, &cycled_client)),
+        ..drive(RESTORE | CYCLE_DST, &cycled_reply, up0)
+    };
+    let syn = drive(0, &syn4, 1);
     // (table, flows (0: a new one every run), row, how it runs (see `dr`))
     let mut cases: Vec<(usize, u32, Row, Drive)> = [
         (0, 1, "DR flow hit, 1 established flow (driver cycles)", dr),
@@ -603,15 +621,43 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
             "NAT forward (flow hit), 1M established flows (driver cycles)",
             nat,
         ),
+        (0, 1, "NAT reply, 1 established flow (driver cycles)", reply),
+        (
+            0,
+            1_000,
+            "NAT reply, 1k established flows (driver cycles)",
+            reply,
+        ),
+        (
+            0,
+            100_000,
+            "NAT reply, 100k established flows (driver cycles)",
+            reply,
+        ),
+        (
+            0,
+            1_000_000,
+            "NAT reply, 1M established flows (driver cycles)",
+            reply,
+        ),
     ]
     .into_iter()
     .map(|(t, n, path, how)| (t, n, Row::new(path, true), how))
     .collect();
     for run in 0..runs {
-        for (t, n, row, (bits, pkt, ifindex)) in &mut cases {
+        for (t, n, row, how) in &mut cases {
             let (h, _, cfg) = &mut tables[*t];
-            cfg.set(0, *bits | NEW_FLOW, 0).unwrap();
             cfg.set(1, *n, 0).unwrap();
+            // The driver set to `bits` on `input` (restoring it, where it does).
+            let mut set = |bits: u32, input: &[u8]| {
+                cfg.set(0, bits | NEW_FLOW, 0).unwrap();
+                if bits & RESTORE != 0 {
+                    assert_eq!(*t, 0, "the restoring rows run on the first director");
+                    let input = <[u8; TEMPLATE_LEN]>::try_from(input).expect("128-byte packet");
+                    template.set(0, input, 0).unwrap();
+                }
+            };
+            let (bits, pkt, ifindex) = (how.bits, how.input, how.ifindex);
             let fast = *t == FAST;
             let opening = *n == 0;
             // Warm up: every one of the N flows is created (first run) or touched again.
@@ -619,13 +665,16 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
                 if fast {
                     set_dirty(h, true);
                 }
-                driven(h, pkt, *n, *ifindex);
+                let (warm_bits, warm_input) = how.warm.unwrap_or((bits, pkt));
+                set(warm_bits, warm_input);
+                driven(h, warm_input, *n, ifindex);
             }
+            set(bits, pkt);
             if fast {
                 set_dirty(h, false);
             }
             let ring = h.reason(reason::FWD_DR_RING);
-            let (ns, (fwd, new)) = counted(h, || driven(h, pkt, repeat, *ifindex));
+            let (ns, (fwd, new)) = counted(h, || driven(h, pkt, repeat, ifindex));
             if opening {
                 assert_eq!(
                     new,
@@ -1193,9 +1242,14 @@ fn ring_stages(rounds: usize, repeat: u32, up0: u32, floor: &Harness, pkt: &[u8]
 
 /// A 128-byte NAT client packet and the backend's reply, for the restoring driver.
 fn nat_packets() -> (Vec<u8>, Vec<u8>) {
-    let mut client = Pkt::tcp("198.18.2.1", "198.18.0.120", 40000, 80);
+    nat_packets_from("198.18.2.1")
+}
+
+/// [`nat_packets`] of the client at `client`.
+fn nat_packets_from(client_addr: &str) -> (Vec<u8>, Vec<u8>) {
+    let mut client = Pkt::tcp(client_addr, "198.18.0.120", 40000, 80);
     client.payload = vec![0x5a; TEMPLATE_LEN - 54];
-    let mut reply = Pkt::tcp("198.18.5.21", "198.18.2.1", 8080, 40000);
+    let mut reply = Pkt::tcp("198.18.5.21", client_addr, 8080, 40000);
     reply.payload = vec![0x5a; TEMPLATE_LEN - 54];
     (client.build(), reply.build())
 }
