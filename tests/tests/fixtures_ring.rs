@@ -394,10 +394,12 @@ services:
 }
 
 /// At most this many instructions processed by the verifier for any build of the director:
-/// a quarter of the kernel's limit (1M), so a kernel whose verifier explores more, or the
-/// next feature, does not stop the director from loading. Before the NAT and TUN paths
+/// about a third of the kernel's limit (1M), so a kernel whose verifier explores more, or
+/// the next feature, does not stop the director from loading. Before the NAT and TUN paths
 /// became global functions (verified once, not once per caller state) this build took 969k.
-const VERIFIER_BUDGET: u32 = 250_000;
+/// 250k until the twenty-first session, when the TUN fast path went inline (a TUN hit
+/// ~6-8 ns cheaper): the uncut director went 141k -> 236k, the largest stage cut to 319k.
+const VERIFIER_BUDGET: u32 = 350_000;
 
 #[test]
 fn the_director_verifies_well_within_the_kernels_limit() {
