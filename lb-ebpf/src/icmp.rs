@@ -19,6 +19,7 @@ use network_types::{
 
 use crate::{
     csum, flow,
+    fwd::word,
     parse::{IcmpHdr, Parsed},
     select,
 };
@@ -157,22 +158,14 @@ fn steer(ctx: &XdpContext, pkt: &Parsed) -> Result<Icmp, u32> {
     Ok(Icmp::Steer(svc.mode, choice.id))
 }
 
-/// Big-endian word at `p + at` (host-order value).
+/// One's-complement sum (not folded) of the quoted bytes, word by word.
 #[inline(always)]
-fn be_word(p: *const u8, at: usize) -> u32 {
-    // SAFETY: callers pass bounds-checked packet memory.
-    u32::from_be(unsafe { lb_ebpf::load_u32(p.add(at)) })
-}
-
-/// One's-complement sum (not folded) of the `N` quoted bytes at `p`, word by word.
-#[inline(always)]
-fn quote_sum<const N: usize>(p: *const u8) -> u32 {
+fn quote_sum<const N: usize>(quote: &[u8; N]) -> u32 {
     let mut sum = 0u32;
     let mut i = 0;
-    while i + 4 <= N {
-        let w = be_word(p, i);
-        sum += (w >> 16) + (w & 0xffff);
-        i += 4;
+    while 4 * i < N {
+        sum = csum::add_u32s(sum, &[word(quote, i)]);
+        i += 1;
     }
     sum
 }
@@ -220,14 +213,18 @@ fn build_too_big(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Result<(), u32> {
     // helper calls below made it spill one stack slot each (a 344-byte frame).
     let (mut client, mut vip) = ([0u32; 4], [0u32; 4]);
     if v4 {
-        let ip = ptr_at::<Ipv4Hdr>(ctx, l3).ok_or(reason::PASS_MALFORMED)? as *const u8;
-        client[0] = be_word(ip, 12);
-        vip[0] = be_word(ip, 16);
+        let ip = ptr_at::<[u8; Ipv4Hdr::LEN]>(ctx, l3).ok_or(reason::PASS_MALFORMED)?;
+        // SAFETY: bounds-checked packet memory.
+        let ip = unsafe { &*ip };
+        client[0] = word(ip, 3);
+        vip[0] = word(ip, 4);
     } else {
-        let ip = ptr_at::<Ipv6Hdr>(ctx, l3).ok_or(reason::PASS_MALFORMED)? as *const u8;
+        let ip = ptr_at::<[u8; Ipv6Hdr::LEN]>(ctx, l3).ok_or(reason::PASS_MALFORMED)?;
+        // SAFETY: bounds-checked packet memory.
+        let ip = unsafe { &*ip };
         for i in 0..4 {
-            client[i] = be_word(ip, 8 + 4 * i);
-            vip[i] = be_word(ip, 24 + 4 * i);
+            client[i] = word(ip, 2 + i);
+            vip[i] = word(ip, 6 + i);
         }
     }
     let delta = (l3 + quote_len) as i32 - frame_len(ctx) as i32;
@@ -259,7 +256,7 @@ fn build_too_big(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Result<(), u32> {
             (u32::from(ICMP_DEST_UNREACH) << 24) | (u32::from(ICMP_FRAG_NEEDED) << 16),
             mtu & 0xffff,
         ];
-        let sum = quote_sum::<QUOTE4>(unsafe { p.add(Ipv4Hdr::LEN + 8) });
+        let sum = quote_sum::<QUOTE4>(unsafe { &*(p.add(Ipv4Hdr::LEN + 8) as *const _) });
         icmp[0] |= u32::from(u16::from_be_bytes(csum::finish(csum::add_u32s(sum, &icmp))));
         // Version/IHL, TOS, length | id, fragment | TTL, protocol, checksum | source | dest.
         let mut ip = [
@@ -284,7 +281,7 @@ fn build_too_big(ctx: &XdpContext, pkt: &Parsed, mtu: u32) -> Result<(), u32> {
         // Pseudo-header (RFC 8200 §8.1): addresses, upper-layer length, next header.
         let mut sum = csum::add_u32s(csum::add_u32s(0, &vip), &client);
         sum += payload + u32::from(IPPROTO_ICMPV6);
-        sum += quote_sum::<QUOTE6>(unsafe { p.add(Ipv6Hdr::LEN + 8) });
+        sum += quote_sum::<QUOTE6>(unsafe { &*(p.add(Ipv6Hdr::LEN + 8) as *const _) });
         icmp[0] |= u32::from(u16::from_be_bytes(csum::finish(csum::add_u32s(sum, &icmp))));
         let head = [
             6 << 28,

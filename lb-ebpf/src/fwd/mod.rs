@@ -190,8 +190,13 @@ fn route_cached(
         return route(ctx, ingress, family, dst, tot_len);
     };
     let c = unsafe { &mut *c };
-    if let Some(hop) = route_hit(c, ingress, family, dst, tot_len) {
-        return Ok(Route::Via(hop));
+    if fresh(c, ingress, family, dst, tot_len) {
+        return Ok(Route::Via(NextHop {
+            ifindex: c.ifindex,
+            smac: c.smac,
+            dmac: c.dmac,
+            mtu: c.mtu,
+        }));
     }
     let (now, hz) = jiffies();
     let r = route(ctx, ingress, family, dst, tot_len)?;
@@ -234,27 +239,6 @@ fn fresh(c: &CachedHop, ingress: u32, family: u8, dst: &[u8; 16], tot_len: usize
         && c.family == family
         && tot_len as u32 <= c.mtu
         && lb_ebpf::eq16(&c.addr, dst)
-}
-
-/// The answer cached in `c` if it is fresh and for this destination, ingress interface and
-/// a packet within its MTU.
-#[inline(always)]
-fn route_hit(
-    c: &CachedHop,
-    ingress: u32,
-    family: u8,
-    dst: &[u8; 16],
-    tot_len: usize,
-) -> Option<NextHop> {
-    if fresh(c, ingress, family, dst, tot_len) {
-        return Some(NextHop {
-            ifindex: c.ifindex,
-            smac: c.smac,
-            dmac: c.dmac,
-            mtu: c.mtu,
-        });
-    }
-    None
 }
 
 pub enum Route {

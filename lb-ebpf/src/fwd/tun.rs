@@ -53,9 +53,10 @@ pub enum Tun {
 /// backend's next hop cached on this CPU ([`cached_route_to_backend`]), its interface with
 /// a tunnel source. Everything else (asking the FIB, a missing neighbour, too big) is
 /// [`xdplb_tun_forward`]'s, a call. On the EPYC VM, whose kernel returns through SRSO's
-/// "Safe RET" thunk, that call cost every TUN hit ~8 ns until the twenty-first session
-/// (`bench --only stages`: the next-hop step +14-15 -> +6-7 ns). All of it inline doubled the
-/// verifier's work (the director 141k -> 307k instructions; see README, Verifier budget).
+/// "Safe RET" thunk, that call cost every TUN hit 6-8 ns until the twenty-first session
+/// (`bench --only stages`: the next-hop step +14-17 -> +4-7 ns). The verifier walks this
+/// inline part once per caller state (the director 141k -> 236k instructions; all of TUN
+/// inline took 307k and did not fit the stack; see README, Verifier budget).
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, pkt: &Parsed, backend: &Backend, id: u32) -> Result<Tun, u32> {
     let ingress = ingress(ctx);

@@ -470,7 +470,7 @@ struct Drive<'a> {
 /// (a SYN with a new 5-tuple every run) on clean slots, which go by the ring unrecorded.
 /// TUN (IPIP, the driver stripping the outer header), NAT forward hits and NAT replies (the
 /// driver restoring the 128-byte packet; for replies, cycling the destination) at the same
-/// flow counts run on the 4M-entry director.
+/// flow counts run on 4M-entry directors of their own (see below).
 /// The rows take turns run by run, so a phase of this VM lands in all of them alike.
 fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     let big = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 4194304");
