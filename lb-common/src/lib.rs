@@ -535,28 +535,58 @@ pub const FLOW_F_ENDED: u16 = 8;
 
 /// Value of `NAT_REPLIES4`/`NAT_REPLIES6`, keyed by a reply's 5-tuple as it arrives from the
 /// backend (`FlowKey` layout, IPv4 as [`FlowKey4`]: src = backend, dst = client or full-NAT
-/// source): what to restore.
+/// source): what to restore. 128 bytes, what a half-NAT reply reads in the first 64: an
+/// `NAT_REPLIES4` element is then 192 bytes (the kernel's 48-byte header, the key, the
+/// value), so elements and their values start on cache lines and a reply that misses every
+/// cache waits for one line of its value (until layout 11 the 88-byte value's fields
+/// straddled two lines in most elements, and the next hop was not in it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct NatReply {
     /// The VIP and port the client talks to (the reply's new source).
     pub vip: [u8; 16],
-    /// Full-NAT: the client (the reply's new destination); NAT: unused.
-    pub client: [u8; 16],
     pub vip_port_be: u16,
     pub client_port_be: u16,
     /// 1 = full-NAT (also rewrite the destination).
     pub fullnat: u8,
     /// [`NAT_REPLY_F_FIN_BACKEND`], so the reply path looks the forward flow up only while
-    /// the connection closes. Was padding before (always 0, which means "none": no layout
-    /// change).
+    /// the connection closes.
     pub flags: u8,
     pub _pad: [u8; 2],
-    /// The forward flow, so a FIN/RST from the backend can end it.
-    pub flow: FlowKey,
     /// Service and backend ids of the flow, to count replies.
     pub service: u32,
     pub backend: u32,
+    /// The next hop toward the client as last routed for this flow's replies: a reply that
+    /// misses the flow cache reads it with the mapping it looked up anyway, where the
+    /// per-CPU client slots of `NEXT_HOPS` (1024, by client address) miss once clients
+    /// outnumber them.
+    pub hop: ReplyHop,
+    /// Full-NAT: the client (the reply's new destination); NAT: unused.
+    pub client: [u8; 16],
+    /// The forward flow, so a FIN/RST from the backend can end it.
+    pub flow: FlowKey,
+    pub _pad2: [u8; 8],
+}
+
+// The half-NAT reply's fields in the value's first cache line, the value two lines long.
+const _: () = assert!(core::mem::size_of::<NatReply>() == 128);
+const _: () =
+    assert!(core::mem::offset_of!(NatReply, hop) + core::mem::size_of::<ReplyHop>() == 64);
+
+/// [`NatReply::hop`]: it answers until jiffy `expires_j` (a second after the FIB's answer,
+/// as the per-CPU next-hop cache's), for replies that come in on `ingress` and fit in `mtu`
+/// (0: not asked yet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ReplyHop {
+    /// `bpf_jiffies64`'s low 32 bits.
+    pub expires_j: u32,
+    pub ingress: u32,
+    pub ifindex: u32,
+    pub mtu: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad: [u8; 4],
 }
 
 /// `NatReply::flags`: the backend sent a FIN (mirrors the flow's [`FLOW_F_FIN_BACKEND`]).
@@ -1063,8 +1093,8 @@ pub mod meta {
 /// 7 = `RINGS` packs four u16 slots per element ([`RingEntry`]); 8 = `RING_DIRTY` and
 /// `FAST_SERVICES` (the ring fast path); 9 = `RING_HELD` (new connections on clean slots
 /// are not recorded); 10 = `NAT_REPLIES` split into `NAT_REPLIES4` (16-byte keys) and
-/// `NAT_REPLIES6`.
-pub const LAYOUT_VERSION: u64 = 10;
+/// `NAT_REPLIES6`; 11 = `NatReply::hop` (a flow's next hop toward its client).
+pub const LAYOUT_VERSION: u64 = 11;
 
 /// A pending incremental Internet checksum update (RFC 1624 eq. 3: HC' = ~(~HC + ~m + m'))
 /// over words read in memory byte order, as the data plane loads them from the packet: one's

@@ -150,6 +150,16 @@ impl<V: aya::Pod> ByFamily<V> {
         Ok(())
     }
 
+    /// Write `key`'s value (fixtures: a state the data plane would reach more slowly).
+    pub fn insert(&mut self, key: &FlowKey, value: V) -> Result<()> {
+        if key.family == lb_common::AF_INET {
+            self.v4.insert(FlowKey4::of(key), value, 0)?;
+        } else {
+            self.v6.insert(key, value, 0)?;
+        }
+        Ok(())
+    }
+
     /// Every entry (entries that vanish during the walk are skipped).
     pub fn iter(&self) -> impl Iterator<Item = (FlowKey, V)> + '_ {
         let v4 = self

@@ -601,6 +601,76 @@ fn reply_route_to_the_client_is_cached_for_a_second() {
     });
 }
 
+/// A reply that misses the flow cache (every full-NAT reply) takes its next hop from its
+/// flow's reply mapping, where the first one kept the FIB's answer (`NatReply::hop`), not
+/// from the per-CPU client slots: a hop written into the mapping is what the next replies
+/// use, on either CPU, while fresh and while they fit its MTU; a second later the FIB
+/// answers again and the mapping keeps that. Both families.
+#[test]
+fn a_reply_flows_next_hop_is_kept_in_its_mapping() {
+    lb_tests::require_root();
+    FibLab::new("nathop").run(|| {
+        lb_tests::pin_to(0, 0);
+        let (mut h, up0) = harness();
+        let marker = [0x02, 0x99, 0, 0, 0, 0xfd];
+        for (client, vip, backend, pool) in [
+            ("198.18.2.9", "198.18.0.101", "198.18.5.13", "198.18.5.100"),
+            (
+                "2001:db8:2::9",
+                "2001:db8::101",
+                "2001:db8:5::13",
+                "2001:db8:5::100",
+            ),
+        ] {
+            let p = Pkt::tcp(client, vip, 41500, 80);
+            let (v, out) = run(&h, up0, &p.build());
+            assert_eq!(v, XDP_TX, "{vip}: forward");
+            let reply = pool_reply(&p, backend, pool, pool_port(&p, &out));
+            let reply_mac = |h: &Harness| {
+                let (v, out) = run(h, up0, &reply.build());
+                assert_eq!(v, XDP_TX, "{vip}: reply sent");
+                <[u8; 6]>::try_from(&out[..6]).unwrap()
+            };
+            let mapping = |h: &Harness| h.director.maps.nat_replies.get(&reply.key()).unwrap();
+            assert_eq!(reply_mac(&h), GW_MAC, "{vip}: the FIB's answer");
+            let kept = mapping(&h).hop;
+            assert_eq!(
+                (kept.dmac, kept.smac, kept.ifindex),
+                (GW_MAC, UP_MAC, up0),
+                "{vip}: kept in the mapping"
+            );
+            assert!(kept.mtu >= 1500, "{vip}: with the route's MTU");
+
+            let mut m = mapping(&h);
+            m.hop.dmac = marker;
+            h.director.maps.nat_replies.insert(&reply.key(), m).unwrap();
+            assert_eq!(reply_mac(&h), marker, "{vip}: the mapping's hop answers");
+            lb_tests::pin_to(0, 1);
+            assert_eq!(reply_mac(&h), marker, "{vip}: on any CPU");
+            lb_tests::pin_to(0, 0);
+
+            // A hop whose MTU the reply exceeds does not answer: the FIB does (and its
+            // answer is kept).
+            m.hop.mtu = 20;
+            h.director.maps.nat_replies.insert(&reply.key(), m).unwrap();
+            assert_eq!(reply_mac(&h), GW_MAC, "{vip}: too big for the kept hop");
+            assert_eq!(mapping(&h).hop, kept, "{vip}: the answer kept again");
+
+            m.hop = mapping(&h).hop;
+            m.hop.dmac = marker;
+            h.director.maps.nat_replies.insert(&reply.key(), m).unwrap();
+            assert_eq!(reply_mac(&h), marker, "{vip}: fresh again");
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            assert_eq!(
+                reply_mac(&h),
+                GW_MAC,
+                "{vip}: stale after a second: the FIB"
+            );
+            assert_eq!(mapping(&h).hop.dmac, GW_MAC, "{vip}: and kept");
+        }
+    });
+}
+
 /// NAT flows are answered from the flow cache (`FLOW_CACHE`) after a table hit, as DR and
 /// TUN flows are: with the table entry taken away behind the cache's back, the client's
 /// packets stay the same flow (no new one scheduled) until the slot ends, which is when the

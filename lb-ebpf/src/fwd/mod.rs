@@ -20,7 +20,7 @@ use aya_ebpf::{
     Global,
 };
 use lb_common::{
-    reason, IfaceInfo, AF_INET6, IFACE_F_PRESENT, IFACE_SLOTS, MAX_BACKENDS, MAX_IFACES,
+    reason, IfaceInfo, ReplyHop, AF_INET6, IFACE_F_PRESENT, IFACE_SLOTS, MAX_BACKENDS, MAX_IFACES,
 };
 
 /// ifindex -> what we know of the interface (its MAC, TUN outer sources), filled by the
@@ -156,7 +156,7 @@ pub fn route_to_backend(
     dst: &[u8; 16],
     tot_len: usize,
 ) -> Result<Route, u32> {
-    route_cached(ctx, ingress, id, family, dst, tot_len)
+    Ok(route_cached(ctx, ingress, id, family, dst, tot_len)?.0)
 }
 
 /// [`route`] toward a client (a NAT reply's destination), from the cache slot its address
@@ -169,6 +169,18 @@ pub fn route_to_client(
     dst: &[u8; 16],
     tot_len: usize,
 ) -> Result<Route, u32> {
+    Ok(route_to_client_until(ctx, ingress, family, dst, tot_len)?.0)
+}
+
+/// [`route_to_client`], and until which jiffy its answer holds ([`route_cached`]).
+#[inline(always)]
+fn route_to_client_until(
+    ctx: &XdpContext,
+    ingress: u32,
+    family: u8,
+    dst: &[u8; 16],
+    tot_len: usize,
+) -> Result<(Route, u64), u32> {
     let h = (word(dst, 0) ^ word(dst, 1) ^ word(dst, 2) ^ word(dst, 3)).wrapping_mul(0x9e37_79b9);
     let slot = MAX_BACKENDS + (h >> 22) % CLIENT_HOP_SLOTS;
     route_cached(ctx, ingress, slot, family, dst, tot_len)
@@ -177,6 +189,7 @@ pub fn route_to_client(
 /// [`route`] to `dst`, answered from [`NEXT_HOPS`] slot `slot` while fresh, for the same
 /// destination, ingress interface and a packet within the cached MTU. Only complete answers
 /// are cached: a missing neighbour, a too-big packet or a failure asks the FIB every time.
+/// With the answer, the jiffy until which it holds (0: not cached).
 #[inline(always)]
 fn route_cached(
     ctx: &XdpContext,
@@ -185,24 +198,29 @@ fn route_cached(
     family: u8,
     dst: &[u8; 16],
     tot_len: usize,
-) -> Result<Route, u32> {
+) -> Result<(Route, u64), u32> {
     let Some(c) = NEXT_HOPS.get_ptr_mut(slot) else {
-        return route(ctx, ingress, family, dst, tot_len);
+        return Ok((route(ctx, ingress, family, dst, tot_len)?, 0));
     };
     let c = unsafe { &mut *c };
     if fresh(c, ingress, family, dst, tot_len) {
-        return Ok(Route::Via(NextHop {
-            ifindex: c.ifindex,
-            smac: c.smac,
-            dmac: c.dmac,
-            mtu: c.mtu,
-        }));
+        return Ok((
+            Route::Via(NextHop {
+                ifindex: c.ifindex,
+                smac: c.smac,
+                dmac: c.dmac,
+                mtu: c.mtu,
+            }),
+            c.expires_j,
+        ));
     }
     let (now, hz) = jiffies();
     let r = route(ctx, ingress, family, dst, tot_len)?;
+    let mut until = 0;
     if let Route::Via(hop) = &r {
         if hop.mtu != 0 {
-            c.expires_j = now + u64::from(hz);
+            until = now + u64::from(hz);
+            c.expires_j = until;
             lb_ebpf::copy16(&mut c.addr, dst);
             c.ingress = ingress;
             c.ifindex = hop.ifindex;
@@ -210,6 +228,51 @@ fn route_cached(
             c.smac = hop.smac;
             c.dmac = hop.dmac;
             c.family = family;
+        }
+    }
+    Ok((r, until))
+}
+
+/// [`route`] toward a NAT flow's client with the answer the flow keeps in its reply mapping
+/// (`hop`, its client's address implied) while it holds: until its jiffy, for the same
+/// ingress interface and a packet within its MTU; else [`route_to_client`], whose answer
+/// (the client slot's, or the FIB's) it then keeps until that answer's own jiffy, so a
+/// route change reaches the flow within a second either way. For replies that missed the
+/// flow cache: they looked the mapping up anyway, and the client slots of [`NEXT_HOPS`]
+/// answer only while clients are few. A reply flow's packets come in on one receive queue,
+/// so one CPU writes it (two writing at once during a route change could mix their answers
+/// for a packet).
+#[inline(always)]
+pub fn route_in_mapping(
+    ctx: &XdpContext,
+    ingress: u32,
+    family: u8,
+    dst: &[u8; 16],
+    tot_len: usize,
+    hop: &mut ReplyHop,
+) -> Result<Route, u32> {
+    let now = jiffies().0 as u32;
+    // Wrapping: fresh while the expiry is ahead, by at most 2^31 jiffies.
+    if (hop.expires_j.wrapping_sub(now) as i32) > 0
+        && hop.ingress == ingress
+        && tot_len as u32 <= hop.mtu
+    {
+        return Ok(Route::Via(NextHop {
+            ifindex: hop.ifindex,
+            smac: hop.smac,
+            dmac: hop.dmac,
+            mtu: hop.mtu,
+        }));
+    }
+    let (r, expires_j) = route_to_client_until(ctx, ingress, family, dst, tot_len)?;
+    if let Route::Via(h) = &r {
+        if expires_j != 0 {
+            hop.expires_j = expires_j as u32;
+            hop.ingress = ingress;
+            hop.ifindex = h.ifindex;
+            hop.mtu = h.mtu;
+            hop.smac = h.smac;
+            hop.dmac = h.dmac;
         }
     }
     Ok(r)

@@ -13,7 +13,7 @@ use aya_ebpf::btf_maps::{
 };
 use aya_ebpf::{macros::btf_map, programs::XdpContext};
 use lb_common::{
-    flow_hash, reason, stage, Backend, FlowKey, FlowKey4, FlowValue, NatReply, SnatAddr,
+    flow_hash, reason, stage, Backend, FlowKey, FlowKey4, FlowValue, NatReply, ReplyHop, SnatAddr,
     SnatConfig, AF_INET, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_SNAT, FLOW_TABLE_CAPACITY,
     IPPROTO_TCP, IPPROTO_UDP, MAX_SNAT_ADDRS, NAT_REPLY_F_FIN_BACKEND,
 };
@@ -23,7 +23,7 @@ use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use crate::{
     csum,
     flow::{self, Choice},
-    fwd::{ingress, route_to_backend, route_to_client, send, set_macs, Route},
+    fwd::{ingress, route_in_mapping, route_to_backend, route_to_client, send, set_macs, Route},
     parse::Parsed,
 };
 
@@ -225,11 +225,11 @@ fn route_and_send_out(
     ctx: &XdpContext,
     family: u32,
     dst: &[u8; 16],
-    backend_id: u32,
+    (backend_id, hop): (u32, *mut ReplyHop),
     out: &mut u32,
 ) -> u32 {
     let ip_len = frame_len(ctx) - crate::parse::l3_offset(ctx);
-    match route_and_send(ctx, family as u8, dst, backend_id, ip_len) {
+    match route_and_send(ctx, family as u8, dst, (backend_id, hop), ip_len) {
         Ok(action) => {
             *out = action;
             STATUS_OK
@@ -251,17 +251,21 @@ fn step(status: u32) -> Result<(), u32> {
 const TO_CLIENT: u32 = u32::MAX;
 
 /// Route toward the packet's (new) destination — backend `backend_id` or a client
-/// ([`TO_CLIENT`]), next hops cached per CPU either way — set the MACs, send.
+/// ([`TO_CLIENT`]), next hops cached per CPU either way, and for a client also in its flow's
+/// reply mapping where the reply looked it up (`hop`, else null) — set the MACs, send.
 #[inline(always)]
 fn route_and_send(
     ctx: &XdpContext,
     family: u8,
     dst: &[u8; 16],
-    backend_id: u32,
+    (backend_id, hop): (u32, *mut ReplyHop),
     ip_len: usize,
 ) -> Result<u32, u32> {
     let ingress = ingress(ctx);
-    let found = if backend_id == TO_CLIENT {
+    let found = if !hop.is_null() {
+        // SAFETY: the reply mapping's field, from `mapped` (a live map value).
+        route_in_mapping(ctx, ingress, family, dst, ip_len, unsafe { &mut *hop })?
+    } else if backend_id == TO_CLIENT {
         route_to_client(ctx, ingress, family, dst, ip_len)?
     } else {
         route_to_backend(ctx, ingress, backend_id, family, dst, ip_len)?
@@ -474,7 +478,7 @@ fn forward_inner(
         ctx,
         u32::from(backend.family),
         &backend.addr,
-        how >> HOW_ID_SHIFT,
+        (how >> HOW_ID_SHIFT, core::ptr::null_mut()),
         &mut action,
     ))?;
     if crate::stop_after(stage::NAT_ROUTE) {
@@ -539,6 +543,11 @@ fn prepare_out(
             reply.flow = *key;
             reply.service = backend.service;
             reply.backend = id;
+            // Not asked yet (no packet fits an MTU of 0): the first reply that misses the
+            // flow cache routes and keeps the answer. The other hop fields are left as the
+            // scratch value has them.
+            reply.hop.mtu = 0;
+            reply._pad2 = [0; 8];
             replies().insert(&reply_key, reply);
         }
     }
@@ -669,11 +678,18 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
     let rw = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
     // A half-NAT reply the flow cache knows (no FIN or RST from the backend so far, so no
     // lifecycle); else the mapping.
-    let (service, backend, family) = match cached_reply(pkt, rw) {
+    // Where the reply's next hop is kept: in its mapping, if it was looked up (else null:
+    // the per-CPU client slots).
+    let (service, backend, family, hop) = match cached_reply(pkt, rw) {
         NO_REPLY => mapped(ctx, pkt, rw)?,
         ids => {
             let (service, backend) = flow::unpack(ids);
-            (service, backend, u32::from(pkt.key.family))
+            (
+                service,
+                backend,
+                u32::from(pkt.key.family),
+                core::ptr::null_mut(),
+            )
         }
     };
     if crate::stop_after(stage::NAT_MAPPING) {
@@ -688,7 +704,7 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
         ctx,
         family,
         &rw.dst,
-        TO_CLIENT,
+        (TO_CLIENT, hop),
         &mut action,
     ))?;
     if crate::stop_after(stage::NAT_ROUTE) {
@@ -725,9 +741,14 @@ fn cached_reply(pkt: &Parsed, rw: &mut Rewrite) -> u64 {
 /// A reply by its mapping (`NAT_REPLIES4`/`NAT_REPLIES6`): `rw` gets what to restore, the
 /// flow's lifecycle moves on, and a half-NAT flow's reply is remembered in the flow cache
 /// where the cache would restore the same ([`flow::reply_cache_fill`]). (service id,
-/// backend id, the client's family).
+/// backend id, the client's family, the mapping's next hop to the client: null if this
+/// packet ended the flow, whose mapping another CPU's insert may then reuse at once).
 #[inline(always)]
-fn mapped(ctx: &XdpContext, pkt: &Parsed, rw: &mut Rewrite) -> Result<(u32, u32, u32), u32> {
+fn mapped(
+    ctx: &XdpContext,
+    pkt: &Parsed,
+    rw: &mut Rewrite,
+) -> Result<(u32, u32, u32, *mut ReplyHop), u32> {
     let r = replies().get(&pkt.key).ok_or(reason::PASS_NON_VIP)?;
     // SAFETY: a map value, valid for this run (RCU).
     let r = unsafe { &mut *r };
@@ -743,8 +764,9 @@ fn mapped(ctx: &XdpContext, pkt: &Parsed, rw: &mut Rewrite) -> Result<(u32, u32,
         lb_ebpf::copy16(&mut rw.dst, &pkt.key.dst);
     }
     let (service, backend) = (r.service, r.backend);
-    if pkt.key.proto == IPPROTO_TCP {
-        lifecycle_backend(&pkt.key, r, tcp_flags(ctx, pkt));
+    let mut hop = &mut r.hop as *mut ReplyHop;
+    if pkt.key.proto == IPPROTO_TCP && lifecycle_backend(&pkt.key, r, tcp_flags(ctx, pkt)) {
+        hop = core::ptr::null_mut();
     }
     if r.fullnat == 0 && !pkt.tcp_end && !pkt.tcp_syn && r.flags & NAT_REPLY_F_FIN_BACKEND == 0 {
         if let Some((vip, port)) = crate::select::reply_source(service, backend, &pkt.key) {
@@ -753,17 +775,17 @@ fn mapped(ctx: &XdpContext, pkt: &Parsed, rw: &mut Rewrite) -> Result<(u32, u32,
             }
         }
     }
-    Ok((service, backend, u32::from(r.flow.family)))
+    Ok((service, backend, u32::from(r.flow.family), hop))
 }
 
 /// Flow lifecycle on a backend packet (`r`: its mapping): RST ends the flow; so does the
 /// backend's last ACK after FIN from both sides (when the backend closed first); a FIN is
 /// remembered. The flow entry is looked up only for those: a packet without FIN or RST
-/// before the backend's FIN ends nothing.
+/// before the backend's FIN ends nothing. Whether it ended the flow.
 #[inline(always)]
-fn lifecycle_backend(reply: &FlowKey, r: &mut NatReply, flags: u8) {
+fn lifecycle_backend(reply: &FlowKey, r: &mut NatReply, flags: u8) -> bool {
     if flags & (TCP_FIN | TCP_RST) == 0 && r.flags & NAT_REPLY_F_FIN_BACKEND == 0 {
-        return;
+        return false;
     }
     let flow_key = r.flow;
     if flags & (TCP_FIN | TCP_RST) != 0 {
@@ -773,14 +795,16 @@ fn lifecycle_backend(reply: &FlowKey, r: &mut NatReply, flags: u8) {
         flow::cache_forget::<true>(reply);
     }
     let Some(e) = flow::entry(&flow_key) else {
-        return;
+        return false;
     };
     let e = unsafe { &mut *e };
     let both = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
     if flags & TCP_RST != 0 || (e.flags & both == both && flags & TCP_FIN == 0) {
         close(&flow_key, reply);
+        return true;
     } else if flags & TCP_FIN != 0 {
         e.flags |= FLOW_F_FIN_BACKEND;
         r.flags |= NAT_REPLY_F_FIN_BACKEND;
     }
+    false
 }
