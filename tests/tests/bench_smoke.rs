@@ -58,7 +58,7 @@ fn bench_quick_runs_every_path_and_reports() {
         String::from_utf8_lossy(&out.stderr)
     );
     let rows = table(&stdout, "| path");
-    assert_eq!(rows.len(), 40, "one row per path:\n{stdout}");
+    assert_eq!(rows.len(), 41, "one row per path:\n{stdout}");
     // Flow hits at 1, 1k, 100k and 1M established flows for each forwarding mode the
     // driver can cycle (DR, TUN IPIP, NAT forward and reply).
     for mode in [
@@ -74,6 +74,17 @@ fn bench_quick_runs_every_path_and_reports() {
                 "a row {name}…:\n{stdout}"
             );
         }
+    }
+    // All-new flows with the tables full, for each mode the driver can open flows in.
+    for name in [
+        "| DR new flow (table full), IPv4 TCP",
+        "| TUN new flow (table full), IPIP",
+        "| NAT new flow (tables full), IPv4 TCP",
+    ] {
+        assert!(
+            rows.iter().any(|r| r.starts_with(name)),
+            "a row {name}…:\n{stdout}"
+        );
     }
     // The kernel's view of the program sizes: "director N insns, J B; floor M insns, K B."
     let sizes = stdout

@@ -834,6 +834,8 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
         Row::new("DR flow hit, IPv4 UDP", false),
         Row::new("full-NAT forward (flow hit), IPv4 TCP", true),
         Row::new("full-NAT reply, IPv4 TCP", true),
+        // Index 18: the flow and its reply mapping made, both tables full.
+        Row::new("NAT new flow (tables full), IPv4 TCP", true),
     ];
     let sched_pkts: Vec<Vec<u8>> = [81u16, 82, 84, 85]
         .iter()
@@ -968,6 +970,25 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
                 rows[i].path
             );
         }
+
+        // New NAT flows: the restored client packet with a new 5-tuple every run, each
+        // making its flow entry and reply mapping (both tables full after the first 64k).
+        cfg.set(0, RESTORE | NEW_FLOW, 0).unwrap();
+        template.set(0, as_template(&nat_client), 0).unwrap();
+        let (ns, (fwd, new)) = counted(&h, || driven(&h, &nat_client, repeat, up0));
+        rows[18].samples.push(ns);
+        assert_eq!(
+            (fwd, new),
+            (u64::from(repeat), u64::from(repeat)),
+            "every NAT new-flow run forwarded a new flow"
+        );
+        // Each made its reply mapping: the 64k-entry table is full of them (before the
+        // first run it held the few the NAT rows above made).
+        let mappings = h.director.maps.nat_replies.iter().count();
+        assert!(
+            mappings >= 60_000,
+            "{mappings} reply mappings after the NAT new flows"
+        );
 
         // New-flow selection cost per scheduler: the driver gives every run a new 5-tuple.
         cfg.set(0, NEW_FLOW, 0).unwrap();
