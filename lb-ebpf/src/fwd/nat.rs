@@ -57,7 +57,7 @@ fn replies() -> flow::ByFamily<NatReply, 0> {
     }
 }
 
-/// Where a client packet builds the reply mapping it writes (88 bytes): off the NAT call's
+/// Where a client packet builds the reply mapping it writes (128 bytes): off the NAT call's
 /// frame, which shares the 512-byte BPF stack with the director's (see
 /// [`xdplb_nat_forward`]). Per CPU: a program run has its CPU to itself.
 #[btf_map]
