@@ -415,21 +415,43 @@ fn pace(gap: u32) {
     unsafe { *due = if now > behind_limit { now } else { target } + u64::from(gap) };
 }
 
-/// Write `(address, port)` into the low 16 bits of the IPv4 address at `ADDR` and the port
-/// at `PORT` of an untagged IPv4 TCP/UDP frame's first 52 bytes; both checksums follow (so
-/// the kernel's own path, the nftables peer, accepts the frames too).
+/// Give the untagged TCP/UDP frame in `ctx` the 5-tuple `(address, port)`: into the low 16
+/// bits of its source address (at `SRC`) and its source port (at `SPORT`), or with `dst` of
+/// its destination ones (`DST`, `DPORT`); the IPv4 header checksum (at `IP_CHECK`; 0: none,
+/// IPv6) and a TCP checksum (the last 2 of the `N` bytes checked, when the protocol byte at
+/// `PROTO` says TCP) follow, so the kernel's own path, the nftables peer, accepts the frames
+/// too. Constant offsets (the verifier takes a packet pointer moved by a variable for
+/// unchecked). None: the frame is shorter than `N`.
 #[inline(always)]
-fn cycle_tuple<const ADDR: usize, const PORT: usize>(h: &mut [u8; 52], (addr, port): (u16, u16)) {
-    let word = |h: &[u8; 52], at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
-    let (old_addr, old_port) = (word(h, ADDR), word(h, PORT));
-    [h[ADDR], h[ADDR + 1]] = addr.to_be_bytes();
-    [h[PORT], h[PORT + 1]] = port.to_be_bytes();
-    // IPv4 header checksum at 24, TCP's at 50.
-    [h[24], h[25]] = csum::replace_word([h[24], h[25]], old_addr, addr);
-    if h[23] == lb_common::IPPROTO_TCP {
-        let c = csum::replace_word([h[50], h[51]], old_addr, addr);
-        [h[50], h[51]] = csum::replace_word(c, old_port, port);
+fn cycle_tuple<
+    const N: usize,
+    const PROTO: usize,
+    const IP_CHECK: usize,
+    const SRC: usize,
+    const SPORT: usize,
+    const DST: usize,
+    const DPORT: usize,
+>(
+    ctx: &XdpContext,
+    dst: bool,
+    (addr, port): (u16, u16),
+) -> Option<()> {
+    // SAFETY: N bytes of the packet, bounds-checked.
+    let h = unsafe { &mut *lb_ebpf::ptr_at::<[u8; N]>(ctx, 0)? };
+    let (at, port_at) = if dst { (DST, DPORT) } else { (SRC, SPORT) };
+    let word = |h: &[u8; N], at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
+    let (old_addr, old_port) = (word(h, at), word(h, port_at));
+    [h[at], h[at + 1]] = addr.to_be_bytes();
+    [h[port_at], h[port_at + 1]] = port.to_be_bytes();
+    if IP_CHECK != 0 {
+        [h[IP_CHECK], h[IP_CHECK + 1]] =
+            csum::replace_word([h[IP_CHECK], h[IP_CHECK + 1]], old_addr, addr);
     }
+    if h[PROTO] == lb_common::IPPROTO_TCP {
+        let c = csum::replace_word([h[N - 2], h[N - 1]], old_addr, addr);
+        [h[N - 2], h[N - 1]] = csum::replace_word(c, old_port, port);
+    }
+    Some(())
 }
 
 /// Benchmark driver: `BPF_PROG_TEST_RUN` with `repeat` reuses one packet buffer, so paths
@@ -438,11 +460,12 @@ fn cycle_tuple<const ADDR: usize, const PORT: usize>(h: &mut [u8; 52], (addr, po
 /// - strip an outer IPv4 (`BENCH_STRIP_OUTER`) or IPv6 (`BENCH_STRIP_OUTER6`) header: the TUN path re-adds it, so every run
 ///   sees the same client packet (the strip's cost is included in what is measured);
 /// - write back a 128-byte template packet (`BENCH_RESTORE`): NAT rewrites in place;
-/// - give the packet a 5-tuple never seen before (`BENCH_NEW_FLOW`): the inner IPv4 source's
-///   low 16 bits and the source port come from a sequence — or, with `BENCH_CYCLE_DST`, the
+/// - give the packet a 5-tuple never seen before (`BENCH_NEW_FLOW`): the (inner) source
+///   address's low 16 bits, IPv4 or IPv6, and the source port come from a sequence — or, with `BENCH_CYCLE_DST`, the
 ///   destination's and the destination port (a NAT reply to the clients the client packets
 ///   of the same sequence came from).
-/// Expects untagged IPv4 TCP/UDP without options (optionally inside one IPv4 outer header).
+/// Expects untagged IPv4 TCP/UDP without options or IPv6 TCP without extension headers
+/// (optionally inside one outer header, which it strips first).
 #[xdp]
 pub fn xdplb_bench_driver(ctx: XdpContext) -> u32 {
     let cfg = BENCH_CFG.get(0).copied().unwrap_or(0);
@@ -485,19 +508,21 @@ pub fn xdplb_bench_driver(ctx: XdpContext) -> u32 {
             *seq = next.checked_rem(cycle).unwrap_or(next);
             *seq
         };
-        // Ethernet (14) + IPv4 addresses at 12 and 16; transport ports right after the
-        // 20-byte IPv4 header.
-        let Some(h) = lb_ebpf::ptr_at::<[u8; 14 + 20 + 18]>(&ctx, 0) else {
-            return xdp_action::XDP_ABORTED;
-        };
-        let h = unsafe { &mut *h };
         let to = (seq as u16, (seq >> 16) as u16 | 1024);
-        // Constant offsets each way (the verifier takes a packet pointer moved by a variable
-        // for unchecked).
-        if cfg & BENCH_CYCLE_DST != 0 {
-            cycle_tuple::<32, 36>(h, to);
+        let ipv6 = lb_ebpf::ptr_at::<[u8; 14]>(&ctx, 0)
+            .is_some_and(|e| unsafe { (*e)[12] == 0x86 && (*e)[13] == 0xdd });
+        let dst = cfg & BENCH_CYCLE_DST != 0;
+        let cycled = if ipv6 {
+            // Ethernet (14) + IPv6: next header at 6, addresses at 8 and 24 (their low 16
+            // bits at 22 and 38), the ports after the 40-byte header, TCP's checksum at 16.
+            cycle_tuple::<72, 20, 0, 36, 54, 52, 56>(&ctx, dst, to)
         } else {
-            cycle_tuple::<28, 34>(h, to);
+            // Ethernet (14) + IPv4: protocol at 9, checksum at 10, addresses at 12 and 16,
+            // the ports after the 20-byte header, TCP's checksum at 16.
+            cycle_tuple::<52, 23, 24, 28, 34, 32, 36>(&ctx, dst, to)
+        };
+        if cycled.is_none() {
+            return xdp_action::XDP_ABORTED;
         }
     }
     unsafe { BENCH_NEXT.tail_call(&ctx, 0) };

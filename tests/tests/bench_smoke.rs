@@ -58,12 +58,14 @@ fn bench_quick_runs_every_path_and_reports() {
         String::from_utf8_lossy(&out.stderr)
     );
     let rows = table(&stdout, "| path");
-    assert_eq!(rows.len(), 41, "one row per path:\n{stdout}");
-    // Flow hits at 1, 1k, 100k and 1M established flows for each forwarding mode the
-    // driver can cycle (DR, TUN IPIP, NAT forward and reply).
+    assert_eq!(rows.len(), 51, "one row per path:\n{stdout}");
+    // Flow hits at 1, 1k, 100k and 1M established flows for each forwarding mode and family
+    // the driver can cycle (DR and TUN over IPv4 and IPv6, NAT forward and reply).
     for mode in [
         "DR flow hit",
+        "DR flow hit, IPv6",
         "TUN flow hit, IPIP",
+        "TUN flow hit, IPv6-in-IPv6",
         "NAT forward (flow hit)",
         "NAT reply",
     ] {
@@ -80,6 +82,8 @@ fn bench_quick_runs_every_path_and_reports() {
         "| DR new flow (table full), IPv4 TCP",
         "| TUN new flow (table full), IPIP",
         "| NAT new flow (tables full), IPv4 TCP",
+        "| DR new flow (table full), IPv6 TCP",
+        "| TUN new flow (table full), IPv6-in-IPv6",
     ] {
         assert!(
             rows.iter().any(|r| r.starts_with(name)),

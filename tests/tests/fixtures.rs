@@ -823,6 +823,61 @@ fn bench_driver_paces_frames_a_gap_apart() {
     );
 }
 
+/// The bench driver's new 5-tuples (`BENCH_NEW_FLOW`, which the per-packet flow rows and the
+/// end-to-end generator use): run k puts k into the low 16 bits of the source address, or
+/// with `BENCH_CYCLE_DST` of the destination, and 1024 into that side's port, over IPv4 and
+/// IPv6, with every checksum right: the floor behind it (a MAC swap) sends exactly the
+/// packet etherparse builds with those fields.
+#[test]
+fn bench_driver_cycles_tuples_with_exact_checksums() {
+    lb_tests::require_root();
+    const NEW_FLOW: u32 = 2;
+    const CYCLE_DST: u32 = 16;
+    let mut h = Harness::new(CONFIG);
+    let floor = lb_tests::program_fd(&mut h.director, lb_userspace::dataplane::FLOOR_PROGRAM);
+    let (mut next, mut cfg) = lb_tests::bench_driver(&mut h.director);
+    next.set(0, &floor, 0).unwrap();
+    let driver = h
+        .director
+        .loaded(lb_userspace::dataplane::BENCH_DRIVER_PROGRAM)
+        .unwrap();
+    let low16 = |a: std::net::IpAddr, k: u16| -> std::net::IpAddr {
+        match a {
+            std::net::IpAddr::V4(a) => {
+                let o = a.octets();
+                std::net::Ipv4Addr::new(o[0], o[1], (k >> 8) as u8, k as u8).into()
+            }
+            std::net::IpAddr::V6(a) => {
+                let mut s = a.segments();
+                s[7] = k;
+                std::net::Ipv6Addr::from(s).into()
+            }
+        }
+    };
+    let mut k = 0u16;
+    for (src, dst) in [
+        ("198.18.9.1", "198.18.0.100"),
+        ("2001:db8:9::1", "2001:db8::100"),
+    ] {
+        let p = Pkt::tcp(src, dst, 40000, 80);
+        for bits in [NEW_FLOW, NEW_FLOW | CYCLE_DST] {
+            cfg.set(0, bits, 0).unwrap();
+            for _ in 0..3 {
+                k += 1;
+                let (verdict, out) = lb_tests::run_program_on(driver, &p.build(), 1);
+                assert_eq!(verdict, XDP_TX, "the floor behind the driver");
+                let mut want = p.with_macs(p.dst_mac, p.src_mac);
+                if bits & CYCLE_DST != 0 {
+                    (want.dst, want.dport) = (low16(p.dst, k), 1024);
+                } else {
+                    (want.src, want.sport) = (low16(p.src, k), 1024);
+                }
+                assert_eq!(out, want.build(), "{src} run {k} (bits {bits})");
+            }
+        }
+    }
+}
+
 /// The per-CPU flow cache (`FLOW_CACHE`) answers an IPv4 TCP flow's packets for a second
 /// after the table did; SYN, FIN and RST go to the table and empty the slot. Shown by
 /// changing the table entry's backend behind the cache's back: packets follow the cache

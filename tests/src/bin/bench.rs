@@ -528,6 +528,16 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
         ..drive(RESTORE | CYCLE_DST, &nat_reply, up0)
     };
     let syn = drive(0, &syn4, 1);
+    // IPv6 (FLOWS6, beside the IPv4 flows of the same directors): the driver cycles the
+    // low 16 bits of the IPv6 source and the port.
+    let v6 = Pkt::tcp("2001:db8:2::1", "2001:db8::100", 40000, 80).build();
+    let (verdict, tun6_wrapped) = lb_tests::run_program_on(
+        tables[TUN].0.director.director_program(),
+        &Pkt::tcp("2001:db8:2::1", "2001:db8::110", 40000, 80).build(),
+        up0,
+    );
+    assert_eq!(verdict, XDP_TX, "TUN v6 path to the lab's backends");
+    let (dr6, tun6) = (drive(0, &v6, 1), drive(STRIP_OUTER6, &tun6_wrapped, up0));
     // (table, flows (0: a new one every run), row, how it runs (see `dr`))
     let mut cases: Vec<(usize, u32, Row, Drive)> = [
         (0, 1, "DR flow hit, 1 established flow (driver cycles)", dr),
@@ -656,6 +666,54 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
             1_000_000,
             "NAT reply, 1M established flows (driver cycles)",
             reply,
+        ),
+        (
+            0,
+            1,
+            "DR flow hit, IPv6, 1 established flow (driver cycles)",
+            dr6,
+        ),
+        (
+            0,
+            1_000,
+            "DR flow hit, IPv6, 1k established flows (driver cycles)",
+            dr6,
+        ),
+        (
+            0,
+            100_000,
+            "DR flow hit, IPv6, 100k established flows (driver cycles)",
+            dr6,
+        ),
+        (
+            0,
+            1_000_000,
+            "DR flow hit, IPv6, 1M established flows (driver cycles)",
+            dr6,
+        ),
+        (
+            TUN,
+            1,
+            "TUN flow hit, IPv6-in-IPv6, 1 established flow (driver cycles)",
+            tun6,
+        ),
+        (
+            TUN,
+            1_000,
+            "TUN flow hit, IPv6-in-IPv6, 1k established flows (driver cycles)",
+            tun6,
+        ),
+        (
+            TUN,
+            100_000,
+            "TUN flow hit, IPv6-in-IPv6, 100k established flows (driver cycles)",
+            tun6,
+        ),
+        (
+            TUN,
+            1_000_000,
+            "TUN flow hit, IPv6-in-IPv6, 1M established flows (driver cycles)",
+            tun6,
         ),
     ]
     .into_iter()
@@ -836,6 +894,8 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
         Row::new("full-NAT reply, IPv4 TCP", true),
         // Index 18: the flow and its reply mapping made, both tables full.
         Row::new("NAT new flow (tables full), IPv4 TCP", true),
+        Row::new("DR new flow (table full), IPv6 TCP", true),
+        Row::new("TUN new flow (table full), IPv6-in-IPv6", true),
     ];
     let sched_pkts: Vec<Vec<u8>> = [81u16, 82, 84, 85]
         .iter()
@@ -925,6 +985,22 @@ fn bench(quick: bool) -> (String, Vec<(&'static str, f64)>) {
             (u64::from(repeat), 0),
             "TUN v6 hit runs: forwarded, no new flow"
         );
+
+        // New IPv6 flows, DR and IPv6-in-IPv6 (the driver cycles the inner IPv6 source).
+        for (i, bits, pkt, ifindex) in [
+            (19, NEW_FLOW, &v6, 1),
+            (20, STRIP_OUTER6 | NEW_FLOW, &tun6_wrapped, up0),
+        ] {
+            cfg.set(0, bits, 0).unwrap();
+            let (ns, (fwd, new)) = counted(&h, || driven(&h, pkt, repeat, ifindex));
+            rows[i].samples.push(ns);
+            assert_eq!(
+                (fwd, new),
+                (u64::from(repeat), u64::from(repeat)),
+                "{}: every run forwarded a new flow",
+                rows[i].path
+            );
+        }
 
         next.set(0, &floor_fd, 0).unwrap();
         cfg.set(0, RESTORE, 0).unwrap();
