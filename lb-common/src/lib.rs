@@ -586,7 +586,10 @@ pub struct ReplyHop {
     pub mtu: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    pub _pad: [u8; 4],
+    /// The client address's four big-endian words xor-ed: a hop whose mapping the LRU gave
+    /// to another flow between a reply's lookup and its write (eviction ignores the
+    /// reference bit when nothing else can go) does not answer for that flow's client.
+    pub client_tag: u32,
 }
 
 /// `NatReply::flags`: the backend sent a FIN (mirrors the flow's [`FLOW_F_FIN_BACKEND`]).

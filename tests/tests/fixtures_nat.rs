@@ -656,6 +656,14 @@ fn a_reply_flows_next_hop_is_kept_in_its_mapping() {
             assert_eq!(reply_mac(&h), GW_MAC, "{vip}: too big for the kept hop");
             assert_eq!(mapping(&h).hop, kept, "{vip}: the answer kept again");
 
+            // A hop kept for another client (its mapping reused by the LRU before the
+            // write) does not answer.
+            m.hop = mapping(&h).hop;
+            m.hop.dmac = marker;
+            m.hop.client_tag ^= 1;
+            h.director.maps.nat_replies.insert(&reply.key(), m).unwrap();
+            assert_eq!(reply_mac(&h), GW_MAC, "{vip}: another client's hop");
+
             m.hop = mapping(&h).hop;
             m.hop.dmac = marker;
             h.director.maps.nat_replies.insert(&reply.key(), m).unwrap();

@@ -181,7 +181,7 @@ fn route_to_client_until(
     dst: &[u8; 16],
     tot_len: usize,
 ) -> Result<(Route, u64), u32> {
-    let h = (word(dst, 0) ^ word(dst, 1) ^ word(dst, 2) ^ word(dst, 3)).wrapping_mul(0x9e37_79b9);
+    let h = client_tag(dst).wrapping_mul(0x9e37_79b9);
     let slot = MAX_BACKENDS + (h >> 22) % CLIENT_HOP_SLOTS;
     route_cached(ctx, ingress, slot, family, dst, tot_len)
 }
@@ -252,10 +252,12 @@ pub fn route_in_mapping(
     hop: &mut ReplyHop,
 ) -> Result<Route, u32> {
     let now = jiffies().0 as u32;
+    let tag = client_tag(dst);
     // Wrapping: fresh while the expiry is ahead, by at most 2^31 jiffies.
     if (hop.expires_j.wrapping_sub(now) as i32) > 0
         && hop.ingress == ingress
         && tot_len as u32 <= hop.mtu
+        && hop.client_tag == tag
     {
         return Ok(Route::Via(NextHop {
             ifindex: hop.ifindex,
@@ -273,9 +275,17 @@ pub fn route_in_mapping(
             hop.mtu = h.mtu;
             hop.smac = h.smac;
             hop.dmac = h.dmac;
+            hop.client_tag = tag;
         }
     }
     Ok(r)
+}
+
+/// A client address's big-endian words xor-ed: [`ReplyHop::client_tag`], and before a
+/// multiply the hash that picks its client slot of [`NEXT_HOPS`].
+#[inline(always)]
+fn client_tag(dst: &[u8; 16]) -> u32 {
+    word(dst, 0) ^ word(dst, 1) ^ word(dst, 2) ^ word(dst, 3)
 }
 
 /// Backend `id`'s next hop if [`NEXT_HOPS`] has it (see [`route_cached`]), without asking
