@@ -558,7 +558,7 @@ pub struct NatReply {
     pub backend: u32,
     /// The next hop toward the client as last routed for this flow's replies: a reply that
     /// misses the flow cache reads it with the mapping it looked up anyway, where the
-    /// per-CPU client slots of `NEXT_HOPS` (1024, by client address) miss once clients
+    /// per-CPU client slots of `NEXT_HOPS` (4,096, by client address) miss once clients
     /// outnumber them.
     pub hop: ReplyHop,
     /// Full-NAT: the client (the reply's new destination); NAT: unused.
