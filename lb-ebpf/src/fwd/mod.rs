@@ -116,8 +116,9 @@ pub struct CachedHop {
 /// client address picks one by the top bits of a hash (a collision only means another FIB
 /// lookup). 4,096 (229 KB per CPU): with 1,024, a thousand clients' replies collided often
 /// enough to cost 23 ns each on average (NAT reply at 1k flows 126-128 -> 103-104 ns,
-/// alternating quick runs); 131,072 made the 100k-flow replies slower (their 8 MB missed in
-/// the cache more than the FIB costs).
+/// alternating quick runs). 131,072 were tried in the twenty-first session and read slower
+/// at 100k flows, but that try likely kept the then 10-bit index (`(h >> 22) % slots`), so
+/// it used 1,024 of them: not a result either way.
 const CLIENT_HOP_BITS: u32 = 12;
 const CLIENT_HOP_SLOTS: u32 = 1 << CLIENT_HOP_BITS;
 
