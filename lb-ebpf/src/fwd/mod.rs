@@ -175,19 +175,20 @@ pub fn route_to_client(
     dst: &[u8; 16],
     tot_len: usize,
 ) -> Result<Route, u32> {
-    Ok(route_to_client_until(ctx, ingress, family, dst, tot_len)?.0)
+    Ok(route_to_client_until(ctx, ingress, family, (dst, client_tag(dst)), tot_len)?.0)
 }
 
-/// [`route_to_client`], and until which jiffy its answer holds ([`route_cached`]).
+/// [`route_to_client`] for `dst` and its [`client_tag`], and until which jiffy its answer
+/// holds ([`route_cached`]).
 #[inline(always)]
 fn route_to_client_until(
     ctx: &XdpContext,
     ingress: u32,
     family: u8,
-    dst: &[u8; 16],
+    (dst, tag): (&[u8; 16], u32),
     tot_len: usize,
 ) -> Result<(Route, u64), u32> {
-    let h = client_tag(dst).wrapping_mul(0x9e37_79b9);
+    let h = tag.wrapping_mul(0x9e37_79b9);
     let slot = MAX_BACKENDS + (h >> (32 - CLIENT_HOP_BITS));
     route_cached(ctx, ingress, slot, family, dst, tot_len)
 }
@@ -272,7 +273,7 @@ pub fn route_in_mapping(
             mtu: hop.mtu,
         }));
     }
-    let (r, expires_j) = route_to_client_until(ctx, ingress, family, dst, tot_len)?;
+    let (r, expires_j) = route_to_client_until(ctx, ingress, family, (dst, tag), tot_len)?;
     if let Route::Via(h) = &r {
         if expires_j != 0 {
             hop.expires_j = expires_j as u32;
