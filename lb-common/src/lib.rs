@@ -477,8 +477,8 @@ pub struct FlowValue {
     /// holding only the low bits before: same layout.)
     pub nat_checked: u16,
     /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE: the clock as of the last tick)
-    /// when a packet was last seen; UDP only, refreshed at most every [`udp_touch_ns`], for
-    /// the idle timeout. The coarse clock reads a stored value; the precise one reads the
+    /// when a packet was last seen; UDP only (a TCP flow's is 0), refreshed at most every
+    /// [`udp_touch_ns`], for the idle timeout. The coarse clock reads a stored value; the precise one reads the
     /// (paravirtual) clock source, ~20 ns more per new flow and per UDP packet on a VM.
     pub last_seen_ns: u64,
 }

@@ -167,9 +167,12 @@ pub mod how {
 /// remembered).
 #[inline(always)]
 pub fn lookup_or_schedule(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
-    let mut out = Choice::default();
-    match lookup_out(svc, key, how, &mut out) {
-        STATUS_OK => Ok(out),
+    // Not `Choice::default()`: its zeroing was a call of the byte-loop `memset` on every
+    // new flow (see `lb_ebpf::zeroed_in_place`); `lookup_out` writes the whole value.
+    let mut out = core::mem::MaybeUninit::<Choice>::uninit();
+    match lookup_out(svc, key, how, out.as_mut_ptr()) {
+        // SAFETY: written in full when the status is OK.
+        STATUS_OK => Ok(unsafe { out.assume_init() }),
         slot => Err(slot),
     }
 }
@@ -177,10 +180,11 @@ pub fn lookup_or_schedule(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<
 /// Out of line: its temporaries (hash words, the new entry) stay off the caller's frame,
 /// which must leave room for the forwarding call (the BPF stack is 512 bytes per chain).
 #[inline(never)]
-fn lookup_out(svc: &ServiceMeta, key: &FlowKey, how: u32, out: &mut Choice) -> u32 {
+fn lookup_out(svc: &ServiceMeta, key: &FlowKey, how: u32, out: *mut Choice) -> u32 {
     match lookup(svc, key, how) {
         Ok(c) => {
-            *out = c;
+            // SAFETY: the caller's slot; a plain write, no drop of what was there.
+            unsafe { out.write(c) };
             STATUS_OK
         }
         Err(slot) => slot,
@@ -641,7 +645,7 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
         how & how::ENDING != 0,
         how & how::OPENING != 0,
     );
-    // The clock is read only where it is needed: UDP hits (idle timeout) and new flows; the
+    // The clock is read only where it is needed: UDP hits (idle timeout) and new UDP flows; the
     // coarse one (the last tick's time, ~4 ms steps), for timeouts of a second and more.
     let entry = if how & how::ABSENT != 0 {
         None
@@ -678,7 +682,13 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
         let value = FlowValue {
             backend: id,
             service: svc.id,
-            last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
+            // The idle clock is UDP's; a TCP flow leaves it 0 (a helper call less per new
+            // connection).
+            last_seen_ns: if key.proto == IPPROTO_UDP {
+                unsafe { bpf_ktime_get_coarse_ns() }
+            } else {
+                0
+            },
             ..FlowValue::default()
         };
         if !flows().insert(key, &value) {

@@ -327,27 +327,12 @@ fn ring_slot(svc: &ServiceMeta, pos: u32) -> Option<u32> {
     }
 }
 
-/// [`schedule`] behind the service's persistence (see [`choose_inner`]).
+/// [`schedule`] behind the service's persistence (see [`choose_inner`]). Inline in its one
+/// caller, `flow::lookup_out`, itself out of line (until 2026-12-06 one more call, which on
+/// this kernel's "Safe RET" returns cost every new flow a few ns).
 #[inline(always)]
 pub fn choose(svc: &ServiceMeta, key: &FlowKey) -> Result<u32, u32> {
-    let mut id = 0;
-    match choose_out(svc, key, &mut id) {
-        lb_ebpf::STATUS_OK => Ok(id),
-        slot => Err(slot),
-    }
-}
-
-/// Out of line: the masked key, the template key and value stay off the caller's frame (the
-/// BPF stack is 512 bytes per call chain); plain types only (see `STATUS_OK`).
-#[inline(never)]
-fn choose_out(svc: &ServiceMeta, key: &FlowKey, out: &mut u32) -> u32 {
-    match choose_inner(svc, key) {
-        Ok(id) => {
-            *out = id;
-            lb_ebpf::STATUS_OK
-        }
-        Err(slot) => slot,
-    }
+    choose_inner(svc, key)
 }
 
 /// A client seen within `persist_s` gets the backend of its template (unless that backend
