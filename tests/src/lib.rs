@@ -376,14 +376,21 @@ pub fn cpus() -> usize {
 /// Pin thread/process `pid` (0: the calling thread) to one CPU (BPF_PROG_TEST_RUN runs on
 /// the calling CPU).
 pub fn pin_to(pid: libc::pid_t, cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one bit set.
+    pin_to_cpus(pid, [cpu]);
+}
+
+/// Let thread/process `pid` (0: the calling thread) run on these CPUs only.
+pub fn pin_to_cpus(pid: libc::pid_t, cpus: impl IntoIterator<Item = usize>) {
+    // SAFETY: a zeroed cpu_set_t with a bit set per CPU.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
+        for cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
         assert_eq!(
             libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set),
             0,
-            "pin {pid} to CPU {cpu}"
+            "pin {pid}"
         );
     }
 }

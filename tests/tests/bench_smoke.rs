@@ -58,7 +58,7 @@ fn bench_quick_runs_every_path_and_reports() {
         String::from_utf8_lossy(&out.stderr)
     );
     let rows = table(&stdout, "| path");
-    assert_eq!(rows.len(), 51, "one row per path:\n{stdout}");
+    assert_eq!(rows.len(), 53, "one row per path:\n{stdout}");
     // Flow hits at 1, 1k, 100k and 1M established flows for each forwarding mode and family
     // the driver can cycle (DR and TUN over IPv4 and IPv6, NAT forward and reply).
     for mode in [
@@ -84,6 +84,8 @@ fn bench_quick_runs_every_path_and_reports() {
         "| NAT new flow (tables full), IPv4 TCP",
         "| DR new flow (table full), IPv6 TCP",
         "| TUN new flow (table full), IPv6-in-IPv6",
+        "| DR new flow (table full), 4,096-entry table",
+        "| DR new flow (table full), 1M-entry table",
     ] {
         assert!(
             rows.iter().any(|r| r.starts_with(name)),

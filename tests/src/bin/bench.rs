@@ -243,6 +243,18 @@ fn template_map(h: &mut Harness) -> Array<MapData, [u8; TEMPLATE_LEN]> {
         .expect("array")
 }
 
+/// Set the benchmark driver's 5-tuple sequence (`BENCH_SEQ`) to `seq`.
+fn set_seq(h: &mut Harness, seq: u32) {
+    let mut m: Array<&mut MapData, u32> = h
+        .director
+        .ebpf_mut()
+        .map_mut("BENCH_SEQ")
+        .expect("BENCH_SEQ")
+        .try_into()
+        .expect("array");
+    m.set(0, seq, 0).expect("BENCH_SEQ");
+}
+
 /// Time `repeat` runs of the benchmark driver (and whatever it tail-calls) on `input`.
 fn driven(h: &Harness, input: &[u8], repeat: u32, ifindex: u32) -> f64 {
     time(
@@ -477,6 +489,7 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     let mut tables = Vec::new();
     let default = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 1048576");
     let fast = fast_config(&big);
+    let small = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 4096");
     // TUN and NAT rows on directors of their own: this table's LRU lists are per CPU, so
     // each CPU holds half of it, and DR's, TUN's and NAT's million flows together overflow
     // the half one CPU sees (the full bench found NAT's own flows evicted at 1M).
@@ -487,6 +500,7 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
         fast.as_str(),
         big.as_str(),
         big.as_str(),
+        small.as_str(),
     ] {
         let mut h = Harness::new(yaml);
         FibLab::register_up0(&mut h);
@@ -496,6 +510,8 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     const FAST: usize = 3;
     const TUN: usize = 4;
     const NAT: usize = 5;
+    const DEFAULT: usize = 2;
+    const SMALL: usize = 6;
     assert!(tables[FAST].0.config.services[0].ring_fast_path);
     let up0 = lb_userspace::netlink::ifindex("up0").expect("up0");
     let v4 = Pkt::tcp("198.18.2.1", "198.18.0.100", 40000, 80);
@@ -594,6 +610,21 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
             0,
             "DR new flow (SYN), ring fast path: clean slot, unrecorded",
             syn,
+        ),
+        // New flows by the table's size: in a 4,096-entry table everything stays in the
+        // CPU's caches, so what is left is the code's (mostly the kernel's LRU insert);
+        // the per-packet table's row has 65,536 entries, the default 1M.
+        (
+            SMALL,
+            0,
+            "DR new flow (table full), 4,096-entry table (driver cycles)",
+            dr,
+        ),
+        (
+            DEFAULT,
+            0,
+            "DR new flow (table full), 1M-entry table (the default; driver cycles)",
+            dr,
         ),
         (
             TUN,
@@ -719,6 +750,27 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     .into_iter()
     .map(|(t, n, path, how)| (t, n, Row::new(path, true), how))
     .collect();
+    // The default table full before its new-flow row first runs: its LRU lists are per
+    // CPU, each holding its share of the million, so every CPU opens more flows than its
+    // share (pinned in turn; a run stays on the CPU it started on). A new flow there then
+    // evicts one, on whichever CPU the row runs.
+    {
+        let (h, _, cfg) = &mut tables[DEFAULT];
+        cfg.set(1, 0, 0).unwrap();
+        cfg.set(0, NEW_FLOW, 0).unwrap();
+        let cpus = lb_tests::cpus();
+        let share = lb_common::FLOW_TABLE_CAPACITY / cpus as u32;
+        for cpu in 0..cpus {
+            lb_tests::pin_to(0, cpu);
+            driven(h, &v4, share + (1 << 16), 1);
+        }
+        lb_tests::pin_to_cpus(0, 0..cpus);
+        let held = h.director.maps.flows.v4.keys().count() as u64;
+        assert!(
+            held >= u64::from(lb_common::FLOW_TABLE_CAPACITY) * 9 / 10,
+            "the default table holds {held} flows after a million new ones"
+        );
+    }
     for run in 0..runs {
         for (t, n, row, how) in &mut cases {
             let (h, _, cfg) = &mut tables[*t];
@@ -735,6 +787,11 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
             let (bits, pkt, ifindex) = (how.bits, how.input, how.ifindex);
             let fast = *t == FAST;
             let opening = *n == 0;
+            if opening {
+                // Tuples no row of this director has opened: the hit rows cycle from 0, and
+                // a table of a million keeps the tuples of this row's runs before.
+                set_seq(h, (1 << 31) + run as u32 * repeat);
+            }
             // The flow cache as if only this row's flows ran: the row before on the same
             // director may have filled it with a million others, whose slots answer for a
             // second and are not taken over (until 2026-12-06 the NAT reply at 1 flow ran
