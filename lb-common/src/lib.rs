@@ -658,21 +658,24 @@ pub const SERVICE_F_RING_HELD: u8 = 4;
 /// `s * RING_DIRTY_WORDS ..`.
 pub const RING_DIRTY_WORDS: u32 = RING_SIZE.div_ceil(64);
 
-/// Slots of `FAST_SERVICES` (a power of two): service id + 1 of the ring-fast-path service
-/// whose (VIP, port, protocol) hashes there ([`fast_slot`]), 0 for none,
-/// [`FAST_SLOT_SHARED`] when two such services share the slot.
-pub const FAST_SLOTS: u32 = 1024;
+/// Slots of `SERVICE_INDEX` (a power of two): service id + 1 of the service whose (VIP,
+/// port, protocol) hashes there ([`index_slot`]), 0 for none, [`INDEX_SLOT_SHARED`] when
+/// two services share the slot. A new flow finds its service here (an array word and the
+/// service's `SERVICE_SLOTS` key to check) instead of hashing into `SERVICES`; the ring
+/// fast path finds its services here. With [`MAX_SERVICES`] services at most, two share a
+/// slot rarely, and then `SERVICES` decides.
+pub const SERVICE_INDEX_SLOTS: u32 = 1024;
 
-/// A `FAST_SERVICES` slot that two ring-fast-path services hash to: the packet looks its
+/// A `SERVICE_INDEX` slot that two services hash to: the packet looks its
 /// service up in `SERVICES`.
-pub const FAST_SLOT_SHARED: u32 = u32::MAX;
+pub const INDEX_SLOT_SHARED: u32 = u32::MAX;
 
-/// The `FAST_SERVICES` slot of a service: its VIP as two 8-byte halves in memory order (as
+/// The `SERVICE_INDEX` slot of a service: its VIP as two 8-byte halves in memory order (as
 /// [`vip_filter_bit_of_halves`]), port (network order; 0 for every port) and protocol.
 #[inline(always)]
-pub fn fast_slot(lo: u64, hi: u64, family: u8, port_be: u16, proto: u8) -> u32 {
+pub fn index_slot(lo: u64, hi: u64, family: u8, port_be: u16, proto: u8) -> u32 {
     let mix = u64::from(port_be) << 8 | u64::from(proto);
-    vip_filter_bit_of_halves(lo ^ mix.rotate_left(40), hi, family) % FAST_SLOTS
+    vip_filter_bit_of_halves(lo ^ mix.rotate_left(40), hi, family) % SERVICE_INDEX_SLOTS
 }
 
 /// Value of `BACKENDS` (an array indexed by backend id).
@@ -754,7 +757,7 @@ pub fn vip_filter_bit(addr: &[u8; 16], family: u8) -> u32 {
 }
 
 /// An address's two 8-byte halves in memory order, as the data plane loads them from a
-/// [`FlowKey`] (the input of [`vip_filter_bit_of_halves`] and [`fast_slot`]).
+/// [`FlowKey`] (the input of [`vip_filter_bit_of_halves`] and [`index_slot`]).
 #[inline(always)]
 pub fn addr_halves(addr: &[u8; 16]) -> (u64, u64) {
     let half = |i: usize| u64::from_ne_bytes(addr[8 * i..8 * i + 8].try_into().expect("8 bytes"));
@@ -938,7 +941,7 @@ pub mod stage {
     /// Not for a VIP (the filter, or the flow and service lookups, said so): where a NAT
     /// reply's own path starts.
     pub const NOT_VIP: u8 = 9;
-    /// Ring fast path: the packet's fast-path service found (`FAST_SERVICES`, checked
+    /// Ring fast path: the packet's fast-path service found (`SERVICE_INDEX`, checked
     /// against `SERVICE_SLOTS`).
     pub const RING_SERVICE: u8 = 10;
     /// Ring fast path: the slot's hash, dirty bit, backend id and backend checked.
@@ -964,7 +967,7 @@ pub mod stage {
         (PARSE, "parse"),
         (
             RING_SERVICE,
-            "fast-path service (FAST_SERVICES, SERVICE_SLOTS)",
+            "fast-path service (SERVICE_INDEX, SERVICE_SLOTS)",
         ),
         (RING_SLOT, "ring slot: hash, dirty bit, backend"),
         (FORWARD, "forward (MACs)"),
@@ -1040,7 +1043,7 @@ pub mod maps {
     pub const IFACE_SLOTS: &str = "IFACE_SLOTS";
     pub const SERVICE_SLOTS: &str = "SERVICE_SLOTS";
     pub const VIP_FILTER: &str = "VIP_FILTER";
-    pub const FAST_SERVICES: &str = "FAST_SERVICES";
+    pub const SERVICE_INDEX: &str = "SERVICE_INDEX";
     pub const RING_DIRTY: &str = "RING_DIRTY";
     pub const RING_HELD: &str = "RING_HELD";
     /// The per-CPU flow cache (not pinned: each program load starts with an empty one,
@@ -1070,7 +1073,7 @@ pub mod maps {
         IFACE_SLOTS,
         SERVICE_SLOTS,
         VIP_FILTER,
-        FAST_SERVICES,
+        SERVICE_INDEX,
         RING_DIRTY,
         RING_HELD,
     ];
@@ -1096,8 +1099,9 @@ pub mod meta {
 /// 7 = `RINGS` packs four u16 slots per element ([`RingEntry`]); 8 = `RING_DIRTY` and
 /// `FAST_SERVICES` (the ring fast path); 9 = `RING_HELD` (new connections on clean slots
 /// are not recorded); 10 = `NAT_REPLIES` split into `NAT_REPLIES4` (16-byte keys) and
-/// `NAT_REPLIES6`; 11 = `NatReply::hop` (a flow's next hop toward its client).
-pub const LAYOUT_VERSION: u64 = 11;
+/// `NAT_REPLIES6`; 11 = `NatReply::hop` (a flow's next hop toward its client); 12 =
+/// `SERVICE_INDEX` (was `FAST_SERVICES`) holds every service, not only the ring fast path's.
+pub const LAYOUT_VERSION: u64 = 12;
 
 /// A pending incremental Internet checksum update (RFC 1624 eq. 3: HC' = ~(~HC + ~m + m'))
 /// over words read in memory byte order, as the data plane loads them from the packet: one's

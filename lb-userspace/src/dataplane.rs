@@ -102,7 +102,7 @@ pub struct Maps {
     pub iface_slots: Array<MapData, IfaceInfo>,
     pub service_slots: Array<MapData, lb_common::ServiceSlot>,
     pub vip_filter: Array<MapData, u64>,
-    pub fast_services: Array<MapData, u32>,
+    pub service_index: Array<MapData, u32>,
     pub ring_dirty: Array<MapData, u64>,
     pub ring_held: Array<MapData, lb_common::RingEntry>,
 }
@@ -194,7 +194,7 @@ impl Maps {
             iface_slots: get(maps::IFACE_SLOTS)?.try_into()?,
             service_slots: get(maps::SERVICE_SLOTS)?.try_into()?,
             vip_filter: get(maps::VIP_FILTER)?.try_into()?,
-            fast_services: get(maps::FAST_SERVICES)?.try_into()?,
+            service_index: get(maps::SERVICE_INDEX)?.try_into()?,
             ring_dirty: get(maps::RING_DIRTY)?.try_into()?,
             ring_held: get(maps::RING_HELD)?.try_into()?,
         })

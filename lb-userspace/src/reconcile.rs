@@ -14,10 +14,10 @@ use std::{
 
 use lb_common::{
     Backend, RingEntry, ServiceMeta, ServiceSlot, SnatAddr, VipAddr, VipKey, BACKEND_F_DOWN,
-    BACKEND_F_DRAINED, BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID, FAST_SLOTS,
-    FAST_SLOT_SHARED, MAX_BACKENDS, MAX_SERVICES, RINGS_PER_SERVICE, RING_DIRTY_WORDS,
-    RING_ENTRIES, RING_SIZE, RING_SLOTS_PER_ENTRY, SERVICE_F_DROP_NO_BACKEND, SERVICE_F_RING_FAST,
-    SERVICE_F_RING_HELD, VIP_FILTER_WORDS,
+    BACKEND_F_DRAINED, BACKEND_F_RESET, BACKEND_F_RETIRED, BACKEND_F_VALID, INDEX_SLOT_SHARED,
+    MAX_BACKENDS, MAX_SERVICES, RINGS_PER_SERVICE, RING_DIRTY_WORDS, RING_ENTRIES, RING_SIZE,
+    RING_SLOTS_PER_ENTRY, SERVICE_F_DROP_NO_BACKEND, SERVICE_F_RING_FAST, SERVICE_F_RING_HELD,
+    SERVICE_INDEX_SLOTS, VIP_FILTER_WORDS,
 };
 
 use crate::{
@@ -360,8 +360,8 @@ pub struct MapState {
     /// slots keep their old backends) for `ring_fast_path_hold` and while slots are dirty.
     left: HashMap<u32, Instant>,
     epoch: Instant,
-    /// `FAST_SERVICES` as written.
-    fast: Vec<u32>,
+    /// `SERVICE_INDEX` as written.
+    index: Vec<u32>,
 }
 
 /// A sweep clears a service's dirty slots only when they turned dirty at least this long
@@ -391,10 +391,10 @@ fn ones(words: &[u64]) -> usize {
     words.iter().map(|w| w.count_ones() as usize).sum()
 }
 
-/// The `FAST_SERVICES` slot of a service key.
-pub fn fast_slot_of(key: &VipKey) -> u32 {
+/// The `SERVICE_INDEX` slot of a service key.
+pub fn index_slot_of(key: &VipKey) -> u32 {
     let (lo, hi) = lb_common::addr_halves(&key.addr);
-    lb_common::fast_slot(lo, hi, key.family, key.port_be, key.proto)
+    lb_common::index_slot(lo, hi, key.family, key.port_be, key.proto)
 }
 
 /// Write the elements of array map `map` from index `base` on whose shadow `have` (what was
@@ -432,7 +432,7 @@ impl MapState {
             holds: HashMap::new(),
             left: HashMap::new(),
             epoch: Instant::now(),
-            fast: vec![0; FAST_SLOTS as usize],
+            index: vec![0; SERVICE_INDEX_SLOTS as usize],
         }
     }
 
@@ -455,15 +455,15 @@ impl MapState {
         let vip_filter = (0..VIP_FILTER_WORDS)
             .map(|i| m.vip_filter.get(&i, 0))
             .collect::<std::result::Result<_, _>>()?;
-        let fast = (0..FAST_SLOTS)
-            .map(|i| m.fast_services.get(&i, 0))
+        let index = (0..SERVICE_INDEX_SLOTS)
+            .map(|i| m.service_index.get(&i, 0))
             .collect::<std::result::Result<_, _>>()?;
         Ok(MapState {
             backends,
             service_slots,
             fresh: false,
             vip_filter,
-            fast,
+            index,
             ..Self::fresh()
         })
     }
@@ -866,22 +866,18 @@ impl MapState {
                 self.service_slots.insert(svc.id, slot);
             }
         }
-        // Ring-fast-path services by (VIP, port, protocol), once their entries exist; the
-        // data plane checks a slot's service against the packet, so a stale one is harmless.
-        let mut fast = vec![0u32; FAST_SLOTS as usize];
-        for svc in want
-            .services
-            .iter()
-            .filter(|s| s.flags & SERVICE_F_RING_FAST != 0)
-        {
-            let slot = &mut fast[fast_slot_of(&svc.key) as usize];
+        // Every service by (VIP, port, protocol), once its entries exist; the data plane
+        // checks a slot's service against the packet, so a stale one is harmless.
+        let mut index = vec![0u32; SERVICE_INDEX_SLOTS as usize];
+        for svc in &want.services {
+            let slot = &mut index[index_slot_of(&svc.key) as usize];
             *slot = if *slot == 0 {
                 svc.id + 1
             } else {
-                FAST_SLOT_SHARED
+                INDEX_SLOT_SHARED
             };
         }
-        write_changed(&mut m.fast_services, 0, &mut self.fast, &fast)?;
+        write_changed(&mut m.service_index, 0, &mut self.index, &index)?;
         for key in current.keys() {
             if !want.services.iter().any(|s| s.key == *key) {
                 m.services.remove(key)?;

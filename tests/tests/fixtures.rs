@@ -434,12 +434,30 @@ fn established_flows_reach_their_service_by_id() {
     let id = h.desired.services[0].id;
     let meta = h.live_service(0);
 
-    // Without its SERVICES entry, the established flow still reaches its backend; a new
-    // flow to the same VIP and port is no longer a VIP packet.
+    // Without its SERVICES entry, the established flow still reaches its backend, and a new
+    // flow its service by SERVICE_INDEX (the hash is asked only where the index cannot
+    // tell); without its index slot too, a new flow to the same VIP and port is no longer
+    // a VIP packet.
     h.director.maps.services.remove(&key).expect("remove");
     let (verdict, out) = h.run(&old.build());
     assert_eq!(verdict, XDP_TX, "hit served from SERVICE_SLOTS");
     assert_eq!(out[..6], h.backend_mac(owner));
+    let by_index = Pkt::tcp("198.18.2.9", "198.18.0.100", 41102, 80);
+    check(
+        &h,
+        &forwarded(&h, "new flow, service by the index", 0, by_index),
+    );
+    let slot = lb_userspace::reconcile::index_slot_of(&key);
+    assert_eq!(
+        h.director.maps.service_index.get(&slot, 0).expect("index"),
+        id + 1,
+        "the index names the service"
+    );
+    h.director
+        .maps
+        .service_index
+        .set(slot, 0, 0)
+        .expect("index clear");
     let new = Pkt::tcp("198.18.2.9", "198.18.0.100", 41101, 80).build();
     check(
         &h,
@@ -448,7 +466,8 @@ fn established_flows_reach_their_service_by_id() {
 
     // A slot that now describes another VIP (a reused id) does not capture the flow: the
     // full path misses SERVICES and passes it.
-    let mut slots = h.director.maps.service_slots.get(&id, 0).expect("slot");
+    let original = h.director.maps.service_slots.get(&id, 0).expect("slot");
+    let mut slots = original;
     slots.key.addr[3] ^= 1;
     h.director
         .maps
@@ -464,8 +483,8 @@ fn established_flows_reach_their_service_by_id() {
         ),
     );
 
-    // An emptied slot with the SERVICES entry back: the full path forwards the flow, still
-    // to its backend.
+    // The SERVICES entry back, the slot emptied: still no service. Every packet reads its
+    // service from SERVICE_SLOTS; SERVICES only names the id where the index cannot.
     h.director
         .maps
         .service_slots
@@ -476,9 +495,134 @@ fn established_flows_reach_their_service_by_id() {
         .services
         .insert(key, meta, 0)
         .expect("service back");
+    check(
+        &h,
+        &passed(
+            "established flow, slot emptied",
+            old.build(),
+            reason::PASS_NON_VIP,
+        ),
+    );
+
+    // The slot back too, the index slot still empty: the established flow reaches its
+    // backend again, and a new flow its service through the id SERVICES names.
+    h.director
+        .maps
+        .service_slots
+        .set(id, original, 0)
+        .expect("slot back");
     let (verdict, out) = h.run(&old.build());
-    assert_eq!(verdict, XDP_TX, "full path");
+    assert_eq!(verdict, XDP_TX, "established flow");
     assert_eq!(out[..6], h.backend_mac(owner), "same backend via FLOWS");
+    let by_hash = Pkt::tcp("198.18.2.9", "198.18.0.100", 41103, 80);
+    check(
+        &h,
+        &forwarded(&h, "new flow, service by SERVICES", 0, by_hash),
+    );
+}
+
+/// New flows find their service through `SERVICE_INDEX`; where two services hash to one
+/// slot (shared), or a port of an every-port service's VIP meets another service's slot,
+/// each packet still reaches its own service: exact ports before every port.
+#[test]
+fn services_sharing_an_index_slot_keep_their_own_flows() {
+    let vip: std::net::Ipv4Addr = "198.18.0.104".parse().unwrap();
+    let key = |port: u16| lb_common::VipKey {
+        addr: lb_userspace::dataplane::addr_bytes(vip.into()).0,
+        port_be: port.to_be(),
+        proto: lb_common::IPPROTO_TCP,
+        family: lb_common::AF_INET,
+    };
+    let slot = |port: u16| lb_userspace::reconcile::index_slot_of(&key(port));
+    // Two exact ports sharing a slot, a third port on the every-port service's slot, and a
+    // fourth port whose own slot names one of the exact services.
+    let a = 1000u16;
+    let b = (a + 1..=u16::MAX).find(|&p| slot(p) == slot(a)).expect("b");
+    let c = (1..=u16::MAX)
+        .find(|&p| p != a && p != b && slot(p) == slot(0))
+        .expect("c");
+    let d = (1..=u16::MAX)
+        .find(|&p| ![a, b, c].contains(&p) && slot(p) == slot(c))
+        .expect("d");
+    let e = (1..=u16::MAX)
+        .find(|&p| ![a, b, c, d].contains(&p) && slot(p) == slot(a))
+        .expect("e");
+    // A service alone in its slot, and a port whose slot names it.
+    let g = (2000..=u16::MAX)
+        .find(|&p| ![a, b, c, d, e].contains(&p) && ![slot(a), slot(0)].contains(&slot(p)))
+        .expect("g");
+    let f = (1..=u16::MAX)
+        .find(|&p| ![a, b, c, d, e, g].contains(&p) && slot(p) == slot(g))
+        .expect("f");
+    let yaml = format!(
+        "
+interfaces:
+  - name: lo
+flow_table_size: 4096
+services:
+  - name: a
+    vip: {vip}
+    port: {a}
+    protocol: tcp
+    mode: dr
+    backends:
+      - {{ address: 198.18.1.51, mac: '02:00:00:00:01:33' }}
+  - name: b
+    vip: {vip}
+    port: {b}
+    protocol: tcp
+    mode: dr
+    backends:
+      - {{ address: 198.18.1.52, mac: '02:00:00:00:01:34' }}
+  - name: every-port
+    vip: {vip}
+    port: 0
+    protocol: tcp
+    mode: dr
+    backends:
+      - {{ address: 198.18.1.53, mac: '02:00:00:00:01:35' }}
+  - name: c
+    vip: {vip}
+    port: {c}
+    protocol: tcp
+    mode: dr
+    backends:
+      - {{ address: 198.18.1.54, mac: '02:00:00:00:01:36' }}
+  - name: g
+    vip: {vip}
+    port: {g}
+    protocol: tcp
+    mode: dr
+    backends:
+      - {{ address: 198.18.1.55, mac: '02:00:00:00:01:37' }}
+"
+    );
+    let h = Harness::new(&yaml);
+    let shared = lb_common::INDEX_SLOT_SHARED;
+    let index = |port: u16| {
+        h.director
+            .maps
+            .service_index
+            .get(&slot(port), 0)
+            .expect("index")
+    };
+    assert_eq!((index(a), index(0)), (shared, shared), "shared slots");
+    assert_ne!(index(g), shared, "g alone in its slot");
+    let to = |port: u16, sport: u16| {
+        let (verdict, out) = h.run(&Pkt::tcp("198.18.2.4", &vip.to_string(), sport, port).build());
+        assert_eq!(verdict, XDP_TX, "port {port}");
+        out[5]
+    };
+    for sport in 0..20 {
+        assert_eq!(to(a, 9000 + sport), 0x33, "port {a}: service a");
+        assert_eq!(to(b, 9000 + sport), 0x34, "port {b}: service b");
+        assert_eq!(to(c, 9000 + sport), 0x36, "port {c}: service c");
+        assert_eq!(to(d, 9000 + sport), 0x35, "port {d}: every port");
+        assert_eq!(to(e, 9000 + sport), 0x35, "port {e}: every port");
+        assert_eq!(to(g, 9000 + sport), 0x37, "port {g}: service g");
+        assert_eq!(to(f, 9000 + sport), 0x35, "port {f}: every port, not g");
+        assert_eq!(to(a + 3, 9000 + sport), 0x35, "another port: every port");
+    }
 }
 
 #[test]
