@@ -883,7 +883,7 @@ fn targets_table(targets: &[Target]) -> String {
         } else if (at_most && t.measured <= bound) || (!at_most && t.measured >= bound) {
             (format!("{:.2}", t.measured), "yes")
         } else {
-            (format!("{:.2}", t.measured), "**no**")
+            (missed(t.measured, bound), "**no**")
         };
         out.push_str(&format!(
             "| {} | {} {bound} | {measured} | {met} |\n",
@@ -892,6 +892,17 @@ fn targets_table(targets: &[Target]) -> String {
         ));
     }
     out
+}
+
+/// A missed target's measure, with the digit that shows the miss where two decimals would
+/// read as the bound itself (the 0.847 of a full run read "0.85 | **no**" against ≥ 0.85).
+fn missed(measured: f64, bound: f64) -> String {
+    let two = format!("{measured:.2}");
+    if two.parse::<f64>() == Ok(bound) {
+        format!("{measured:.3}")
+    } else {
+        two
+    }
 }
 
 /// The per-packet table and each row's (path, ratio to its floor).
@@ -1554,5 +1565,9 @@ mod tests {
         // A PDR ratio over a peer that found no rate within the loss bound.
         assert_eq!(row(f64::INFINITY, (5.0, false)), "| x | ≥ 5 | n/a | n/a |");
         assert_eq!(row(f64::NAN, (2.5, true)), "| x | ≤ 2.5 | n/a | n/a |");
+        // A miss that two decimals would round onto the bound shows its third.
+        assert_eq!(row(0.847, (0.85, false)), "| x | ≥ 0.85 | 0.847 | **no** |");
+        assert_eq!(row(2.504, (2.5, true)), "| x | ≤ 2.5 | 2.504 | **no** |");
+        assert_eq!(row(0.853, (0.85, false)), "| x | ≥ 0.85 | 0.85 | yes |");
     }
 }
