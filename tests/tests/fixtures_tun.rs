@@ -9,7 +9,7 @@ use etherparse::{
     icmpv4::DestUnreachableHeader, EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type,
     Icmpv6Header, Icmpv6Type, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header,
 };
-use lb_common::{decap_reason, flow_hash, reason};
+use lb_common::{decap_reason, reason, tunnel_hash};
 use lb_tests::{
     netns::{FibLab, GW_MAC, UP_MAC},
     Harness, Pkt, CLIENT_MAC, DIRECTOR_MAC, XDP_PASS, XDP_TX,
@@ -223,7 +223,7 @@ fn encapsulation_has_exact_outer_headers() {
         // IPv6 in IPv6.
         let p = Pkt::tcp("2001:db8:2::1", "2001:db8::100", 40000, 80);
         let inner = p.build()[l3..].to_vec();
-        let hash = flow_hash(&p.key());
+        let hash = tunnel_hash(&p.key());
         check(
             "IPv6 in IPv6",
             &p,
@@ -241,7 +241,7 @@ fn encapsulation_has_exact_outer_headers() {
         // IPv4 VIP served by an IPv6 backend.
         let p = Pkt::tcp("198.18.2.1", "198.18.0.101", 40000, 80);
         let inner = p.build()[l3..].to_vec();
-        let hash = flow_hash(&p.key());
+        let hash = tunnel_hash(&p.key());
         check(
             "IPv4 in IPv6",
             &p,
@@ -310,7 +310,7 @@ fn entropy_fills_source_host_bits_from_the_flow_hash() {
         let mut sources = std::collections::HashSet::new();
         for port in 0..16 {
             let p = Pkt::tcp("198.18.2.1", "198.18.0.100", 41000 + port, 80);
-            let hash = flow_hash(&p.key());
+            let hash = tunnel_hash(&p.key());
             let backend = h.desired.backends[&h.predicted_backend(0, &p.key())].addr;
             let (v, out) = h.run(&p.build());
             assert_eq!(v, XDP_REDIRECT);

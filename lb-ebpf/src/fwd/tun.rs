@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    flow_hash, reason, stage, Backend, IfaceInfo, AF_INET, AF_INET6, DEFAULT_TTL, IFACE_F_SRC4,
+    reason, stage, tunnel_hash, Backend, IfaceInfo, AF_INET, AF_INET6, DEFAULT_TTL, IFACE_F_SRC4,
     IFACE_F_SRC6, IPPROTO_IPIP, IPPROTO_IPV6,
 };
 use lb_ebpf::{frame_len, ptr_at, put_words, store_u16, STATUS_OK};
@@ -203,8 +203,8 @@ fn wrap(
     if outer6 {
         let h = ptr_at::<[u8; 2 + Ipv6Hdr::LEN]>(ctx, EthHdr::LEN - 2)
             .ok_or(reason::PASS_MALFORMED)? as *mut u8;
-        // The flow hash fills the flow label (and the source's host bits with entropy).
-        let hash = flow_hash(&pkt.key);
+        // The flow's hash fills the flow label (and the source's host bits with entropy).
+        let hash = tunnel_hash(&pkt.key);
         let s6 = &egress.src6;
         let tail = source_tail(word(s6, 3), egress.src6_entropy_bits, hash);
         let words = [
@@ -231,7 +231,7 @@ fn wrap(
         // is a serial chain of multiplies.
         let src = match egress.src4_entropy_bits {
             0 => word(&egress.src4, 0),
-            bits => source_tail(word(&egress.src4, 0), bits, flow_hash(&pkt.key)),
+            bits => source_tail(word(&egress.src4, 0), bits, tunnel_hash(&pkt.key)),
         };
         // Version/IHL, TOS, length | id 0, DF | TTL, protocol, checksum | source | destination.
         let mut words = [
