@@ -1099,9 +1099,14 @@ pub mod meta {
 /// 7 = `RINGS` packs four u16 slots per element ([`RingEntry`]); 8 = `RING_DIRTY` and
 /// `FAST_SERVICES` (the ring fast path); 9 = `RING_HELD` (new connections on clean slots
 /// are not recorded); 10 = `NAT_REPLIES` split into `NAT_REPLIES4` (16-byte keys) and
-/// `NAT_REPLIES6`; 11 = `NatReply::hop` (a flow's next hop toward its client); 12 =
-/// `SERVICE_INDEX` (was `FAST_SERVICES`) holds every service, not only the ring fast path's.
-pub const LAYOUT_VERSION: u64 = 12;
+/// `NAT_REPLIES6`; 11 = `NatReply::hop` (a flow's next hop toward its client). Not bumped
+/// when `FAST_SERVICES` became `SERVICE_INDEX` with every service in it (twenty-third
+/// session): each program reads the other's index right (this one asks `SERVICES` where
+/// the index names no service of the packet; the one before checks the ring-fast flag of
+/// what the index names), and a renamed map is a new pin, created empty and filled by the
+/// adopting controller; so a director of layout 11 is still adopted, its connections kept
+/// (the old `FAST_SERVICES` pin stays unused until `xdplb detach` removes the directory).
+pub const LAYOUT_VERSION: u64 = 11;
 
 /// A pending incremental Internet checksum update (RFC 1624 eq. 3: HC' = ~(~HC + ~m + m'))
 /// over words read in memory byte order, as the data plane loads them from the packet: one's
