@@ -25,6 +25,9 @@ pub const PROGRAM: &str = "xdplb";
 pub const PASS_PROGRAM: &str = "xdplb_pass";
 /// MAC-swap `XDP_TX` program: the benchmark floor.
 pub const FLOOR_PROGRAM: &str = "xdplb_floor";
+/// The benchmark's floor for encapsulation: room for an outer header made again behind the
+/// stripping driver, MACs swapped, `XDP_TX`.
+pub const FLOOR_ENCAP_PROGRAM: &str = "xdplb_floor_encap";
 /// End-to-end benchmark receiver (count and drop) and generator tail (`XDP_TX` as is).
 pub const SINK_PROGRAM: &str = "xdplb_sink";
 pub const TX_PROGRAM: &str = "xdplb_tx";

@@ -58,7 +58,7 @@ fn bench_quick_runs_every_path_and_reports() {
         String::from_utf8_lossy(&out.stderr)
     );
     let rows = table(&stdout, "| path");
-    assert_eq!(rows.len(), 53, "one row per path:\n{stdout}");
+    assert_eq!(rows.len(), 55, "one row per path:\n{stdout}");
     // Flow hits at 1, 1k, 100k and 1M established flows for each forwarding mode and family
     // the driver can cycle (DR and TUN over IPv4 and IPv6, NAT forward and reply).
     for mode in [
@@ -92,6 +92,22 @@ fn bench_quick_runs_every_path_and_reports() {
             "a row {name}…:\n{stdout}"
         );
     }
+    // The floors for encapsulation, and each TUN hit over them.
+    for name in [
+        "| floor for encapsulation behind the stripping driver (room made again, MACs swapped), IPIP",
+        "| floor for encapsulation behind the stripping driver (room made again, MACs swapped), IPv6-in-IPv6",
+    ] {
+        assert!(
+            rows.iter().any(|r| r.starts_with(name)),
+            "a row {name}…:\n{stdout}"
+        );
+    }
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("TUN hit over the floor for encapsulation") && l.contains("×")),
+        "TUN over the encapsulation floor:\n{stdout}"
+    );
     // The kernel's view of the program sizes: "director N insns, J B; floor M insns, K B."
     let sizes = stdout
         .lines()
