@@ -563,14 +563,20 @@ pub fn xdplb_bench_driver(ctx: XdpContext) -> u32 {
     xdp_action::XDP_ABORTED
 }
 
-/// Move the Ethernet header forward over an outer IP header of `N` bytes and cut it.
+/// Move the Ethernet header forward over an outer IP header of `N` bytes and cut it. The
+/// 14 bytes move as three loads and stores (a struct copy here was a call of bpf-linker's
+/// byte-loop `memmove`, which every TUN row paid inside the driver until 2026-12-06).
 #[inline(always)]
 fn strip_outer<const N: usize>(ctx: &XdpContext) -> Option<()> {
-    let old = lb_ebpf::ptr_at::<EthHdr>(ctx, 0)?;
-    let new = lb_ebpf::ptr_at::<EthHdr>(ctx, N)?;
+    let old = lb_ebpf::ptr_at::<EthHdr>(ctx, 0)? as *mut u8;
+    let new = lb_ebpf::ptr_at::<EthHdr>(ctx, N)? as *mut u8;
+    // SAFETY: 14 bytes at 0 and at N (N >= 14: no overlap), bounds-checked.
     unsafe {
-        let eth = *old;
-        *new = eth;
+        use lb_ebpf::{load_u16, load_u32, load_u64, store_u16, store_u32, store_u64};
+        let (a, b, c) = (load_u64(old), load_u32(old.add(8)), load_u16(old.add(12)));
+        store_u64(new, a);
+        store_u32(new.add(8), b);
+        store_u16(new.add(12), c);
         (aya_ebpf::helpers::bpf_xdp_adjust_head(ctx.ctx, N as i32) == 0).then_some(())
     }
 }
