@@ -352,17 +352,17 @@ pub fn route(
     let fib = unsafe { lb_ebpf::zeroed_in_place(&mut *fib) };
     fib.ifindex = ingress;
     fib.__bindgen_anon_1.tot_len = tot_len as u16;
-    // The address as four word loads in memory order (a copy of the array here was a call
-    // of bpf-linker's byte-loop `memmove`, 16 iterations, on every IPv6 lookup).
-    let p = dst.as_ptr();
-    // SAFETY: word `i` < 4 of the 16 bytes of `dst` (4-aligned in every caller's struct).
-    let w = |i: usize| unsafe { lb_ebpf::load_u32(p.add(4 * i)) };
+    // The address in words (a copy of the array here was a call of bpf-linker's byte-loop
+    // `memmove`, 16 iterations, on every IPv6 lookup).
     if family == AF_INET6 {
         fib.family = FIB_AF_INET6;
-        fib.__bindgen_anon_4.ipv6_dst = [w(0), w(1), w(2), w(3)];
+        // SAFETY: the union's IPv6 view, 16 bytes, 4-aligned in the scratch value.
+        let dst6 = unsafe { &mut *(&raw mut fib.__bindgen_anon_4.ipv6_dst as *mut [u8; 16]) };
+        lb_ebpf::copy16(dst6, dst);
     } else {
         fib.family = FIB_AF_INET;
-        fib.__bindgen_anon_4.ipv4_dst = w(0);
+        // SAFETY: the first 4 of `dst`'s 16 bytes (4-aligned in every caller's struct).
+        fib.__bindgen_anon_4.ipv4_dst = unsafe { lb_ebpf::load_u32(dst.as_ptr()) };
     }
     let rc = unsafe {
         bpf_fib_lookup(
