@@ -14,7 +14,7 @@ for link in "$dir"/link_*; do
     [ -e "$link" ] && bpftool link show pinned "$link"
 done
 echo "== maps"
-for map in SERVICES RINGS BACKENDS FLOWS4 FLOWS6 IFACES SERVICE_STATS BACKEND_STATS REASONS; do
+for map in SERVICES RINGS BACKENDS FLOWS IFACES SERVICE_STATS BACKEND_STATS REASONS; do
     bpftool map show pinned "$dir/$map"
 done
 echo "== dump one with: bpftool map dump pinned $dir/SERVICES"

@@ -84,10 +84,141 @@ impl RingEntry {
     }
 }
 
-/// Default capacity of the connection table (5-tuple -> backend). Overridable at load time
-/// (`flow_table_size` in the YAML). The map is an LRU hash with per-CPU LRU lists
-/// (`BPF_F_NO_COMMON_LRU`), so the kernel splits this capacity evenly between CPUs.
+/// Default capacity of the connection table (5-tuple -> backend), both families together.
+/// Overridable at load time (`flow_table_size` in the YAML), rounded up to a power of two;
+/// the table has a [`flow_table::Set`] per [`flow_table::WAYS`] entries (see there). Also
+/// the capacity of each family's NAT reply mappings (LRU hashes).
 pub const FLOW_TABLE_CAPACITY: u32 = 1 << 20;
+
+/// The connection table's layout (`FLOWS`, an array of [`Set`]s): set-associative, 16 ways
+/// per set, the set and a 16-bit tag from one hash of the 5-tuple ([`hash`]). One
+/// definition for the data plane (`flow.rs`), the controller and the tests.
+///
+/// Why not the kernel's LRU hash (the table until the twenty-fourth session): its insert —
+/// the per-CPU LRU list's rotation under its lock, the element copy, the bucket lock — is
+/// about 150–200 ns on the bench VMs even when everything is in the CPU's caches, ~6× the
+/// MAC-swap floor by itself; here a new flow writes one 64-byte way and a tag.
+///
+/// A set is a header line — the ways' tags (0: empty) and reference bits — and 16 ways of
+/// 64 bytes: the key's five words and the [`FlowValue`]. A lookup reads the header, then
+/// the way whose tag matches (one more line), and compares the whole key. An insert takes
+/// the flow's own way, else an empty one, else evicts by CLOCK: from the set's hand, the
+/// first way whose reference bit is clear, clearing the bits it passes (a second chance),
+/// and the hand moves past it. So ways are taken in the order they were last taken (FIFO),
+/// skipping those used since. A hit sets its way's bit; a new way's starts clear. The flow
+/// cache in front sends a live flow to the table once a second, so an idle flow's way is
+/// taken first.
+///
+/// Lock-free: a flow's packets stay on one CPU (RSS), but two CPUs may insert different
+/// flows into the same way at once. The writer clears the tag, writes the way, then the
+/// tag; the key's last word carries a 16-bit [`check`] of the value's backend and service,
+/// written with the ports in one store, so a way whose key and value come from two writers
+/// reads as no entry (its flow is scheduled again, as after an eviction), never as the
+/// other flow's backend.
+pub mod flow_table {
+    use super::{FlowKey, FlowValue};
+
+    /// Ways per set.
+    pub const WAYS: usize = 16;
+    /// The key's last word: ports, protocol and family (48 bits); the top 16 bits hold the
+    /// [`check`].
+    pub const KEY_BITS: u64 = (1 << 48) - 1;
+    pub const CHECK_SHIFT: u32 = 48;
+
+    /// A set's first cache line.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+    pub struct Head {
+        /// Each way's tag ([`tag`]); 0: empty.
+        pub tags: [u16; WAYS],
+        /// Bit `i`: way `i` was used since it was written or last passed over (see
+        /// [`flow_table`]).
+        pub refs: u32,
+        /// The way the next eviction looks at first (modulo [`WAYS`]).
+        pub hand: u32,
+        pub _pad: [u32; 6],
+    }
+
+    /// One entry: the key's words as the data plane loads them ([`FlowKey`]'s five 8-byte
+    /// words; the last with the [`check`] in its top 16 bits) and the value.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+    pub struct Way {
+        pub key: [u64; 5],
+        pub value: FlowValue,
+    }
+
+    /// The value of `FLOWS`: 17 cache lines (the array's values start on a page:
+    /// `BPF_F_MMAPABLE`, so each set's lines are whole).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+    pub struct Set {
+        pub head: Head,
+        pub ways: [Way; WAYS],
+    }
+
+    const _: () = assert!(
+        core::mem::size_of::<Head>() == 64
+            && core::mem::size_of::<Way>() == 64
+            && core::mem::size_of::<FlowKey>() == 40
+    );
+
+    /// The 5-tuple's hash: `(((w0·C ⊕ w1)·C ⊕ w2)·C ⊕ w3)·C ⊕ ports`, then ·C, C the 64-bit
+    /// golden ratio (each multiply moves what came before up before the next word joins;
+    /// a product's high bits depend on every bit below them). The set is its top bits, the
+    /// tag bits 16..32.
+    #[inline(always)]
+    pub fn hash(w: &[u64; 5]) -> u64 {
+        const C: u64 = 0x9e37_79b9_7f4a_7c15;
+        let h = (w[0].wrapping_mul(C) ^ w[1]).wrapping_mul(C) ^ w[2];
+        let h = (h.wrapping_mul(C) ^ w[3]).wrapping_mul(C) ^ (w[4] & KEY_BITS);
+        h.wrapping_mul(C)
+    }
+
+    /// The set of hash `h` in a table of 2^`bits` sets (`bits` in 1..=32).
+    #[inline(always)]
+    pub fn set_of(h: u64, bits: u32) -> u32 {
+        h.wrapping_shr(64 - bits) as u32
+    }
+
+    /// The tag of hash `h`: never 0 (empty).
+    #[inline(always)]
+    pub fn tag(h: u64) -> u16 {
+        (h >> 16) as u16 | 1
+    }
+
+    /// A value's check: 16 bits of its backend and service ids.
+    #[inline(always)]
+    pub fn check(backend: u32, service: u32) -> u64 {
+        const C: u64 = 0x9e37_79b9_7f4a_7c15;
+        ((u64::from(backend) << 32 | u64::from(service)).wrapping_mul(C) >> 48) << CHECK_SHIFT
+    }
+
+    /// `key` as a way holds it, with `value`'s check.
+    pub fn way(key: &FlowKey, value: FlowValue) -> Way {
+        let mut w: [u64; 5] = bytemuck::cast(*key);
+        w[4] = w[4] & KEY_BITS | check(value.backend, value.service);
+        Way { key: w, value }
+    }
+
+    impl Way {
+        /// The flow's key, if the way holds one whose check agrees with its value (not a
+        /// way torn between two writers).
+        pub fn flow(&self) -> Option<FlowKey> {
+            let mut w = self.key;
+            if w[4] & !KEY_BITS != check(self.value.backend, self.value.service) {
+                return None;
+            }
+            w[4] &= KEY_BITS;
+            Some(bytemuck::cast(w))
+        }
+    }
+
+    /// Sets for a table of at least `entries` entries: a power of two, at least one.
+    pub fn sets_for(entries: u32) -> u32 {
+        (entries.div_ceil(WAYS as u32)).max(1).next_power_of_two()
+    }
+}
 
 /// Interfaces the program may be attached to at once (entries of `IFACES`).
 pub const MAX_IFACES: u32 = 64;
@@ -398,7 +529,8 @@ pub struct PersistValue {
 pub const PERSIST_CAPACITY: u32 = 1 << 18;
 
 /// The connection's 5-tuple as seen on the wire (client -> VIP), either family: the key of
-/// `FLOWS6` and the form every flow has outside the data plane's IPv4 table ([`FlowKey4`]).
+/// `FLOWS` ([`flow_table`]), `NAT_REPLIES6`, and the form every flow has outside the IPv4
+/// reply mappings' keys ([`FlowKey4`]).
 /// 8-aligned so the data plane copies and hashes it in whole words.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -412,8 +544,8 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Key of `FLOWS4`: an IPv4 5-tuple in 16 bytes. The kernel hashes and compares the whole
-/// key on every lookup (jhash, byte-wise compare), and a 16-byte key costs one mixing round
+/// Key of `NAT_REPLIES4` (and of `FLOWS4` before layout 12): an IPv4 5-tuple in 16 bytes.
+/// The kernel hashes and compares the whole key on every lookup (jhash, byte-wise compare), and a 16-byte key costs one mixing round
 /// where [`FlowKey`]'s 40 bytes cost three: an IPv4 flow hit measured about 3 ns cheaper
 /// (same-process A/B on the bench VM).
 #[repr(C, align(4))]
@@ -457,7 +589,7 @@ impl FlowKey4 {
     }
 }
 
-/// Value of `FLOWS4` and `FLOWS6`.
+/// A flow's entry in `FLOWS` ([`flow_table::Way`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct FlowValue {
@@ -922,7 +1054,7 @@ pub type AddrKey = VipAddr;
 pub mod stage {
     /// Ethernet, IP and transport headers parsed into the flow key.
     pub const PARSE: u8 = 1;
-    /// The flow-table lookup (`FLOWS4`/`FLOWS6`).
+    /// The flow-table lookup (`FLOWS`).
     pub const FLOW_LOOKUP: u8 = 2;
     /// The flow's service by id, checked against the packet (`SERVICE_SLOTS`).
     pub const SERVICE: u8 = 3;
@@ -1022,9 +1154,8 @@ pub mod maps {
     pub const SERVICES: &str = "SERVICES";
     pub const RINGS: &str = "RINGS";
     pub const BACKENDS: &str = "BACKENDS";
-    /// The connection table, one per family (see [`super::FlowKey4`]).
-    pub const FLOWS4: &str = "FLOWS4";
-    pub const FLOWS6: &str = "FLOWS6";
+    /// The connection table, both families ([`super::flow_table`]).
+    pub const FLOWS: &str = "FLOWS";
     pub const IFACES: &str = "IFACES";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
@@ -1050,12 +1181,11 @@ pub mod maps {
     /// sized by `flow_cache_size`).
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
     /// Every map the director pins, in a stable order.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 24] = [
         SERVICES,
         RINGS,
         BACKENDS,
-        FLOWS4,
-        FLOWS6,
+        FLOWS,
         IFACES,
         SERVICE_STATS,
         BACKEND_STATS,
@@ -1106,7 +1236,9 @@ pub mod meta {
 /// what the index names), and a renamed map is a new pin, created empty and filled by the
 /// adopting controller; so a director of layout 11 is still adopted, its connections kept
 /// (the old `FAST_SERVICES` pin stays unused until `xdplb detach` removes the directory).
-pub const LAYOUT_VERSION: u64 = 11;
+/// 12 = `FLOWS4` and `FLOWS6` (LRU hashes) replaced by `FLOWS`, one set-associative array
+/// for both families ([`flow_table`]).
+pub const LAYOUT_VERSION: u64 = 12;
 
 /// A pending incremental Internet checksum update (RFC 1624 eq. 3: HC' = ~(~HC + ~m + m'))
 /// over words read in memory byte order, as the data plane loads them from the packet: one's
@@ -1226,6 +1358,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowKey4 {}
     unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::flow_table::Set {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::IfaceInfo {}
     const _: () = assert!(core::mem::size_of::<super::IfaceInfo>() == 32);
@@ -1422,6 +1555,60 @@ mod tests {
             family: AF_INET6,
             _pad: [0; 2],
         }
+    }
+
+    #[test]
+    fn flow_table_ways_hold_key_and_value_with_a_check_of_the_value() {
+        use flow_table::*;
+        for key in [v4_key(), v6_key()] {
+            let words: [u64; 5] = bytemuck::cast(key);
+            let h = hash(&words);
+            assert_ne!(tag(h), 0, "0 marks an empty way");
+            assert!(set_of(h, 4) < 16);
+            let value = FlowValue {
+                backend: 7,
+                service: 3,
+                ..FlowValue::default()
+            };
+            let way = way(&key, value);
+            assert_eq!(way.key[4] & KEY_BITS, words[4], "the key's own bits");
+            assert_eq!(way.key[4] & !KEY_BITS, check(7, 3), "the check above them");
+            assert_eq!(way.flow(), Some(key));
+            // The hash ignores the check's bits: a stored key hashes as the packet's.
+            assert_eq!(hash(&way.key), h);
+            // A value from another writer: no flow.
+            for (backend, service) in [(8, 3), (7, 4)] {
+                let torn = Way {
+                    value: FlowValue {
+                        backend,
+                        service,
+                        ..value
+                    },
+                    ..way
+                };
+                assert_eq!(torn.flow(), None, "backend {backend}, service {service}");
+            }
+        }
+        assert_eq!(sets_for(1024), 64);
+        assert_eq!(sets_for(1000), 64, "rounded up to a power of two");
+        assert_eq!(sets_for(1), 1);
+        assert_eq!(sets_for(FLOW_TABLE_CAPACITY), FLOW_TABLE_CAPACITY / 16);
+    }
+
+    /// 65,536 IPv4 clients (sequential addresses and ports, as the benches' drivers make
+    /// them) spread over 4,096 sets: no set gets more than twice its share.
+    #[test]
+    fn flow_table_hash_spreads_sequential_clients_over_the_sets() {
+        let mut counts = [0u32; 4096];
+        for i in 0..65_536u32 {
+            let mut key = v4_key();
+            key.src[2..4].copy_from_slice(&(i as u16).to_be_bytes());
+            key.sport_be = (40_000 + (i % 7) as u16).to_be();
+            let words: [u64; 5] = bytemuck::cast(key);
+            counts[flow_table::set_of(flow_table::hash(&words), 12) as usize] += 1;
+        }
+        let max = *counts.iter().max().unwrap();
+        assert!(max <= 32, "fullest set {max} of a mean of 16");
     }
 
     #[test]

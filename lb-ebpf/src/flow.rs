@@ -7,39 +7,32 @@ use aya_ebpf::{
     Global,
 };
 use lb_common::cache_slot::{self, CLOCK, IDS_SHIFT, TUPLE};
+use lb_common::flow_table::{self, Set, Way};
 use lb_common::{
     mode, reason, udp_cache_ticks, udp_expired, udp_touch_ns, Backend, FlowKey, FlowKey4,
-    FlowValue, ServiceMeta, AF_INET, BPF_F_NO_COMMON_LRU, FLOW_F_ENDED, FLOW_F_FIN_BACKEND,
-    FLOW_F_FIN_CLIENT, FLOW_F_SNAT, FLOW_TABLE_CAPACITY, IPPROTO_TCP, IPPROTO_UDP,
-    UDP_IDLE_DEFAULT_NS,
+    FlowValue, ServiceMeta, AF_INET, FLOW_F_ENDED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT,
+    FLOW_F_SNAT, FLOW_TABLE_CAPACITY, IPPROTO_TCP, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
 };
 
 use crate::select;
 use lb_ebpf::STATUS_OK;
 
-/// LRU hashes with per-CPU LRU lists: RSS keeps a flow on one CPU, so eviction bookkeeping
-/// needs no cross-CPU lock, while the entries stay visible to every CPU. One table per
-/// family, so IPv4 flows are hashed as 16-byte keys ([`FlowKey4`]) instead of 40. Capacity
-/// (each) is set at load time by the controller (`flow_table_size`).
+/// The connection table: a set-associative array of 2^[`FLOW_SET_BITS`] sets, both
+/// families (layout and reasoning: [`lb_common::flow_table`]). Sized at load time by the
+/// controller (`flow_table_size`). `BPF_F_MMAPABLE`: the values start on a page, so every
+/// set's 17 lines are whole, and the controller reads and writes ways in place (a way, not
+/// a whole set: the data plane may be writing another way of the same set).
 #[btf_map]
-static FLOWS4: BtfLruHashMap<
-    FlowKey4,
-    FlowValue,
-    { FLOW_TABLE_CAPACITY as usize },
-    { BPF_F_NO_COMMON_LRU as usize },
-> = BtfLruHashMap::new();
+static FLOWS: BtfArray<Set, 1, { lb_common::BPF_F_MMAPABLE as usize }> = BtfArray::new();
 
-#[btf_map]
-static FLOWS6: BtfLruHashMap<
-    FlowKey,
-    FlowValue,
-    { FLOW_TABLE_CAPACITY as usize },
-    { BPF_F_NO_COMMON_LRU as usize },
-> = BtfLruHashMap::new();
+/// log2 of [`FLOWS`]' sets, set at load time with its size (a read-only global, see
+/// `DEBUG_LOG`).
+#[unsafe(no_mangle)]
+static FLOW_SET_BITS: Global<u32> = Global::new(16);
 
 /// A table the data plane keeps apart by family, as two LRU hashes of the same capacity:
 /// IPv4 entries under 16-byte [`FlowKey4`]s (the kernel hashes and compares the whole key),
-/// IPv6 ones under [`FlowKey`]s. The flow table ([`flows`]) and the NAT reply mappings.
+/// IPv6 ones under [`FlowKey`]s. The NAT reply mappings.
 pub struct ByFamily<V: 'static, const FLAGS: usize> {
     pub v4: &'static BtfLruHashMap<FlowKey4, V, { FLOW_TABLE_CAPACITY as usize }, FLAGS>,
     pub v6: &'static BtfLruHashMap<FlowKey, V, { FLOW_TABLE_CAPACITY as usize }, FLAGS>,
@@ -75,31 +68,232 @@ impl<V, const FLAGS: usize> ByFamily<V, FLAGS> {
     }
 }
 
-/// The connection table (built where it is used, so every access names its map directly).
+/// `key`'s word `i` (of five; the last as a way holds it, without the check).
 #[inline(always)]
-fn flows() -> ByFamily<FlowValue, { BPF_F_NO_COMMON_LRU as usize }> {
-    ByFamily {
-        v4: &FLOWS4,
-        v6: &FLOWS6,
+fn key_word(key: &FlowKey, i: usize) -> u64 {
+    let base = key as *const FlowKey as *const u8;
+    // SAFETY: an 8-byte word inside the 8-aligned, 40-byte key (`i` < 5).
+    let w = unsafe { lb_ebpf::load_u64(base.add(8 * i)) };
+    if i == 4 {
+        w & flow_table::KEY_BITS
+    } else {
+        w
     }
 }
 
-/// The table entry of a flow (to read, or to update in place: NAT state, UDP clock).
+/// `key`'s hash ([`flow_table::hash`]). Its words are loaded where they are used, not
+/// kept: every temporary kept costs the director's frame stack, which the NAT call chain
+/// needs (512 bytes per chain).
+#[inline(always)]
+fn key_hash(key: &FlowKey) -> u64 {
+    flow_table::hash(&[
+        key_word(key, 0),
+        key_word(key, 1),
+        key_word(key, 2),
+        key_word(key, 3),
+        key_word(key, 4),
+    ])
+}
+
+/// `key`'s set (its hash `h`'s).
+#[inline(always)]
+fn set_of(h: u64) -> Option<&'static mut Set> {
+    let set = FLOWS.get_ptr_mut(flow_table::set_of(h, FLOW_SET_BITS.load()))?;
+    // SAFETY: a live array value.
+    Some(unsafe { &mut *set })
+}
+
+/// Whether `way` holds `key`.
+#[inline(always)]
+fn holds_key(way: &Way, key: &FlowKey) -> bool {
+    way.key[0] == key_word(key, 0)
+        && way.key[1] == key_word(key, 1)
+        && way.key[2] == key_word(key, 2)
+        && way.key[3] == key_word(key, 3)
+        && way.key[4] & flow_table::KEY_BITS == key_word(key, 4)
+}
+
+/// The way of `set` whose tag is `tag` and which holds `key`, or [`flow_table::WAYS`].
+#[inline(always)]
+fn way_of(set: &Set, tag: u16, key: &FlowKey) -> usize {
+    let mut i = 0;
+    while i < flow_table::WAYS {
+        if set.head.tags[i] == tag && holds_key(&set.ways[i], key) {
+            return i;
+        }
+        i += 1;
+    }
+    flow_table::WAYS
+}
+
+/// Publish or clear way `i`'s tag: stores the compiler keeps in order around the way's.
+#[inline(always)]
+fn set_tag(set: &mut Set, i: usize, tag: u16) {
+    // SAFETY: a field of a live map value.
+    unsafe { core::ptr::write_volatile(&mut set.head.tags[i], tag) };
+}
+
+/// The table entry of a flow (to read, or to update in place: NAT state, UDP clock). Marks
+/// the way used (its reference bit, see [`lb_common::flow_table`]). A way whose key and
+/// value two writers tore apart (its check disagrees) is no entry.
 #[inline(always)]
 pub fn entry(key: &FlowKey) -> Option<*mut FlowValue> {
-    flows().get(key)
+    entry_at(xdplb_flow_find(key))
 }
 
-/// End a flow (NAT close, RST): the next packet of this 5-tuple is a new flow.
+/// [`entry`] without the call, for the global functions (`xdplb_nat_forward`,
+/// `xdplb_nat_reply`: the verifier walks them once anyway, and a call's frame would not fit
+/// beside theirs in the 512-byte stack).
 #[inline(always)]
-pub fn forget(key: &FlowKey) {
-    if let Some(v) = entry(key) {
-        let v = unsafe { &*v };
-        if v.flags & FLOW_F_ENDED == 0 {
-            select::active_add(v.backend, -1);
+pub fn entry_inline(key: &FlowKey) -> Option<*mut FlowValue> {
+    entry_at(find(key))
+}
+
+/// The entry at [`xdplb_flow_find`]'s answer `at`.
+#[inline(always)]
+fn entry_at(at: u32) -> Option<*mut FlowValue> {
+    if at == NO_WAY {
+        return None;
+    }
+    let set = FLOWS.get_ptr_mut(at >> WAY_BITS)?;
+    // SAFETY: a live array value; the way's index is below `WAYS`.
+    Some(unsafe { &mut (*set).ways[(at & WAY_MASK) as usize].value })
+}
+
+/// [`xdplb_flow_find`]'s answer: the set's index above [`WAY_BITS`] bits of the way's.
+const WAY_BITS: u32 = flow_table::WAYS.trailing_zeros();
+const WAY_MASK: u32 = flow_table::WAYS as u32 - 1;
+/// [`xdplb_flow_find`]: no entry.
+const NO_WAY: u32 = u32::MAX;
+
+/// Where `key`'s entry is: its set's index << [`WAY_BITS`] | its way, with the way's
+/// reference bit set; [`NO_WAY`] if the table holds none (or a torn way, see [`entry`]).
+/// Out of line and global, so the verifier walks the 16 ways' compares once, not once per
+/// state of every caller (inline, the debug-log director took 849k instructions, against
+/// 195k before the table; the kernel gives up at 1M). Costs a call per table lookup.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn xdplb_flow_find(key: *const FlowKey) -> u32 {
+    // SAFETY: null or valid, from `entry`.
+    match unsafe { key.as_ref() } {
+        Some(key) => find(key),
+        None => NO_WAY,
+    }
+}
+
+/// [`xdplb_flow_find`]'s work.
+#[inline(always)]
+fn find(key: &FlowKey) -> u32 {
+    let h = key_hash(key);
+    let index = flow_table::set_of(h, FLOW_SET_BITS.load());
+    let Some(set) = FLOWS.get_ptr_mut(index) else {
+        return NO_WAY;
+    };
+    // SAFETY: a live array value.
+    let set = unsafe { &mut *set };
+    let i = way_of(set, flow_table::tag(h), key);
+    if i >= flow_table::WAYS {
+        return NO_WAY;
+    }
+    let bit = 1u32 << i;
+    if set.head.refs & bit == 0 {
+        set.head.refs |= bit;
+    }
+    let way = &set.ways[i];
+    if way.key[4] & !flow_table::KEY_BITS != flow_table::check(way.value.backend, way.value.service)
+    {
+        return NO_WAY;
+    }
+    index << WAY_BITS | i as u32
+}
+
+/// Record `value` for `key`: in the flow's own way, else an empty one, else by CLOCK: from
+/// the set's hand, the first way whose reference bit is clear (the bits passed are cleared:
+/// a second chance; all set: the hand's way, every bit cleared), and the hand moves past it.
+/// See [`lb_common::flow_table`]. The new way's bit stays clear: a flow earns its second
+/// chance with its next packet, so a SYN flood's unanswered SYNs take each other's ways
+/// before an established connection's. Out of line and global, as [`xdplb_flow_find`].
+/// 1: recorded; 0: not.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn xdplb_flow_insert(key: *const FlowKey, value: *const FlowValue) -> u32 {
+    // SAFETY: null or valid, from `lookup`.
+    let (Some(key), Some(value)) = (unsafe { key.as_ref() }, unsafe { value.as_ref() }) else {
+        return 0;
+    };
+    let h = key_hash(key);
+    let Some(set) = set_of(h) else {
+        return 0;
+    };
+    let tag = flow_table::tag(h);
+    let mut at = way_of(set, tag, key);
+    if at >= flow_table::WAYS {
+        let mut i = 0;
+        while i < flow_table::WAYS {
+            if set.head.tags[i] == 0 {
+                at = i;
+                break;
+            }
+            i += 1;
         }
     }
-    flows().remove(key);
+    if at >= flow_table::WAYS {
+        // One exit per way: the verifier walks 16 paths, not 2^16.
+        let hand = set.head.hand as usize % flow_table::WAYS;
+        let refs = set.head.refs;
+        let mut passed = 0u32;
+        at = hand;
+        let mut k = 0;
+        while k < flow_table::WAYS {
+            let j = (hand + k) % flow_table::WAYS;
+            if refs & 1 << j == 0 {
+                at = j;
+                break;
+            }
+            passed |= 1 << j;
+            k += 1;
+        }
+        set.head.refs = refs & !passed;
+        set.head.hand = (at as u32 + 1) % flow_table::WAYS as u32;
+    }
+    if at >= flow_table::WAYS {
+        return 0;
+    }
+    set.head.refs &= !(1u32 << at);
+    set_tag(set, at, 0);
+    let way = &mut set.ways[at];
+    way.value = *value;
+    way.key = [
+        key_word(key, 0),
+        key_word(key, 1),
+        key_word(key, 2),
+        key_word(key, 3),
+        key_word(key, 4) | flow_table::check(value.backend, value.service),
+    ];
+    set_tag(set, at, tag);
+    1
+}
+
+/// End a flow (NAT close, RST): the next packet of this 5-tuple is a new flow. Inline,
+/// for the NAT paths' global functions (see [`entry_inline`]).
+#[inline(always)]
+pub fn forget(key: &FlowKey) {
+    let at = find(key);
+    let Some(set) = (if at == NO_WAY {
+        None
+    } else {
+        FLOWS.get_ptr_mut(at >> WAY_BITS)
+    }) else {
+        return;
+    };
+    // SAFETY: a live array value; the way's index is below `WAYS`.
+    let set = unsafe { &mut *set };
+    let i = (at & WAY_MASK) as usize;
+    let v = &set.ways[i].value;
+    if v.flags & FLOW_F_ENDED == 0 {
+        select::active_add(v.backend, -1);
+    }
+    set_tag(set, i, 0);
 }
 
 /// The client ends a connection the ring fast path sends (FIN or RST on a clean slot): end
@@ -302,9 +496,9 @@ static CACHE_SET_BITS: Global<u32> = Global::new(0);
 /// possible CPU; a CPU indexes its own region by `bpf_get_smp_processor_id`, which the
 /// verifier inlines).
 ///
-/// A hit costs one cache line, three multiplies and a few compares, where the LRU hash
-/// costs a jhash, a bucket walk and a key compare — and, with many flows, cache misses on
-/// the bucket and on the entry. A plain array, not a per-CPU one: a per-CPU array finds
+/// A hit costs one cache line, three multiplies and a few compares, where the table costs
+/// five multiplies, the set's header, the way and a key compare — and, with many flows,
+/// cache misses on both. A plain array, not a per-CPU one: a per-CPU array finds
 /// each value through a pointer table (one more dependent load, cold with many flows: at
 /// 10k flows end to end the direct-mapped per-CPU version cost as much as the table it
 /// saved). `BPF_F_MMAPABLE` only for its layout: the kernel then starts the values on a
@@ -321,8 +515,8 @@ static CACHE_SET_BITS: Global<u32> = Global::new(0);
 /// chose (the pool address's index and the port).
 /// A half-NAT flow's replies are cached too, keyed by the reply (see [`reply_cache_fill`]),
 /// so they skip the `NAT_REPLIES` lookup.
-/// What the slot does not see — the controller removing the table entry, LRU eviction —
-/// reaches packets within the second. The table entry's LRU reference is refreshed once a
+/// What the slot does not see — the controller removing the table entry, eviction —
+/// reaches packets within the second. The table entry's reference bit is set once a
 /// second, when the slot is refilled. Not pinned: a new program starts empty.
 #[btf_map]
 static FLOW_CACHE: BtfArray<CacheSet, 1, { lb_common::BPF_F_MMAPABLE as usize }> = BtfArray::new();
@@ -691,7 +885,7 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
             },
             ..FlowValue::default()
         };
-        if !flows().insert(key, &value) {
+        if xdplb_flow_insert(key, &value) == 0 {
             crate::stats::reason(reason::FLOW_INSERT_FAILED);
         } else {
             select::active_add(id, 1);

@@ -114,7 +114,7 @@ fn try_xdplb(ctx: &XdpContext) -> Result<u32, u32> {
     } else {
         None
     };
-    // Established flows first: one hash lookup (FLOWS4/6) instead of two (SERVICES, FLOWS).
+    // Established flows first: one table lookup (FLOWS) instead of two (SERVICES, FLOWS).
     // The backend's entry, where the way here already looked it up (`None`: look it up).
     let (svc, choice, known) = match fast {
         Some(_) if stop_after(stage::RING_SLOT) => return Ok(xdp_action::XDP_TX),
@@ -401,7 +401,7 @@ pub fn xdplb_tx(_ctx: XdpContext) -> u32 {
 static BENCH_NEXT: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Sequence number of [`xdplb_bench_new_flow`]. Shared, not per-CPU: a benchmark thread that
-/// moves to another CPU must not replay tuples still in that CPU's LRU list.
+/// moves to another CPU must not replay tuples still in the table.
 #[map]
 static BENCH_SEQ: Array<u32> = Array::with_max_entries(1, 0);
 

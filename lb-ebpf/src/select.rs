@@ -341,7 +341,7 @@ static PERSIST: BtfLruHashMap<PersistKey, PersistValue, { PERSIST_CAPACITY as us
 
 /// Active flows per backend (for `lc`/`wlc` and `status`): +1 when a flow is recorded, -1
 /// when it ends (FIN/RST, NAT close, rescheduling); the controller corrects it from the
-/// flow table for flows the LRU evicted. Per CPU, so no atomics: a flow may start on one
+/// flow table for flows the table evicted. Per CPU, so no atomics: a flow may start on one
 /// CPU and end on another, so a CPU's value can be negative; the sum over CPUs is the count.
 #[btf_map]
 static BACKEND_ACTIVE: BtfPerCpuArray<i64, { MAX_BACKENDS as usize }> = BtfPerCpuArray::new();

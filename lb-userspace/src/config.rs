@@ -15,9 +15,11 @@ use serde::{Deserialize, Deserializer};
 
 /// Largest backend weight (as IPVS).
 pub const MAX_WEIGHT: u32 = 65_535;
-/// Bounds of `flow_table_size` (entries per family): below the lower one a busy director
-/// thrashes the LRU; the upper one bounds the preallocated tables (about 105 B per IPv4 and
-/// 130 B per IPv6 entry: 235 MiB at the default, 15 GiB at the maximum).
+/// Bounds of `flow_table_size` (connection-table entries, both families; also each
+/// family's NAT reply mappings): below the lower one a busy director evicts live flows;
+/// the upper one bounds the preallocated tables (68 B per connection-table entry — a
+/// 64-byte way and its share of the set's header — and about 105 B per IPv4 and 130 B per
+/// IPv6 reply mapping: 303 MiB at the default, 19 GiB at the maximum).
 pub const FLOW_TABLE_MIN: u32 = 1024;
 pub const FLOW_TABLE_MAX: u32 = 1 << 26;
 

@@ -11,8 +11,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maps, Backend, Counters, FlowKey, FlowKey4, FlowValue, IfaceInfo, NatReply, ServiceMeta,
-    SnatAddr, SnatConfig, VipAddr, VipKey,
+    maps, Backend, Counters, FlowKey, FlowKey4, IfaceInfo, NatReply, ServiceMeta, SnatAddr,
+    SnatConfig, VipAddr, VipKey,
 };
 
 use crate::config;
@@ -88,7 +88,7 @@ pub struct Maps {
     pub services: HashMap<MapData, VipKey, ServiceMeta>,
     pub rings: Array<MapData, lb_common::RingEntry>,
     pub backends: Array<MapData, Backend>,
-    pub flows: Flows,
+    pub flows: crate::flow_table::FlowTable,
     pub ifaces: HashMap<MapData, u32, IfaceInfo>,
     pub service_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
@@ -117,9 +117,6 @@ pub struct ByFamily<V: aya::Pod> {
     pub v4: HashMap<MapData, FlowKey4, V>,
     pub v6: HashMap<MapData, FlowKey, V>,
 }
-
-/// The connection table (`FLOWS4`, `FLOWS6`).
-pub type Flows = ByFamily<FlowValue>;
 
 /// The NAT reply mappings (`NAT_REPLIES4`, `NAT_REPLIES6`), keyed by the reply's 5-tuple.
 pub type NatReplies = ByFamily<NatReply>;
@@ -180,7 +177,7 @@ impl Maps {
             services: get(maps::SERVICES)?.try_into()?,
             rings: get(maps::RINGS)?.try_into()?,
             backends: get(maps::BACKENDS)?.try_into()?,
-            flows: Flows::open(&mut get, maps::FLOWS4, maps::FLOWS6)?,
+            flows: crate::flow_table::FlowTable::open(get(maps::FLOWS)?)?,
             ifaces: get(maps::IFACES)?.try_into()?,
             service_stats: get(maps::SERVICE_STATS)?.try_into()?,
             backend_stats: get(maps::BACKEND_STATS)?.try_into()?,
@@ -554,8 +551,6 @@ impl Director {
     pub fn load(opts: &LoadOptions<'_>) -> Result<Self> {
         let pin_dir = opts.pin_dir;
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(maps::FLOWS4, opts.flow_table_size);
-        loader.map_max_entries(maps::FLOWS6, opts.flow_table_size);
         // One reply mapping per NAT flow.
         loader.map_max_entries(maps::NAT_REPLIES4, opts.flow_table_size);
         loader.map_max_entries(maps::NAT_REPLIES6, opts.flow_table_size);
@@ -573,6 +568,18 @@ impl Director {
         let cache_cpus = sets >> set_bits;
         loader.override_global("CACHE_CPUS", &cache_cpus, true);
         loader.map_max_entries(maps::FLOW_CACHE, sets);
+        // The table's sets: an adopted director's keep their number, which the program must
+        // know (`FLOW_SET_BITS`).
+        let flow_sets = pin_dir
+            .filter(|dir| opts.adopt && has_pinned_links(dir))
+            .and_then(|dir| aya::maps::MapInfo::from_pin(dir.join(maps::FLOWS)).ok())
+            .map_or_else(
+                || lb_common::flow_table::sets_for(opts.flow_table_size),
+                |info| info.max_entries(),
+            );
+        let flow_set_bits = flow_sets.trailing_zeros();
+        loader.map_max_entries(maps::FLOWS, flow_sets);
+        loader.override_global("FLOW_SET_BITS", &flow_set_bits, true);
         let mut adopting = false;
         if let Some(dir) = pin_dir {
             check_bpffs(dir)?;
@@ -587,11 +594,11 @@ impl Director {
                         found: layout,
                     });
                 }
-                let flows = aya::maps::MapInfo::from_pin(dir.join(maps::FLOWS4))?.max_entries();
-                if flows != opts.flow_table_size {
+                if flow_sets != lb_common::flow_table::sets_for(opts.flow_table_size) {
                     tracing::warn!(
-                        "the running director's flow tables hold {flows} entries each; flow_table_size {} \
+                        "the running director's flow table holds {} entries; flow_table_size {} \
                          takes effect only after `xdplb detach` and a new start (which drops connections)",
+                        u64::from(flow_sets) * lb_common::flow_table::WAYS as u64,
                         opts.flow_table_size
                     );
                 }

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod dataplane;
 pub mod decap;
+pub mod flow_table;
 pub mod health;
 pub mod maglev;
 pub mod metrics;

@@ -40,7 +40,7 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a backend removed from the config keeps serving its established flows (of a
 /// `keep` service) at most: IPVS's established-TCP timeout. It goes earlier once no flow
 /// entry points at it. (DR sees only client packets, so it cannot tell a finished TCP flow
-/// from an idle one: entries of finished flows linger until the LRU evicts them.)
+/// from an idle one: entries of finished flows linger until new flows take their ways.)
 const RETIRE_MAX: Duration = Duration::from_secs(15 * 60);
 
 /// Where the controller of the director pinned at `pin_dir` keeps its lock and control
@@ -728,7 +728,7 @@ impl Controller {
                 swept.blocked.len()
             );
         }
-        // Correct the data plane's per-backend counts from the table (flows the LRU evicted
+        // Correct the data plane's per-backend counts from the table (flows the table evicted
         // were never counted down).
         for &id in self.ids.backends.values() {
             let n = swept.live.get(&id).copied().unwrap_or(0) as u64;

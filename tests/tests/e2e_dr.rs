@@ -91,8 +91,7 @@ fn dr_balances_real_tcp_and_udp_for_ipv4_and_ipv6() {
     let inspect = netns::sh(&["bash", script, topo.pin_dir.to_str().unwrap()]);
     for expected in [
         "xdp  name xdplb",
-        "lru_hash  name FLOWS4",
-        "lru_hash  name FLOWS6",
+        "array  name FLOWS",
         "percpu_array  name REASONS",
     ] {
         assert!(inspect.contains(expected), "`{expected}` in:\n{inspect}");
@@ -122,8 +121,6 @@ fn dr_balances_real_tcp_and_udp_for_ipv4_and_ipv6() {
     for (name, field) in [
         ("SERVICES", "\"port_be\""),
         ("BACKENDS", "\"weight\""),
-        ("FLOWS4", "\"dport_be\""),
-        ("FLOWS6", "\"dport_be\""),
         ("SERVICE_STATS", "\"new_flows\""),
         ("IFACES", "\"src4_entropy_bits\""),
     ] {

@@ -626,7 +626,7 @@ services:
 }
 
 #[test]
-fn flows_are_kept_per_family_ipv4_in_16_byte_keys() {
+fn flows_of_both_families_share_the_set_associative_table() {
     let mut h = Harness::new(CONFIG);
     let v4 = Pkt::tcp("198.18.2.9", "198.18.0.100", 41200, 80);
     let v6 = Pkt::tcp("2001:db8:2::9", "2001:db8::100", 41200, 443);
@@ -635,24 +635,179 @@ fn flows_are_kept_per_family_ipv4_in_16_byte_keys() {
     let (k4, k6) = (v4.key(), v6.key());
     let flows = &h.director.maps.flows;
 
-    // The IPv4 flow is in FLOWS4 under its 16-byte key, not in FLOWS6; the IPv6 one in FLOWS6.
-    let e4 = flows
-        .v4
-        .get(&lb_common::FlowKey4::of(&k4), 0)
-        .expect("IPv4 flow in FLOWS4");
-    assert_eq!(e4.backend, h.predicted_backend(0, &k4));
-    assert!(flows.v6.get(&k4, 0).is_err(), "IPv4 flow not in FLOWS6");
-    let e6 = flows.v6.get(&k6, 0).expect("IPv6 flow in FLOWS6");
-    assert_eq!(e6.backend, h.predicted_backend(2, &k6));
-
-    // The controller sees one table of family-independent keys.
+    // Each flow sits in the set its hash picks, under its tag, its key's last word
+    // carrying the check of its backend and service.
+    for (k, service) in [(&k4, 0), (&k6, 2)] {
+        let words: [u64; 5] = bytemuck::cast(*k);
+        let hash = lb_common::flow_table::hash(&words);
+        let (set, way) = flows.position(k);
+        assert_eq!(
+            set,
+            lb_common::flow_table::set_of(hash, flows.sets().trailing_zeros())
+        );
+        let way = way.expect("flow in its set");
+        assert_eq!(
+            flows.head(set).tags[way],
+            lb_common::flow_table::tag(hash),
+            "tag"
+        );
+        assert_eq!(
+            flows.get(k).expect("entry").backend,
+            h.predicted_backend(service, k)
+        );
+    }
+    let (e4, e6) = (flows.get(&k4).unwrap(), flows.get(&k6).unwrap());
     let mut all: Vec<_> = flows.iter().map(|(k, v)| (k, v.backend)).collect();
     all.sort_by_key(|(k, _)| k.family);
     assert_eq!(all, vec![(k4, e4.backend), (k6, e6.backend)]);
-    assert_eq!(flows.get(&k4), Some(e4));
     h.director.maps.flows.remove(&k4).expect("remove IPv4 flow");
     assert_eq!(h.director.maps.flows.get(&k4), None);
     assert_eq!(h.director.maps.flows.get(&k6), Some(e6), "IPv6 flow kept");
+    assert!(
+        h.director.maps.flows.remove(&k4).is_err(),
+        "removing an absent flow is an error"
+    );
+}
+
+/// IPv4 clients of service 0 (port 80) whose flows all hash to one set of the table,
+/// `n` of them.
+fn same_set_flows(h: &Harness, n: usize) -> Vec<Pkt> {
+    let bits = h.director.maps.flows.sets().trailing_zeros();
+    let set_of = |p: &Pkt| {
+        let words: [u64; 5] = bytemuck::cast(p.key());
+        lb_common::flow_table::set_of(lb_common::flow_table::hash(&words), bits)
+    };
+    let client = |i: u32| Pkt::tcp("198.18.3.1", "198.18.0.100", 1024 + i as u16, 80);
+    let target = set_of(&client(0));
+    let out: Vec<Pkt> = (0..60_000)
+        .map(client)
+        .filter(|p| set_of(p) == target)
+        .take(n)
+        .collect();
+    assert_eq!(out.len(), n, "{n} clients in one set");
+    out
+}
+
+/// A full set gives a new flow the way of a flow whose reference bit is clear (one packet
+/// so far, no hit since), not the oldest way: the table evicts what was not used, as an LRU
+/// would, and an established flow (hit again) keeps its backend. The ways older than the
+/// one taken lose their bits (a second chance, used up by the next insert that finds them
+/// still unused).
+#[test]
+fn a_full_set_gives_a_new_flow_the_way_of_a_flow_not_used_since() {
+    let h = Harness::new(CONFIG);
+    let ways = lb_common::flow_table::WAYS;
+    let pkts = same_set_flows(&h, ways + 1);
+    let (first, newcomer) = pkts.split_at(ways);
+    // The flow in way 5 gets one packet; the others two (the second a table hit: the flow
+    // cache is filled by hits, not by new flows).
+    let idle = 5;
+    for (i, p) in first.iter().enumerate() {
+        check(&h, &forwarded(&h, "flow opened", 0, p.clone()));
+        let at = h.director.maps.flows.position(&p.key()).1;
+        assert_eq!(at, Some(i), "ways fill in order");
+        if i != idle {
+            check(&h, &forwarded(&h, "flow hit", 0, p.clone()));
+        }
+    }
+    let (set, _) = h.director.maps.flows.position(&first[0].key());
+    let refs = h.director.maps.flows.head(set).refs;
+    assert_eq!(
+        refs,
+        0xffff & !(1 << idle),
+        "every way but the idle one used"
+    );
+    check(&h, &forwarded(&h, "newcomer", 0, newcomer[0].clone()));
+    let flows = &h.director.maps.flows;
+    let at = flows.position(&newcomer[0].key()).1;
+    assert_eq!(at, Some(idle), "the idle flow's way");
+    assert_eq!(flows.get(&first[idle].key()), None, "the idle flow evicted");
+    for (i, p) in first.iter().enumerate().filter(|&(i, _)| i != idle) {
+        assert!(flows.get(&p.key()).is_some(), "flow {i} kept");
+    }
+    assert_eq!(
+        flows.head(set).refs,
+        0xffff & !((1 << (idle + 1)) - 1),
+        "the bits of the ways older than the one taken cleared, its own clear"
+    );
+}
+
+/// A full set of flows none of which was used since it was written (a table filled by new
+/// flows, a SYN flood) gives each new flow the oldest way: flows opened later (the
+/// established connections among them) stay, as in an LRU, and do not take each other's
+/// ways.
+#[test]
+fn a_full_set_of_unused_flows_gives_new_flows_the_oldest_ways() {
+    let h = Harness::new(CONFIG);
+    let ways = lb_common::flow_table::WAYS;
+    let pkts = same_set_flows(&h, ways + 3);
+    for p in &pkts[..ways] {
+        check(&h, &forwarded(&h, "flow opened", 0, p.clone()));
+    }
+    for (n, p) in pkts[ways..].iter().enumerate() {
+        check(&h, &forwarded(&h, "newcomer", 0, p.clone()));
+        let flows = &h.director.maps.flows;
+        assert_eq!(
+            flows.position(&p.key()).1,
+            Some(n),
+            "newcomer {n}: the oldest way"
+        );
+        assert_eq!(flows.get(&pkts[n].key()), None, "flow {n} evicted");
+        for (m, q) in pkts[ways..=ways + n].iter().enumerate() {
+            assert!(flows.get(&q.key()).is_some(), "newcomer {m} kept");
+        }
+    }
+    assert_eq!(
+        h.director
+            .maps
+            .flows
+            .head(h.director.maps.flows.position(&pkts[0].key()).0)
+            .refs,
+        0,
+        "no way used"
+    );
+}
+
+/// Two CPUs writing different flows into one way at once can leave a key of one with the
+/// value of the other. The check in the key's last word catches it: such a way is no entry,
+/// and the packet is scheduled again (as after an eviction), not sent to the other flow's
+/// backend.
+#[test]
+fn a_way_torn_between_two_writers_is_no_entry() {
+    let mut h = Harness::new(CONFIG);
+    let p = Pkt::tcp("198.18.2.9", "198.18.0.100", 41300, 80);
+    let k = p.key();
+    let first = forwarded(&h, "flow opened", 0, p.clone());
+    check(&h, &first);
+    let backend = h.director.maps.flows.get(&k).expect("entry").backend;
+    let other = h
+        .backends_of(0)
+        .into_iter()
+        .find(|&b| b != backend)
+        .expect("another backend");
+    // The key and the check as the first writer left them, the value another's.
+    let mut torn = lb_common::flow_table::way(&k, h.director.maps.flows.get(&k).unwrap());
+    torn.value.backend = other;
+    h.director
+        .maps
+        .flows
+        .put_way(&k, torn)
+        .expect("write the way");
+    assert_eq!(
+        h.director.maps.flows.get(&k),
+        None,
+        "the controller skips it"
+    );
+    assert_eq!(h.director.maps.flows.iter().count(), 0, "and its walk too");
+    let (verdict, out) = h.run(&p.build());
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(
+        out[..6],
+        h.backend_mac(backend),
+        "scheduled again: the ring's backend, not the torn value's"
+    );
+    let entry = h.director.maps.flows.get(&k).expect("recorded again");
+    assert_eq!(entry.backend, backend);
 }
 
 #[test]
@@ -1103,16 +1258,9 @@ fn fill_then_repoint(h: &mut Harness, p: &Pkt, service: usize) -> ([u8; 6], [u8;
 fn point_table_at(h: &mut Harness, p: &Pkt, id: u32) -> [u8; 6] {
     let k = p.key();
     let flows = &mut h.director.maps.flows;
-    if k.family == lb_common::AF_INET {
-        let k4 = lb_common::FlowKey4::of(&k);
-        let mut v = flows.v4.get(&k4, 0).expect("flow in FLOWS4");
-        v.backend = id;
-        flows.v4.insert(k4, v, 0).expect("rewrite the entry");
-    } else {
-        let mut v = flows.v6.get(&k, 0).expect("flow in FLOWS6");
-        v.backend = id;
-        flows.v6.insert(k, v, 0).expect("rewrite the entry");
-    }
+    let mut v = flows.get(&k).expect("flow in the table");
+    v.backend = id;
+    flows.insert(&k, v).expect("rewrite the entry");
     h.backend_mac(id)
 }
 

@@ -452,7 +452,7 @@ fn forward_inner(
     let entry = if !entry.is_null() || how & HOW_CACHED != 0 || (new && !fullnat && !closing) {
         entry
     } else {
-        flow::entry(&pkt.key).unwrap_or(core::ptr::null_mut())
+        flow::entry_inline(&pkt.key).unwrap_or(core::ptr::null_mut())
     };
     let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();
     // SAFETY: all zeros is a valid rewrite (nothing set); 40 bytes, 4-aligned.
