@@ -95,14 +95,6 @@ fn key_hash(key: &FlowKey) -> u64 {
     ])
 }
 
-/// `key`'s set (its hash `h`'s).
-#[inline(always)]
-fn set_of(h: u64) -> Option<&'static mut Set> {
-    let set = FLOWS.get_ptr_mut(flow_table::set_of(h, FLOW_SET_BITS.load()))?;
-    // SAFETY: a live array value.
-    Some(unsafe { &mut *set })
-}
-
 /// Whether `way` holds `key`.
 #[inline(always)]
 fn holds_key(way: &Way, key: &FlowKey) -> bool {
@@ -113,7 +105,41 @@ fn holds_key(way: &Way, key: &FlowKey) -> bool {
         && way.key[4] & flow_table::KEY_BITS == key_word(key, 4)
 }
 
-/// The way of `set` whose tag is `tag` and which holds `key`, or [`flow_table::WAYS`].
+/// The first empty way of `set` (tag 0), or [`flow_table::WAYS`]: four tags at a time.
+#[inline(always)]
+fn empty_way(set: &Set) -> usize {
+    let mut q = 0;
+    while q < flow_table::WAYS / 4 {
+        let m = zero_lanes(tag_word(set, q));
+        if m != 0 {
+            // The lowest marked lane is a zero lane (a lane above one may be marked too).
+            let mut l = 0;
+            while l < 4 {
+                if m & LANES_HI_0 << (16 * l) != 0 {
+                    return q * 4 + l;
+                }
+                l += 1;
+            }
+        }
+        q += 1;
+    }
+    flow_table::WAYS
+}
+
+const LANES_LO: u64 = 0x0001_0001_0001_0001;
+const LANES_HI_0: u64 = 0x8000;
+const LANES_HI: u64 = 0x8000_8000_8000_8000;
+
+/// The top bit of each 16-bit lane of `x` that is 0 (exact up to the lowest such lane; a
+/// lane above it may be marked too).
+#[inline(always)]
+fn zero_lanes(x: u64) -> u64 {
+    x.wrapping_sub(LANES_LO) & !x & LANES_HI
+}
+
+/// The way of `set` whose tag is `tag` and which holds `key`, or [`flow_table::WAYS`]. One
+/// tag at a time: comparing four at a time ([`empty_way`]'s way) took `xdplb_flow_find`'s
+/// frame 48 -> 80 bytes, which the NAT reply's call chain has no room for.
 #[inline(always)]
 fn way_of(set: &Set, tag: u16, key: &FlowKey) -> usize {
     let mut i = 0;
@@ -124,6 +150,14 @@ fn way_of(set: &Set, tag: u16, key: &FlowKey) -> usize {
         i += 1;
     }
     flow_table::WAYS
+}
+
+/// Tags `4q .. 4q + 4` of `set` as one word.
+#[inline(always)]
+fn tag_word(set: &Set, q: usize) -> u64 {
+    // SAFETY: 8 bytes inside the header's 32 bytes of tags (`q` < 4), 8-aligned (a set
+    // starts on a cache line).
+    unsafe { lb_ebpf::load_u64((set.head.tags.as_ptr() as *const u8).add(8 * q)) }
 }
 
 /// Publish or clear way `i`'s tag: stores the compiler keeps in order around the way's.
@@ -213,30 +247,29 @@ fn find(key: &FlowKey) -> u32 {
 /// See [`lb_common::flow_table`]. The new way's bit stays clear: a flow earns its second
 /// chance with its next packet, so a SYN flood's unanswered SYNs take each other's ways
 /// before an established connection's. Out of line and global, as [`xdplb_flow_find`].
-/// 1: recorded; 0: not.
+/// `own`: where the caller found the flow's entry ([`xdplb_flow_find`]; [`NO_WAY`]: it did
+/// not, and the set is not searched again). 1: recorded; 0: not.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn xdplb_flow_insert(key: *const FlowKey, value: *const FlowValue) -> u32 {
+pub extern "C" fn xdplb_flow_insert(key: *const FlowKey, value: *const FlowValue, own: u32) -> u32 {
     // SAFETY: null or valid, from `lookup`.
     let (Some(key), Some(value)) = (unsafe { key.as_ref() }, unsafe { value.as_ref() }) else {
         return 0;
     };
     let h = key_hash(key);
-    let Some(set) = set_of(h) else {
+    let index = flow_table::set_of(h, FLOW_SET_BITS.load());
+    let Some(set) = FLOWS.get_ptr_mut(index) else {
         return 0;
     };
+    // SAFETY: a live array value.
+    let set = unsafe { &mut *set };
     let tag = flow_table::tag(h);
-    let mut at = way_of(set, tag, key);
-    if at >= flow_table::WAYS {
-        let mut i = 0;
-        while i < flow_table::WAYS {
-            if set.head.tags[i] == 0 {
-                at = i;
-                break;
-            }
-            i += 1;
-        }
-    }
+    // The caller's own way (a flow rescheduled in place), else an empty one.
+    let mut at = if own != NO_WAY && own >> WAY_BITS == index {
+        (own & WAY_MASK) as usize
+    } else {
+        empty_way(set)
+    };
     if at >= flow_table::WAYS {
         // One exit per way: the verifier walks 16 paths, not 2^16.
         let hand = set.head.hand as usize % flow_table::WAYS;
@@ -841,11 +874,12 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
     );
     // The clock is read only where it is needed: UDP hits (idle timeout) and new UDP flows; the
     // coarse one (the last tick's time, ~4 ms steps), for timeouts of a second and more.
-    let entry = if how & how::ABSENT != 0 {
-        None
+    let own = if how & how::ABSENT != 0 {
+        NO_WAY
     } else {
-        entry(key)
+        xdplb_flow_find(key)
     };
+    let entry = entry_at(own);
     if let Some(v) = entry {
         let v = unsafe { &mut *v };
         if still_live(v, key, ending, opening).is_some() {
@@ -885,7 +919,7 @@ fn lookup(svc: &ServiceMeta, key: &FlowKey, how: u32) -> Result<Choice, u32> {
             },
             ..FlowValue::default()
         };
-        if xdplb_flow_insert(key, &value) == 0 {
+        if xdplb_flow_insert(key, &value, own) == 0 {
             crate::stats::reason(reason::FLOW_INSERT_FAILED);
         } else {
             select::active_add(id, 1);
