@@ -486,6 +486,9 @@ struct Drive<'a> {
 /// The rows take turns run by run, so a phase of this VM lands in all of them alike.
 fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     let big = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 4194304");
+    // The DR and TUN directors hold 1M IPv4 and 1M IPv6 flows in one table: 8M entries, as
+    // the two 4M-entry tables (one per family) before the twenty-fourth session.
+    let both = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 8388608");
     let mut tables = Vec::new();
     let default = CONFIG.replace("flow_table_size: 65536", "flow_table_size: 1048576");
     let fast = fast_config(&big);
@@ -494,11 +497,11 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
     // each CPU holds half of it, and DR's, TUN's and NAT's million flows together overflow
     // the half one CPU sees (the full bench found NAT's own flows evicted at 1M).
     for yaml in [
-        big.as_str(),
+        both.as_str(),
         CONFIG,
         default.as_str(),
         fast.as_str(),
-        big.as_str(),
+        both.as_str(),
         big.as_str(),
         small.as_str(),
     ] {
@@ -816,11 +819,18 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
                     row.path
                 );
             } else {
-                assert_eq!(
-                    new, 0,
-                    "{} (run {run}): every measured run hit an established flow",
+                // A set of the table holds 16 flows: where more of the cycled flows hash to
+                // one set, the extra ones take each other's ways on every pass (at 1M flows
+                // in an 8M-entry table, a set or two; see "The connection table"). At most
+                // one run in 10,000 may be such a miss: the row still times hits.
+                assert!(
+                    new <= u64::from(repeat) / 10_000,
+                    "{} (run {run}): {new} of {repeat} measured runs made a new flow",
                     row.path
                 );
+                if new > 0 {
+                    eprintln!("{} (run {run}): {new} of {repeat} runs missed", row.path);
+                }
             }
             assert_eq!(fwd, u64::from(repeat), "{}", row.path);
             let ring = h.reason(reason::FWD_DR_RING) - ring;
