@@ -202,13 +202,19 @@ pub mod flow_table {
     }
 
     impl Way {
-        /// The flow's key, if the way holds one whose check agrees with its value (not a
-        /// way torn between two writers).
+        /// Whether the key's check agrees with the value: not a way torn between two
+        /// writers.
+        #[inline(always)]
+        pub fn intact(&self) -> bool {
+            self.key[4] & !KEY_BITS == check(self.value.backend, self.value.service)
+        }
+
+        /// The flow's key, if the way is [`Way::intact`].
         pub fn flow(&self) -> Option<FlowKey> {
-            let mut w = self.key;
-            if w[4] & !KEY_BITS != check(self.value.backend, self.value.service) {
+            if !self.intact() {
                 return None;
             }
+            let mut w = self.key;
             w[4] &= KEY_BITS;
             Some(bytemuck::cast(w))
         }

@@ -186,12 +186,19 @@ pub fn entry_inline(key: &FlowKey) -> Option<*mut FlowValue> {
 /// The entry at [`xdplb_flow_find`]'s answer `at`.
 #[inline(always)]
 fn entry_at(at: u32) -> Option<*mut FlowValue> {
+    let (set, i) = way_at(at)?;
+    Some(&mut set.ways[i].value)
+}
+
+/// The set and way of [`xdplb_flow_find`]'s answer `at`.
+#[inline(always)]
+fn way_at(at: u32) -> Option<(&'static mut Set, usize)> {
     if at == NO_WAY {
         return None;
     }
     let set = FLOWS.get_ptr_mut(at >> WAY_BITS)?;
     // SAFETY: a live array value; the way's index is below `WAYS`.
-    Some(unsafe { &mut (*set).ways[(at & WAY_MASK) as usize].value })
+    Some((unsafe { &mut *set }, (at & WAY_MASK) as usize))
 }
 
 /// [`xdplb_flow_find`]'s answer: the set's index above [`WAY_BITS`] bits of the way's.
@@ -233,9 +240,7 @@ fn find(key: &FlowKey) -> u32 {
     if set.head.refs & bit == 0 {
         set.head.refs |= bit;
     }
-    let way = &set.ways[i];
-    if way.key[4] & !flow_table::KEY_BITS != flow_table::check(way.value.backend, way.value.service)
-    {
+    if !set.ways[i].intact() {
         return NO_WAY;
     }
     index << WAY_BITS | i as u32
@@ -311,17 +316,9 @@ pub extern "C" fn xdplb_flow_insert(key: *const FlowKey, value: *const FlowValue
 /// for the NAT paths' global functions (see [`entry_inline`]).
 #[inline(always)]
 pub fn forget(key: &FlowKey) {
-    let at = find(key);
-    let Some(set) = (if at == NO_WAY {
-        None
-    } else {
-        FLOWS.get_ptr_mut(at >> WAY_BITS)
-    }) else {
+    let Some((set, i)) = way_at(find(key)) else {
         return;
     };
-    // SAFETY: a live array value; the way's index is below `WAYS`.
-    let set = unsafe { &mut *set };
-    let i = (at & WAY_MASK) as usize;
     let v = &set.ways[i].value;
     if v.flags & FLOW_F_ENDED == 0 {
         select::active_add(v.backend, -1);
