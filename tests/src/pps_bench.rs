@@ -617,6 +617,12 @@ enum GeneratorKind {
 /// The generator this section's rows were measured with (set by [`Generator::new`]).
 static GENERATOR: std::sync::OnceLock<GeneratorKind> = std::sync::OnceLock::new();
 
+/// Whether this run's end-to-end rows were measured behind the AF_PACKET generator (the
+/// kernel refused live frames), whose ratios measure the rig more than the targets.
+pub fn generator_bound() -> bool {
+    matches!(GENERATOR.get(), Some(GeneratorKind::Packet(_)))
+}
+
 /// Frames handed to one `sendmmsg`: live frames also go out 64 at a time.
 const BATCH: usize = 64;
 
