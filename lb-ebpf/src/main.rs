@@ -420,9 +420,9 @@ const BENCH_TEMPLATE_LEN: usize = 128;
 static BENCH_TEMPLATE: Array<[u8; BENCH_TEMPLATE_LEN]> = Array::with_max_entries(1, 0);
 
 /// `BENCH_CFG`: [0] the bits above; [1] the 5-tuple cycle of `BENCH_NEW_FLOW`; [2] pacing,
-/// the gap in ns between two frames (0: none).
+/// the gap in ns between two frames (0: none); [3] the step through the cycle (0: 1).
 #[map]
-static BENCH_CFG: Array<u32> = Array::with_max_entries(3, 0);
+static BENCH_CFG: Array<u32> = Array::with_max_entries(4, 0);
 
 /// Pacing state of the driver: when (`bpf_ktime_get_ns`) the next frame is due.
 #[map]
@@ -537,8 +537,11 @@ pub fn xdplb_bench_driver(ctx: XdpContext) -> u32 {
         // `BENCH_CFG[1]` > 0: cycle through that many 5-tuples (flow-hit rows with N
         // established flows); 0: a new one every run.
         let cycle = BENCH_CFG.get(1).copied().unwrap_or(0);
+        // `BENCH_CFG[3]`: the step through the cycle (0: 1). A step coprime with the cycle
+        // visits every flow once per pass, in an order unlike the one that made them.
+        let step = BENCH_CFG.get(3).copied().unwrap_or(0).max(1);
         let seq = unsafe {
-            let next = (*seq).wrapping_add(1);
+            let next = (*seq).wrapping_add(step);
             *seq = next.checked_rem(cycle).unwrap_or(next);
             *seq
         };

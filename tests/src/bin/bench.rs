@@ -785,8 +785,9 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
             let (h, _, cfg) = &mut tables[*t];
             cfg.set(1, *n, 0).unwrap();
             // The driver set to `bits` on `input` (restoring it, where it does).
-            let mut set = |bits: u32, input: &[u8]| {
+            let mut set = |bits: u32, input: &[u8], step: u32| {
                 cfg.set(0, bits | NEW_FLOW, 0).unwrap();
+                cfg.set(3, step, 0).unwrap();
                 if bits & RESTORE != 0 {
                     assert_eq!(*t, NAT, "the restoring rows run on the NAT director");
                     let input = <[u8; TEMPLATE_LEN]>::try_from(input).expect("128-byte packet");
@@ -813,10 +814,11 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
                     set_dirty(h, true);
                 }
                 let (warm_bits, warm_input) = how.warm.unwrap_or((bits, pkt));
-                set(warm_bits, warm_input);
+                set(warm_bits, warm_input, 1);
                 driven(h, warm_input, *n, ifindex);
             }
-            set(bits, pkt);
+            // The timed runs visit the flows in a scattered order (see `scatter_step`).
+            set(bits, pkt, scatter_step(*n));
             if fast {
                 set_dirty(h, false);
             }
@@ -851,6 +853,30 @@ fn flow_count_rows(repeat: u32, runs: usize) -> Vec<Row> {
         }
     }
     cases.into_iter().map(|(_, _, row, _)| row).collect()
+}
+
+/// The driver's step through a cycle of `n` flows in the timed runs of a flow-count row:
+/// about n·0.618, coprime with `n`, so each pass visits every flow once, in an order unlike
+/// the warm-up's (step 1) that made them. In that order (until 2026-12-07) the timed runs
+/// walked a hash map's preallocated elements in the order it had handed them out, memory in
+/// sequence, which the CPU's prefetchers follow and no real traffic does; a table that
+/// places flows by hash was read at random either way.
+fn scatter_step(n: u32) -> u32 {
+    fn gcd(a: u32, b: u32) -> u32 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    if n <= 2 {
+        return 1;
+    }
+    let mut step = (f64::from(n) * 0.618) as u32;
+    while gcd(step, n) != 1 {
+        step += 1;
+    }
+    step
 }
 
 /// `yaml` with `ring_fast_path: true` on its first service (DR, maglev, TCP).
@@ -1612,6 +1638,23 @@ fn stage_table<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The timed runs' step visits every flow of the cycle once per pass, and not in the
+    /// order the warm-up made them (step 1) beyond the smallest cycles.
+    #[test]
+    fn the_scattered_order_visits_every_flow_once_per_pass() {
+        for n in [1u32, 2, 1_000, 16_384, 100_000, 1_000_000] {
+            let step = scatter_step(n);
+            assert!(n <= 2 || step > n / 2, "{n}: step {step}");
+            let mut seen = vec![false; n as usize];
+            let mut seq = 0u32;
+            for _ in 0..n {
+                seq = (seq + step) % n;
+                assert!(!seen[seq as usize], "{n}: flow {seq} twice in a pass");
+                seen[seq as usize] = true;
+            }
+        }
+    }
 
     #[test]
     fn a_target_without_a_value_is_never_met() {
