@@ -15,7 +15,7 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{Array, PerCpuArray, ProgramArray},
+    maps::{Array, DevMapHash, PerCpuArray, ProgramArray},
     programs::XdpContext,
     Global,
 };
@@ -387,6 +387,22 @@ pub fn xdplb_respond(ctx: XdpContext) -> u32 {
         }
     }
     xdp_action::XDP_DROP
+}
+
+/// Where [`xdplb_relay`] sends a frame: by the ifindex it came in on, the interface to
+/// redirect it out of.
+#[map]
+static BENCH_RELAY: DevMapHash = DevMapHash::with_max_entries(16, 0);
+
+/// End-to-end benchmark generator where the kernel refuses live frames: the AF_PACKET
+/// socket's frames (skbs) arrive here, on the generator's side, and go on to the director as
+/// XDP frames, as live frames reach it (not as skbs, whose handling its core would pay).
+#[xdp]
+pub fn xdplb_relay(ctx: XdpContext) -> u32 {
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    BENCH_RELAY
+        .redirect(ingress, 0)
+        .unwrap_or(xdp_action::XDP_DROP)
 }
 
 /// End-to-end benchmark generator tail: transmit the frame as it is (live-frames mode sends

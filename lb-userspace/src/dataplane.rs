@@ -31,6 +31,8 @@ pub const FLOOR_ENCAP_PROGRAM: &str = "xdplb_floor_encap";
 /// End-to-end benchmark receiver (count and drop) and generator tail (`XDP_TX` as is).
 pub const SINK_PROGRAM: &str = "xdplb_sink";
 pub const TX_PROGRAM: &str = "xdplb_tx";
+/// The end-to-end bench's relay behind its AF_PACKET generator (`BENCH_RELAY`).
+pub const RELAY_PROGRAM: &str = "xdplb_relay";
 /// End-to-end benchmark backend and client for the two-way rows: answers client packets
 /// as their backend, counts the director's replies (`BENCH_RESPOND`).
 pub const RESPOND_PROGRAM: &str = "xdplb_respond";

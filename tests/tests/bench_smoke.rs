@@ -296,13 +296,11 @@ fn bench_quick_runs_every_path_and_reports() {
             assert!(measured.is_finite() && measured > 0.0, "{row}");
         }
         // A target without a value is never met. Behind the AF_PACKET generator (the
-        // kernel refused live frames; the report's first line says so) the end-to-end
-        // ratios are printed, not judged.
+        // kernel refused live frames; the report's first line says so) the loss-bounded
+        // end-to-end ratios are printed, not judged.
         let judged = if cells[3] == "n/a" {
             cells[4] == "n/a"
-        } else if stdout.contains("Generator: AF_PACKET")
-            && (cells[1].starts_with("end to end") || cells[1].starts_with("director core"))
-        {
+        } else if stdout.contains("Generator: AF_PACKET") && cells[1].starts_with("end to end") {
             cells[4] == "not judged (AF_PACKET generator)"
         } else {
             cells[4] == "yes" || cells[4] == "**no**"
