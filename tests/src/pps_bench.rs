@@ -701,6 +701,7 @@ impl PacketGenerator {
         let started = Instant::now();
         let gap = u64::from(t.gap_ns);
         let (mut sent, mut due, mut next) = (0u32, 0u64, 0usize);
+        let mut batch = Batch::default();
         // Bounded in time as in count: a stuck socket ends the trial (as lost frames).
         while sent < t.count && started.elapsed() < Duration::from_secs(10) {
             let mut n = (t.count - sent).min(BATCH as u32) as u64;
@@ -716,11 +717,11 @@ impl PacketGenerator {
                 n = n.min((now - due) / gap + 1);
                 due += n * gap;
             }
-            let batch: Vec<&[u8]> = (0..n as usize)
-                .map(|k| frames[(next + k) % frames.len()].as_slice())
-                .collect();
+            batch.send(
+                fd,
+                (0..n as usize).map(|k| frames[(next + k) % frames.len()].as_slice()),
+            );
             next = (next + n as usize) % frames.len();
-            send_batch(fd, &batch);
             sent += n as u32;
         }
         started.elapsed().as_secs_f64()
@@ -782,38 +783,46 @@ fn packet_socket(ifindex: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     }
 }
 
-/// Hand `frames` to the socket, one `sendmmsg` (again for any it did not take). A frame the
-/// veth refuses (its peer's ring full) is a lost frame, as for live frames: the sink's count
-/// tells, so errors end the batch rather than the trial.
-fn send_batch(fd: &std::os::fd::OwnedFd, frames: &[&[u8]]) {
-    let raw = std::os::fd::AsRawFd::as_raw_fd(fd);
-    let mut iov: Vec<libc::iovec> = frames
-        .iter()
-        .map(|f| libc::iovec {
+/// One `sendmmsg`'s headers, kept from batch to batch of a trial (the sending loop makes
+/// no allocation per batch).
+#[derive(Default)]
+struct Batch {
+    iov: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+impl Batch {
+    /// Hand `frames` to the socket, one `sendmmsg` (again for any it did not take). A frame
+    /// the veth refuses (its peer's ring full) is a lost frame, as for live frames: the
+    /// sink's count tells, so errors end the batch rather than the trial.
+    fn send<'a>(&mut self, fd: &std::os::fd::OwnedFd, frames: impl Iterator<Item = &'a [u8]>) {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(fd);
+        self.iov.clear();
+        self.iov.extend(frames.map(|f| libc::iovec {
             iov_base: f.as_ptr() as *mut libc::c_void,
             iov_len: f.len(),
-        })
-        .collect();
-    // SAFETY: zeroed headers, each pointing at one iovec that points at a live frame.
-    let mut msgs: Vec<libc::mmsghdr> = iov
-        .iter_mut()
-        .map(|v| {
+        }));
+        self.msgs.clear();
+        // SAFETY: zeroed headers, each pointing at one iovec that points at a live frame.
+        self.msgs.extend(self.iov.iter_mut().map(|v| {
             let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
             m.msg_hdr.msg_iov = v;
             m.msg_hdr.msg_iovlen = 1;
             m
-        })
-        .collect();
-    let mut at = 0;
-    while at < msgs.len() {
-        // SAFETY: `msgs[at..]` are valid headers for the kernel to read.
-        let r =
-            unsafe { libc::sendmmsg(raw, msgs[at..].as_mut_ptr(), (msgs.len() - at) as u32, 0) };
-        if r <= 0 {
-            // The frame at `at` was dropped (ENOBUFS from a full ring): skip it.
-            at += 1;
-        } else {
-            at += r as usize;
+        }));
+        let msgs = &mut self.msgs;
+        let mut at = 0;
+        while at < msgs.len() {
+            // SAFETY: `msgs[at..]` are valid headers for the kernel to read.
+            let r = unsafe {
+                libc::sendmmsg(raw, msgs[at..].as_mut_ptr(), (msgs.len() - at) as u32, 0)
+            };
+            if r <= 0 {
+                // The frame at `at` was dropped (ENOBUFS from a full ring): skip it.
+                at += 1;
+            } else {
+                at += r as usize;
+            }
         }
     }
 }
