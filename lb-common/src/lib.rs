@@ -87,7 +87,7 @@ impl RingEntry {
 /// Default capacity of the connection table (5-tuple -> backend), both families together.
 /// Overridable at load time (`flow_table_size` in the YAML), rounded up to a power of two;
 /// the table has a [`flow_table::Set`] per [`flow_table::WAYS`] entries (see there). Also
-/// the capacity of each family's NAT reply mappings (LRU hashes).
+/// the capacity of the NAT reply mappings (`NAT_REPLIES`, as many [`flow_table::ReplySet`]s).
 pub const FLOW_TABLE_CAPACITY: u32 = 1 << 20;
 
 /// The connection table's layout (`FLOWS`, an array of [`Set`]s): set-associative, 16 ways
@@ -114,7 +114,12 @@ pub const FLOW_TABLE_CAPACITY: u32 = 1 << 20;
 /// tag; the key's last word carries a 16-bit [`check`] of the value's backend and service,
 /// written with the ports in one store, so a way whose key and value come from two writers
 /// reads as no entry (its flow is scheduled again, as after an eviction), never as the
-/// other flow's backend.
+/// other flow's backend. A lookup passes such a way over (until 2026-12-07 it stopped
+/// there, so the entry written again in another way was hidden and every packet of the
+/// flow was scheduled anew until CLOCK took the torn way).
+///
+/// The NAT reply mappings (`NAT_REPLIES`) are a second table of this kind, of
+/// [`ReplySet`]s: 192-byte ways, a [`NatReply`](super::NatReply) each.
 pub mod flow_table {
     use super::{FlowKey, FlowValue};
 
@@ -139,28 +144,70 @@ pub mod flow_table {
         pub _pad: [u32; 6],
     }
 
+    /// What a way holds: a flow's [`FlowValue`] (`FLOWS`) or a NAT reply mapping
+    /// ([`NatReply`](super::NatReply), `NAT_REPLIES`). Its backend and service ids make the
+    /// way's [`check`].
+    pub trait Value: Copy {
+        /// (backend id, service id).
+        fn ids(&self) -> (u32, u32);
+    }
+
+    impl Value for FlowValue {
+        #[inline(always)]
+        fn ids(&self) -> (u32, u32) {
+            (self.backend, self.service)
+        }
+    }
+
+    impl Value for super::NatReply {
+        #[inline(always)]
+        fn ids(&self) -> (u32, u32) {
+            (self.backend, self.service)
+        }
+    }
+
     /// One entry: the key's words as the data plane loads them ([`FlowKey`]'s five 8-byte
-    /// words; the last with the [`check`] in its top 16 bits) and the value.
+    /// words; the last with the [`check`] in its top 16 bits) and the value. `FLOWS`' ways
+    /// are 64 bytes, `NAT_REPLIES`' ([`ReplyWay`]) 192.
     #[repr(C)]
-    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-    pub struct Way {
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Way<V = FlowValue> {
         pub key: [u64; 5],
-        pub value: FlowValue,
+        pub value: V,
     }
 
     /// The value of `FLOWS`: 17 cache lines (the array's values start on a page:
-    /// `BPF_F_MMAPABLE`, so each set's lines are whole).
+    /// `BPF_F_MMAPABLE`, so each set's lines are whole). `NAT_REPLIES`' ([`ReplySet`]): 49.
     #[repr(C)]
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-    pub struct Set {
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Set<W = Way> {
         pub head: Head,
-        pub ways: [Way; WAYS],
+        pub ways: [W; WAYS],
     }
+
+    /// A way of the NAT reply mappings (`NAT_REPLIES`): the reply's key (as the backend
+    /// sends it) and what to restore; three cache lines.
+    pub type ReplyWay = Way<super::NatReply>;
+    /// A set of `NAT_REPLIES`.
+    pub type ReplySet = Set<ReplyWay>;
+
+    // SAFETY: `repr(C)` structs of plain words whose sizes (asserted below) leave no padding.
+    unsafe impl bytemuck::Zeroable for Way {}
+    unsafe impl bytemuck::Pod for Way {}
+    unsafe impl bytemuck::Zeroable for ReplyWay {}
+    unsafe impl bytemuck::Pod for ReplyWay {}
+    unsafe impl bytemuck::Zeroable for Set {}
+    unsafe impl bytemuck::Pod for Set {}
+    unsafe impl bytemuck::Zeroable for ReplySet {}
+    unsafe impl bytemuck::Pod for ReplySet {}
 
     const _: () = assert!(
         core::mem::size_of::<Head>() == 64
             && core::mem::size_of::<Way>() == 64
             && core::mem::size_of::<FlowKey>() == 40
+            && core::mem::size_of::<ReplyWay>() == 192
+            && core::mem::size_of::<Set>() == 64 + 64 * WAYS
+            && core::mem::size_of::<ReplySet>() == 64 + 192 * WAYS
     );
 
     /// The 5-tuple's hash: `h = (((w0·C ⊕ w1)·C ⊕ w2)·C ⊕ w3)·C ⊕ ports`, then
@@ -199,18 +246,20 @@ pub mod flow_table {
     }
 
     /// `key` as a way holds it, with `value`'s check.
-    pub fn way(key: &FlowKey, value: FlowValue) -> Way {
+    pub fn way<V: Value>(key: &FlowKey, value: V) -> Way<V> {
         let mut w: [u64; 5] = bytemuck::cast(*key);
-        w[4] = w[4] & KEY_BITS | check(value.backend, value.service);
+        let (backend, service) = value.ids();
+        w[4] = w[4] & KEY_BITS | check(backend, service);
         Way { key: w, value }
     }
 
-    impl Way {
+    impl<V: Value> Way<V> {
         /// Whether the key's check agrees with the value: not a way torn between two
         /// writers.
         #[inline(always)]
         pub fn intact(&self) -> bool {
-            self.key[4] & !KEY_BITS == check(self.value.backend, self.value.service)
+            let (backend, service) = self.value.ids();
+            self.key[4] & !KEY_BITS == check(backend, service)
         }
 
         /// The flow's key, if the way is [`Way::intact`].
@@ -539,8 +588,7 @@ pub struct PersistValue {
 pub const PERSIST_CAPACITY: u32 = 1 << 18;
 
 /// The connection's 5-tuple as seen on the wire (client -> VIP), either family: the key of
-/// `FLOWS` ([`flow_table`]), `NAT_REPLIES6`, and the form every flow has outside the IPv4
-/// reply mappings' keys ([`FlowKey4`]).
+/// `FLOWS` and `NAT_REPLIES` ([`flow_table`]).
 /// 8-aligned so the data plane copies and hashes it in whole words.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -554,10 +602,9 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Key of `NAT_REPLIES4` (and of `FLOWS4` before layout 12): an IPv4 5-tuple in 16 bytes.
-/// The kernel hashes and compares the whole key on every lookup (jhash, byte-wise compare), and a 16-byte key costs one mixing round
-/// where [`FlowKey`]'s 40 bytes cost three: an IPv4 flow hit measured about 3 ns cheaper
-/// (same-process A/B on the bench VM).
+/// An IPv4 5-tuple in 16 bytes: what [`flow_hash`] mixes for an IPv4 flow. (The key of
+/// `FLOWS4` and `NAT_REPLIES4`, LRU hashes, before layout 12: the kernel hashed and compared
+/// the whole key, and 16 bytes cost one jhash round where [`FlowKey`]'s 40 cost three.)
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FlowKey4 {
@@ -675,13 +722,13 @@ pub const FLOW_F_SNAT: u16 = 4;
 /// `FlowValue::flags`: the flow's end was counted (`BACKEND_ACTIVE` decremented once).
 pub const FLOW_F_ENDED: u16 = 8;
 
-/// Value of `NAT_REPLIES4`/`NAT_REPLIES6`, keyed by a reply's 5-tuple as it arrives from the
-/// backend (`FlowKey` layout, IPv4 as [`FlowKey4`]: src = backend, dst = client or full-NAT
-/// source): what to restore. 128 bytes, what a half-NAT reply reads in the first 64: an
-/// `NAT_REPLIES4` element is then 192 bytes (the kernel's 48-byte header, the key, the
-/// value), so elements and their values start on cache lines and a reply that misses every
-/// cache waits for one line of its value (until layout 11 the 88-byte value's fields
-/// straddled two lines in most elements, and the next hop was not in it).
+/// The value of a `NAT_REPLIES` way ([`flow_table::ReplyWay`]), keyed by a reply's 5-tuple
+/// as it arrives from the backend (src = backend, dst = client or full-NAT source): what to
+/// restore. 152 bytes, so a way is three cache lines: the key and the VIP, ports and flags
+/// in the first, the ids, the next hop and the full-NAT client in the second, what only a
+/// closing reply reads (the forward flow) after. (Until layout 12 two LRU hashes,
+/// `NAT_REPLIES4` and `NAT_REPLIES6`, of 128-byte values: 461 MB for the default million
+/// entries, where this table takes 205 MB.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct NatReply {
@@ -707,13 +754,14 @@ pub struct NatReply {
     pub client: [u8; 16],
     /// The forward flow, so a FIN/RST from the backend can end it.
     pub flow: FlowKey,
-    pub _pad2: [u8; 8],
+    pub _pad2: [u8; 32],
 }
 
-// The half-NAT reply's fields in the value's first cache line, the value two lines long.
-const _: () = assert!(core::mem::size_of::<NatReply>() == 128);
-const _: () =
-    assert!(core::mem::offset_of!(NatReply, hop) + core::mem::size_of::<ReplyHop>() == 64);
+// In a way (after the 40-byte key): the VIP, ports and flags in its first cache line, the
+// ids, the next hop and the client in its second.
+const _: () = assert!(core::mem::size_of::<NatReply>() == 152);
+const _: () = assert!(40 + core::mem::offset_of!(NatReply, service) == 64);
+const _: () = assert!(40 + core::mem::offset_of!(NatReply, client) + 16 <= 128);
 
 /// [`NatReply::hop`]: it answers until jiffy `expires_j` (a second after the FIB's answer,
 /// as the per-CPU next-hop cache's), for replies that come in on `ingress` and fit in `mtu`
@@ -1140,7 +1188,7 @@ pub mod stage {
         (LIVENESS, "backend and flow liveness"),
         (
             NAT_MAPPING,
-            "reply mapping (NAT_REPLIES4) made sure of, when due",
+            "reply mapping (NAT_REPLIES) made sure of, when due (its write: after the call)",
         ),
         (NAT_REWRITE, "rewrite (addresses, ports, checksums, TTL)"),
         (NAT_ROUTE, "next hop (cached), MACs, send"),
@@ -1172,9 +1220,8 @@ pub mod maps {
     pub const REASONS: &str = "REASONS";
     pub const VIPS: &str = "VIPS";
     pub const TX_PORTS: &str = "TX_PORTS";
-    /// The NAT reply mappings, one per family like the flow table.
-    pub const NAT_REPLIES4: &str = "NAT_REPLIES4";
-    pub const NAT_REPLIES6: &str = "NAT_REPLIES6";
+    /// The NAT reply mappings ([`super::flow_table::ReplySet`]s), both families.
+    pub const NAT_REPLIES: &str = "NAT_REPLIES";
     pub const SNAT_POOL: &str = "SNAT_POOL";
     pub const SNAT_CONFIG: &str = "SNAT_CONFIG";
     pub const META: &str = "META";
@@ -1191,7 +1238,7 @@ pub mod maps {
     /// sized by `flow_cache_size`).
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
     /// Every map the director pins, in a stable order.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 23] = [
         SERVICES,
         RINGS,
         BACKENDS,
@@ -1202,8 +1249,7 @@ pub mod maps {
         REASONS,
         VIPS,
         TX_PORTS,
-        NAT_REPLIES4,
-        NAT_REPLIES6,
+        NAT_REPLIES,
         SNAT_POOL,
         SNAT_CONFIG,
         META,
@@ -1247,7 +1293,8 @@ pub mod meta {
 /// adopting controller; so a director of layout 11 is still adopted, its connections kept
 /// (the old `FAST_SERVICES` pin stays unused until `xdplb detach` removes the directory).
 /// 12 = `FLOWS4` and `FLOWS6` (LRU hashes) replaced by `FLOWS`, one set-associative array
-/// for both families ([`flow_table`]).
+/// for both families ([`flow_table`]), and `NAT_REPLIES4` and `NAT_REPLIES6` by
+/// `NAT_REPLIES`, another ([`flow_table::ReplySet`]).
 pub const LAYOUT_VERSION: u64 = 12;
 
 /// A pending incremental Internet checksum update (RFC 1624 eq. 3: HC' = ~(~HC + ~m + m'))
@@ -1369,6 +1416,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey4 {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::flow_table::Set {}
+    unsafe impl aya::Pod for super::flow_table::ReplySet {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::IfaceInfo {}
     const _: () = assert!(core::mem::size_of::<super::IfaceInfo>() == 32);
@@ -1603,6 +1651,47 @@ mod tests {
         assert_eq!(sets_for(1000), 64, "rounded up to a power of two");
         assert_eq!(sets_for(1), 1);
         assert_eq!(sets_for(FLOW_TABLE_CAPACITY), FLOW_TABLE_CAPACITY / 16);
+    }
+
+    /// A reply mapping's way: the same key words and check as a flow's, three cache lines,
+    /// what a half-NAT reply reads (VIP, ports, flags; ids, next hop) in the first two.
+    #[test]
+    fn reply_ways_hold_their_key_and_check_like_flow_ways() {
+        use super::flow_table::*;
+        use super::NatReply;
+        use core::mem::offset_of;
+        let key = FlowKey {
+            src: [198, 18, 5, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [198, 18, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            sport_be: 8080u16.to_be(),
+            dport_be: 40000u16.to_be(),
+            proto: super::IPPROTO_TCP,
+            family: super::AF_INET,
+            _pad: [0; 2],
+        };
+        let value = NatReply {
+            backend: 4,
+            service: 2,
+            ..NatReply::default()
+        };
+        let way = way(&key, value);
+        assert_eq!(way.key[4] & !KEY_BITS, check(4, 2));
+        assert_eq!(way.flow(), Some(key));
+        let torn = Way {
+            value: NatReply {
+                backend: 5,
+                ..value
+            },
+            ..way
+        };
+        assert_eq!(torn.flow(), None, "a value from another writer: no mapping");
+        let at = |field: usize| (offset_of!(ReplyWay, value) + field) / 64;
+        assert_eq!(at(offset_of!(NatReply, vip)), 0);
+        assert_eq!(at(offset_of!(NatReply, flags)), 0);
+        assert_eq!(at(offset_of!(NatReply, service)), 1);
+        assert_eq!(at(offset_of!(NatReply, hop) + 31), 1);
+        assert_eq!(at(offset_of!(NatReply, client) + 15), 1);
+        assert_eq!(core::mem::size_of::<ReplySet>(), 64 * 49);
     }
 
     /// 65,536 IPv4 clients (sequential addresses and ports, as the benches' drivers make

@@ -1,17 +1,17 @@
 //! The connection table: an established flow keeps its backend whatever the rings say.
 
-use aya_ebpf::btf_maps::{Array as BtfArray, LruHashMap as BtfLruHashMap};
+use aya_ebpf::btf_maps::Array as BtfArray;
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::btf_map,
     Global,
 };
 use lb_common::cache_slot::{self, CLOCK, IDS_SHIFT, TUPLE};
-use lb_common::flow_table::{self, Set, Way};
+use lb_common::flow_table::{self, Head, ReplySet, Set, Value, Way};
 use lb_common::{
-    mode, reason, udp_cache_ticks, udp_expired, udp_touch_ns, Backend, FlowKey, FlowKey4,
-    FlowValue, ServiceMeta, AF_INET, FLOW_F_ENDED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT,
-    FLOW_F_SNAT, FLOW_TABLE_CAPACITY, IPPROTO_TCP, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
+    mode, reason, udp_cache_ticks, udp_expired, udp_touch_ns, Backend, FlowKey, FlowValue,
+    NatReply, ServiceMeta, FLOW_F_ENDED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_SNAT,
+    IPPROTO_TCP, IPPROTO_UDP, UDP_IDLE_DEFAULT_NS,
 };
 
 use crate::select;
@@ -29,44 +29,6 @@ static FLOWS: BtfArray<Set, 1, { lb_common::BPF_F_MMAPABLE as usize }> = BtfArra
 /// `DEBUG_LOG`).
 #[unsafe(no_mangle)]
 static FLOW_SET_BITS: Global<u32> = Global::new(16);
-
-/// A table the data plane keeps apart by family, as two LRU hashes of the same capacity:
-/// IPv4 entries under 16-byte [`FlowKey4`]s (the kernel hashes and compares the whole key),
-/// IPv6 ones under [`FlowKey`]s. The NAT reply mappings.
-pub struct ByFamily<V: 'static, const FLAGS: usize> {
-    pub v4: &'static BtfLruHashMap<FlowKey4, V, { FLOW_TABLE_CAPACITY as usize }, FLAGS>,
-    pub v6: &'static BtfLruHashMap<FlowKey, V, { FLOW_TABLE_CAPACITY as usize }, FLAGS>,
-}
-
-impl<V, const FLAGS: usize> ByFamily<V, FLAGS> {
-    /// The entry of `key` (to read, or to update in place).
-    #[inline(always)]
-    pub fn get(&self, key: &FlowKey) -> Option<*mut V> {
-        if key.family == AF_INET {
-            self.v4.get_ptr_mut(FlowKey4::of(key))
-        } else {
-            self.v6.get_ptr_mut(key)
-        }
-    }
-
-    #[inline(always)]
-    pub fn insert(&self, key: &FlowKey, value: &V) -> bool {
-        if key.family == AF_INET {
-            self.v4.insert(FlowKey4::of(key), value, 0).is_ok()
-        } else {
-            self.v6.insert(key, value, 0).is_ok()
-        }
-    }
-
-    #[inline(always)]
-    pub fn remove(&self, key: &FlowKey) {
-        let _ = if key.family == AF_INET {
-            self.v4.remove(FlowKey4::of(key))
-        } else {
-            self.v6.remove(key)
-        };
-    }
-}
 
 /// `key`'s word `i` (of five; the last as a way holds it, without the check).
 #[inline(always)]
@@ -97,7 +59,7 @@ fn key_hash(key: &FlowKey) -> u64 {
 
 /// Whether `way` holds `key`.
 #[inline(always)]
-fn holds_key(way: &Way, key: &FlowKey) -> bool {
+fn holds_key<V>(way: &Way<V>, key: &FlowKey) -> bool {
     way.key[0] == key_word(key, 0)
         && way.key[1] == key_word(key, 1)
         && way.key[2] == key_word(key, 2)
@@ -105,12 +67,13 @@ fn holds_key(way: &Way, key: &FlowKey) -> bool {
         && way.key[4] & flow_table::KEY_BITS == key_word(key, 4)
 }
 
-/// The first empty way of `set` (tag 0), or [`flow_table::WAYS`]: four tags at a time.
+/// The first empty way of the set headed by `head` (tag 0), or [`flow_table::WAYS`]: four
+/// tags at a time.
 #[inline(always)]
-fn empty_way(set: &Set) -> usize {
+fn empty_way(head: &Head) -> usize {
     let mut q = 0;
     while q < flow_table::WAYS / 4 {
-        let m = zero_lanes(tag_word(set, q));
+        let m = zero_lanes(tag_word(head, q));
         if m != 0 {
             // The lowest marked lane is a zero lane (a lane above one may be marked too).
             let mut l = 0;
@@ -137,14 +100,17 @@ fn zero_lanes(x: u64) -> u64 {
     x.wrapping_sub(LANES_LO) & !x & LANES_HI
 }
 
-/// The way of `set` whose tag is `tag` and which holds `key`, or [`flow_table::WAYS`]. One
-/// tag at a time: comparing four at a time ([`empty_way`]'s way) took `xdplb_flow_find`'s
-/// frame 48 -> 80 bytes, which the NAT reply's call chain has no room for.
+/// The way of `set` whose tag is `tag` and which holds `key` intact, or
+/// [`flow_table::WAYS`]. A torn way ([`Way::intact`]) is passed over: it is no entry, and
+/// the entry written again after it (in another way) is the key's. One tag at a time:
+/// comparing four at a time ([`empty_way`]'s way) took `xdplb_flow_find`'s frame 48 -> 80
+/// bytes, which the NAT reply's call chain has no room for.
 #[inline(always)]
-fn way_of(set: &Set, tag: u16, key: &FlowKey) -> usize {
+fn way_of<V: Value>(set: &Set<Way<V>>, tag: u16, key: &FlowKey) -> usize {
     let mut i = 0;
     while i < flow_table::WAYS {
-        if set.head.tags[i] == tag && holds_key(&set.ways[i], key) {
+        let way = &set.ways[i];
+        if set.head.tags[i] == tag && holds_key(way, key) && way.intact() {
             return i;
         }
         i += 1;
@@ -152,19 +118,19 @@ fn way_of(set: &Set, tag: u16, key: &FlowKey) -> usize {
     flow_table::WAYS
 }
 
-/// Tags `4q .. 4q + 4` of `set` as one word.
+/// Tags `4q .. 4q + 4` of the set headed by `head` as one word.
 #[inline(always)]
-fn tag_word(set: &Set, q: usize) -> u64 {
+fn tag_word(head: &Head, q: usize) -> u64 {
     // SAFETY: 8 bytes inside the header's 32 bytes of tags (`q` < 4), 8-aligned (a set
     // starts on a cache line).
-    unsafe { lb_ebpf::load_u64((set.head.tags.as_ptr() as *const u8).add(8 * q)) }
+    unsafe { lb_ebpf::load_u64((head.tags.as_ptr() as *const u8).add(8 * q)) }
 }
 
 /// Publish or clear way `i`'s tag: stores the compiler keeps in order around the way's.
 #[inline(always)]
-fn set_tag(set: &mut Set, i: usize, tag: u16) {
+fn set_tag(head: &mut Head, i: usize, tag: u16) {
     // SAFETY: a field of a live map value.
-    unsafe { core::ptr::write_volatile(&mut set.head.tags[i], tag) };
+    unsafe { core::ptr::write_volatile(&mut head.tags[i], tag) };
 }
 
 /// The table entry of a flow (to read, or to update in place: NAT state, UDP clock). Marks
@@ -227,7 +193,14 @@ pub extern "C" fn xdplb_flow_find(key: *const FlowKey) -> u32 {
 fn find(key: &FlowKey) -> u32 {
     let h = key_hash(key);
     let index = flow_table::set_of(h, FLOW_SET_BITS.load());
-    let Some(set) = FLOWS.get_ptr_mut(index) else {
+    find_in(FLOWS.get_ptr_mut(index), index, h, key)
+}
+
+/// Where `key` (hash `h`) is in `set` (set `index` of its table, if the table has it): as
+/// [`xdplb_flow_find`] answers, for either table.
+#[inline(always)]
+fn find_in<V: Value>(set: Option<*mut Set<Way<V>>>, index: u32, h: u64, key: &FlowKey) -> u32 {
+    let Some(set) = set else {
         return NO_WAY;
     };
     // SAFETY: a live array value.
@@ -239,9 +212,6 @@ fn find(key: &FlowKey) -> u32 {
     let bit = 1u32 << i;
     if set.head.refs & bit == 0 {
         set.head.refs |= bit;
-    }
-    if !set.ways[i].intact() {
-        return NO_WAY;
     }
     index << WAY_BITS | i as u32
 }
@@ -263,17 +233,49 @@ pub extern "C" fn xdplb_flow_insert(key: *const FlowKey, value: *const FlowValue
     };
     let h = key_hash(key);
     let index = flow_table::set_of(h, FLOW_SET_BITS.load());
-    let Some(set) = FLOWS.get_ptr_mut(index) else {
+    record(FLOWS.get_ptr_mut(index), index, h, key, own, value)
+}
+
+/// Record `value` for `key` (hash `h`) in `set` (set `index` of its table, if the table has
+/// it): in `own` ([`xdplb_flow_find`]'s answer, a way of this set), else an empty way, else
+/// CLOCK's ([`claim`]). 1: recorded; 0: not.
+#[inline(always)]
+fn record<V: Value>(
+    set: Option<*mut Set<Way<V>>>,
+    index: u32,
+    h: u64,
+    key: &FlowKey,
+    own: u32,
+    value: &V,
+) -> u32 {
+    let Some(set) = set else {
         return 0;
     };
     // SAFETY: a live array value.
     let set = unsafe { &mut *set };
-    let tag = flow_table::tag(h);
-    // The caller's own way (a flow rescheduled in place), else an empty one.
-    let mut at = if own != NO_WAY && own >> WAY_BITS == index {
+    let own = if own != NO_WAY && own >> WAY_BITS == index {
         (own & WAY_MASK) as usize
     } else {
-        empty_way(set)
+        flow_table::WAYS
+    };
+    let at = claim(set, own);
+    if at >= flow_table::WAYS {
+        return 0;
+    }
+    set.ways[at].value = *value;
+    publish(set, at, key, flow_table::tag(h));
+    1
+}
+
+/// The way of `set` a new entry takes ([`xdplb_flow_insert`]): `own` if below
+/// [`flow_table::WAYS`], else an empty one, else CLOCK's; its reference bit and tag
+/// cleared, so no reader takes it for an entry while it is written ([`publish`] then).
+#[inline(always)]
+fn claim<W>(set: &mut Set<W>, own: usize) -> usize {
+    let mut at = if own < flow_table::WAYS {
+        own
+    } else {
+        empty_way(&set.head)
     };
     if at >= flow_table::WAYS {
         // One exit per way: the verifier walks 16 paths, not 2^16.
@@ -295,21 +297,27 @@ pub extern "C" fn xdplb_flow_insert(key: *const FlowKey, value: *const FlowValue
         set.head.hand = (at as u32 + 1) % flow_table::WAYS as u32;
     }
     if at >= flow_table::WAYS {
-        return 0;
+        return flow_table::WAYS;
     }
     set.head.refs &= !(1u32 << at);
-    set_tag(set, at, 0);
+    set_tag(&mut set.head, at, 0);
+    at
+}
+
+/// Finish way `at` of `set` ([`claim`]ed, its value written): `key`'s words with the
+/// value's check, then the tag.
+#[inline(always)]
+fn publish<V: Value>(set: &mut Set<Way<V>>, at: usize, key: &FlowKey, tag: u16) {
     let way = &mut set.ways[at];
-    way.value = *value;
+    let (backend, service) = way.value.ids();
     way.key = [
         key_word(key, 0),
         key_word(key, 1),
         key_word(key, 2),
         key_word(key, 3),
-        key_word(key, 4) | flow_table::check(value.backend, value.service),
+        key_word(key, 4) | flow_table::check(backend, service),
     ];
-    set_tag(set, at, tag);
-    1
+    set_tag(&mut set.head, at, tag);
 }
 
 /// End a flow (NAT close, RST): the next packet of this 5-tuple is a new flow. Inline,
@@ -323,7 +331,136 @@ pub fn forget(key: &FlowKey) {
     if v.flags & FLOW_F_ENDED == 0 {
         select::active_add(v.backend, -1);
     }
-    set_tag(set, i, 0);
+    set_tag(&mut set.head, i, 0);
+}
+
+/// The NAT reply mappings, by the reply's 5-tuple as the backend sends it: a table like
+/// [`FLOWS`] (same hash, tags, CLOCK eviction and torn-way check; see
+/// [`lb_common::flow_table`]) of 192-byte ways ([`lb_common::flow_table::ReplyWay`]), as
+/// many entries as the flow table. (Until layout 12 two LRU hashes, one per family: a reply
+/// past every cache read the bucket, the element's header and its value, three lines on
+/// pages of their own, where this reads the set's header and the way; and they held 461 MB
+/// for the default million entries, this 205 MB.)
+#[btf_map]
+static NAT_REPLIES: BtfArray<ReplySet, 1, { lb_common::BPF_F_MMAPABLE as usize }> = BtfArray::new();
+
+/// log2 of [`NAT_REPLIES`]' sets, set at load time (as [`FLOW_SET_BITS`]).
+#[unsafe(no_mangle)]
+static REPLY_SET_BITS: Global<u32> = Global::new(16);
+
+/// Where the reply mapping of `key` (a reply as it arrives) is, as [`xdplb_flow_find`]
+/// answers for the flow table: [`reply_at`] reads it, [`reply_forget_at`] drops it. Out of
+/// line and global for the verifier, as [`xdplb_flow_find`].
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn xdplb_reply_find(key: *const FlowKey) -> u32 {
+    // SAFETY: null or valid, from the NAT reply path.
+    let Some(key) = (unsafe { key.as_ref() }) else {
+        return NO_WAY;
+    };
+    let h = key_hash(key);
+    let index = flow_table::set_of(h, REPLY_SET_BITS.load());
+    find_in(NAT_REPLIES.get_ptr_mut(index), index, h, key)
+}
+
+/// The mapping at [`xdplb_reply_find`]'s answer `at` (to read, or to update in place).
+#[inline(always)]
+pub fn reply_at(at: u32) -> Option<*mut NatReply> {
+    if at == NO_WAY {
+        return None;
+    }
+    let set = NAT_REPLIES.get_ptr_mut(at >> WAY_BITS)?;
+    // SAFETY: a live array value; the way's index is below `WAYS`.
+    Some(unsafe { &mut (*set).ways[(at & WAY_MASK) as usize].value })
+}
+
+/// Drop the mapping at [`xdplb_reply_find`]'s answer `at` (its tag cleared).
+#[inline(always)]
+pub fn reply_forget_at(at: u32) {
+    if at == NO_WAY {
+        return;
+    }
+    if let Some(set) = NAT_REPLIES.get_ptr_mut(at >> WAY_BITS) {
+        // SAFETY: a live array value; the way's index is below `WAYS`.
+        set_tag(unsafe { &mut (*set).head }, (at & WAY_MASK) as usize, 0);
+    }
+}
+
+/// Whether [`NAT_REPLIES`] may hold a mapping for the key of `src` and `dst` (16 address
+/// bytes each, in map values: any alignment) and `ports` (the key's last word: ports,
+/// protocol, family): a way of its set carries its tag. Never no where it holds one; yes
+/// for another key of the same tag too, which costs a full-NAT source port search one more
+/// try. The four tag words compared as words, without a branch per way (an exact compare
+/// branches per way, and called in the port search's eight tries it took the verifier past
+/// its million instructions), in registers (its frame is the array index's 8 bytes): out
+/// of line, for `xdplb_nat_forward`, whose chain has room for no more (inline, its hash
+/// cost that frame 8 bytes past the 512-byte stack), taking the key as its parts (a key
+/// built on the frame to point at costs 40).
+#[inline(never)]
+pub fn reply_may_hold(src: &[u8; 16], dst: &[u8; 16], ports: u64) -> bool {
+    // SAFETY: 8-byte loads inside the two addresses.
+    let h = unsafe {
+        let (s, d) = (src.as_ptr(), dst.as_ptr());
+        flow_table::hash(&[
+            lb_ebpf::load_u64(s),
+            lb_ebpf::load_u64(s.add(8)),
+            lb_ebpf::load_u64(d),
+            lb_ebpf::load_u64(d.add(8)),
+            ports,
+        ])
+    };
+    let Some(set) = NAT_REPLIES.get_ptr(flow_table::set_of(h, REPLY_SET_BITS.load())) else {
+        return true;
+    };
+    // SAFETY: a live array value.
+    let head = unsafe { &(*set).head };
+    let t = u64::from(flow_table::tag(h)).wrapping_mul(LANES_LO);
+    let mut any = 0;
+    let mut q = 0;
+    while q < flow_table::WAYS / 4 {
+        any |= zero_lanes(tag_word(head, q) ^ t);
+        q += 1;
+    }
+    any != 0
+}
+
+/// [`reply_put`]: write the mapping (in its own way, else an empty one, else CLOCK's).
+pub const REPLY_PUT: u32 = 1 << 9;
+/// [`reply_put`]: write it only if the table has no mapping (intact) for its key.
+pub const REPLY_PUT_IF_ABSENT: u32 = 1 << 10;
+/// [`reply_put`]: drop the mapping of its key (wins over the others).
+pub const REPLY_REMOVE: u32 = 1 << 11;
+/// Every [`reply_put`] operation.
+pub const REPLY_OPS: u32 = REPLY_PUT | REPLY_PUT_IF_ABSENT | REPLY_REMOVE;
+
+/// Apply `op` ([`REPLY_OPS`]) to [`NAT_REPLIES`] with `src`: its key words are the reply's
+/// key (without the check), its value the mapping. 1: done (or nothing to do); 0: no room.
+/// The key's own way comes from [`xdplb_reply_find`], a call: found inline, each of the 16
+/// ways it may be in reached the rest in a state of its own (the debug-log director
+/// 279k -> 360k verified instructions).
+#[inline(always)]
+pub fn reply_put(src: &lb_common::flow_table::ReplyWay, op: u32) -> u32 {
+    // SAFETY: five 8-aligned words are a `FlowKey` (any bits are one; `key_word` masks the
+    // last as the table does).
+    let key = unsafe { &*(src.key.as_ptr() as *const FlowKey) };
+    let found = xdplb_reply_find(key);
+    if op & REPLY_REMOVE != 0 {
+        reply_forget_at(found);
+        return 1;
+    }
+    if found != NO_WAY && op & REPLY_PUT == 0 {
+        return 1;
+    }
+    let h = key_hash(key);
+    let index = flow_table::set_of(h, REPLY_SET_BITS.load());
+    record(
+        NAT_REPLIES.get_ptr_mut(index),
+        index,
+        h,
+        key,
+        found,
+        &src.value,
+    )
 }
 
 /// The client ends a connection the ring fast path sends (FIN or RST on a clean slot): end

@@ -11,8 +11,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maps, Backend, Counters, FlowKey, FlowKey4, IfaceInfo, NatReply, ServiceMeta, SnatAddr,
-    SnatConfig, VipAddr, VipKey,
+    maps, Backend, Counters, FlowKey, IfaceInfo, ServiceMeta, SnatAddr, SnatConfig, VipAddr, VipKey,
 };
 
 use crate::config;
@@ -97,7 +96,7 @@ pub struct Maps {
     pub reasons: PerCpuArray<MapData, u64>,
     pub vips: HashMap<MapData, VipAddr, u32>,
     pub tx_ports: DevMapHash<MapData>,
-    pub nat_replies: NatReplies,
+    pub nat_replies: crate::flow_table::ReplyTable,
     pub snat_pool: Array<MapData, SnatAddr>,
     pub snat_config: Array<MapData, SnatConfig>,
     pub meta: Array<MapData, u64>,
@@ -110,67 +109,6 @@ pub struct Maps {
     pub service_index: Array<MapData, u32>,
     pub ring_dirty: Array<MapData, u64>,
     pub ring_held: Array<MapData, lb_common::RingEntry>,
-}
-
-/// A table the data plane keeps apart by family: IPv4 entries under 16-byte keys
-/// ([`FlowKey4`]; the kernel hashes and compares the whole key), IPv6 ones under
-/// [`FlowKey`]s. The controller sees one table of [`FlowKey`]s.
-pub struct ByFamily<V: aya::Pod> {
-    pub v4: HashMap<MapData, FlowKey4, V>,
-    pub v6: HashMap<MapData, FlowKey, V>,
-}
-
-/// The NAT reply mappings (`NAT_REPLIES4`, `NAT_REPLIES6`), keyed by the reply's 5-tuple.
-pub type NatReplies = ByFamily<NatReply>;
-
-impl<V: aya::Pod> ByFamily<V> {
-    fn open(
-        get: &mut impl FnMut(&'static str) -> Result<Map>,
-        v4: &'static str,
-        v6: &'static str,
-    ) -> Result<Self> {
-        Ok(ByFamily {
-            v4: get(v4)?.try_into()?,
-            v6: get(v6)?.try_into()?,
-        })
-    }
-
-    pub fn get(&self, key: &FlowKey) -> Option<V> {
-        if key.family == lb_common::AF_INET {
-            self.v4.get(&FlowKey4::of(key), 0).ok()
-        } else {
-            self.v6.get(key, 0).ok()
-        }
-    }
-
-    pub fn remove(&mut self, key: &FlowKey) -> Result<()> {
-        if key.family == lb_common::AF_INET {
-            self.v4.remove(&FlowKey4::of(key))?;
-        } else {
-            self.v6.remove(key)?;
-        }
-        Ok(())
-    }
-
-    /// Write `key`'s value (fixtures: a state the data plane would reach more slowly).
-    pub fn insert(&mut self, key: &FlowKey, value: V) -> Result<()> {
-        if key.family == lb_common::AF_INET {
-            self.v4.insert(FlowKey4::of(key), value, 0)?;
-        } else {
-            self.v6.insert(key, value, 0)?;
-        }
-        Ok(())
-    }
-
-    /// Every entry (entries that vanish during the walk are skipped).
-    pub fn iter(&self) -> impl Iterator<Item = (FlowKey, V)> + '_ {
-        let v4 = self
-            .v4
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| (k.key(), v));
-        v4.chain(self.v6.iter().filter_map(|r| r.ok()))
-    }
 }
 
 impl Maps {
@@ -186,7 +124,7 @@ impl Maps {
             reasons: get(maps::REASONS)?.try_into()?,
             vips: get(maps::VIPS)?.try_into()?,
             tx_ports: get(maps::TX_PORTS)?.try_into()?,
-            nat_replies: NatReplies::open(&mut get, maps::NAT_REPLIES4, maps::NAT_REPLIES6)?,
+            nat_replies: crate::flow_table::ReplyTable::open(get(maps::NAT_REPLIES)?)?,
             snat_pool: get(maps::SNAT_POOL)?.try_into()?,
             snat_config: get(maps::SNAT_CONFIG)?.try_into()?,
             meta: get(maps::META)?.try_into()?,
@@ -553,9 +491,6 @@ impl Director {
     pub fn load(opts: &LoadOptions<'_>) -> Result<Self> {
         let pin_dir = opts.pin_dir;
         let mut loader = EbpfLoader::new();
-        // One reply mapping per NAT flow.
-        loader.map_max_entries(maps::NAT_REPLIES4, opts.flow_table_size);
-        loader.map_max_entries(maps::NAT_REPLIES6, opts.flow_table_size);
         let debug_log = u8::from(opts.debug_log);
         loader.override_global("DEBUG_LOG", &debug_log, true);
         let udp_idle_ns = opts.udp_idle.as_nanos() as u64;
@@ -582,6 +517,9 @@ impl Director {
         let flow_set_bits = flow_sets.trailing_zeros();
         loader.map_max_entries(maps::FLOWS, flow_sets);
         loader.override_global("FLOW_SET_BITS", &flow_set_bits, true);
+        // One reply mapping per NAT flow: as many sets (an adopted director's too).
+        loader.map_max_entries(maps::NAT_REPLIES, flow_sets);
+        loader.override_global("REPLY_SET_BITS", &flow_set_bits, true);
         let mut adopting = false;
         if let Some(dir) = pin_dir {
             check_bpffs(dir)?;

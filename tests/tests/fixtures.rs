@@ -802,6 +802,30 @@ fn a_way_torn_between_two_writers_is_no_entry() {
     );
     let entry = h.director.maps.flows.get(&k).expect("recorded again");
     assert_eq!(entry.backend, backend);
+    // Recorded in another way: the torn one stays (CLOCK takes it in time) and does not
+    // hide the new entry from the next packet, a hit, not one more new flow.
+    let (set, at) = h.director.maps.flows.position(&k);
+    assert!(at.is_some(), "the new entry found past the torn way");
+    assert_eq!(
+        h.director
+            .maps
+            .flows
+            .head(set)
+            .tags
+            .iter()
+            .filter(|&&t| t != 0)
+            .count(),
+        2,
+        "the torn way and the new one"
+    );
+    let new_flows = || {
+        lb_userspace::dataplane::Maps::sum_counters(&h.director.maps.service_stats, 0)
+            .unwrap()
+            .new_flows
+    };
+    let before = new_flows();
+    assert_eq!(dst_mac(&h, &p), h.backend_mac(backend));
+    assert_eq!(new_flows(), before, "a hit on the new entry");
 }
 
 #[test]

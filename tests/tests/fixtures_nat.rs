@@ -1003,3 +1003,135 @@ fn fullnat_flows_are_cached_with_their_source() {
         }
     });
 }
+
+/// Clients of the `nat` service (from 198.18.2.1) whose replies' mappings all hash to one
+/// set of `NAT_REPLIES`, `n` of them, with their replies.
+fn same_reply_set_flows(h: &Harness, n: usize) -> Vec<(Pkt, Pkt)> {
+    let replies = &h.director.maps.nat_replies;
+    let bits = replies.sets().trailing_zeros();
+    let set_of = |k: &lb_common::FlowKey| {
+        let words: [u64; 5] = bytemuck::cast(*k);
+        lb_common::flow_table::set_of(lb_common::flow_table::hash(&words), bits)
+    };
+    let pair = |sport: u16| {
+        let client = Pkt::tcp("198.18.2.1", "198.18.0.100", sport, 80);
+        let reply = Pkt {
+            src: "198.18.5.11".parse().unwrap(),
+            dst: client.src,
+            sport: 8080,
+            dport: sport,
+            ..client.clone()
+        }
+        .with_macs(GW_MAC, UP_MAC);
+        (client, reply)
+    };
+    let target = set_of(&pair(30000).1.key());
+    let out: Vec<_> = (30000..60000)
+        .map(pair)
+        .filter(|(_, r)| set_of(&r.key()) == target)
+        .take(n)
+        .collect();
+    assert_eq!(out.len(), n, "{n} replies in one set");
+    out
+}
+
+/// The reply mappings are a table like the flows' (`NAT_REPLIES`, set-associative, CLOCK):
+/// a full set gives a new flow's mapping the way of a mapping no reply used since it was
+/// written, not one a replying connection uses; every other connection's replies are
+/// still restored.
+#[test]
+fn a_full_reply_set_gives_a_new_mapping_the_way_no_reply_used() {
+    lb_tests::require_root();
+    FibLab::new("replyset").run(|| {
+        let (h, up0) = harness();
+        let ways = lb_common::flow_table::WAYS;
+        let flows = same_reply_set_flows(&h, ways + 1);
+        let (first, newcomer) = flows.split_at(ways);
+        // The flow in way 9 gets no reply; the others one each (a lookup: its reference bit).
+        let idle = 9;
+        for (i, (client, reply)) in first.iter().enumerate() {
+            if i == idle {
+                assert_eq!(run(&h, up0, &client.build()).0, XDP_TX);
+            } else {
+                open_flow_to(&h, up0, client.clone(), "198.18.5.11", 8080);
+            }
+            let at = h.director.maps.nat_replies.position(&reply.key()).1;
+            assert_eq!(at, Some(i), "mappings fill the ways in order");
+        }
+        let replies = &h.director.maps.nat_replies;
+        let (set, _) = replies.position(&first[0].1.key());
+        assert_eq!(
+            replies.head(set).refs,
+            0xffff & !(1 << idle),
+            "every mapping but the idle one used"
+        );
+        let (client, reply) = &newcomer[0];
+        open_flow_to(&h, up0, client.clone(), "198.18.5.11", 8080);
+        let replies = &h.director.maps.nat_replies;
+        assert_eq!(replies.position(&reply.key()).1, Some(idle), "the idle way");
+        assert!(
+            replies.get(&first[idle].1.key()).is_none(),
+            "idle mapping gone"
+        );
+        for (i, (client, reply)) in first.iter().enumerate().filter(|&(i, _)| i != idle) {
+            let m = replies.get(&reply.key()).expect("mapping kept");
+            assert_eq!(m.flow, client.key(), "mapping {i} names its flow");
+            assert_eq!(
+                run(&h, up0, &reply.build()),
+                (XDP_TX, restored(reply, client)),
+                "reply {i} restored"
+            );
+        }
+    });
+}
+
+/// A full-NAT flow's source port is one no reply mapping toward that backend port holds:
+/// the port its flow hash picks first, held by another mapping, is passed over for the
+/// next candidate, and the flow's replies come back through the port it got.
+#[test]
+fn a_fullnat_source_port_a_mapping_holds_is_passed_over() {
+    lb_tests::require_root();
+    FibLab::new("fullheld").run(|| {
+        let (mut h, up0) = harness();
+        let p = Pkt::tcp("198.18.2.1", "198.18.0.101", 46100, 80);
+        // The pool's IPv4 address (one) and the first candidate port, as the data plane
+        // picks them (port_min + flow hash mod the range).
+        let first = 20000 + (lb_common::flow_hash(&p.key()) % 1024) as u16;
+        let held = lb_tests::flow_key(
+            "198.18.5.13".parse().unwrap(),
+            "198.18.5.100".parse().unwrap(),
+            80,
+            first,
+            6,
+        );
+        let other = lb_common::NatReply {
+            fullnat: 1,
+            backend: 1,
+            service: 3,
+            ..Default::default()
+        };
+        h.director
+            .maps
+            .nat_replies
+            .insert(&held, other)
+            .expect("hold the port");
+        let (v, out) = run(&h, up0, &p.build());
+        assert_eq!(v, XDP_TX);
+        let port = pool_port(&p, &out);
+        assert_ne!(port, first, "the held port passed over");
+        assert_eq!(
+            h.director.maps.nat_replies.get(&held),
+            Some(other),
+            "the holder's mapping untouched"
+        );
+        let reply = pool_reply(&p, "198.18.5.13", "198.18.5.100", port);
+        assert_eq!(
+            run(&h, up0, &reply.build()),
+            (
+                XDP_TX,
+                expect(&reply, "198.18.0.101", 80, "198.18.2.1", 46100)
+            ),
+            "the reply through the port the flow got"
+        );
+    });
+}
