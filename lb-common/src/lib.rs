@@ -119,7 +119,7 @@ pub const FLOW_TABLE_CAPACITY: u32 = 1 << 20;
 /// flow was scheduled anew until CLOCK took the torn way).
 ///
 /// The NAT reply mappings (`NAT_REPLIES`) are a second table of this kind, of
-/// [`ReplySet`]s: 192-byte ways, a [`NatReply`](super::NatReply) each.
+/// [`ReplySet`]s: 128-byte ways, a [`NatReply`](super::NatReply) each.
 pub mod flow_table {
     use super::{FlowKey, FlowValue};
 
@@ -168,7 +168,7 @@ pub mod flow_table {
 
     /// One entry: the key's words as the data plane loads them ([`FlowKey`]'s five 8-byte
     /// words; the last with the [`check`] in its top 16 bits) and the value. `FLOWS`' ways
-    /// are 64 bytes, `NAT_REPLIES`' ([`ReplyWay`]) 192.
+    /// are 64 bytes, `NAT_REPLIES`' ([`ReplyWay`]) 128.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct Way<V = FlowValue> {
@@ -177,7 +177,7 @@ pub mod flow_table {
     }
 
     /// The value of `FLOWS`: 17 cache lines (the array's values start on a page:
-    /// `BPF_F_MMAPABLE`, so each set's lines are whole). `NAT_REPLIES`' ([`ReplySet`]): 49.
+    /// `BPF_F_MMAPABLE`, so each set's lines are whole). `NAT_REPLIES`' ([`ReplySet`]): 33.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct Set<W = Way> {
@@ -186,7 +186,7 @@ pub mod flow_table {
     }
 
     /// A way of the NAT reply mappings (`NAT_REPLIES`): the reply's key (as the backend
-    /// sends it) and what to restore; three cache lines.
+    /// sends it) and what to restore; two cache lines.
     pub type ReplyWay = Way<super::NatReply>;
     /// A set of `NAT_REPLIES`.
     pub type ReplySet = Set<ReplyWay>;
@@ -205,9 +205,9 @@ pub mod flow_table {
         core::mem::size_of::<Head>() == 64
             && core::mem::size_of::<Way>() == 64
             && core::mem::size_of::<FlowKey>() == 40
-            && core::mem::size_of::<ReplyWay>() == 192
+            && core::mem::size_of::<ReplyWay>() == 128
             && core::mem::size_of::<Set>() == 64 + 64 * WAYS
-            && core::mem::size_of::<ReplySet>() == 64 + 192 * WAYS
+            && core::mem::size_of::<ReplySet>() == 64 + 128 * WAYS
     );
 
     /// The 5-tuple's hash: `h = (((w0·C ⊕ w1)·C ⊕ w2)·C ⊕ w3)·C ⊕ ports`, then
@@ -724,11 +724,11 @@ pub const FLOW_F_ENDED: u16 = 8;
 
 /// The value of a `NAT_REPLIES` way ([`flow_table::ReplyWay`]), keyed by a reply's 5-tuple
 /// as it arrives from the backend (src = backend, dst = client or full-NAT source): what to
-/// restore. 152 bytes, so a way is three cache lines: the key and the VIP, ports and flags
-/// in the first, the ids, the next hop and the full-NAT client in the second, what only a
-/// closing reply reads (the forward flow) after. (Until layout 12 two LRU hashes,
-/// `NAT_REPLIES4` and `NAT_REPLIES6`, of 128-byte values: 461 MB for the default million
-/// entries, where this table takes 205 MB.)
+/// restore. 88 bytes, so a way is two cache lines: the key and the VIP, ports and flags in
+/// the first, the ids, the next hop and the client in the second. The forward flow is not
+/// kept: it is the client to the VIP ([`NatReply::flow`]). (Until layout 12 two LRU hashes,
+/// `NAT_REPLIES4` and `NAT_REPLIES6`, of 128-byte values holding the flow too: 461 MB for
+/// the default million entries, where this table takes 138 MB.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct NatReply {
@@ -741,7 +741,9 @@ pub struct NatReply {
     /// [`NAT_REPLY_F_FIN_BACKEND`], so the reply path looks the forward flow up only while
     /// the connection closes.
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// The client's family (a full-NAT flow's backend may be of the other).
+    pub client_family: u8,
+    pub _pad: u8,
     /// Service and backend ids of the flow, to count replies.
     pub service: u32,
     pub backend: u32,
@@ -750,18 +752,32 @@ pub struct NatReply {
     /// per-CPU client slots of `NEXT_HOPS` (4,096, by client address) miss once clients
     /// outnumber them.
     pub hop: ReplyHop,
-    /// Full-NAT: the client (the reply's new destination); NAT: unused.
+    /// The client: the reply's new destination in full-NAT, its own destination in NAT.
     pub client: [u8; 16],
-    /// The forward flow, so a FIN/RST from the backend can end it.
-    pub flow: FlowKey,
-    pub _pad2: [u8; 32],
+    pub _pad2: [u8; 8],
 }
 
 // In a way (after the 40-byte key): the VIP, ports and flags in its first cache line, the
 // ids, the next hop and the client in its second.
-const _: () = assert!(core::mem::size_of::<NatReply>() == 152);
+const _: () = assert!(core::mem::size_of::<NatReply>() == 88);
 const _: () = assert!(40 + core::mem::offset_of!(NatReply, service) == 64);
-const _: () = assert!(40 + core::mem::offset_of!(NatReply, client) + 16 <= 128);
+
+impl NatReply {
+    /// The forward flow this mapping answers for (the client to the VIP), of protocol
+    /// `proto` (the reply's).
+    #[inline(always)]
+    pub fn flow(&self, proto: u8) -> FlowKey {
+        FlowKey {
+            src: self.client,
+            dst: self.vip,
+            sport_be: self.client_port_be,
+            dport_be: self.vip_port_be,
+            proto,
+            family: self.client_family,
+            _pad: [0; 2],
+        }
+    }
+}
 
 /// [`NatReply::hop`]: it answers until jiffy `expires_j` (a second after the FIB's answer,
 /// as the per-CPU next-hop cache's), for replies that come in on `ingress` and fit in `mtu`
@@ -1653,8 +1669,9 @@ mod tests {
         assert_eq!(sets_for(FLOW_TABLE_CAPACITY), FLOW_TABLE_CAPACITY / 16);
     }
 
-    /// A reply mapping's way: the same key words and check as a flow's, three cache lines,
-    /// what a half-NAT reply reads (VIP, ports, flags; ids, next hop) in the first two.
+    /// A reply mapping's way: the same key words and check as a flow's, two cache lines,
+    /// what a half-NAT reply reads (VIP, ports, flags; ids, next hop) in them; the forward
+    /// flow comes from the mapping.
     #[test]
     fn reply_ways_hold_their_key_and_check_like_flow_ways() {
         use super::flow_table::*;
@@ -1691,7 +1708,30 @@ mod tests {
         assert_eq!(at(offset_of!(NatReply, service)), 1);
         assert_eq!(at(offset_of!(NatReply, hop) + 31), 1);
         assert_eq!(at(offset_of!(NatReply, client) + 15), 1);
-        assert_eq!(core::mem::size_of::<ReplySet>(), 64 * 49);
+        assert_eq!(core::mem::size_of::<ReplyWay>(), 128, "two lines");
+        assert_eq!(core::mem::size_of::<ReplySet>(), 64 * 33);
+        let forward = FlowKey {
+            src: [198, 18, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [198, 18, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            sport_be: 40000u16.to_be(),
+            dport_be: 80u16.to_be(),
+            proto: super::IPPROTO_TCP,
+            family: super::AF_INET,
+            _pad: [0; 2],
+        };
+        let mapping = NatReply {
+            vip: forward.dst,
+            vip_port_be: forward.dport_be,
+            client: forward.src,
+            client_port_be: forward.sport_be,
+            client_family: forward.family,
+            ..value
+        };
+        assert_eq!(
+            mapping.flow(key.proto),
+            forward,
+            "the forward flow, from the mapping"
+        );
     }
 
     /// 65,536 IPv4 clients (sequential addresses and ports, as the benches' drivers make

@@ -18,8 +18,8 @@ pub const MAX_WEIGHT: u32 = 65_535;
 /// Bounds of `flow_table_size` (connection-table entries, both families; also the NAT
 /// reply mappings): below the lower one a busy director evicts live flows; the upper one
 /// bounds the preallocated tables (68 B per connection-table entry — a 64-byte way and its
-/// share of the set's header — and 196 B per reply mapping — a 192-byte way and its share:
-/// 264 MiB at the default, 16.5 GiB at the maximum).
+/// share of the set's header — and 132 B per reply mapping — a 128-byte way and its share:
+/// 200 MiB at the default, 12.5 GiB at the maximum).
 pub const FLOW_TABLE_MIN: u32 = 1024;
 pub const FLOW_TABLE_MAX: u32 = 1 << 26;
 

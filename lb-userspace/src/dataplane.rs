@@ -887,7 +887,7 @@ pub fn sweep(
     let replies: Vec<FlowKey> = m
         .nat_replies
         .iter()
-        .filter(|(_, r)| expired.contains(&r.flow))
+        .filter(|(k, r)| expired.contains(&r.flow(k.proto)))
         .map(|(k, _)| k)
         .collect();
     for k in &replies {

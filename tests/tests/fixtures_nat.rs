@@ -1075,7 +1075,11 @@ fn a_full_reply_set_gives_a_new_mapping_the_way_no_reply_used() {
         );
         for (i, (client, reply)) in first.iter().enumerate().filter(|&(i, _)| i != idle) {
             let m = replies.get(&reply.key()).expect("mapping kept");
-            assert_eq!(m.flow, client.key(), "mapping {i} names its flow");
+            assert_eq!(
+                m.flow(reply.key().proto),
+                client.key(),
+                "mapping {i} names its flow"
+            );
             assert_eq!(
                 run(&h, up0, &reply.build()),
                 (XDP_TX, restored(reply, client)),

@@ -89,7 +89,10 @@ fn tcp_flags(ctx: &XdpContext, pkt: &Parsed) -> u8 {
 }
 
 /// New source and/or destination for [`rewrite`] (`set`: 1 = source, 2 = destination;
-/// above, the `flow::REPLY_OPS` its caller is left).
+/// above, the `flow::REPLY_OPS` its caller is left). 8-aligned: its addresses are read in
+/// 8-byte words (the next hop's client check), and the verifier takes no misaligned stack
+/// access (at 4-byte alignment the frame's layout decided, and once it fell on -28).
+#[repr(C, align(8))]
 struct Rewrite {
     src: [u8; 16],
     dst: [u8; 16],
@@ -449,7 +452,7 @@ fn forward_inner(
         flow::entry_inline(&pkt.key).unwrap_or(core::ptr::null_mut())
     };
     let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();
-    // SAFETY: all zeros is a valid rewrite (nothing set); 40 bytes, 4-aligned.
+    // SAFETY: all zeros is a valid rewrite (nothing set); 40 bytes, 8-aligned.
     let rw = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
     step(prepare_out(
         pkt,
@@ -533,8 +536,8 @@ fn prepare_out(
         } else {
             0
         };
-        reply._pad = [0; 2];
-        reply.flow = *key;
+        reply._pad = 0;
+        reply.client_family = key.family;
         reply.service = backend.service;
         reply.backend = id;
         // Not asked yet (no packet fits an MTU of 0): the first reply that misses the
@@ -707,7 +710,7 @@ fn reply_inner(ctx: &XdpContext, pkt: &Parsed) -> Result<u32, u32> {
         return Err(reason::PASS_NON_VIP);
     }
     let mut slot = core::mem::MaybeUninit::<Rewrite>::uninit();
-    // SAFETY: all zeros is a valid rewrite (nothing set); 40 bytes, 4-aligned.
+    // SAFETY: all zeros is a valid rewrite (nothing set); 40 bytes, 8-aligned.
     let rw = unsafe { lb_ebpf::zeroed_in_place(&mut slot) };
     // A half-NAT reply the flow cache knows (no FIN or RST from the backend so far, so no
     // lifecycle); else the mapping.
@@ -808,7 +811,7 @@ fn mapped(
             }
         }
     }
-    Ok((service, backend, u32::from(r.flow.family), hop))
+    Ok((service, backend, u32::from(r.client_family), hop))
 }
 
 /// Flow lifecycle on a backend packet (`r`: its mapping): RST ends the flow; so does the
@@ -822,20 +825,35 @@ fn lifecycle_backend(reply: &FlowKey, r: &mut NatReply, flags: u8) -> bool {
     if flags & (TCP_FIN | TCP_RST) == 0 && r.flags & NAT_REPLY_F_FIN_BACKEND == 0 {
         return false;
     }
-    let flow_key = r.flow;
+    // The forward flow (`NatReply::flow`), built in this CPU's scratch way (which only a
+    // client packet's run uses otherwise): on the frame, its 40 bytes took the reply's
+    // call chain past the 512-byte stack.
+    let Some(scratch) = NAT_REPLY_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's scratch value; five 8-aligned words hold a `FlowKey` exactly.
+    let flow_key = unsafe { &mut *((*scratch).key.as_mut_ptr() as *mut FlowKey) };
+    lb_ebpf::copy16(&mut flow_key.src, &r.client);
+    lb_ebpf::copy16(&mut flow_key.dst, &r.vip);
+    flow_key.sport_be = r.client_port_be;
+    flow_key.dport_be = r.vip_port_be;
+    flow_key.proto = reply.proto;
+    flow_key.family = r.client_family;
+    flow_key._pad = [0; 2];
+    let flow_key: &FlowKey = flow_key;
     if flags & (TCP_FIN | TCP_RST) != 0 {
         // The client's CPU may have the flow cached, another CPU its replies (this one's
         // slot went with the FIN or RST): their next packets go to the table.
-        flow::cache_forget::<false>(&flow_key);
+        flow::cache_forget::<false>(flow_key);
         flow::cache_forget::<true>(reply);
     }
-    let Some(e) = flow::entry(&flow_key) else {
+    let Some(e) = flow::entry(flow_key) else {
         return false;
     };
     let e = unsafe { &mut *e };
     let both = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
     if flags & TCP_RST != 0 || (e.flags & both == both && flags & TCP_FIN == 0) {
-        close(&flow_key);
+        close(flow_key);
         flow::reply_forget_at(flow::xdplb_reply_find(reply));
         return true;
     } else if flags & TCP_FIN != 0 {
