@@ -426,3 +426,52 @@ fn the_director_verifies_well_within_the_kernels_limit() {
         );
     }
 }
+
+/// The data plane calls no `memcpy`, `memmove`, `memset`, `memcmp` or `bcmp` outside the
+/// ICMP error paths. bpf-linker supplies them as byte loops, and LLVM calls them where a
+/// copy's size or alignment does not suit its inline expansion. A way's 88-byte value copy,
+/// written as an assignment, became such a call, and a new NAT flow cost 150–200 ns more
+/// (twenty-sixth session; `flow::copy_value` copies in words now). Reads the object's
+/// relocations, so it needs no kernel.
+#[test]
+fn the_data_path_calls_no_byte_loop_memory_functions() {
+    use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget, SymbolKind};
+    let file = object::File::parse(lb_userspace::dataplane::OBJECT).expect("the BPF object");
+    let functions: Vec<_> = file
+        .symbols()
+        .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
+        .filter_map(|s| Some((s.section_index()?, s.address(), s.size(), s.name().ok()?)))
+        .collect();
+    let byte_loops = ["memcpy", "memmove", "memset", "memcmp", "bcmp"];
+    let mut calls = Vec::new();
+    for section in file.sections() {
+        for (offset, reloc) in section.relocations() {
+            let RelocationTarget::Symbol(target) = reloc.target() else {
+                continue;
+            };
+            let target = file
+                .symbol_by_index(target)
+                .and_then(|s| s.name().map(str::to_owned));
+            let Ok(target) = target else { continue };
+            if !byte_loops.contains(&target.as_str()) {
+                continue;
+            }
+            let caller = functions
+                .iter()
+                .find(|(sec, addr, size, _)| {
+                    *sec == section.index() && (*addr..addr + size).contains(&offset)
+                })
+                .map_or("?", |f| f.3);
+            calls.push((caller.to_owned(), target));
+        }
+    }
+    assert!(
+        calls.iter().any(|(caller, _)| caller.contains("icmp")),
+        "the ICMP error paths' calls are found (the check reads the object right): {calls:?}"
+    );
+    let hot: Vec<_> = calls
+        .iter()
+        .filter(|(caller, _)| !caller.contains("icmp"))
+        .collect();
+    assert!(hot.is_empty(), "byte-loop calls outside ICMP: {hot:?}");
+}
