@@ -1710,14 +1710,13 @@ mod tests {
         assert_eq!(at(offset_of!(NatReply, client) + 15), 1);
         assert_eq!(core::mem::size_of::<ReplyWay>(), 128, "two lines");
         assert_eq!(core::mem::size_of::<ReplySet>(), 64 * 33);
+        // The client's flow to the VIP 198.18.0.100:80 that the reply answers.
         let forward = FlowKey {
-            src: [198, 18, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            src: key.dst,
             dst: [198, 18, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            sport_be: 40000u16.to_be(),
+            sport_be: key.dport_be,
             dport_be: 80u16.to_be(),
-            proto: super::IPPROTO_TCP,
-            family: super::AF_INET,
-            _pad: [0; 2],
+            ..key
         };
         let mapping = NatReply {
             vip: forward.dst,

@@ -159,10 +159,20 @@ fn entry_at(at: u32) -> Option<*mut FlowValue> {
 /// The set and way of [`xdplb_flow_find`]'s answer `at`.
 #[inline(always)]
 fn way_at(at: u32) -> Option<(&'static mut Set, usize)> {
+    at_in(at, |i| FLOWS.get_ptr_mut(i))
+}
+
+/// The set and way of a table's answer `at` ([`xdplb_flow_find`], [`xdplb_reply_find`]),
+/// the set from `set` (the table's array lookup by index).
+#[inline(always)]
+fn at_in<W>(
+    at: u32,
+    set: impl FnOnce(u32) -> Option<*mut Set<W>>,
+) -> Option<(&'static mut Set<W>, usize)> {
     if at == NO_WAY {
         return None;
     }
-    let set = FLOWS.get_ptr_mut(at >> WAY_BITS)?;
+    let set = set(at >> WAY_BITS)?;
     // SAFETY: a live array value; the way's index is below `WAYS`.
     Some((unsafe { &mut *set }, (at & WAY_MASK) as usize))
 }
@@ -379,23 +389,15 @@ pub extern "C" fn xdplb_reply_find(key: *const FlowKey) -> u32 {
 /// The mapping at [`xdplb_reply_find`]'s answer `at` (to read, or to update in place).
 #[inline(always)]
 pub fn reply_at(at: u32) -> Option<*mut NatReply> {
-    if at == NO_WAY {
-        return None;
-    }
-    let set = NAT_REPLIES.get_ptr_mut(at >> WAY_BITS)?;
-    // SAFETY: a live array value; the way's index is below `WAYS`.
-    Some(unsafe { &mut (*set).ways[(at & WAY_MASK) as usize].value })
+    let (set, i) = at_in(at, |i| NAT_REPLIES.get_ptr_mut(i))?;
+    Some(&mut set.ways[i].value)
 }
 
 /// Drop the mapping at [`xdplb_reply_find`]'s answer `at` (its tag cleared).
 #[inline(always)]
 pub fn reply_forget_at(at: u32) {
-    if at == NO_WAY {
-        return;
-    }
-    if let Some(set) = NAT_REPLIES.get_ptr_mut(at >> WAY_BITS) {
-        // SAFETY: a live array value; the way's index is below `WAYS`.
-        set_tag(unsafe { &mut (*set).head }, (at & WAY_MASK) as usize, 0);
+    if let Some((set, i)) = at_in(at, |i| NAT_REPLIES.get_ptr_mut(i)) {
+        set_tag(&mut set.head, i, 0);
     }
 }
 

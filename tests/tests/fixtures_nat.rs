@@ -125,17 +125,23 @@ fn open_nat_flow(h: &Harness, up0: u32, sport: u16) -> (Pkt, Pkt) {
 /// `client`'s packet and the reply of its backend at `backend`:`port`, after both went
 /// through (the flow and its reply mapping exist).
 fn open_flow_to(h: &Harness, up0: u32, client: Pkt, backend: &str, port: u16) -> (Pkt, Pkt) {
-    let reply = Pkt {
+    let reply = reply_to(&client, backend, port);
+    assert_eq!(run(h, up0, &client.build()).0, XDP_TX);
+    assert_eq!(run(h, up0, &reply.build()).0, XDP_TX, "reply mapped");
+    (client, reply)
+}
+
+/// The reply of the backend at `backend`:`port` to half-NAT `client`, as it arrives from
+/// the gateway.
+fn reply_to(client: &Pkt, backend: &str, port: u16) -> Pkt {
+    Pkt {
         src: backend.parse().unwrap(),
         dst: client.src,
         sport: port,
         dport: client.sport,
         ..client.clone()
     }
-    .with_macs(GW_MAC, UP_MAC);
-    assert_eq!(run(h, up0, &client.build()).0, XDP_TX);
-    assert_eq!(run(h, up0, &reply.build()).0, XDP_TX, "reply mapped");
-    (client, reply)
+    .with_macs(GW_MAC, UP_MAC)
 }
 
 /// What the director makes of a backend's `reply` to `client`: the VIP and its port as
@@ -1015,14 +1021,7 @@ fn same_reply_set_flows(h: &Harness, n: usize) -> Vec<(Pkt, Pkt)> {
     };
     let pair = |sport: u16| {
         let client = Pkt::tcp("198.18.2.1", "198.18.0.100", sport, 80);
-        let reply = Pkt {
-            src: "198.18.5.11".parse().unwrap(),
-            dst: client.src,
-            sport: 8080,
-            dport: sport,
-            ..client.clone()
-        }
-        .with_macs(GW_MAC, UP_MAC);
+        let reply = reply_to(&client, "198.18.5.11", 8080);
         (client, reply)
     };
     let target = set_of(&pair(30000).1.key());

@@ -351,19 +351,18 @@ const CLOSED_HALF_NAT: u32 = 1 << 8;
 
 /// What [`xdplb_nat_forward`] leaves to its caller (`out`: its answer, the XDP action with
 /// these marks; the action returned): the reply mapping's write or removal
-/// ([`xdplb_reply_put`]), and, where the packet ended a half-NAT flow to backend `id`,
-/// emptying on every CPU the flow-cache slot of its replies. (A backend no longer usable
-/// has no slot that answers: `select::reply_source` checks it.) Out of line: the reply key
-/// stays off the director's frame.
+/// ([`xdplb_reply_put`]), and, where the packet ended a half-NAT flow, emptying on every
+/// CPU the flow-cache slot of its replies, keyed by the reply key the close left in the
+/// scratch way (with [`flow::REPLY_REMOVE`]). Out of line: off the director's frame.
 #[inline(never)]
-fn after_forward(key: &FlowKey, id: u32, out: u32) -> u32 {
+fn after_forward(out: u32) -> u32 {
     if out & flow::REPLY_OPS != 0 {
         xdplb_reply_put(out & flow::REPLY_OPS);
     }
     if out & CLOSED_HALF_NAT != 0 {
-        if let Some(backend) = crate::select::backend(id) {
-            let dport_be = backend_port(backend, key);
-            flow::cache_forget::<true>(&reply_key(key, backend, &key.src, key.sport_be, dport_be));
+        if let Some(scratch) = NAT_REPLY_SCRATCH.get_ptr(0) {
+            // SAFETY: this CPU's scratch value; five 8-aligned words hold a `FlowKey`.
+            flow::cache_forget::<true>(unsafe { &*((*scratch).key.as_ptr() as *const FlowKey) });
         }
     }
     out & !(CLOSED_HALF_NAT | flow::REPLY_OPS)
@@ -396,9 +395,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Parsed, choice: &Choice, fullnat: bool) -
             | (choice.id << HOW_ID_SHIFT),
         &mut out,
     ) {
-        STATUS_OK if out & (CLOSED_HALF_NAT | flow::REPLY_OPS) != 0 => {
-            Ok(after_forward(&pkt.key, choice.id, out))
-        }
+        STATUS_OK if out & (CLOSED_HALF_NAT | flow::REPLY_OPS) != 0 => Ok(after_forward(out)),
         STATUS_OK => Ok(out),
         slot => Err(slot),
     }
@@ -562,8 +559,9 @@ fn prepare_out(
     STATUS_OK
 }
 
-/// The scratch way's key words: the reply key of `key`'s flow to `backend` ([`reply_key`]),
-/// written in place (the table adds the check when it writes the way): a key built on the
+/// The scratch way's key words: the reply key of `key`'s flow to `backend` (the backend's
+/// address and port to `src` and `sport_be`, the client's or the full-NAT source), written
+/// in place (the table adds the check when it writes the way): a key built on the
 /// frame first cost `xdplb_nat_forward` stack it does not have.
 #[inline(always)]
 fn set_scratch_key(
@@ -604,25 +602,6 @@ fn mapping_due(entry: *mut FlowValue, new: bool, closing: bool) -> bool {
     false
 }
 
-#[inline(always)]
-fn reply_key(
-    key: &FlowKey,
-    backend: &Backend,
-    src: &[u8; 16],
-    sport_be: u16,
-    dport_be: u16,
-) -> FlowKey {
-    FlowKey {
-        src: backend.addr,
-        dst: *src,
-        sport_be: dport_be,
-        dport_be: sport_be,
-        proto: key.proto,
-        family: backend.family,
-        _pad: [0; 2],
-    }
-}
-
 /// Flow lifecycle on a client packet: RST ends the flow; so does the client's last ACK
 /// after FIN from both sides (when the client closed first); a FIN is remembered. Whether
 /// it ended a half-NAT flow, whose replies the flow cache may hold on any CPU.
@@ -650,7 +629,8 @@ fn lifecycle_client(
         let Some(scratch) = NAT_REPLY_SCRATCH.get_ptr_mut(0) else {
             return false;
         };
-        // SAFETY: this CPU's scratch value; the caller drops the mapping of its key.
+        // SAFETY: this CPU's scratch value; the caller drops the mapping of its key (and,
+        // half-NAT, empties the flow-cache slots of its replies: `after_forward`).
         set_scratch_key(
             unsafe { &mut *scratch },
             key,
